@@ -1,0 +1,541 @@
+//! The kvhost storage-plugin C ABI, major version 1.
+//!
+//! Everything in this module is `#[repr(C)]`, a constant, or a function-pointer type. cbindgen turns it
+//! into `include/kvhost_plugin.h`; nothing else in the crate reaches the header.
+//!
+//! # Rules that hold for every item
+//! - **Growth.** Structs that carry `struct_size` only ever grow at the end; a reader ignores fields past
+//!   the writer's `struct_size`. Nothing is reordered, retyped or removed within major 1.
+//! - **Statuses** are plain `int32_t`. Codes are stable forever; a retired code is never reused.
+//! - **Strings** (`kvh_str`) are UTF-8, length-delimited and *not* NUL-terminated, except where a field
+//!   says the host adds a NUL at `ptr[len]`.
+//! - **Ownership.** What the host passes is borrowed: it stays valid for the duration of the call, or,
+//!   for an operation that returned `KVH_PENDING`, until its completion callback has returned. The plugin
+//!   copies anything it keeps. What the plugin returns from the entry point (descriptor, option specs,
+//!   vtable, strings) is static: valid until process exit.
+//! - **Threads.** `[control]` functions are called by one host thread at a time and never concurrently
+//!   with any other call on the same backend. `[any-thread]` functions may be called from any host thread,
+//!   concurrently with each other, on the same backend.
+#![allow(non_camel_case_types)]
+
+use abi_stable::StableAbi;
+use core::ffi::{c_char, c_void};
+
+/// Major version of this ABI. A breaking change bumps it and renames every entry symbol (`_v2`), so a
+/// mismatch is a clean symbol-lookup miss rather than undefined behaviour.
+pub const KVH_ABI_MAJOR: u16 = 1;
+/// Minor version of this ABI. Additive changes only: new trailing fields, new capability bits, new
+/// status codes. A host accepts a plugin with any minor; fields the plugin did not know are absent.
+pub const KVH_ABI_MINOR: u16 = 0;
+
+/// Result of an operation. One of the `KVH_OK`, `KVH_PENDING` or `KVH_ERR_*` codes. Readers must treat
+/// unknown values as errors (a future minor may add codes).
+pub type kvh_status = i32;
+
+/// Success. For a batch: every item has its own status in `item_status`.
+pub const KVH_OK: kvh_status = 0;
+/// The operation was accepted and will finish later: its completion callback fires exactly once.
+pub const KVH_PENDING: kvh_status = 1;
+/// An argument is out of range or inconsistent.
+pub const KVH_ERR_INVALID_ARG: kvh_status = -1;
+/// A required pointer was NULL.
+pub const KVH_ERR_NULL_PARAM: kvh_status = -2;
+/// The key is not stored (a miss). Per-item only.
+pub const KVH_ERR_NOT_FOUND: kvh_status = -3;
+/// The destination buffer is too small; `out_len` holds the size needed. Per-item only.
+pub const KVH_ERR_BUFFER_TOO_SMALL: kvh_status = -4;
+/// The plugin does not support this operation or argument.
+pub const KVH_ERR_UNSUPPORTED: kvh_status = -5;
+/// The plugin is temporarily overloaded; the caller may retry later.
+pub const KVH_ERR_BUSY: kvh_status = -6;
+/// An I/O error in the storage medium.
+pub const KVH_ERR_IO: kvh_status = -7;
+/// The operation did not finish within the plugin's own deadline.
+pub const KVH_ERR_TIMEOUT: kvh_status = -8;
+/// The operation was cancelled (for example by `destroy`) before it finished.
+pub const KVH_ERR_CANCELED: kvh_status = -9;
+/// The store is full and could not make room.
+pub const KVH_ERR_NO_SPACE: kvh_status = -10;
+/// An option or the model metadata is invalid (from `create`).
+pub const KVH_ERR_INVALID_CONFIG: kvh_status = -11;
+/// A bug or an unexpected state inside the plugin.
+pub const KVH_ERR_INTERNAL: kvh_status = -12;
+/// The plugin panicked (Rust) or threw (C++) inside this operation.
+pub const KVH_ERR_PANIC: kvh_status = -13;
+/// A previous panic poisoned this backend; it refuses all further data operations.
+pub const KVH_ERR_POISONED: kvh_status = -14;
+/// The caller and the plugin disagree on the ABI.
+pub const KVH_ERR_ABI_MISMATCH: kvh_status = -15;
+/// A service the plugin depends on (a server, a cluster) is unreachable right now.
+pub const KVH_ERR_UNAVAILABLE: kvh_status = -16;
+/// Stored data failed its integrity check; it was not returned.
+pub const KVH_ERR_CORRUPT: kvh_status = -17;
+/// Written by the host into every `item_status` slot before a call. A plugin never returns it; the host
+/// reads it back as "the plugin did not report this item".
+pub const KVH_ERR_NO_RESULT: kvh_status = -18;
+
+/// Capability: `pin` and `unpin` are implemented (non-NULL) and pins are honoured.
+pub const KVH_CAP_PIN: u64 = 1 << 0;
+/// Capability: `prefetch` is implemented.
+pub const KVH_CAP_PREFETCH: u64 = 1 << 1;
+/// Capability: `flush` is implemented.
+pub const KVH_CAP_FLUSH: u64 = 1 << 2;
+/// Capability: `health` is implemented.
+pub const KVH_CAP_HEALTH: u64 = 1 << 3;
+/// Informational: stored data survives a restart of the host process.
+pub const KVH_CAP_PERSISTENT: u64 = 1 << 4;
+/// Informational: the store may be shared by several hosts (other writers may add or remove keys).
+pub const KVH_CAP_SHARED: u64 = 1 << 5;
+
+/// Log level: error.
+pub const KVH_LOG_ERROR: i32 = 1;
+/// Log level: warning.
+pub const KVH_LOG_WARN: i32 = 2;
+/// Log level: info.
+pub const KVH_LOG_INFO: i32 = 3;
+/// Log level: debug.
+pub const KVH_LOG_DEBUG: i32 = 4;
+/// Log level: trace.
+pub const KVH_LOG_TRACE: i32 = 5;
+
+/// Option spec flag: the option must be given in the config.
+pub const KVH_OPTION_REQUIRED: u32 = 1 << 0;
+/// Option spec flag: the value is a secret (a password); the host never prints it.
+pub const KVH_OPTION_SECRET: u32 = 1 << 1;
+
+/// `kvh_key.layer_id` when the key is not per-layer.
+pub const KVH_NO_LAYER: i32 = -1;
+
+/// LMCache `MemoryFormat`: undefined.
+pub const KVH_FMT_UNDEFINED: i32 = 0;
+/// LMCache `MemoryFormat`: `[2, layers, tokens, hidden]`.
+pub const KVH_FMT_KV_2LTD: i32 = 1;
+/// LMCache `MemoryFormat`: `[tokens, 2, hidden]`.
+pub const KVH_FMT_KV_T2D: i32 = 2;
+/// LMCache `MemoryFormat`: `[2, tokens, hidden]`.
+pub const KVH_FMT_KV_2TD: i32 = 3;
+/// LMCache `MemoryFormat`: opaque binary.
+pub const KVH_FMT_BINARY: i32 = 4;
+/// LMCache `MemoryFormat`: opaque binary buffer.
+pub const KVH_FMT_BINARY_BUFFER: i32 = 5;
+/// LMCache `MemoryFormat`: MLA `[1, layers, tokens, hidden]`.
+pub const KVH_FMT_KV_MLA_FMT: i32 = 6;
+
+/// LMCache wire dtype code: none.
+pub const KVH_DTYPE_NONE: i32 = 0;
+/// LMCache wire dtype code: `torch.half` (LMCache itself encodes fp16 as `KVH_DTYPE_FLOAT16`).
+pub const KVH_DTYPE_HALF: i32 = 1;
+/// LMCache wire dtype code: float16.
+pub const KVH_DTYPE_FLOAT16: i32 = 2;
+/// LMCache wire dtype code: bfloat16.
+pub const KVH_DTYPE_BFLOAT16: i32 = 3;
+/// LMCache wire dtype code: float32.
+pub const KVH_DTYPE_FLOAT32: i32 = 4;
+/// LMCache wire dtype code: float64.
+pub const KVH_DTYPE_FLOAT64: i32 = 5;
+/// LMCache wire dtype code: uint8.
+pub const KVH_DTYPE_UINT8: i32 = 6;
+/// LMCache wire dtype code: float8 e4m3fn.
+pub const KVH_DTYPE_FP8_E4M3FN: i32 = 7;
+/// LMCache wire dtype code: float8 e5m2.
+pub const KVH_DTYPE_FP8_E5M2: i32 = 8;
+
+/// `sizeof(kvh_plugin_descriptor)` in ABI 1.0: the smallest `struct_size` the host accepts.
+pub const KVH_DESCRIPTOR_V1_0_SIZE: u32 = 64;
+/// `sizeof(kvh_backend_vtable)` in ABI 1.0: the smallest `struct_size` the host accepts.
+pub const KVH_VTABLE_V1_0_SIZE: u32 = 104;
+/// `sizeof(kvh_host_api)` in ABI 1.0.
+pub const KVH_HOST_API_V1_0_SIZE: u32 = 48;
+/// `sizeof(kvh_model_metadata)` in ABI 1.0.
+pub const KVH_MODEL_METADATA_V1_0_SIZE: u32 = 104;
+
+/// A borrowed UTF-8 string: `len` bytes at `ptr`. `ptr` may be NULL only when `len` is 0.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct kvh_str {
+    /// First byte; owned by whoever passed the string (see the field that holds it).
+    pub ptr: *const c_char,
+    /// Length in bytes, excluding any terminating NUL.
+    pub len: usize,
+}
+
+/// A borrowed read-only byte buffer. `ptr` may be NULL only when `len` is 0.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct kvh_bytes {
+    /// First byte; owned by the host.
+    pub ptr: *const u8,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+/// A borrowed writable byte buffer. `ptr` may be NULL only when `len` is 0.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct kvh_mut_bytes {
+    /// First byte; owned by the host, writable by the plugin for the lifetime of the request.
+    pub ptr: *mut u8,
+    /// Capacity in bytes.
+    pub len: usize,
+}
+
+/// A host-owned buffer the plugin writes a NUL-terminated, truncated UTF-8 message into.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct kvh_message_buf {
+    /// Start of the buffer; owned by the host, valid for the call only.
+    pub ptr: *mut c_char,
+    /// Capacity in bytes, including room for the NUL. May be 0 (then write nothing).
+    pub cap: usize,
+}
+
+/// One `k%v` tag of a key (LMCache's `lmcache.tag.<k>` request configs).
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct kvh_tag {
+    /// Tag name, without the `lmcache.tag.` prefix.
+    pub key: kvh_str,
+    /// Tag value.
+    pub value: kvh_str,
+}
+
+/// A KV chunk key: LMCache's `CacheEngineKey` (or `LayerCacheEngineKey`) in structured form and as its
+/// canonical string. Two keys are the same key exactly when their canonical strings are equal.
+///
+/// Ownership: host. Every pointer inside is valid for the call (or until completion for PENDING ops).
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct kvh_key {
+    /// `model@world_size@worker_id@{hash:x}@dtype[@layer][@k%v…]`. The host adds a NUL at `ptr[len]`,
+    /// so C code may use `canonical.ptr` as a C string.
+    pub canonical: kvh_str,
+    /// Model name (not NUL-terminated).
+    pub model_name: kvh_str,
+    /// LMCache dtype string, e.g. `bfloat16`, `half` (not NUL-terminated).
+    pub dtype: kvh_str,
+    /// Tags in key order; NULL when `tags_len` is 0.
+    pub tags: *const kvh_tag,
+    /// Number of tags.
+    pub tags_len: usize,
+    /// Low 64 bits (two's complement) of the chunk hash. The canonical string is authoritative for hashes
+    /// that do not fit in 64 bits.
+    pub chunk_hash: i64,
+    /// XXH3-64 (seed 0) of the canonical string's bytes. Stable across releases; use it for sharding.
+    pub key_hash: u64,
+    /// Tensor-parallel world size.
+    pub world_size: u32,
+    /// Worker (rank) id.
+    pub worker_id: u32,
+    /// Layer id for per-layer keys, or `KVH_NO_LAYER`.
+    pub layer_id: i32,
+    /// Zero. Reserved.
+    pub reserved: u32,
+}
+
+/// Per-chunk metadata, stored by `put` and returned by `contains` and `get`. It uses LMCache's integer
+/// codes, so a server speaking LMCache's wire protocol can answer with it.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct kvh_chunk_meta {
+    /// Length of the chunk in bytes.
+    pub length: u64,
+    /// LMCache `MemoryFormat` code (`KVH_FMT_*`).
+    pub fmt: i32,
+    /// LMCache wire dtype code (`KVH_DTYPE_*`).
+    pub dtype: i32,
+    /// Number of meaningful entries in `shape` (0 to 4).
+    pub ndim: u32,
+    /// Shape; entries at and past `ndim` are 0.
+    pub shape: [i32; 4],
+    /// Zero. Reserved.
+    pub reserved: u32,
+}
+
+/// One `key: value` option from the config (`storage_plugin.<name>.<key>: value`).
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct kvh_option {
+    /// Option name. The host adds a NUL at `ptr[len]`.
+    pub key: kvh_str,
+    /// Option value as text (lists are comma-joined, maps are JSON). The host adds a NUL at `ptr[len]`.
+    pub value: kvh_str,
+}
+
+/// The options given to `create`: every key of the plugin's schema, with defaults filled in, plus
+/// nothing else (the host has already rejected unknown keys and missing required ones).
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct kvh_options {
+    /// The options, in schema order. Owned by the host, valid during `create` only.
+    pub items: *const kvh_option,
+    /// Number of options.
+    pub len: usize,
+}
+
+/// The model whose KV cache the backend stores (LMCache's `LMCacheMetadata`), given to `create`.
+/// Owned by the host, valid during `create` only.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct kvh_model_metadata {
+    /// `sizeof(kvh_model_metadata)` as the host compiled it.
+    pub struct_size: u32,
+    /// Tensor-parallel world size.
+    pub world_size: u32,
+    /// This worker's rank.
+    pub worker_id: u32,
+    /// Tokens per full chunk.
+    pub chunk_size: u32,
+    /// KV dtype as a `KVH_DTYPE_*` code.
+    pub dtype_code: i32,
+    /// 1 for MLA models (one KV tensor instead of two), else 0.
+    pub use_mla: u32,
+    /// Model name. The host adds a NUL at `ptr[len]`.
+    pub model_name: kvh_str,
+    /// KV dtype as an LMCache dtype string. The host adds a NUL at `ptr[len]`.
+    pub dtype: kvh_str,
+    /// `(num_layers, 2 or 1 for MLA, chunk_size, num_kv_heads, head_size)`.
+    pub kv_shape: [u64; 5],
+    /// Bytes in one full chunk: the product of `kv_shape` times the dtype size.
+    pub full_chunk_bytes: u64,
+}
+
+/// Host services offered to a plugin. Owned by the host and valid until process exit (the host never
+/// unloads plugins), so a plugin may keep the pointer. One per configured plugin instance.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct kvh_host_api {
+    /// `sizeof(kvh_host_api)` as the host compiled it. Fields past it do not exist.
+    pub struct_size: u32,
+    /// The host's `KVH_ABI_MAJOR`.
+    pub abi_major: u16,
+    /// The host's `KVH_ABI_MINOR`. Batch structs may have grown by what this minor added.
+    pub abi_minor: u16,
+    /// Opaque host context; pass it back to every function below.
+    pub host_ctx: *mut c_void,
+    /// The configured instance name (`storage_plugins` entry). The host adds a NUL at `ptr[len]`.
+    pub instance_name: kvh_str,
+    /// Log a message. `[any-thread]`, never blocks for long, never calls back into the plugin. `target`
+    /// names the plugin module (may be empty). Both strings are borrowed for the call.
+    pub log: Option<unsafe extern "C" fn(host_ctx: *mut c_void, level: i32, target: kvh_str, message: kvh_str)>,
+    /// Whether a message at `level` would be recorded, so the plugin can skip formatting. `[any-thread]`.
+    pub log_enabled: Option<unsafe extern "C" fn(host_ctx: *mut c_void, level: i32) -> bool>,
+}
+
+/// Completion callback of a PENDING operation.
+///
+/// Called exactly once per PENDING operation, from any plugin thread (possibly before the submitting call
+/// has returned). Before calling it, the plugin writes every per-item result of the request. `message`
+/// is an optional human-readable detail for a failure, borrowed for the duration of the call. The plugin
+/// must not hold its own locks while calling it. After it returns the plugin must not touch the request.
+pub type kvh_complete_fn = Option<unsafe extern "C" fn(user_data: *mut c_void, status: kvh_status, message: kvh_str)>;
+
+/// Where to report the end of a PENDING operation. Owned by the host.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct kvh_completion {
+    /// The callback (never NULL when the host passes it); a `kvh_complete_fn`.
+    pub complete: Option<unsafe extern "C" fn(user_data: *mut c_void, status: kvh_status, message: kvh_str)>,
+    /// Opaque host value to pass back; not a pointer the plugin may dereference.
+    pub user_data: *mut c_void,
+}
+
+/// Arguments of `contains`. Owned by the host, valid for the call.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct kvh_contains_batch {
+    /// Keys to look up.
+    pub keys: *const kvh_key,
+    /// Per key, written by the plugin: the stored chunk's metadata when present.
+    pub out_meta: *mut kvh_chunk_meta,
+    /// Per key, written by the plugin: `KVH_OK` present, `KVH_ERR_NOT_FOUND` absent, or an error.
+    pub item_status: *mut kvh_status,
+    /// Number of keys (may be 0).
+    pub len: usize,
+    /// Non-zero: pin each present key (only passed to plugins with `KVH_CAP_PIN`).
+    pub pin: u32,
+    /// Zero. Reserved.
+    pub reserved: u32,
+}
+
+/// Arguments of `put`. Owned by the host; valid and untouched by the host until the call returns a status
+/// other than PENDING, or until the completion callback has returned.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct kvh_put_batch {
+    /// Keys to store.
+    pub keys: *const kvh_key,
+    /// Per key: the chunk bytes (read-only; usually a block of the host's arena).
+    pub src: *const kvh_bytes,
+    /// Per key: the chunk metadata to store with it.
+    pub meta: *const kvh_chunk_meta,
+    /// Per key, written by the plugin: `KVH_OK` stored, or an error (`KVH_ERR_NO_SPACE`, …).
+    pub item_status: *mut kvh_status,
+    /// Number of keys (may be 0).
+    pub len: usize,
+}
+
+/// Arguments of `get`. Owned by the host; valid until the call returns a status other than PENDING, or
+/// until the completion callback has returned. The host does not read or write any destination buffer
+/// in that time.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct kvh_get_batch {
+    /// Keys to read.
+    pub keys: *const kvh_key,
+    /// Per key: the host-provided destination buffer.
+    pub dst: *const kvh_mut_bytes,
+    /// Per key, written by the plugin: bytes written on `KVH_OK`, or bytes needed on
+    /// `KVH_ERR_BUFFER_TOO_SMALL`.
+    pub out_len: *mut u64,
+    /// Per key, written by the plugin on `KVH_OK`: the stored chunk metadata.
+    pub out_meta: *mut kvh_chunk_meta,
+    /// Per key, written by the plugin: `KVH_OK`, `KVH_ERR_NOT_FOUND`, `KVH_ERR_BUFFER_TOO_SMALL` or an error.
+    pub item_status: *mut kvh_status,
+    /// Number of keys (may be 0).
+    pub len: usize,
+}
+
+/// Arguments of `remove`, `pin`, `unpin` and `prefetch`. Owned by the host; same lifetime rule as
+/// `kvh_put_batch`.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct kvh_key_batch {
+    /// The keys.
+    pub keys: *const kvh_key,
+    /// Per key, written by the plugin: `KVH_OK`, `KVH_ERR_NOT_FOUND` or an error.
+    pub item_status: *mut kvh_status,
+    /// Number of keys (may be 0).
+    pub len: usize,
+}
+
+/// The plugin's backend instance. Opaque to the host; created by `create`, freed by `destroy`.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct kvh_backend {
+    _opaque: [u8; 0],
+}
+
+/// The operations of one backend class. Static, owned by the plugin. Grows only at the end.
+///
+/// Required: `create`, `destroy`, `contains`, `put`, `get`, `remove`. Each optional operation is non-NULL
+/// exactly when its capability bit is set; `last_error` is optional without a bit.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct kvh_backend_vtable {
+    /// `sizeof(kvh_backend_vtable)` as the plugin compiled it. At least `KVH_VTABLE_V1_0_SIZE`.
+    pub struct_size: u32,
+    /// Zero. Reserved.
+    pub reserved: u32,
+    /// `[control]` Create a backend. `host` lives until process exit; `options` and `metadata` only
+    /// for this call. On success store the new backend in `*out_backend` and return
+    /// `KVH_OK`. On failure return an error and write the reason into `error` (NUL-terminated).
+    pub create: Option<
+        unsafe extern "C" fn(
+            host: *const kvh_host_api,
+            options: *const kvh_options,
+            metadata: *const kvh_model_metadata,
+            out_backend: *mut *mut kvh_backend,
+            error: kvh_message_buf,
+        ) -> kvh_status,
+    >,
+    /// `[control]` Destroy a backend: finish or cancel every pending operation (their callbacks fire
+    /// before this returns), join the plugin's threads, free everything. No callback fires after it returns.
+    pub destroy: Option<unsafe extern "C" fn(backend: *mut kvh_backend)>,
+    /// `[any-thread]` Which keys are stored, with their metadata; pins them if `batch->pin`. Synchronous;
+    /// may block on I/O. Returns `KVH_OK` when per-item results are valid, or an error for the whole call.
+    pub contains: Option<unsafe extern "C" fn(backend: *mut kvh_backend, batch: *const kvh_contains_batch) -> kvh_status>,
+    /// `[any-thread]` Store chunks. Returns `KVH_PENDING` (the callback fires exactly once later) or any
+    /// other status (finished now; the callback never fires). A key already stored may be kept or replaced.
+    pub put: Option<
+        unsafe extern "C" fn(backend: *mut kvh_backend, batch: *const kvh_put_batch, done: kvh_completion) -> kvh_status,
+    >,
+    /// `[any-thread]` Read chunks into host buffers. Same PENDING rule as `put`. A buffer that is too small
+    /// gets `KVH_ERR_BUFFER_TOO_SMALL` with the size needed in `out_len`; its contents are unspecified.
+    pub get: Option<
+        unsafe extern "C" fn(backend: *mut kvh_backend, batch: *const kvh_get_batch, done: kvh_completion) -> kvh_status,
+    >,
+    /// `[any-thread]` Remove keys. `force` non-zero: remove even if pinned. Synchronous.
+    pub remove: Option<unsafe extern "C" fn(backend: *mut kvh_backend, batch: *const kvh_key_batch, force: bool) -> kvh_status>,
+    /// `[any-thread]` Optional. Copy the calling thread's last synchronous error message into `buf`
+    /// (NUL-terminated, truncated to `cap`) and return its full length. Returns 0 when there is none.
+    pub last_error: Option<unsafe extern "C" fn(backend: *mut kvh_backend, buf: *mut c_char, cap: usize) -> usize>,
+    /// `[any-thread]` `KVH_CAP_PIN`. Pin keys against eviction (counted: each pin needs an unpin).
+    pub pin: Option<unsafe extern "C" fn(backend: *mut kvh_backend, batch: *const kvh_key_batch) -> kvh_status>,
+    /// `[any-thread]` `KVH_CAP_PIN`. Undo one pin per key.
+    pub unpin: Option<unsafe extern "C" fn(backend: *mut kvh_backend, batch: *const kvh_key_batch) -> kvh_status>,
+    /// `[any-thread]` `KVH_CAP_PREFETCH`. Warm the plugin's own fast path for these keys. Same PENDING rule
+    /// as `put`; per-item `KVH_OK` means the key will be cheap to `get`.
+    pub prefetch: Option<
+        unsafe extern "C" fn(backend: *mut kvh_backend, batch: *const kvh_key_batch, done: kvh_completion) -> kvh_status,
+    >,
+    /// `[any-thread]` `KVH_CAP_FLUSH`. Make every put completed so far durable. Synchronous.
+    pub flush: Option<unsafe extern "C" fn(backend: *mut kvh_backend) -> kvh_status>,
+    /// `[any-thread]` `KVH_CAP_HEALTH`. Check the backend and what it depends on. Returns `KVH_OK` or an
+    /// error, with a NUL-terminated human-readable detail in `message` either way. Synchronous, quick.
+    pub health: Option<unsafe extern "C" fn(backend: *mut kvh_backend, message: kvh_message_buf) -> kvh_status>,
+}
+
+/// What an entry point returns: one backend class. Static, owned by the plugin. Grows only at the end.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct kvh_plugin_descriptor {
+    /// `sizeof(kvh_plugin_descriptor)` as the plugin compiled it. At least `KVH_DESCRIPTOR_V1_0_SIZE`.
+    pub struct_size: u32,
+    /// `KVH_ABI_MAJOR` the plugin was built against.
+    pub abi_major: u16,
+    /// `KVH_ABI_MINOR` the plugin was built against.
+    pub abi_minor: u16,
+    /// The class name, NUL-terminated; must equal the name in the entry symbol.
+    pub class_name: *const c_char,
+    /// The plugin's own version (free-form, semver recommended), NUL-terminated.
+    pub plugin_version: *const c_char,
+    /// One line saying what the backend is, NUL-terminated. May be NULL.
+    pub description: *const c_char,
+    /// `KVH_CAP_*` bits.
+    pub capabilities: u64,
+    /// The accepted options. May be NULL when `options_len` is 0.
+    pub options: *const kvh_option_spec,
+    /// Number of option specs.
+    pub options_len: usize,
+    /// The operations.
+    pub vtable: *const kvh_backend_vtable,
+}
+
+/// One accepted option of a backend class. Static, owned by the plugin. Frozen for major 1.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct kvh_option_spec {
+    /// Option name, NUL-terminated: `[a-z0-9_]+`.
+    pub key: *const c_char,
+    /// Default value, NUL-terminated, or NULL when there is none.
+    pub default_value: *const c_char,
+    /// One line of documentation, NUL-terminated.
+    pub doc: *const c_char,
+    /// `KVH_OPTION_*` bits.
+    pub flags: u32,
+    /// Zero. Reserved.
+    pub reserved: u32,
+}
+
+/// The entry point a plugin exports once per class, as `kvh_plugin_<class_name>_v1`.
+///
+/// `[control]` May be called more than once; must return the same descriptor each time, or NULL to refuse
+/// (after logging why through `host`). `host` is borrowed for the call.
+pub type kvh_plugin_entry_fn = Option<unsafe extern "C" fn(host: *const kvh_host_api) -> *const kvh_plugin_descriptor>;
+
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<kvh_plugin_descriptor>() == KVH_DESCRIPTOR_V1_0_SIZE as usize);
+    assert!(size_of::<kvh_backend_vtable>() == KVH_VTABLE_V1_0_SIZE as usize);
+    assert!(size_of::<kvh_host_api>() == KVH_HOST_API_V1_0_SIZE as usize);
+    assert!(size_of::<kvh_model_metadata>() == KVH_MODEL_METADATA_V1_0_SIZE as usize);
+    assert!(size_of::<kvh_chunk_meta>() == 40);
+    assert!(size_of::<kvh_key>() == 96);
+    assert!(size_of::<kvh_option_spec>() == 32);
+    // The same offsets the header asserts on the C side.
+    assert!(core::mem::offset_of!(kvh_backend_vtable, create) == 8);
+    assert!(core::mem::offset_of!(kvh_backend_vtable, health) == 96);
+    assert!(core::mem::offset_of!(kvh_plugin_descriptor, vtable) == 56);
+    assert!(core::mem::offset_of!(kvh_key, chunk_hash) == 64);
+    assert!(core::mem::offset_of!(kvh_chunk_meta, shape) == 20);
+};

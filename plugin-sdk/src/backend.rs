@@ -1,0 +1,143 @@
+//! The trait a Rust plugin implements, and what `create` receives.
+
+use crate::logging::Host;
+use crate::request::{ContainsBatch, Get, KeyBatch, Prefetch, Put, Request, Submit};
+use crate::status::{Error, Status};
+use std::ffi::CStr;
+
+/// One accepted option of a backend class, as declared by the plugin.
+#[derive(Clone, Copy, Debug)]
+pub struct OptionSpec {
+    /// Option name: `[a-z0-9_]+`.
+    pub key: &'static CStr,
+    /// Default value, if any.
+    pub default: Option<&'static CStr>,
+    /// One line of documentation.
+    pub doc: &'static CStr,
+    /// `KVH_OPTION_*` bits.
+    pub flags: u32,
+}
+
+impl OptionSpec {
+    /// An optional option with a default.
+    pub const fn optional(key: &'static CStr, default: &'static CStr, doc: &'static CStr) -> Self {
+        OptionSpec { key, default: Some(default), doc, flags: 0 }
+    }
+    /// A required option without a default.
+    pub const fn required(key: &'static CStr, doc: &'static CStr) -> Self {
+        OptionSpec { key, default: None, doc, flags: crate::abi::KVH_OPTION_REQUIRED }
+    }
+    /// The same option, marked secret (never printed by the host).
+    pub const fn secret(mut self) -> Self {
+        self.flags |= crate::abi::KVH_OPTION_SECRET;
+        self
+    }
+}
+
+/// The model whose KV cache the backend stores (copied out of the ABI struct).
+#[derive(Clone, Debug, Default)]
+pub struct ModelMetadata {
+    /// Model name.
+    pub model_name: String,
+    /// World size.
+    pub world_size: u32,
+    /// Worker id.
+    pub worker_id: u32,
+    /// Tokens per chunk.
+    pub chunk_size: u32,
+    /// LMCache dtype string.
+    pub dtype: String,
+    /// `KVH_DTYPE_*` code.
+    pub dtype_code: i32,
+    /// MLA model.
+    pub use_mla: bool,
+    /// `(layers, 2|1, chunk_size, kv_heads, head_size)`.
+    pub kv_shape: [u64; 5],
+    /// Bytes of one full chunk.
+    pub full_chunk_bytes: u64,
+}
+
+/// What `create` receives: the options (defaults applied, already validated against
+/// [`Backend::OPTIONS`] by the host), the model metadata and the host handle.
+#[derive(Debug)]
+pub struct CreateContext {
+    /// Configured instance name.
+    pub instance_name: String,
+    /// Options in schema order.
+    pub options: Vec<(String, String)>,
+    /// Model metadata.
+    pub metadata: ModelMetadata,
+    /// Host services (logging).
+    pub host: Host,
+}
+
+impl CreateContext {
+    /// The value of option `key`, if given or defaulted.
+    pub fn option(&self, key: &str) -> Option<&str> {
+        self.options.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    /// Option `key` parsed as `T`, or an `INVALID_CONFIG` error naming the key and value.
+    pub fn parse<T: std::str::FromStr>(&self, key: &str) -> Result<T, Error>
+    where
+        T::Err: std::fmt::Display,
+    {
+        let value = self.option(key).ok_or_else(|| Error::config(format!("option `{key}` is missing")))?;
+        value.trim().parse().map_err(|e| Error::config(format!("option `{key}` = `{value}`: {e}")))
+    }
+}
+
+/// A storage backend. Implement it, then export it with [`export_backend!`](crate::export_backend).
+///
+/// Every method may be called from any host thread, concurrently (hence `Send + Sync`), except `create`
+/// and `Drop`, which the host serialises. A panic in any method is caught: the call returns
+/// `KVH_ERR_PANIC` and the backend is poisoned (later calls return `KVH_ERR_POISONED`).
+pub trait Backend: Send + Sync + Sized + 'static {
+    /// `KVH_CAP_*` bits. The optional methods below are exported exactly when their bit is set.
+    const CAPABILITIES: u64 = 0;
+    /// Accepted options.
+    const OPTIONS: &'static [OptionSpec] = &[];
+    /// One line describing the backend.
+    const DESCRIPTION: &'static CStr = c"";
+
+    /// Make a backend from its options.
+    fn create(ctx: &CreateContext) -> Result<Self, Error>;
+
+    /// For each key: `set_present` with its metadata (pinning it if `batch.pin()`), or `set_absent`.
+    fn contains(&self, batch: &mut ContainsBatch<'_>) -> Result<(), Error>;
+
+    /// Store chunks: set each item's status, then `finish` or `defer` the request.
+    fn put(&self, req: Request<Put>) -> Submit;
+
+    /// Read chunks into the host's buffers (`fill` or `set_found`/`set_status` per item), then `finish`
+    /// or `defer` the request.
+    fn get(&self, req: Request<Get>) -> Submit;
+
+    /// Remove keys (`OK` or `NOT_FOUND` per item). `force` removes pinned keys too.
+    fn remove(&self, batch: &mut KeyBatch<'_>, force: bool) -> Result<(), Error>;
+
+    /// `KVH_CAP_PIN`: pin keys.
+    fn pin(&self, _batch: &mut KeyBatch<'_>) -> Result<(), Error> {
+        Err(Error::new(Status::UNSUPPORTED, "pin is not supported"))
+    }
+
+    /// `KVH_CAP_PIN`: unpin keys.
+    fn unpin(&self, _batch: &mut KeyBatch<'_>) -> Result<(), Error> {
+        Err(Error::new(Status::UNSUPPORTED, "unpin is not supported"))
+    }
+
+    /// `KVH_CAP_PREFETCH`: warm keys.
+    fn prefetch(&self, req: Request<Prefetch>) -> Submit {
+        req.finish(Status::UNSUPPORTED)
+    }
+
+    /// `KVH_CAP_FLUSH`: make completed puts durable.
+    fn flush(&self) -> Result<(), Error> {
+        Ok(())
+    }
+
+    /// `KVH_CAP_HEALTH`: a one-line state on success.
+    fn health(&self) -> Result<String, Error> {
+        Ok("ok".to_string())
+    }
+}
