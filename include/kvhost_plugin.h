@@ -91,6 +91,12 @@ typedef struct kvh_backend kvh_backend;
 #define KVH_CAP_SHARED (1 << 5)
 
 /**
+ * Informational: the backend accepts puts but keeps nothing (a black hole such as the `log` backend).
+ * The host never expects a hit from it, and the conformance suite checks that it never reports one.
+ */
+#define KVH_CAP_DISCARDS (1 << 6)
+
+/**
  * Log level: error.
  */
 #define KVH_LOG_ERROR 1

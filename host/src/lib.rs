@@ -1,1 +1,13 @@
+//! # kvhost
+//!
+//! A native host for KV-cache storage plugins. The modules follow the data's path:
+//! [`config`] → [`loader`] → [`plugin`] (the safe binding of one loaded backend) → hot cache → chain →
+//! front ends (the `kvhost` CLI and server).
 
+pub mod config;
+pub mod key;
+pub mod loader;
+pub mod plugin;
+
+pub use config::{Config, ConfigError, PluginSpec};
+pub use key::{ChunkKey, KeyError};

@@ -86,6 +86,9 @@ pub const KVH_CAP_HEALTH: u64 = 1 << 3;
 pub const KVH_CAP_PERSISTENT: u64 = 1 << 4;
 /// Informational: the store may be shared by several hosts (other writers may add or remove keys).
 pub const KVH_CAP_SHARED: u64 = 1 << 5;
+/// Informational: the backend accepts puts but keeps nothing (a black hole such as the `log` backend).
+/// The host never expects a hit from it, and the conformance suite checks that it never reports one.
+pub const KVH_CAP_DISCARDS: u64 = 1 << 6;
 
 /// Log level: error.
 pub const KVH_LOG_ERROR: i32 = 1;

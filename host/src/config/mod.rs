@@ -1,0 +1,391 @@
+//! Configuration: LMCache's YAML format plus a few kvhost keys.
+//!
+//! Sources, later ones winning: the YAML file (or the embedded default), then `LMCACHE_<KEY>`
+//! environment variables, then `LMCACHE_EXTRA_CONFIG` (JSON) merged into `extra_config`.
+//!
+//! Storage plugins are named by `storage_plugins` (a YAML list or a comma string); each one's
+//! `module_path`, `class_name` and optional `priority` come from `extra_config` keys
+//! `storage_plugin.<name>.<key>`, and every other `storage_plugin.<name>.<key>` is an option for the
+//! plugin. The legacy `external_backends` / `external_backend.<name>.*` form still works, with a
+//! deprecation warning.
+
+mod raw;
+
+use raw::{RawConfig, StringList};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A configuration problem. Every variant names where it comes from.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The YAML is malformed, or a value has the wrong type.
+    #[error("config {origin}{location}: {message}")]
+    Parse {
+        /// The file, or the environment variable.
+        origin: String,
+        /// `:line:column`, when known.
+        location: String,
+        /// The parser's message.
+        message: String,
+    },
+    /// The values are well-formed but inconsistent.
+    #[error("config {origin}: {message}")]
+    Invalid {
+        /// The file (or `<embedded default>`).
+        origin: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// What to do when a plugin fails to load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OnPluginError {
+    /// Refuse to start (the default).
+    #[default]
+    Fail,
+    /// Log the error loudly and start without that plugin.
+    Skip,
+}
+
+/// The model whose KV cache is stored (LMCache's `LMCacheMetadata`). In LMCache it comes from vLLM;
+/// kvhost reads it from the `model:` section.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelSpec {
+    /// Model name, as in keys.
+    pub name: String,
+    /// Tensor-parallel world size.
+    pub world_size: u32,
+    /// This worker's rank.
+    pub worker_id: u32,
+    /// Transformer layers.
+    pub num_layers: u32,
+    /// KV heads per layer.
+    pub num_kv_heads: u32,
+    /// Head dimension.
+    pub head_size: u32,
+    /// KV dtype (LMCache string: `bfloat16`, `half`, `float`, …).
+    pub dtype: String,
+    /// MLA model (one KV tensor instead of two).
+    pub use_mla: bool,
+}
+
+impl Default for ModelSpec {
+    fn default() -> Self {
+        ModelSpec {
+            name: "kvhost/default".to_string(),
+            world_size: 1,
+            worker_id: 0,
+            num_layers: 32,
+            num_kv_heads: 8,
+            head_size: 128,
+            dtype: "bfloat16".to_string(),
+            use_mla: false,
+        }
+    }
+}
+
+/// Bytes per element and LMCache wire code of an LMCache dtype string.
+pub fn dtype_info(dtype: &str) -> Option<(u64, i32)> {
+    use kvhost_plugin_sdk::abi::*;
+    Some(match dtype {
+        "half" | "float16" => (2, KVH_DTYPE_FLOAT16),
+        "bfloat16" => (2, KVH_DTYPE_BFLOAT16),
+        "float" | "float32" => (4, KVH_DTYPE_FLOAT32),
+        "double" | "float64" => (8, KVH_DTYPE_FLOAT64),
+        "uint8" => (1, KVH_DTYPE_UINT8),
+        "int8" | "bool" => (1, KVH_DTYPE_NONE),
+        "int16" => (2, KVH_DTYPE_NONE),
+        "int32" => (4, KVH_DTYPE_NONE),
+        "int64" => (8, KVH_DTYPE_NONE),
+        "fp8_e4m3fn" | "fp8_e4m3fnuz" => (1, KVH_DTYPE_FP8_E4M3FN),
+        "fp8_e5m2" | "fp8_e5m2fnuz" => (1, KVH_DTYPE_FP8_E5M2),
+        _ => return None,
+    })
+}
+
+impl ModelSpec {
+    /// KV tensors per layer: 1 for MLA, else 2.
+    pub fn kv_count(&self) -> u64 {
+        if self.use_mla {
+            1
+        } else {
+            2
+        }
+    }
+
+    /// Bytes in one full chunk of `chunk_size` tokens.
+    pub fn full_chunk_bytes(&self, chunk_size: u32) -> u64 {
+        let elem = dtype_info(&self.dtype).map_or(2, |(b, _)| b);
+        self.kv_count()
+            * u64::from(self.num_layers)
+            * u64::from(chunk_size)
+            * u64::from(self.num_kv_heads)
+            * u64::from(self.head_size)
+            * elem
+    }
+}
+
+/// One configured storage plugin.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PluginSpec {
+    /// The configured name (the `storage_plugins` entry).
+    pub name: String,
+    /// Path to the `.so`, or a bare or dotted name searched in the plugin directories.
+    pub module_path: String,
+    /// The backend class; the entry symbol is `kvh_plugin_<class_name>_v1`.
+    pub class_name: String,
+    /// Explicit lookup priority (lower first), if given.
+    pub priority: Option<i64>,
+    /// Position in `storage_plugins`.
+    pub position: usize,
+    /// The plugin's options (`storage_plugin.<name>.<key>` other than the keys above), as text.
+    pub options: Vec<(String, String)>,
+}
+
+/// Backend names LMCache reserves for its built-ins.
+const RESERVED_NAMES: &[&str] =
+    &["LocalCPUBackend", "LocalDiskBackend", "PDBackend", "MaruBackend", "P2PBackend", "NixlStorageBackend", "GdsBackend"];
+
+/// The loaded configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where it came from: the file path, or `None` for the embedded default.
+    pub source: Option<PathBuf>,
+    /// Tokens per chunk.
+    pub chunk_size: u32,
+    /// Keep chunks in the CPU hot cache (otherwise it only stages).
+    pub local_cpu: bool,
+    /// Hot-cache size in GiB.
+    pub max_local_cpu_size: f64,
+    /// Ask for huge pages for the arena.
+    pub local_cpu_use_hugepages: bool,
+    /// Eviction policy name (LRU, FIFO, LFU, MRU, S3FIFO).
+    pub cache_policy: String,
+    /// Store the tail partial chunk.
+    pub save_unfull_chunk: bool,
+    /// Remote get/contains timeout.
+    pub blocking_timeout_secs: f64,
+    /// Lookup pins are released after this long.
+    pub pin_timeout_sec: f64,
+    /// `write_through` (default) or `write_back`.
+    pub write_policy: String,
+    /// The storage plugins in lookup order (priority, then list position).
+    pub plugins: Vec<PluginSpec>,
+    /// Extra plugin directories from the config (`plugin_dir`), searched first.
+    pub plugin_dirs: Vec<PathBuf>,
+    /// What to do when a plugin fails to load.
+    pub on_plugin_error: OnPluginError,
+    /// The model.
+    pub model: ModelSpec,
+    /// `extra_config` entries that are not plugin keys.
+    pub extra_config: BTreeMap<String, String>,
+    /// Warnings found while loading (unknown keys, deprecated forms); also logged.
+    pub warnings: Vec<String>,
+}
+
+/// The embedded default configuration (`examples/quickstart.yaml`).
+pub const DEFAULT_CONFIG_YAML: &str = include_str!("../../../examples/quickstart.yaml");
+
+impl Config {
+    /// Load a config file, then apply the process environment.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Self::from_yaml_with_env(&text, Some(path), std::env::vars())
+    }
+
+    /// The embedded default config, with the process environment applied.
+    pub fn embedded_default() -> Result<Config, ConfigError> {
+        Self::from_yaml_with_env(DEFAULT_CONFIG_YAML, None, std::env::vars())
+    }
+
+    /// Parse YAML text (from `path`, used for messages and relative module paths) with no environment.
+    pub fn from_yaml(text: &str, path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::from_yaml_with_env(text, path, std::iter::empty())
+    }
+
+    /// Parse YAML text and apply `LMCACHE_*` variables from `env`.
+    pub fn from_yaml_with_env(
+        text: &str,
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let origin = path.map_or_else(|| "<embedded default>".to_string(), |p| p.display().to_string());
+        let mut warnings = Vec::new();
+        let mut raw = RawConfig::parse(text, &origin, &mut warnings)?;
+        for (var, value) in env {
+            raw.apply_env(&var, &value, &mut warnings)?;
+        }
+        let config = Self::resolve(raw, path, &origin, warnings)?;
+        for w in &config.warnings {
+            tracing::warn!(target: "kvhost::config", "{w}");
+        }
+        Ok(config)
+    }
+
+    fn resolve(raw: RawConfig, path: Option<&Path>, origin: &str, mut warnings: Vec<String>) -> Result<Config, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid { origin: origin.to_string(), message };
+        let extra: BTreeMap<String, String> =
+            raw.extra_config.unwrap_or_default().into_iter().map(|(k, v)| (k, raw::value_text(&v))).collect();
+
+        let mut names: Vec<(String, &'static str)> = Vec::new();
+        for n in raw.storage_plugins.map(StringList::into_vec).unwrap_or_default() {
+            names.push((n, "storage_plugin"));
+        }
+        if let Some(legacy) = raw.external_backends {
+            warnings.push("`external_backends` is deprecated: use `storage_plugins` and `storage_plugin.<name>.*`".into());
+            for n in legacy.into_vec() {
+                names.push((n, "external_backend"));
+            }
+        }
+
+        let mut plugins: Vec<PluginSpec> = Vec::new();
+        let mut claimed: Vec<String> = Vec::new();
+        for (position, (name, prefix_root)) in names.iter().enumerate() {
+            if name.is_empty() || name.contains(char::is_whitespace) {
+                return Err(invalid(format!("plugin name `{name}` in {prefix_root}s is empty or has spaces")));
+            }
+            if let Some(first) = plugins.iter().find(|p| &p.name == name) {
+                return Err(invalid(format!(
+                    "duplicate plugin name `{name}` in storage_plugins (positions {} and {position}); names must be unique",
+                    first.position
+                )));
+            }
+            if RESERVED_NAMES.contains(&name.as_str()) || name.starts_with("RemoteBackend") {
+                return Err(invalid(format!("plugin name `{name}` is reserved for an LMCache built-in backend")));
+            }
+            let prefix = format!("{prefix_root}.{name}.");
+            let mut module_path = None;
+            let mut class_name = None;
+            let mut priority = None;
+            let mut options = Vec::new();
+            for (k, v) in &extra {
+                let Some(sub) = k.strip_prefix(&prefix) else { continue };
+                claimed.push(k.clone());
+                match sub {
+                    "module_path" => module_path = Some(v.clone()),
+                    "class_name" => class_name = Some(v.clone()),
+                    "priority" => {
+                        priority = Some(v.trim().parse::<i64>().map_err(|_| {
+                            invalid(format!("extra_config `{k}`: priority `{v}` is not an integer"))
+                        })?)
+                    }
+                    _ => options.push((sub.to_string(), v.clone())),
+                }
+            }
+            if *prefix_root == "external_backend" && (module_path.is_some() || class_name.is_some()) {
+                warnings.push(format!(
+                    "`external_backend.{name}.*` is deprecated: rename the keys to `storage_plugin.{name}.*`"
+                ));
+            }
+            let module_path = module_path.ok_or_else(|| {
+                invalid(format!("plugin `{name}`: missing `extra_config.{prefix}module_path` (path or name of its .so)"))
+            })?;
+            let class_name = class_name.ok_or_else(|| {
+                invalid(format!("plugin `{name}`: missing `extra_config.{prefix}class_name` (the backend class to load)"))
+            })?;
+            plugins.push(PluginSpec { name: name.clone(), module_path, class_name, priority, position, options });
+        }
+        // Explicit priorities override list position; ties keep list order (stable sort).
+        plugins.sort_by_key(|p| p.priority.unwrap_or(p.position as i64));
+
+        let mut extra_config = BTreeMap::new();
+        for (k, v) in extra {
+            if claimed.contains(&k) {
+                continue;
+            }
+            if k.starts_with("storage_plugin.") || k.starts_with("external_backend.") {
+                warnings.push(format!("extra_config `{k}` names a plugin that is not in storage_plugins (ignored)"));
+            }
+            extra_config.insert(k, v);
+        }
+
+        let base = path.and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+        let plugin_dirs = raw
+            .plugin_dir
+            .map(StringList::into_vec)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|d| {
+                let d = PathBuf::from(d);
+                if d.is_relative() {
+                    base.join(d)
+                } else {
+                    d
+                }
+            })
+            .collect();
+
+        let on_plugin_error = match raw.on_plugin_error.as_deref() {
+            None | Some("fail") => OnPluginError::Fail,
+            Some("skip") => OnPluginError::Skip,
+            Some(other) => return Err(invalid(format!("on_plugin_error `{other}`: expected `fail` or `skip`"))),
+        };
+        let write_policy = raw.write_policy.unwrap_or_else(|| "write_through".to_string());
+        if !matches!(write_policy.as_str(), "write_through" | "write_back") {
+            return Err(invalid(format!("write_policy `{write_policy}`: expected `write_through` or `write_back`")));
+        }
+        let cache_policy = raw.cache_policy.unwrap_or_else(|| "LRU".to_string()).to_ascii_uppercase();
+        if !matches!(cache_policy.as_str(), "LRU" | "FIFO" | "LFU" | "MRU" | "S3FIFO") {
+            return Err(invalid(format!("cache_policy `{cache_policy}`: expected LRU, FIFO, LFU, MRU or S3FIFO")));
+        }
+        let chunk_size = raw.chunk_size.unwrap_or(256);
+        if chunk_size == 0 {
+            return Err(invalid("chunk_size must be positive".to_string()));
+        }
+        let max_local_cpu_size = raw.max_local_cpu_size.unwrap_or(5.0);
+        if !(max_local_cpu_size.is_finite() && max_local_cpu_size >= 0.0) {
+            return Err(invalid(format!("max_local_cpu_size {max_local_cpu_size} GiB must be a non-negative number")));
+        }
+
+        let mut model = ModelSpec::default();
+        if let Some(m) = raw.model {
+            m.apply(&mut model);
+        }
+        if dtype_info(&model.dtype).is_none() {
+            return Err(invalid(format!("model.dtype `{}` is not an LMCache dtype", model.dtype)));
+        }
+
+        Ok(Config {
+            source: path.map(Path::to_path_buf),
+            chunk_size,
+            local_cpu: raw.local_cpu.unwrap_or(true),
+            max_local_cpu_size,
+            local_cpu_use_hugepages: raw.local_cpu_use_hugepages.unwrap_or(false),
+            cache_policy,
+            save_unfull_chunk: raw.save_unfull_chunk.unwrap_or(false),
+            blocking_timeout_secs: raw.blocking_timeout_secs.unwrap_or(10.0),
+            pin_timeout_sec: raw.pin_timeout_sec.unwrap_or(300.0),
+            write_policy,
+            plugins,
+            plugin_dirs,
+            on_plugin_error,
+            model,
+            extra_config,
+            warnings,
+        })
+    }
+
+    /// The directory relative module paths are resolved against.
+    pub fn base_dir(&self) -> PathBuf {
+        self.source.as_deref().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default()
+    }
+
+    /// Bytes in one full chunk of the configured model.
+    pub fn full_chunk_bytes(&self) -> u64 {
+        self.model.full_chunk_bytes(self.chunk_size)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,445 @@
+//! Asynchronous operations: `put`, `get` and `prefetch`.
+//!
+//! Each call moves its keys, buffers and per-item arrays into one boxed operation state whose address
+//! never changes, registers it in the completion table, and only then derives the raw pointers the
+//! plugin gets. The state (with the caller's buffers) comes back through the `on_done` closure, exactly
+//! once: from the completion callback for PENDING, or right away for any other status.
+
+use super::ffi::{self, FfiKeys, PendingOp};
+use super::{PluginBackend, PluginError};
+use crate::key::ChunkKey;
+use kvhost_plugin_sdk::abi;
+use kvhost_plugin_sdk::{ChunkMeta, Status};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// A source buffer a plugin may read until the operation completes.
+pub trait SrcBuf: Send + 'static {
+    /// The bytes. Must stay at the same address while the buffer is owned by an operation.
+    fn bytes(&self) -> &[u8];
+}
+
+/// A destination buffer a plugin may write until the operation completes.
+pub trait DstBuf: Send + 'static {
+    /// The writable bytes. Must stay at the same address while owned by an operation.
+    fn bytes_mut(&mut self) -> &mut [u8];
+}
+
+impl SrcBuf for Vec<u8> {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
+impl SrcBuf for Box<[u8]> {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
+impl SrcBuf for std::sync::Arc<[u8]> {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
+impl DstBuf for Vec<u8> {
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self
+    }
+}
+impl DstBuf for Box<[u8]> {
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self
+    }
+}
+
+/// Chunks to store: `keys[i]`, `bufs[i]`, `metas[i]`.
+#[derive(Debug)]
+pub struct PutRequest<B> {
+    /// Keys.
+    pub keys: Vec<ChunkKey>,
+    /// Chunk bytes.
+    pub bufs: Vec<B>,
+    /// Chunk metadata.
+    pub metas: Vec<ChunkMeta>,
+}
+
+/// The end of a put: the request back, the aggregate result, and one status per chunk.
+#[derive(Debug)]
+pub struct PutDone<B> {
+    /// The request, buffers included.
+    pub request: PutRequest<B>,
+    /// Per chunk: `OK` or the error. When the whole call failed, every item carries that error.
+    pub items: Vec<Status>,
+    /// The whole call's error, if it failed.
+    pub error: Option<PluginError>,
+}
+
+/// Chunks to read into `bufs[i]`.
+#[derive(Debug)]
+pub struct GetRequest<B> {
+    /// Keys.
+    pub keys: Vec<ChunkKey>,
+    /// Destination buffers.
+    pub bufs: Vec<B>,
+}
+
+/// The outcome of one chunk of a get.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GetItem {
+    /// `len` bytes were written into the buffer; the chunk's metadata.
+    Hit {
+        /// Bytes written.
+        len: usize,
+        /// Stored metadata.
+        meta: ChunkMeta,
+    },
+    /// Not stored.
+    Miss,
+    /// The buffer was too small; this many bytes are needed.
+    TooSmall {
+        /// Required size.
+        needed: u64,
+    },
+    /// The plugin failed, or reported something impossible (then `Status::INTERNAL` and why).
+    Failed(Status, String),
+}
+
+/// The end of a get.
+#[derive(Debug)]
+pub struct GetDone<B> {
+    /// The request, buffers included.
+    pub request: GetRequest<B>,
+    /// Per chunk.
+    pub items: Vec<GetItem>,
+    /// The whole call's error, if it failed.
+    pub error: Option<PluginError>,
+}
+
+/// The end of a prefetch.
+#[derive(Debug)]
+pub struct PrefetchDone {
+    /// The keys.
+    pub keys: Vec<ChunkKey>,
+    /// Per key: `OK` (warm), `NOT_FOUND` or an error.
+    pub items: Vec<Status>,
+    /// The whole call's error, if it failed.
+    pub error: Option<PluginError>,
+}
+
+/// A metadata record is plausible.
+pub(crate) fn check_meta(m: &ChunkMeta) -> Result<(), String> {
+    if m.ndim > 4 {
+        return Err(format!("the plugin reported a shape with {} dimensions (at most 4)", m.ndim));
+    }
+    Ok(())
+}
+
+/// Map the per-item statuses of a finished batch, given the aggregate status.
+fn item_statuses(aggregate: abi::kvh_status, raw: &[abi::kvh_status]) -> Vec<Status> {
+    raw.iter()
+        .map(|&s| match (aggregate, s) {
+            (abi::KVH_OK, s) => Status(s),
+            (agg, abi::KVH_ERR_NO_RESULT) => Status(agg),
+            (_, s) => Status(s),
+        })
+        .collect()
+}
+
+fn aggregate_error(plugin: &str, op: &'static str, status: abi::kvh_status, message: &str) -> Option<PluginError> {
+    (status != abi::KVH_OK).then(|| PluginError {
+        plugin: plugin.to_string(),
+        op,
+        status: Status(status),
+        message: if message.is_empty() && Status(status).name().is_none() {
+            "the plugin returned a status code this host does not know".to_string()
+        } else {
+            message.to_string()
+        },
+    })
+}
+
+struct PutState<B, F> {
+    plugin: String,
+    request: PutRequest<B>,
+    ffi_keys: FfiKeys,
+    src: Vec<abi::kvh_bytes>,
+    status: Vec<abi::kvh_status>,
+    batch: abi::kvh_put_batch,
+    on_done: Option<F>,
+}
+
+impl<B: SrcBuf, F: FnOnce(PutDone<B>) + Send + 'static> PendingOp for PutState<B, F> {
+    fn finish(self: Box<Self>, status: abi::kvh_status, message: &str) {
+        let s = *self;
+        let items = item_statuses(status, &s.status);
+        let error = aggregate_error(&s.plugin, "put", status, message);
+        if let Some(f) = s.on_done {
+            f(PutDone { request: s.request, items, error });
+        }
+    }
+}
+
+// SAFETY: the raw pointers in the state point into the state's own heap data (and the keys' shared,
+// immutable text), which moves with it; the plugin accesses them from any thread per the ABI.
+unsafe impl<B: Send, F: Send> Send for PutState<B, F> {}
+
+struct GetState<B, F> {
+    plugin: String,
+    request: GetRequest<B>,
+    ffi_keys: FfiKeys,
+    dst: Vec<abi::kvh_mut_bytes>,
+    out_len: Vec<u64>,
+    out_meta: Vec<ChunkMeta>,
+    status: Vec<abi::kvh_status>,
+    batch: abi::kvh_get_batch,
+    on_done: Option<F>,
+}
+
+impl<B: DstBuf, F: FnOnce(GetDone<B>) + Send + 'static> PendingOp for GetState<B, F> {
+    fn finish(self: Box<Self>, status: abi::kvh_status, message: &str) {
+        let s = *self;
+        let items = item_statuses(status, &s.status)
+            .into_iter()
+            .enumerate()
+            .map(|(i, st)| {
+                let cap = s.dst[i].len as u64;
+                match st.0 {
+                    abi::KVH_OK => {
+                        let (len, meta) = (s.out_len[i], s.out_meta[i]);
+                        if len > cap {
+                            GetItem::Failed(
+                                Status::INTERNAL,
+                                format!("the plugin claims {len} bytes written into a {cap}-byte buffer"),
+                            )
+                        } else if meta.length != len {
+                            GetItem::Failed(
+                                Status::INTERNAL,
+                                format!("the plugin returned {len} bytes but metadata says {}", meta.length),
+                            )
+                        } else if let Err(why) = check_meta(&meta) {
+                            GetItem::Failed(Status::INTERNAL, why)
+                        } else {
+                            GetItem::Hit { len: len as usize, meta }
+                        }
+                    }
+                    abi::KVH_ERR_NOT_FOUND => GetItem::Miss,
+                    abi::KVH_ERR_BUFFER_TOO_SMALL if s.out_len[i] > cap => GetItem::TooSmall { needed: s.out_len[i] },
+                    abi::KVH_ERR_BUFFER_TOO_SMALL => GetItem::Failed(
+                        Status::INTERNAL,
+                        format!("the plugin reported BUFFER_TOO_SMALL but needs {} <= {cap} bytes", s.out_len[i]),
+                    ),
+                    abi::KVH_ERR_NO_RESULT => GetItem::Failed(st, "the plugin did not report this chunk".into()),
+                    _ => GetItem::Failed(st, String::new()),
+                }
+            })
+            .collect();
+        let error = aggregate_error(&s.plugin, "get", status, message);
+        if let Some(f) = s.on_done {
+            f(GetDone { request: s.request, items, error });
+        }
+    }
+}
+
+// SAFETY: as for `PutState`.
+unsafe impl<B: Send, F: Send> Send for GetState<B, F> {}
+
+struct PrefetchState<F> {
+    plugin: String,
+    keys: Vec<ChunkKey>,
+    ffi_keys: FfiKeys,
+    status: Vec<abi::kvh_status>,
+    batch: abi::kvh_key_batch,
+    on_done: Option<F>,
+}
+
+// SAFETY: as for `PutState`.
+unsafe impl<F: Send> Send for PrefetchState<F> {}
+
+impl<F: FnOnce(PrefetchDone) + Send + 'static> PendingOp for PrefetchState<F> {
+    fn finish(self: Box<Self>, status: abi::kvh_status, message: &str) {
+        let s = *self;
+        let items = item_statuses(status, &s.status);
+        let error = aggregate_error(&s.plugin, "prefetch", status, message);
+        if let Some(f) = s.on_done {
+            f(PrefetchDone { keys: s.keys, items, error });
+        }
+    }
+}
+
+fn length_mismatch(plugin: &str, op: &'static str, what: &str) -> PluginError {
+    PluginError { plugin: plugin.to_string(), op, status: Status::INVALID_ARG, message: what.to_string() }
+}
+
+impl PluginBackend {
+    /// Submit an operation whose state is already boxed: register it, call the plugin, and resolve a
+    /// synchronous return. `batch` points into `state`'s heap allocation.
+    fn submit(
+        &self,
+        state: Box<dyn PendingOp>,
+        call: impl FnOnce(abi::kvh_completion) -> abi::kvh_status,
+        op: &'static str,
+    ) {
+        self.ctx.in_flight.fetch_add(1, Ordering::AcqRel);
+        let token = ffi::register(state, self.ctx);
+        let rc = call(abi::kvh_completion { complete: Some(ffi::on_complete), user_data: token });
+        if rc == abi::KVH_PENDING {
+            return;
+        }
+        match ffi::take(token) {
+            Some((state, _)) => {
+                self.ctx.in_flight.fetch_sub(1, Ordering::AcqRel);
+                let message = if rc == abi::KVH_OK { String::new() } else { self.last_error() };
+                state.finish(rc, &message);
+            }
+            None => tracing::error!(
+                target: "kvhost::plugin",
+                plugin = %self.info.name,
+                "{op} returned status {rc} but had already fired its completion callback; \
+                 the callback's result was used"
+            ),
+        }
+    }
+
+    /// Store chunks asynchronously. `on_done` runs exactly once, on the completing plugin thread or on
+    /// this thread; it must not block for long.
+    pub fn put<B: SrcBuf, F: FnOnce(PutDone<B>) + Send + 'static>(&self, request: PutRequest<B>, on_done: F) {
+        let n = request.keys.len();
+        if request.bufs.len() != n || request.metas.len() != n {
+            let items = vec![Status::INVALID_ARG; n];
+            let error = Some(length_mismatch(&self.info.name, "put", "keys, buffers and metadata differ in length"));
+            return on_done(PutDone { request, items, error });
+        }
+        let keys = FfiKeys::new(&request.keys);
+        let src = request.bufs.iter().map(|b| abi::kvh_bytes { ptr: b.bytes().as_ptr(), len: b.bytes().len() }).collect();
+        let mut state = Box::new(PutState {
+            plugin: self.info.name.clone(),
+            ffi_keys: keys,
+            src,
+            status: vec![abi::KVH_ERR_NO_RESULT; n],
+            batch: abi::kvh_put_batch {
+                keys: std::ptr::null(),
+                src: std::ptr::null(),
+                meta: std::ptr::null(),
+                item_status: std::ptr::null_mut(),
+                len: n,
+            },
+            request,
+            on_done: Some(on_done),
+        });
+        state.batch.keys = state.ffi_keys.keys.as_ptr();
+        state.batch.src = state.src.as_ptr();
+        state.batch.meta = state.request.metas.as_ptr();
+        state.batch.item_status = state.status.as_mut_ptr();
+        let batch: *const abi::kvh_put_batch = &state.batch;
+        let f = self.vt.put.expect("checked by the loader");
+        // SAFETY: `batch` and every array it points to live in the boxed state, which stays in the
+        // completion table (unmoved, untouched by the host) until the plugin completes or returns.
+        self.submit(state, |done| unsafe { f(self.backend, batch, done) }, "put");
+    }
+
+    /// Read chunks into the request's buffers asynchronously; `on_done` as for [`put`](Self::put).
+    pub fn get<B: DstBuf, F: FnOnce(GetDone<B>) + Send + 'static>(&self, mut request: GetRequest<B>, on_done: F) {
+        let n = request.keys.len();
+        if request.bufs.len() != n {
+            let items = vec![GetItem::Failed(Status::INVALID_ARG, String::new()); n];
+            let error = Some(length_mismatch(&self.info.name, "get", "keys and buffers differ in length"));
+            return on_done(GetDone { request, items, error });
+        }
+        let keys = FfiKeys::new(&request.keys);
+        let dst = request
+            .bufs
+            .iter_mut()
+            .map(|b| {
+                let s = b.bytes_mut();
+                abi::kvh_mut_bytes { ptr: s.as_mut_ptr(), len: s.len() }
+            })
+            .collect();
+        let mut state = Box::new(GetState {
+            plugin: self.info.name.clone(),
+            request,
+            ffi_keys: keys,
+            dst,
+            out_len: vec![0; n],
+            out_meta: vec![ChunkMeta::default(); n],
+            status: vec![abi::KVH_ERR_NO_RESULT; n],
+            batch: abi::kvh_get_batch {
+                keys: std::ptr::null(),
+                dst: std::ptr::null(),
+                out_len: std::ptr::null_mut(),
+                out_meta: std::ptr::null_mut(),
+                item_status: std::ptr::null_mut(),
+                len: n,
+            },
+            on_done: Some(on_done),
+        });
+        state.batch.keys = state.ffi_keys.keys.as_ptr();
+        state.batch.dst = state.dst.as_ptr();
+        state.batch.out_len = state.out_len.as_mut_ptr();
+        state.batch.out_meta = state.out_meta.as_mut_ptr();
+        state.batch.item_status = state.status.as_mut_ptr();
+        let batch: *const abi::kvh_get_batch = &state.batch;
+        let f = self.vt.get.expect("checked by the loader");
+        // SAFETY: as in `put`; the destination buffers are owned by the state and not touched by the
+        // host until completion.
+        self.submit(state, |done| unsafe { f(self.backend, batch, done) }, "get");
+    }
+
+    /// Ask the plugin to warm keys (`KVH_CAP_PREFETCH`); without the capability every key is reported
+    /// `UNSUPPORTED` at once.
+    pub fn prefetch<F: FnOnce(PrefetchDone) + Send + 'static>(&self, keys: Vec<ChunkKey>, on_done: F) {
+        let n = keys.len();
+        let Some(f) = self.vt.prefetch else {
+            return on_done(PrefetchDone { keys, items: vec![Status::UNSUPPORTED; n], error: None });
+        };
+        let ffi_keys = FfiKeys::new(&keys);
+        let mut state = Box::new(PrefetchState {
+            plugin: self.info.name.clone(),
+            keys,
+            ffi_keys,
+            status: vec![abi::KVH_ERR_NO_RESULT; n],
+            batch: abi::kvh_key_batch { keys: std::ptr::null(), item_status: std::ptr::null_mut(), len: n },
+            on_done: Some(on_done),
+        });
+        state.batch.keys = state.ffi_keys.keys.as_ptr();
+        state.batch.item_status = state.status.as_mut_ptr();
+        let batch: *const abi::kvh_key_batch = &state.batch;
+        // SAFETY: as in `put`.
+        self.submit(state, |done| unsafe { f(self.backend, batch, done) }, "prefetch");
+    }
+
+    /// [`put`](Self::put) and wait up to `timeout`. On timeout the operation stays pending: its buffers
+    /// stay with it until the plugin completes (or forever), so nothing the plugin writes is freed.
+    pub fn put_wait<B: SrcBuf>(&self, request: PutRequest<B>, timeout: Duration) -> Result<PutDone<B>, PluginError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.put(request, move |d| {
+            let _ = tx.send(d);
+        });
+        rx.recv_timeout(timeout).map_err(|_| self.timeout_error("put", timeout))
+    }
+
+    /// [`get`](Self::get) and wait up to `timeout` (see [`put_wait`](Self::put_wait)).
+    pub fn get_wait<B: DstBuf>(&self, request: GetRequest<B>, timeout: Duration) -> Result<GetDone<B>, PluginError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.get(request, move |d| {
+            let _ = tx.send(d);
+        });
+        rx.recv_timeout(timeout).map_err(|_| self.timeout_error("get", timeout))
+    }
+
+    /// [`prefetch`](Self::prefetch) and wait up to `timeout`.
+    pub fn prefetch_wait(&self, keys: Vec<ChunkKey>, timeout: Duration) -> Result<PrefetchDone, PluginError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.prefetch(keys, move |d| {
+            let _ = tx.send(d);
+        });
+        rx.recv_timeout(timeout).map_err(|_| self.timeout_error("prefetch", timeout))
+    }
+
+    fn timeout_error(&self, op: &'static str, timeout: Duration) -> PluginError {
+        PluginError {
+            plugin: self.info.name.clone(),
+            op,
+            status: Status::TIMEOUT,
+            message: format!("no completion within {timeout:?}; the operation stays pending with its buffers"),
+        }
+    }
+}

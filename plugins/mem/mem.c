@@ -1,0 +1,1126 @@
+/*
+ * kvhost storage plugin `mem`: a bounded in-memory KV-chunk store.
+ *
+ * - Stores a private copy of every chunk and its kvh_chunk_meta in a chained hash table keyed by the
+ *   key's canonical string (key_hash picks the bucket; canonical bytes decide equality).
+ * - Capacity is counted in chunk-data bytes. When a put does not fit, the oldest entries (insertion
+ *   order, FIFO) are evicted; pinned entries are never evicted. If pins make room impossible, or the
+ *   chunk is larger than the capacity, that item fails with KVH_ERR_NO_SPACE and nothing is evicted.
+ * - put, get and prefetch are asynchronous: they are queued for one worker thread and return
+ *   KVH_PENDING; the worker writes the per-item results, releases its locks, then fires the completion.
+ *   contains, remove, pin, unpin, flush and health are synchronous.
+ *
+ * Locks: `queue_lock` guards the operation queue, `store_lock` guards the table. No code path holds
+ * both, and no lock is held while calling a completion callback.
+ *
+ * Build: cc -std=c11 -shared -fPIC -O2 -g -Wall -Wextra -Werror -pedantic -fvisibility=hidden -pthread \
+ *            -I<dir of kvhost_plugin.h> mem.c -o libkvhost_mem.so
+ */
+
+#define _POSIX_C_SOURCE 200809L /* nanosleep */
+
+#include "kvhost_plugin.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define MEM_TARGET "mem"
+
+/* Upper bounds of the numeric options, so a typo cannot hang the worker or exhaust memory at create. */
+#define MEM_MAX_DELAY_US 60000000u    /* 60 s per item */
+#define MEM_MAX_QUEUE_LIMIT 1048576u  /* the queue is preallocated: 1 Mi slots of 40 bytes */
+#define MEM_INITIAL_BUCKETS 64u       /* power of two; the table doubles when it gets fuller than 1 entry/bucket */
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Text helpers                                                                                     */
+/* ------------------------------------------------------------------------------------------------ */
+
+/* Returns the largest length <= len that does not end inside a UTF-8 sequence, so that truncated
+ * messages stay valid UTF-8 (the ABI's message buffers hold UTF-8). */
+static size_t utf8_boundary(const char *text, size_t len) {
+    size_t lead = len;
+    /* A character is at most 4 bytes: walk back over at most 3 continuation bytes (10xxxxxx). */
+    while (lead > 0 && len - lead < 3 && ((unsigned char)text[lead - 1] & 0xC0) == 0x80) {
+        lead--;
+    }
+    if (lead == 0) {
+        return len;
+    }
+    unsigned char first = (unsigned char)text[lead - 1];
+    size_t needed = first < 0x80            ? 1
+                    : (first & 0xE0) == 0xC0 ? 2
+                    : (first & 0xF0) == 0xE0 ? 3
+                    : (first & 0xF8) == 0xF0 ? 4
+                                             : 1;
+    size_t present = len - (lead - 1);
+    return present < needed ? lead - 1 : len;
+}
+
+/* Writes a formatted, NUL-terminated message into a host buffer, truncated to its capacity. */
+static void write_message(kvh_message_buf buf, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void write_message(kvh_message_buf buf, const char *fmt, ...) {
+    if (buf.ptr == NULL || buf.cap == 0) {
+        return;
+    }
+    va_list args;
+    va_start(args, fmt);
+    int written = vsnprintf(buf.ptr, buf.cap, fmt, args);
+    va_end(args);
+    if (written < 0) {
+        buf.ptr[0] = '\0';
+    } else if ((size_t)written >= buf.cap) {
+        buf.ptr[utf8_boundary(buf.ptr, buf.cap - 1)] = '\0';
+    }
+}
+
+/* The length of a kvh_str as a printf precision ("%.*s"), clamped so the int conversion is defined. */
+static int str_precision(kvh_str s) {
+    if (s.ptr == NULL) {
+        return 0;
+    }
+    return s.len > (size_t)INT_MAX ? INT_MAX : (int)s.len;
+}
+
+/* A pointer for "%.*s": never NULL, because passing NULL to %s is undefined even with precision 0. */
+static const char *str_chars(kvh_str s) {
+    return s.ptr != NULL ? s.ptr : "";
+}
+
+/* Whether a kvh_str holds exactly the bytes of a C string. */
+static int str_equals(kvh_str s, const char *literal) {
+    size_t len = strlen(literal);
+    return s.len == len && (len == 0 || (s.ptr != NULL && memcmp(s.ptr, literal, len) == 0));
+}
+
+/* Status names for log lines. */
+static const char *status_name(kvh_status status) {
+    switch (status) {
+    case KVH_OK: return "OK";
+    case KVH_ERR_INVALID_ARG: return "INVALID_ARG";
+    case KVH_ERR_NOT_FOUND: return "NOT_FOUND";
+    case KVH_ERR_BUFFER_TOO_SMALL: return "BUFFER_TOO_SMALL";
+    case KVH_ERR_BUSY: return "BUSY";
+    case KVH_ERR_NO_SPACE: return "NO_SPACE";
+    default: return "ERROR";
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Host logging                                                                                     */
+/* ------------------------------------------------------------------------------------------------ */
+
+/* Whether a message at `level` would be recorded: lets callers skip formatting and per-key loops. */
+static int log_enabled(const kvh_host_api *host, int32_t level) {
+    if (host == NULL || host->log == NULL) {
+        return 0;
+    }
+    return host->log_enabled == NULL || host->log_enabled(host->host_ctx, level);
+}
+
+/* Formats a message and hands it to the host logger. Long messages (keys with many tags) are
+ * formatted on the heap rather than truncated; if that allocation fails the message is truncated. */
+static void host_log(const kvh_host_api *host, int32_t level, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void host_log(const kvh_host_api *host, int32_t level, const char *fmt, ...) {
+    if (!log_enabled(host, level)) {
+        return;
+    }
+    char stack_text[512];
+    char *heap_text = NULL;
+    const char *text = stack_text;
+    va_list args;
+    va_list args_again;
+    va_start(args, fmt);
+    va_copy(args_again, args);
+    int written = vsnprintf(stack_text, sizeof stack_text, fmt, args);
+    va_end(args);
+    size_t len = 0;
+    if (written >= 0 && (size_t)written < sizeof stack_text) {
+        len = (size_t)written;
+    } else if (written >= 0) {
+        heap_text = malloc((size_t)written + 1);
+        if (heap_text != NULL && vsnprintf(heap_text, (size_t)written + 1, fmt, args_again) == written) {
+            text = heap_text;
+            len = (size_t)written;
+        } else {
+            len = utf8_boundary(stack_text, sizeof stack_text - 1);
+        }
+    }
+    va_end(args_again);
+    if (written >= 0) {
+        host->log(host->host_ctx, level, KVH_STR_LIT(MEM_TARGET), (kvh_str){ text, len });
+    }
+    free(heap_text);
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Per-thread last error                                                                            */
+/* ------------------------------------------------------------------------------------------------ */
+
+/* The ABI's last_error is per calling thread. The slot remembers which backend set it, so one
+ * backend never reports another's error when a thread uses several backends. */
+static _Thread_local struct {
+    const kvh_backend *backend;
+    size_t len;
+    char text[256];
+} tls_last_error;
+
+static void set_last_error(const kvh_backend *backend, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void set_last_error(const kvh_backend *backend, const char *fmt, ...) {
+    va_list args;
+    va_start(args, fmt);
+    int written = vsnprintf(tls_last_error.text, sizeof tls_last_error.text, fmt, args);
+    va_end(args);
+    size_t len = 0;
+    if (written >= 0) {
+        len = (size_t)written < sizeof tls_last_error.text
+                  ? (size_t)written
+                  : utf8_boundary(tls_last_error.text, sizeof tls_last_error.text - 1);
+    }
+    tls_last_error.text[len] = '\0';
+    tls_last_error.len = len;
+    tls_last_error.backend = backend;
+}
+
+/* Records a whole-call NULL_PARAM error and returns it. */
+static kvh_status null_param(const kvh_backend *backend, const char *operation, const char *what) {
+    set_last_error(backend, "%s: %s is NULL", operation, what);
+    return KVH_ERR_NULL_PARAM;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* The store: hash table + FIFO list                                                                */
+/* ------------------------------------------------------------------------------------------------ */
+
+/* One stored chunk. Allocated as a single block: the header, then the canonical key (NUL-terminated,
+ * for logging), then the chunk data. */
+struct mem_entry {
+    struct mem_entry *bucket_next; /* hash chain; also links a list of entries waiting to be freed */
+    struct mem_entry *older;       /* FIFO neighbours (insertion order) */
+    struct mem_entry *newer;
+    uint64_t key_hash;
+    size_t canonical_len;
+    size_t data_len;
+    uint32_t pin_count;
+    kvh_chunk_meta meta;
+    char canonical[]; /* canonical_len bytes + NUL, then data_len bytes of data */
+};
+
+static uint8_t *entry_data(struct mem_entry *entry) {
+    return (uint8_t *)entry->canonical + entry->canonical_len + 1;
+}
+
+struct mem_store {
+    struct mem_entry **buckets; /* bucket_count chains; bucket_count is a power of two */
+    size_t bucket_count;
+    size_t entry_count;
+    struct mem_entry *oldest; /* FIFO: eviction starts here */
+    struct mem_entry *newest;
+    uint64_t capacity_bytes;
+    uint64_t used_bytes;   /* sum of data_len over all entries; never exceeds capacity_bytes */
+    uint64_t pinned_bytes; /* sum of data_len over entries with pin_count > 0 */
+    uint64_t evictions;
+};
+
+static int store_init(struct mem_store *store, uint64_t capacity_bytes) {
+    memset(store, 0, sizeof *store);
+    store->buckets = calloc(MEM_INITIAL_BUCKETS, sizeof *store->buckets);
+    if (store->buckets == NULL) {
+        return -1;
+    }
+    store->bucket_count = MEM_INITIAL_BUCKETS;
+    store->capacity_bytes = capacity_bytes;
+    return 0;
+}
+
+static void free_entry_list(struct mem_entry *list) {
+    while (list != NULL) {
+        struct mem_entry *next = list->bucket_next;
+        free(list);
+        list = next;
+    }
+}
+
+static void store_free(struct mem_store *store) {
+    struct mem_entry *entry = store->oldest;
+    while (entry != NULL) {
+        struct mem_entry *newer = entry->newer;
+        free(entry);
+        entry = newer;
+    }
+    free(store->buckets);
+    memset(store, 0, sizeof *store);
+}
+
+static size_t bucket_of(const struct mem_store *store, uint64_t key_hash) {
+    return (size_t)(key_hash & (uint64_t)(store->bucket_count - 1));
+}
+
+static struct mem_entry *store_find(const struct mem_store *store, const kvh_key *key) {
+    struct mem_entry *entry = store->buckets[bucket_of(store, key->key_hash)];
+    for (; entry != NULL; entry = entry->bucket_next) {
+        if (entry->key_hash == key->key_hash && entry->canonical_len == key->canonical.len &&
+            memcmp(entry->canonical, key->canonical.ptr, key->canonical.len) == 0) {
+            return entry;
+        }
+    }
+    return NULL;
+}
+
+/* Doubles the bucket array. On allocation failure the table keeps working with longer chains. */
+static void store_grow(struct mem_store *store) {
+    if (store->bucket_count > SIZE_MAX / 2 / sizeof *store->buckets) {
+        return;
+    }
+    size_t new_count = store->bucket_count * 2;
+    struct mem_entry **new_buckets = calloc(new_count, sizeof *new_buckets);
+    if (new_buckets == NULL) {
+        return;
+    }
+    for (size_t i = 0; i < store->bucket_count; i++) {
+        struct mem_entry *entry = store->buckets[i];
+        while (entry != NULL) {
+            struct mem_entry *next = entry->bucket_next;
+            size_t bucket = (size_t)(entry->key_hash & (uint64_t)(new_count - 1));
+            entry->bucket_next = new_buckets[bucket];
+            new_buckets[bucket] = entry;
+            entry = next;
+        }
+    }
+    free(store->buckets);
+    store->buckets = new_buckets;
+    store->bucket_count = new_count;
+}
+
+/* Adds an entry as the newest. The caller has made room for it. */
+static void store_link(struct mem_store *store, struct mem_entry *entry) {
+    size_t bucket = bucket_of(store, entry->key_hash);
+    entry->bucket_next = store->buckets[bucket];
+    store->buckets[bucket] = entry;
+    entry->older = store->newest;
+    entry->newer = NULL;
+    if (store->newest != NULL) {
+        store->newest->newer = entry;
+    } else {
+        store->oldest = entry;
+    }
+    store->newest = entry;
+    store->entry_count++;
+    store->used_bytes += entry->data_len;
+    if (entry->pin_count > 0) {
+        store->pinned_bytes += entry->data_len;
+    }
+    if (store->entry_count > store->bucket_count) {
+        store_grow(store);
+    }
+}
+
+/* Takes an entry out of the table and the FIFO list, without freeing it. */
+static void store_unlink(struct mem_store *store, struct mem_entry *entry) {
+    struct mem_entry **link = &store->buckets[bucket_of(store, entry->key_hash)];
+    while (*link != entry) {
+        link = &(*link)->bucket_next;
+    }
+    *link = entry->bucket_next;
+    entry->bucket_next = NULL;
+    if (entry->older != NULL) {
+        entry->older->newer = entry->newer;
+    } else {
+        store->oldest = entry->newer;
+    }
+    if (entry->newer != NULL) {
+        entry->newer->older = entry->older;
+    } else {
+        store->newest = entry->older;
+    }
+    entry->older = NULL;
+    entry->newer = NULL;
+    store->entry_count--;
+    store->used_bytes -= entry->data_len;
+    if (entry->pin_count > 0) {
+        store->pinned_bytes -= entry->data_len;
+    }
+}
+
+/* Evicts the oldest unpinned entries until `needed` bytes fit, counting `replaced` (the entry a put
+ * is about to replace, or NULL) as already gone and never evicting it. Evicted entries are pushed on
+ * `*graveyard` for the caller to free once the lock is released. Returns 0, or -1 without evicting
+ * anything when pinned entries leave too little room. */
+static int store_make_room(struct mem_store *store, uint64_t needed, const struct mem_entry *replaced,
+                           struct mem_entry **graveyard, size_t *evicted) {
+    uint64_t replaced_bytes = replaced != NULL ? replaced->data_len : 0;
+    uint64_t pinned_others = store->pinned_bytes - (replaced != NULL && replaced->pin_count > 0 ? replaced_bytes : 0);
+    /* Check first, so a put that cannot succeed does not evict anything. */
+    if (needed > store->capacity_bytes - pinned_others) {
+        return -1;
+    }
+    uint64_t used_others = store->used_bytes - replaced_bytes;
+    struct mem_entry *candidate = store->oldest;
+    while (store->capacity_bytes - used_others < needed && candidate != NULL) {
+        struct mem_entry *next = candidate->newer;
+        if (candidate != replaced && candidate->pin_count == 0) {
+            used_others -= candidate->data_len;
+            store_unlink(store, candidate);
+            candidate->bucket_next = *graveyard;
+            *graveyard = candidate;
+            store->evictions++;
+            (*evicted)++;
+        }
+        candidate = next;
+    }
+    /* Unreachable while the byte counters are right; checked so a bug cannot break the capacity bound. */
+    return store->capacity_bytes - used_others >= needed ? 0 : -1;
+}
+
+/* Inserts a new entry, replacing any entry with the same key (which keeps its pins: each pin still
+ * needs its unpin). Returns KVH_OK, or KVH_ERR_NO_SPACE (the store is unchanged; `entry` is not
+ * taken). Replaced and evicted entries go on `*graveyard`. */
+static kvh_status store_insert(struct mem_store *store, struct mem_entry *entry, struct mem_entry **graveyard,
+                               size_t *evicted) {
+    kvh_key lookup = { 0 };
+    lookup.canonical = (kvh_str){ entry->canonical, entry->canonical_len };
+    lookup.key_hash = entry->key_hash;
+    struct mem_entry *existing = store_find(store, &lookup);
+    if (store_make_room(store, entry->data_len, existing, graveyard, evicted) != 0) {
+        return KVH_ERR_NO_SPACE;
+    }
+    if (existing != NULL) {
+        entry->pin_count = existing->pin_count;
+        store_unlink(store, existing);
+        existing->bucket_next = *graveyard;
+        *graveyard = existing;
+    }
+    store_link(store, entry);
+    return KVH_OK;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Backend                                                                                          */
+/* ------------------------------------------------------------------------------------------------ */
+
+enum mem_op_kind { MEM_OP_PUT, MEM_OP_GET, MEM_OP_PREFETCH };
+
+/* A queued asynchronous operation. The batch is host memory, valid until the completion returns. */
+struct mem_op {
+    enum mem_op_kind kind;
+    union {
+        const kvh_put_batch *put;
+        const kvh_get_batch *get;
+        const kvh_key_batch *prefetch;
+    } batch;
+    kvh_completion done;
+};
+
+struct kvh_backend {
+    /* Valid until process exit (ABI guarantee), so it is safe to keep. */
+    const kvh_host_api *host;
+    uint64_t delay_us;
+
+    pthread_mutex_t store_lock;
+    struct mem_store store; /* guarded by store_lock; store.capacity_bytes is immutable */
+
+    pthread_mutex_t queue_lock;
+    pthread_cond_t work_ready; /* signalled when an op is queued or stopping is set */
+    pthread_cond_t progress;   /* broadcast each time an op has completed */
+    struct mem_op *ring;       /* preallocated queue of ring_capacity (= max_queue) slots */
+    size_t ring_capacity;
+    size_t ring_head;
+    size_t ring_count;
+    uint64_t submitted; /* ops ever queued; op number n completes when completed reaches n */
+    uint64_t completed; /* ops whose completion callback has returned */
+    int stopping;       /* set by destroy: refuse new ops, drain the queue, exit */
+    pthread_t worker;
+};
+
+/* Sleeps to simulate a slow medium. Called without any lock held. */
+static void simulate_delay(uint64_t delay_us) {
+    if (delay_us == 0) {
+        return;
+    }
+    struct timespec remaining = {
+        .tv_sec = (time_t)(delay_us / 1000000u),
+        .tv_nsec = (long)(delay_us % 1000000u) * 1000L,
+    };
+    while (nanosleep(&remaining, &remaining) != 0 && errno == EINTR) {
+    }
+}
+
+/* The ABI allows `canonical.ptr` to be NULL only for an empty string, and an empty key is no key. */
+static int key_is_valid(const kvh_key *key) {
+    return key->canonical.ptr != NULL && key->canonical.len > 0;
+}
+
+/* Copies a chunk into a new, unlinked entry. Called without the store lock: copying a large chunk
+ * must not block readers. Returns NULL when out of memory. */
+static struct mem_entry *entry_new(const kvh_key *key, const kvh_bytes *src, const kvh_chunk_meta *meta) {
+    size_t header = sizeof(struct mem_entry);
+    if (key->canonical.len > SIZE_MAX - header - 1 || src->len > SIZE_MAX - header - 1 - key->canonical.len) {
+        return NULL;
+    }
+    struct mem_entry *entry = malloc(header + key->canonical.len + 1 + src->len);
+    if (entry == NULL) {
+        return NULL;
+    }
+    memset(entry, 0, header);
+    entry->key_hash = key->key_hash;
+    entry->canonical_len = key->canonical.len;
+    entry->data_len = src->len;
+    entry->meta = *meta;
+    memcpy(entry->canonical, key->canonical.ptr, key->canonical.len);
+    entry->canonical[key->canonical.len] = '\0';
+    if (src->len > 0) {
+        memcpy(entry_data(entry), src->ptr, src->len);
+    }
+    return entry;
+}
+
+/* Stores one chunk. `*evicted` receives the number of entries evicted to make room. */
+static kvh_status put_one(kvh_backend *backend, const kvh_key *key, const kvh_bytes *src, const kvh_chunk_meta *meta,
+                          size_t *evicted) {
+    *evicted = 0;
+    if (!key_is_valid(key) || (src->ptr == NULL && src->len > 0)) {
+        return KVH_ERR_INVALID_ARG;
+    }
+    /* The metadata is returned as-is by contains and get, so it must describe the bytes stored. */
+    if (meta->length != (uint64_t)src->len) {
+        return KVH_ERR_INVALID_ARG;
+    }
+    if ((uint64_t)src->len > backend->store.capacity_bytes) {
+        return KVH_ERR_NO_SPACE;
+    }
+    struct mem_entry *entry = entry_new(key, src, meta);
+    if (entry == NULL) {
+        return KVH_ERR_NO_SPACE; /* out of memory: the store cannot hold it */
+    }
+    struct mem_entry *graveyard = NULL;
+    pthread_mutex_lock(&backend->store_lock);
+    kvh_status status = store_insert(&backend->store, entry, &graveyard, evicted);
+    pthread_mutex_unlock(&backend->store_lock);
+    if (status != KVH_OK) {
+        free(entry);
+    }
+    free_entry_list(graveyard); /* outside the lock: freeing large blocks can be slow */
+    return status;
+}
+
+static kvh_status get_one(kvh_backend *backend, const kvh_key *key, const kvh_mut_bytes *dst, uint64_t *out_len,
+                          kvh_chunk_meta *out_meta) {
+    *out_len = 0;
+    memset(out_meta, 0, sizeof *out_meta);
+    if (!key_is_valid(key) || (dst->ptr == NULL && dst->len > 0)) {
+        return KVH_ERR_INVALID_ARG;
+    }
+    kvh_status status;
+    pthread_mutex_lock(&backend->store_lock);
+    struct mem_entry *entry = store_find(&backend->store, key);
+    if (entry == NULL) {
+        status = KVH_ERR_NOT_FOUND;
+    } else if (dst->len < entry->data_len) {
+        *out_len = entry->data_len;
+        status = KVH_ERR_BUFFER_TOO_SMALL;
+    } else {
+        /* Copied under the lock: the entry may be replaced or evicted as soon as it is released. */
+        if (entry->data_len > 0) {
+            memcpy(dst->ptr, entry_data(entry), entry->data_len);
+        }
+        *out_len = entry->data_len;
+        *out_meta = entry->meta;
+        status = KVH_OK;
+    }
+    pthread_mutex_unlock(&backend->store_lock);
+    return status;
+}
+
+static kvh_status prefetch_one(kvh_backend *backend, const kvh_key *key) {
+    if (!key_is_valid(key)) {
+        return KVH_ERR_INVALID_ARG;
+    }
+    pthread_mutex_lock(&backend->store_lock);
+    /* Everything is already in memory: a stored key is as cheap to get as it will ever be. */
+    kvh_status status = store_find(&backend->store, key) != NULL ? KVH_OK : KVH_ERR_NOT_FOUND;
+    pthread_mutex_unlock(&backend->store_lock);
+    return status;
+}
+
+/* Runs one queued op on the worker: writes every per-item result. Takes the store lock per item so
+ * synchronous calls interleave with long batches, and sleeps the simulated delay outside it. */
+static void run_op(kvh_backend *backend, const struct mem_op *op) {
+    const kvh_host_api *host = backend->host;
+    int trace = log_enabled(host, KVH_LOG_TRACE);
+    size_t ok = 0;
+    size_t len = 0;
+    switch (op->kind) {
+    case MEM_OP_PUT: {
+        const kvh_put_batch *batch = op->batch.put;
+        size_t evicted_total = 0;
+        len = batch->len;
+        for (size_t i = 0; i < len; i++) {
+            simulate_delay(backend->delay_us);
+            size_t evicted = 0;
+            kvh_status status = put_one(backend, &batch->keys[i], &batch->src[i], &batch->meta[i], &evicted);
+            batch->item_status[i] = status;
+            ok += status == KVH_OK;
+            evicted_total += evicted;
+            if (trace) {
+                host_log(host, KVH_LOG_TRACE, "put key=%.*s size=%zu -> %s evicted=%zu",
+                         str_precision(batch->keys[i].canonical), str_chars(batch->keys[i].canonical),
+                         batch->src[i].len, status_name(status), evicted);
+            }
+        }
+        host_log(host, KVH_LOG_DEBUG, "put batch: %zu items, %zu stored, %zu evicted", len, ok, evicted_total);
+        break;
+    }
+    case MEM_OP_GET: {
+        const kvh_get_batch *batch = op->batch.get;
+        len = batch->len;
+        for (size_t i = 0; i < len; i++) {
+            simulate_delay(backend->delay_us);
+            kvh_status status = get_one(backend, &batch->keys[i], &batch->dst[i], &batch->out_len[i], &batch->out_meta[i]);
+            batch->item_status[i] = status;
+            ok += status == KVH_OK;
+            if (trace) {
+                host_log(host, KVH_LOG_TRACE, "get key=%.*s size=%llu -> %s", str_precision(batch->keys[i].canonical),
+                         str_chars(batch->keys[i].canonical), (unsigned long long)batch->out_len[i], status_name(status));
+            }
+        }
+        host_log(host, KVH_LOG_DEBUG, "get batch: %zu items, %zu hits", len, ok);
+        break;
+    }
+    case MEM_OP_PREFETCH: {
+        const kvh_key_batch *batch = op->batch.prefetch;
+        len = batch->len;
+        for (size_t i = 0; i < len; i++) {
+            simulate_delay(backend->delay_us);
+            kvh_status status = prefetch_one(backend, &batch->keys[i]);
+            batch->item_status[i] = status;
+            ok += status == KVH_OK;
+            if (trace) {
+                host_log(host, KVH_LOG_TRACE, "prefetch key=%.*s -> %s", str_precision(batch->keys[i].canonical),
+                         str_chars(batch->keys[i].canonical), status_name(status));
+            }
+        }
+        host_log(host, KVH_LOG_DEBUG, "prefetch batch: %zu items, %zu present", len, ok);
+        break;
+    }
+    }
+}
+
+static void *worker_main(void *arg) {
+    kvh_backend *backend = arg;
+    pthread_mutex_lock(&backend->queue_lock);
+    for (;;) {
+        while (backend->ring_count == 0 && !backend->stopping) {
+            pthread_cond_wait(&backend->work_ready, &backend->queue_lock);
+        }
+        if (backend->ring_count == 0) {
+            break; /* stopping, and every queued op has been completed */
+        }
+        struct mem_op op = backend->ring[backend->ring_head];
+        backend->ring_head = (backend->ring_head + 1) % backend->ring_capacity;
+        backend->ring_count--;
+        pthread_mutex_unlock(&backend->queue_lock);
+
+        run_op(backend, &op);
+        /* No plugin lock is held here (ABI rule), and the batch is not touched after this call. */
+        op.done.complete(op.done.user_data, KVH_OK, KVH_STR_LIT(""));
+
+        pthread_mutex_lock(&backend->queue_lock);
+        backend->completed++;
+        pthread_cond_broadcast(&backend->progress);
+    }
+    pthread_mutex_unlock(&backend->queue_lock);
+    return NULL;
+}
+
+/* Queues an async op. Returns KVH_PENDING, or an error (and the completion will never fire). */
+static kvh_status submit(kvh_backend *backend, const struct mem_op *op, const char *operation, size_t items) {
+    pthread_mutex_lock(&backend->queue_lock);
+    if (backend->stopping) {
+        pthread_mutex_unlock(&backend->queue_lock);
+        set_last_error(backend, "%s: backend is being destroyed", operation);
+        return KVH_ERR_CANCELED;
+    }
+    if (backend->ring_count == backend->ring_capacity) {
+        pthread_mutex_unlock(&backend->queue_lock);
+        set_last_error(backend, "%s: queue full (max_queue=%zu operations)", operation, backend->ring_capacity);
+        host_log(backend->host, KVH_LOG_DEBUG, "%s of %zu items refused: queue full", operation, items);
+        return KVH_ERR_BUSY;
+    }
+    backend->ring[(backend->ring_head + backend->ring_count) % backend->ring_capacity] = *op;
+    backend->ring_count++;
+    backend->submitted++;
+    pthread_cond_signal(&backend->work_ready);
+    pthread_mutex_unlock(&backend->queue_lock);
+    /* The op may already have completed: the batch must not be touched from here on. */
+    return KVH_PENDING;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Options                                                                                          */
+/* ------------------------------------------------------------------------------------------------ */
+
+enum mem_option { OPT_CAPACITY_BYTES, OPT_DELAY_US, OPT_MAX_QUEUE, OPT_COUNT };
+
+static const kvh_option_spec MEM_OPTIONS[OPT_COUNT] = {
+    [OPT_CAPACITY_BYTES] = { .key = "capacity_bytes",
+                             .default_value = "1073741824",
+                             .doc = "Maximum bytes of chunk data held; oldest unpinned chunks are evicted beyond it.",
+                             .flags = 0,
+                             .reserved = 0 },
+    [OPT_DELAY_US] = { .key = "delay_us",
+                       .default_value = "0",
+                       .doc = "Microseconds the worker sleeps per item of put, get and prefetch (simulates a slow medium).",
+                       .flags = 0,
+                       .reserved = 0 },
+    [OPT_MAX_QUEUE] = { .key = "max_queue",
+                        .default_value = "4096",
+                        .doc = "Queued put/get/prefetch operations beyond which new ones are refused with BUSY.",
+                        .flags = 0,
+                        .reserved = 0 },
+};
+
+/* Accepted range of each option, parallel to MEM_OPTIONS. */
+static const struct {
+    uint64_t min;
+    uint64_t max;
+} MEM_OPTION_RANGES[OPT_COUNT] = {
+    [OPT_CAPACITY_BYTES] = { 1, UINT64_MAX },
+    [OPT_DELAY_US] = { 0, MEM_MAX_DELAY_US },
+    [OPT_MAX_QUEUE] = { 1, MEM_MAX_QUEUE_LIMIT },
+};
+
+/* Parses a plain decimal integer: digits only (no sign, no spaces), no overflow. */
+static int parse_u64(kvh_str text, uint64_t *out) {
+    if (text.ptr == NULL || text.len == 0) {
+        return -1;
+    }
+    uint64_t value = 0;
+    for (size_t i = 0; i < text.len; i++) {
+        unsigned digit = (unsigned)(unsigned char)text.ptr[i] - '0';
+        if (digit > 9 || value > (UINT64_MAX - digit) / 10) {
+            return -1;
+        }
+        value = value * 10 + digit;
+    }
+    *out = value;
+    return 0;
+}
+
+/* Fills values[] from the options: defaults first (for a host that did not fill them in), then the
+ * given values. Returns 0, or -1 with a message naming the option and its bad value in `error`. */
+static int parse_options(const kvh_options *options, uint64_t values[OPT_COUNT], kvh_message_buf error) {
+    for (size_t opt = 0; opt < OPT_COUNT; opt++) {
+        const char *fallback = MEM_OPTIONS[opt].default_value;
+        if (parse_u64((kvh_str){ fallback, strlen(fallback) }, &values[opt]) != 0) {
+            write_message(error, "mem: internal error: bad default for option '%s'", MEM_OPTIONS[opt].key);
+            return -1;
+        }
+    }
+    for (size_t i = 0; i < options->len; i++) {
+        const kvh_option *option = &options->items[i];
+        size_t opt = 0;
+        while (opt < OPT_COUNT && !str_equals(option->key, MEM_OPTIONS[opt].key)) {
+            opt++;
+        }
+        if (opt == OPT_COUNT) {
+            write_message(error, "mem: unknown option '%.*s'", str_precision(option->key), str_chars(option->key));
+            return -1;
+        }
+        uint64_t value = 0;
+        if (parse_u64(option->value, &value) != 0 || value < MEM_OPTION_RANGES[opt].min ||
+            value > MEM_OPTION_RANGES[opt].max) {
+            write_message(error, "mem: invalid value '%.*s' for option '%s' (expected an integer from %llu to %llu)",
+                          str_precision(option->value), str_chars(option->value), MEM_OPTIONS[opt].key,
+                          (unsigned long long)MEM_OPTION_RANGES[opt].min, (unsigned long long)MEM_OPTION_RANGES[opt].max);
+            return -1;
+        }
+        values[opt] = value;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Operations                                                                                       */
+/* ------------------------------------------------------------------------------------------------ */
+
+static kvh_status mem_create(const kvh_host_api *host, const kvh_options *options, const kvh_model_metadata *metadata,
+                             kvh_backend **out_backend, kvh_message_buf error) {
+    (void)metadata; /* Chunks are opaque bytes: the store does not depend on the model. */
+    if (out_backend == NULL) {
+        write_message(error, "mem: create: out_backend is NULL");
+        return KVH_ERR_NULL_PARAM;
+    }
+    *out_backend = NULL;
+    if (host == NULL || options == NULL || (options->items == NULL && options->len > 0)) {
+        write_message(error, "mem: create: host or options is NULL");
+        return KVH_ERR_NULL_PARAM;
+    }
+    /* We keep `host` and call its log functions, which exist only in a table of at least v1.0 size. */
+    if (host->abi_major != KVH_ABI_MAJOR || host->struct_size < KVH_HOST_API_V1_0_SIZE) {
+        write_message(error, "mem: create: host API %u (size %u) is not compatible with ABI %d", (unsigned)host->abi_major,
+                      (unsigned)host->struct_size, KVH_ABI_MAJOR);
+        return KVH_ERR_ABI_MISMATCH;
+    }
+    uint64_t values[OPT_COUNT];
+    if (parse_options(options, values, error) != 0) {
+        return KVH_ERR_INVALID_CONFIG;
+    }
+
+    kvh_backend *backend = calloc(1, sizeof *backend);
+    if (backend == NULL) {
+        write_message(error, "mem: create: out of memory");
+        return KVH_ERR_INTERNAL;
+    }
+    backend->host = host;
+    backend->delay_us = values[OPT_DELAY_US];
+    backend->ring_capacity = (size_t)values[OPT_MAX_QUEUE];
+    backend->ring = calloc(backend->ring_capacity, sizeof *backend->ring);
+    if (backend->ring == NULL || store_init(&backend->store, values[OPT_CAPACITY_BYTES]) != 0) {
+        write_message(error, "mem: create: out of memory");
+        goto fail_memory;
+    }
+    if (pthread_mutex_init(&backend->store_lock, NULL) != 0) {
+        write_message(error, "mem: create: cannot initialise a mutex");
+        goto fail_memory;
+    }
+    if (pthread_mutex_init(&backend->queue_lock, NULL) != 0) {
+        write_message(error, "mem: create: cannot initialise a mutex");
+        goto fail_store_lock;
+    }
+    if (pthread_cond_init(&backend->work_ready, NULL) != 0) {
+        write_message(error, "mem: create: cannot initialise a condition variable");
+        goto fail_queue_lock;
+    }
+    if (pthread_cond_init(&backend->progress, NULL) != 0) {
+        write_message(error, "mem: create: cannot initialise a condition variable");
+        goto fail_work_ready;
+    }
+    int rc = pthread_create(&backend->worker, NULL, worker_main, backend);
+    if (rc != 0) {
+        write_message(error, "mem: create: cannot start the worker thread: %s", strerror(rc));
+        goto fail_progress;
+    }
+
+    host_log(host, KVH_LOG_INFO, "create instance=%.*s capacity_bytes=%llu delay_us=%llu max_queue=%zu",
+             str_precision(host->instance_name), str_chars(host->instance_name),
+             (unsigned long long)values[OPT_CAPACITY_BYTES], (unsigned long long)backend->delay_us,
+             backend->ring_capacity);
+    *out_backend = backend;
+    return KVH_OK;
+
+fail_progress:
+    pthread_cond_destroy(&backend->progress);
+fail_work_ready:
+    pthread_cond_destroy(&backend->work_ready);
+fail_queue_lock:
+    pthread_mutex_destroy(&backend->queue_lock);
+fail_store_lock:
+    pthread_mutex_destroy(&backend->store_lock);
+fail_memory:
+    store_free(&backend->store);
+    free(backend->ring);
+    free(backend);
+    return KVH_ERR_INTERNAL;
+}
+
+static void mem_destroy(kvh_backend *backend) {
+    if (backend == NULL) {
+        return;
+    }
+    /* The worker completes every queued op (each callback fires) before it exits. */
+    pthread_mutex_lock(&backend->queue_lock);
+    backend->stopping = 1;
+    pthread_cond_signal(&backend->work_ready);
+    pthread_mutex_unlock(&backend->queue_lock);
+    pthread_join(backend->worker, NULL);
+
+    host_log(backend->host, KVH_LOG_INFO, "destroy: %zu chunks, %llu/%llu bytes, %llu evictions, %llu async ops",
+             backend->store.entry_count, (unsigned long long)backend->store.used_bytes,
+             (unsigned long long)backend->store.capacity_bytes, (unsigned long long)backend->store.evictions,
+             (unsigned long long)backend->completed);
+    store_free(&backend->store);
+    free(backend->ring);
+    pthread_cond_destroy(&backend->progress);
+    pthread_cond_destroy(&backend->work_ready);
+    pthread_mutex_destroy(&backend->queue_lock);
+    pthread_mutex_destroy(&backend->store_lock);
+    free(backend);
+}
+
+static kvh_status mem_contains(kvh_backend *backend, const kvh_contains_batch *batch) {
+    if (backend == NULL) {
+        return KVH_ERR_NULL_PARAM;
+    }
+    if (batch == NULL) {
+        return null_param(backend, "contains", "batch");
+    }
+    if (batch->len > 0 && (batch->keys == NULL || batch->out_meta == NULL || batch->item_status == NULL)) {
+        return null_param(backend, "contains", "keys, out_meta or item_status");
+    }
+    size_t present = 0;
+    pthread_mutex_lock(&backend->store_lock);
+    for (size_t i = 0; i < batch->len; i++) {
+        const kvh_key *key = &batch->keys[i];
+        memset(&batch->out_meta[i], 0, sizeof batch->out_meta[i]);
+        if (!key_is_valid(key)) {
+            batch->item_status[i] = KVH_ERR_INVALID_ARG;
+            continue;
+        }
+        struct mem_entry *entry = store_find(&backend->store, key);
+        if (entry == NULL) {
+            batch->item_status[i] = KVH_ERR_NOT_FOUND;
+        } else if (batch->pin != 0 && entry->pin_count == UINT32_MAX) {
+            batch->item_status[i] = KVH_ERR_INVALID_ARG; /* the pin count would overflow */
+        } else {
+            if (batch->pin != 0 && entry->pin_count++ == 0) {
+                backend->store.pinned_bytes += entry->data_len;
+            }
+            batch->out_meta[i] = entry->meta;
+            batch->item_status[i] = KVH_OK;
+            present++;
+        }
+    }
+    pthread_mutex_unlock(&backend->store_lock);
+
+    if (log_enabled(backend->host, KVH_LOG_TRACE)) {
+        for (size_t i = 0; i < batch->len; i++) {
+            host_log(backend->host, KVH_LOG_TRACE, "contains key=%.*s pin=%u -> %s",
+                     str_precision(batch->keys[i].canonical), str_chars(batch->keys[i].canonical),
+                     (unsigned)batch->pin, status_name(batch->item_status[i]));
+        }
+    }
+    host_log(backend->host, KVH_LOG_DEBUG, "contains: %zu keys, %zu present%s", batch->len, present,
+             batch->pin != 0 ? " (pinned)" : "");
+    return KVH_OK;
+}
+
+static kvh_status mem_put(kvh_backend *backend, const kvh_put_batch *batch, kvh_completion done) {
+    if (backend == NULL) {
+        return KVH_ERR_NULL_PARAM;
+    }
+    if (batch == NULL) {
+        return null_param(backend, "put", "batch");
+    }
+    if (done.complete == NULL) {
+        return null_param(backend, "put", "done.complete");
+    }
+    if (batch->len > 0 && (batch->keys == NULL || batch->src == NULL || batch->meta == NULL || batch->item_status == NULL)) {
+        return null_param(backend, "put", "keys, src, meta or item_status");
+    }
+    struct mem_op op = { .kind = MEM_OP_PUT, .batch.put = batch, .done = done };
+    return submit(backend, &op, "put", batch->len);
+}
+
+static kvh_status mem_get(kvh_backend *backend, const kvh_get_batch *batch, kvh_completion done) {
+    if (backend == NULL) {
+        return KVH_ERR_NULL_PARAM;
+    }
+    if (batch == NULL) {
+        return null_param(backend, "get", "batch");
+    }
+    if (done.complete == NULL) {
+        return null_param(backend, "get", "done.complete");
+    }
+    if (batch->len > 0 && (batch->keys == NULL || batch->dst == NULL || batch->out_len == NULL ||
+                           batch->out_meta == NULL || batch->item_status == NULL)) {
+        return null_param(backend, "get", "keys, dst, out_len, out_meta or item_status");
+    }
+    struct mem_op op = { .kind = MEM_OP_GET, .batch.get = batch, .done = done };
+    return submit(backend, &op, "get", batch->len);
+}
+
+static kvh_status mem_prefetch(kvh_backend *backend, const kvh_key_batch *batch, kvh_completion done) {
+    if (backend == NULL) {
+        return KVH_ERR_NULL_PARAM;
+    }
+    if (batch == NULL) {
+        return null_param(backend, "prefetch", "batch");
+    }
+    if (done.complete == NULL) {
+        return null_param(backend, "prefetch", "done.complete");
+    }
+    if (batch->len > 0 && (batch->keys == NULL || batch->item_status == NULL)) {
+        return null_param(backend, "prefetch", "keys or item_status");
+    }
+    struct mem_op op = { .kind = MEM_OP_PREFETCH, .batch.prefetch = batch, .done = done };
+    return submit(backend, &op, "prefetch", batch->len);
+}
+
+enum mem_key_op { KEY_OP_REMOVE, KEY_OP_FORCE_REMOVE, KEY_OP_PIN, KEY_OP_UNPIN };
+
+static const char *const KEY_OP_NAMES[] = { "remove", "remove(force)", "pin", "unpin" };
+
+/* One item of remove, pin or unpin, under the store lock. Removed entries go on `*graveyard`. */
+static kvh_status key_op_one(struct mem_store *store, enum mem_key_op op, const kvh_key *key, struct mem_entry **graveyard) {
+    if (!key_is_valid(key)) {
+        return KVH_ERR_INVALID_ARG;
+    }
+    struct mem_entry *entry = store_find(store, key);
+    if (entry == NULL) {
+        return KVH_ERR_NOT_FOUND;
+    }
+    switch (op) {
+    case KEY_OP_REMOVE:
+    case KEY_OP_FORCE_REMOVE:
+        if (entry->pin_count > 0 && op != KEY_OP_FORCE_REMOVE) {
+            return KVH_ERR_BUSY; /* someone relies on it staying; retry after unpin, or force */
+        }
+        store_unlink(store, entry);
+        entry->bucket_next = *graveyard;
+        *graveyard = entry;
+        return KVH_OK;
+    case KEY_OP_PIN:
+        if (entry->pin_count == UINT32_MAX) {
+            return KVH_ERR_INVALID_ARG;
+        }
+        if (entry->pin_count++ == 0) {
+            store->pinned_bytes += entry->data_len;
+        }
+        return KVH_OK;
+    case KEY_OP_UNPIN:
+        if (entry->pin_count == 0) {
+            return KVH_ERR_INVALID_ARG; /* more unpins than pins */
+        }
+        if (--entry->pin_count == 0) {
+            store->pinned_bytes -= entry->data_len;
+        }
+        return KVH_OK;
+    }
+    return KVH_ERR_INTERNAL;
+}
+
+/* remove, pin and unpin: synchronous, one lock hold for the whole batch. */
+static kvh_status run_key_op(kvh_backend *backend, const kvh_key_batch *batch, enum mem_key_op op) {
+    const char *name = KEY_OP_NAMES[op];
+    if (backend == NULL) {
+        return KVH_ERR_NULL_PARAM;
+    }
+    if (batch == NULL) {
+        return null_param(backend, name, "batch");
+    }
+    if (batch->len > 0 && (batch->keys == NULL || batch->item_status == NULL)) {
+        return null_param(backend, name, "keys or item_status");
+    }
+    struct mem_entry *graveyard = NULL;
+    size_t ok = 0;
+    pthread_mutex_lock(&backend->store_lock);
+    for (size_t i = 0; i < batch->len; i++) {
+        batch->item_status[i] = key_op_one(&backend->store, op, &batch->keys[i], &graveyard);
+        ok += batch->item_status[i] == KVH_OK;
+    }
+    pthread_mutex_unlock(&backend->store_lock);
+    free_entry_list(graveyard);
+
+    if (log_enabled(backend->host, KVH_LOG_TRACE)) {
+        for (size_t i = 0; i < batch->len; i++) {
+            host_log(backend->host, KVH_LOG_TRACE, "%s key=%.*s -> %s", name, str_precision(batch->keys[i].canonical),
+                     str_chars(batch->keys[i].canonical), status_name(batch->item_status[i]));
+        }
+    }
+    host_log(backend->host, KVH_LOG_DEBUG, "%s: %zu keys, %zu OK", name, batch->len, ok);
+    return KVH_OK;
+}
+
+static kvh_status mem_remove(kvh_backend *backend, const kvh_key_batch *batch, bool force) {
+    return run_key_op(backend, batch, force ? KEY_OP_FORCE_REMOVE : KEY_OP_REMOVE);
+}
+
+static kvh_status mem_pin(kvh_backend *backend, const kvh_key_batch *batch) {
+    return run_key_op(backend, batch, KEY_OP_PIN);
+}
+
+static kvh_status mem_unpin(kvh_backend *backend, const kvh_key_batch *batch) {
+    return run_key_op(backend, batch, KEY_OP_UNPIN);
+}
+
+/* Waits until every op queued before the call has completed (callback returned). Ops queued
+ * meanwhile by other threads are not waited for, so a busy producer cannot starve a flush. */
+static kvh_status mem_flush(kvh_backend *backend) {
+    if (backend == NULL) {
+        return KVH_ERR_NULL_PARAM;
+    }
+    pthread_mutex_lock(&backend->queue_lock);
+    if (pthread_equal(pthread_self(), backend->worker)) {
+        /* From inside a completion callback: the worker would wait for itself forever. */
+        pthread_mutex_unlock(&backend->queue_lock);
+        set_last_error(backend, "flush: called from a completion callback");
+        return KVH_ERR_UNSUPPORTED;
+    }
+    uint64_t target = backend->submitted;
+    while (backend->completed < target) {
+        pthread_cond_wait(&backend->progress, &backend->queue_lock);
+    }
+    pthread_mutex_unlock(&backend->queue_lock);
+    host_log(backend->host, KVH_LOG_DEBUG, "flush: %llu ops completed", (unsigned long long)target);
+    return KVH_OK;
+}
+
+static kvh_status mem_health(kvh_backend *backend, kvh_message_buf message) {
+    if (backend == NULL) {
+        write_message(message, "mem: backend is NULL");
+        return KVH_ERR_NULL_PARAM;
+    }
+    pthread_mutex_lock(&backend->store_lock);
+    size_t chunks = backend->store.entry_count;
+    unsigned long long used = backend->store.used_bytes;
+    unsigned long long capacity = backend->store.capacity_bytes;
+    pthread_mutex_unlock(&backend->store_lock);
+    write_message(message, "mem: %zu chunks, %llu/%llu bytes", chunks, used, capacity);
+    return KVH_OK;
+}
+
+static size_t mem_last_error(kvh_backend *backend, char *buf, size_t cap) {
+    if (backend == NULL || tls_last_error.backend != backend || tls_last_error.len == 0) {
+        return 0;
+    }
+    if (buf != NULL && cap > 0) {
+        size_t copy = tls_last_error.len < cap ? tls_last_error.len : utf8_boundary(tls_last_error.text, cap - 1);
+        memcpy(buf, tls_last_error.text, copy);
+        buf[copy] = '\0';
+    }
+    return tls_last_error.len;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Descriptor and entry point                                                                       */
+/* ------------------------------------------------------------------------------------------------ */
+
+static const kvh_backend_vtable MEM_VTABLE = {
+    .struct_size = sizeof(kvh_backend_vtable),
+    .reserved = 0,
+    .create = mem_create,
+    .destroy = mem_destroy,
+    .contains = mem_contains,
+    .put = mem_put,
+    .get = mem_get,
+    .remove = mem_remove,
+    .last_error = mem_last_error,
+    .pin = mem_pin,
+    .unpin = mem_unpin,
+    .prefetch = mem_prefetch,
+    .flush = mem_flush,
+    .health = mem_health,
+};
+
+static const kvh_plugin_descriptor MEM_DESCRIPTOR = {
+    .struct_size = sizeof(kvh_plugin_descriptor),
+    .abi_major = KVH_ABI_MAJOR,
+    .abi_minor = KVH_ABI_MINOR,
+    .class_name = "mem",
+    .plugin_version = "0.1.0",
+    .description = "Bounded in-memory store with FIFO eviction, pins and an async worker thread",
+    .capabilities = KVH_CAP_PIN | KVH_CAP_PREFETCH | KVH_CAP_FLUSH | KVH_CAP_HEALTH,
+    .options = MEM_OPTIONS,
+    .options_len = OPT_COUNT,
+    .vtable = &MEM_VTABLE,
+};
+
+KVH_DECLARE_PLUGIN(mem) {
+    (void)host; /* Nothing to negotiate: the descriptor is static and the same for every host. */
+    return &MEM_DESCRIPTOR;
+}
