@@ -5,6 +5,7 @@
 //! front ends (the `kvhost` CLI and server).
 
 pub mod config;
+pub mod conformance;
 pub mod key;
 pub mod loader;
 pub mod plugin;

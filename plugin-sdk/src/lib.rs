@@ -6,7 +6,7 @@
 //!   through these types.
 //! - The Rust authoring layer: implement [`Backend`] and call [`export_backend!`] once per class.
 //!
-//! ```ignore
+//! ```
 //! use kvhost_plugin_sdk::*;
 //!
 //! struct Null;

@@ -504,7 +504,8 @@ static const kvh_plugin_descriptor LOG_DESCRIPTOR = {
     .class_name = "log",
     .plugin_version = "0.1.0",
     .description = "Black hole: stores nothing, logs every call (C port of LMCache's lmc_external_log_backend)",
-    .capabilities = KVH_CAP_PIN | KVH_CAP_PREFETCH | KVH_CAP_FLUSH | KVH_CAP_HEALTH,
+    /* DISCARDS: puts are accepted but nothing is kept, so the host never expects a hit. */
+    .capabilities = KVH_CAP_PIN | KVH_CAP_PREFETCH | KVH_CAP_FLUSH | KVH_CAP_HEALTH | KVH_CAP_DISCARDS,
     .options = LOG_OPTIONS,
     .options_len = sizeof LOG_OPTIONS / sizeof LOG_OPTIONS[0],
     .vtable = &LOG_VTABLE,

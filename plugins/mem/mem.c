@@ -34,7 +34,7 @@
 
 /* Upper bounds of the numeric options, so a typo cannot hang the worker or exhaust memory at create. */
 #define MEM_MAX_DELAY_US 60000000u    /* 60 s per item */
-#define MEM_MAX_QUEUE_LIMIT 1048576u  /* the queue is preallocated: 1 Mi slots of 40 bytes */
+#define MEM_MAX_QUEUE_LIMIT 1048576u  /* the queue is preallocated: max_queue slots of 32 bytes */
 #define MEM_INITIAL_BUCKETS 64u       /* power of two; the table doubles when it gets fuller than 1 entry/bucket */
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -830,6 +830,12 @@ fail_memory:
 
 static void mem_destroy(kvh_backend *backend) {
     if (backend == NULL) {
+        return;
+    }
+    if (pthread_equal(pthread_self(), backend->worker)) {
+        /* From inside a completion callback: joining would deadlock and freeing would pull the backend
+         * out from under the running worker. Leaking is the only safe answer to this host bug. */
+        host_log(backend->host, KVH_LOG_ERROR, "destroy called from a completion callback: refused, backend leaked");
         return;
     }
     /* The worker completes every queued op (each callback fires) before it exits. */

@@ -75,11 +75,16 @@ pub(crate) fn exported_plugin_symbols(path: &Path) -> Vec<String> {
 }
 
 /// A leaked host API table for one plugin instance (valid until process exit, as the ABI promises).
-pub(crate) fn host_api(instance: &str) -> (&'static abi::kvh_host_api, &'static HostCtx) {
-    let ctx: &'static HostCtx = Box::leak(Box::new(HostCtx {
-        name: instance.to_string(),
-        in_flight: std::sync::atomic::AtomicUsize::new(0),
-    }));
+pub(crate) fn host_api(instance: &str) -> Result<(&'static abi::kvh_host_api, &'static HostCtx), String> {
+    let ctx = crate::plugin::register_instance(|id| {
+        Box::leak(Box::new(HostCtx {
+            name: instance.to_string(),
+            instance: id,
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            ops: crate::plugin::OpTable::new(),
+        }))
+    })
+    .ok_or("this process has created 65536 plugin instances; restart it")?;
     let name: &'static str = Box::leak(format!("{instance}\0").into_boxed_str());
     let api = Box::leak(Box::new(abi::kvh_host_api {
         struct_size: std::mem::size_of::<abi::kvh_host_api>() as u32,
@@ -90,7 +95,7 @@ pub(crate) fn host_api(instance: &str) -> (&'static abi::kvh_host_api, &'static 
         log: Some(crate::plugin::host_log),
         log_enabled: Some(crate::plugin::host_log_enabled),
     }));
-    (api, ctx)
+    Ok((api, ctx))
 }
 
 /// Call the entry point.

@@ -214,7 +214,11 @@ pub fn load_from(spec: &PluginSpec, path: &Path, config: &Config) -> Result<Plug
     })?;
     let info = PluginInfo { options: options.clone(), ..info };
 
-    let (host, ctx) = library::host_api(&spec.name);
+    let (host, ctx) = library::host_api(&spec.name).map_err(|reason| LoadError::Open {
+        plugin: spec.name.clone(),
+        path: path.to_path_buf(),
+        reason,
+    })?;
     let metadata = library::FfiMetadata::new(&config.model, config.chunk_size);
     let backend = library::create(&vt, host, &options, &metadata).map_err(|(status, message)| LoadError::Create {
         plugin: spec.name.clone(),
@@ -273,7 +277,11 @@ pub(crate) fn inspect(
         symbol: symbol.clone(),
         exported: library::exported_plugin_symbols(path),
     })?;
-    let (host, _) = library::host_api(&spec.name);
+    let (host, _) = library::host_api(&spec.name).map_err(|reason| LoadError::Open {
+        plugin: plugin.clone(),
+        path: path.to_path_buf(),
+        reason,
+    })?;
 
     // 1. Non-null descriptor.
     let desc_ptr = library::call_entry(entry, host);

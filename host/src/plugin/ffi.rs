@@ -9,7 +9,7 @@
 use super::HostCtx;
 use crate::key::ChunkKey;
 use kvhost_plugin_sdk::abi;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -78,62 +78,91 @@ pub(crate) trait PendingOp: Send {
 struct Slot {
     generation: u32,
     op: Box<dyn PendingOp>,
-    owner: &'static HostCtx,
 }
 
 const SHARDS: usize = 16;
+const SLOT_BITS: u32 = 20;
+const GEN_BITS: u32 = 24;
+const MAX_INSTANCES: usize = 1 << 16;
 
-struct OpTable {
+/// The pending operations of one plugin instance.
+pub(crate) struct OpTable {
     shards: [Mutex<slab::Slab<Slot>>; SHARDS],
     next_shard: AtomicUsize,
     generation: AtomicU32,
-    stale: AtomicU64,
+    /// Completions that matched no pending operation of this instance.
+    pub(crate) stale: AtomicU64,
 }
 
-static OPS: LazyLock<OpTable> = LazyLock::new(|| OpTable {
-    shards: std::array::from_fn(|_| Mutex::new(slab::Slab::new())),
-    next_shard: AtomicUsize::new(0),
-    generation: AtomicU32::new(1),
-    stale: AtomicU64::new(0),
-});
-
-/// Completion callbacks that matched no pending operation (double or bogus completions), process-wide.
-pub fn stale_completions() -> u64 {
-    OPS.stale.load(Ordering::Relaxed)
+impl OpTable {
+    pub(crate) fn new() -> Self {
+        OpTable {
+            shards: std::array::from_fn(|_| Mutex::new(slab::Slab::new())),
+            next_shard: AtomicUsize::new(0),
+            generation: AtomicU32::new(1),
+            stale: AtomicU64::new(0),
+        }
+    }
 }
 
-fn encode(shard: usize, slot: usize, generation: u32) -> *mut c_void {
-    let token = ((generation as u64) << 32) | ((slot as u64) << 4) | shard as u64;
+/// Every host context ever created, by instance id (the token names the instance, never a pointer).
+static INSTANCES: LazyLock<RwLock<Vec<&'static HostCtx>>> = LazyLock::new(|| RwLock::new(Vec::new()));
+/// Completions whose token names no instance at all (garbage `user_data`).
+static UNKNOWN_COMPLETIONS: AtomicU64 = AtomicU64::new(0);
+
+/// Create and register a host context with the next instance id; `None` when the process has made
+/// too many instances.
+pub(crate) fn register_instance(make: impl FnOnce(u16) -> &'static HostCtx) -> Option<&'static HostCtx> {
+    let mut all = INSTANCES.write();
+    if all.len() >= MAX_INSTANCES {
+        return None;
+    }
+    let ctx = make(all.len() as u16);
+    all.push(ctx);
+    Some(ctx)
+}
+
+/// Completion callbacks whose `user_data` named no plugin instance, process-wide.
+pub fn unknown_completions() -> u64 {
+    UNKNOWN_COMPLETIONS.load(Ordering::Relaxed)
+}
+
+// Token layout (64 bits): generation(24) | instance(16) | slot(20) | shard(4).
+fn encode(instance: u16, shard: usize, slot: usize, generation: u32) -> *mut c_void {
+    let token = (u64::from(generation & ((1 << GEN_BITS) - 1)) << 40)
+        | (u64::from(instance) << 24)
+        | ((slot as u64) << 4)
+        | shard as u64;
     token as usize as *mut c_void
 }
 
-fn decode(user_data: *mut c_void) -> (usize, usize, u32) {
-    let token = user_data as usize as u64;
-    ((token & 0xf) as usize, ((token >> 4) & 0x0fff_ffff) as usize, (token >> 32) as u32)
+fn decode(user_data: *mut c_void) -> (u16, usize, usize, u32) {
+    let t = user_data as usize as u64;
+    ((t >> 24) as u16, (t & 0xf) as usize, ((t >> 4) & ((1 << SLOT_BITS) - 1)) as usize, (t >> 40) as u32)
 }
 
-/// Register `op`; returns the `user_data` token for its completion.
-pub(crate) fn register(op: Box<dyn PendingOp>, owner: &'static HostCtx) -> *mut c_void {
-    let shard = OPS.next_shard.fetch_add(1, Ordering::Relaxed) % SHARDS;
-    let generation = OPS.generation.fetch_add(1, Ordering::Relaxed).max(1);
-    let slot = OPS.shards[shard].lock().insert(Slot { generation, op, owner });
-    assert!(slot < 0x0fff_ffff, "more than 2^28 operations pending in one shard");
-    encode(shard, slot, generation)
-}
-
-/// Take the operation for `token` out of the table, if it is still pending.
-pub(crate) fn take(user_data: *mut c_void) -> Option<(Box<dyn PendingOp>, &'static HostCtx)> {
-    let (shard, slot, generation) = decode(user_data);
-    if shard >= SHARDS {
-        return None;
+/// Register `op` for instance `ctx`; returns the `user_data` token for its completion, or gives the
+/// operation back when the instance has too many operations pending.
+pub(crate) fn register(op: Box<dyn PendingOp>, ctx: &'static HostCtx) -> Result<*mut c_void, Box<dyn PendingOp>> {
+    let table = &ctx.ops;
+    let shard = table.next_shard.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    let generation = table.generation.fetch_add(1, Ordering::Relaxed) & ((1 << GEN_BITS) - 1);
+    let mut slots = table.shards[shard].lock();
+    if slots.vacant_key() >= (1 << SLOT_BITS) {
+        return Err(op);
     }
-    let mut table = OPS.shards[shard].lock();
-    match table.get(slot) {
-        Some(s) if s.generation == generation => {
-            let s = table.remove(slot);
-            Some((s.op, s.owner))
-        }
-        _ => None,
+    let slot = slots.insert(Slot { generation, op });
+    Ok(encode(ctx.instance, shard, slot, generation))
+}
+
+/// Take the operation for `token` out of its instance's table, if it is still pending.
+pub(crate) fn take(user_data: *mut c_void) -> Result<(Box<dyn PendingOp>, &'static HostCtx), Option<&'static HostCtx>> {
+    let (instance, shard, slot, generation) = decode(user_data);
+    let Some(ctx) = INSTANCES.read().get(instance as usize).copied() else { return Err(None) };
+    let mut slots = ctx.ops.shards[shard].lock();
+    match slots.get(slot) {
+        Some(s) if s.generation == generation => Ok((slots.remove(slot).op, ctx)),
+        _ => Err(Some(ctx)),
     }
 }
 
@@ -147,17 +176,24 @@ pub(crate) unsafe extern "C" fn on_complete(user_data: *mut c_void, status: abi:
         // SAFETY: the plugin passes a borrowed message valid for this call (ABI).
         let message = unsafe { str_lossy(message) };
         match take(user_data) {
-            Some((op, owner)) => {
+            Ok((op, owner)) => {
                 owner.in_flight.fetch_sub(1, Ordering::AcqRel);
                 op.finish(status, &message);
             }
-            None => {
-                OPS.stale.fetch_add(1, Ordering::Relaxed);
+            Err(Some(owner)) => {
+                owner.ops.stale.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(
                     target: "kvhost::plugin",
-                    "a plugin called the completion callback for an operation that is not pending \
-                     (token {user_data:p}, status {status}): it completed an operation twice, or one it \
-                     had already finished synchronously; ignored"
+                    plugin = %owner.name,
+                    "completion callback for an operation that is not pending (status {status}): the plugin \
+                     completed an operation twice, or one it had already finished synchronously; ignored"
+                );
+            }
+            Err(None) => {
+                UNKNOWN_COMPLETIONS.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    target: "kvhost::plugin",
+                    "completion callback with a user_data ({user_data:p}) that names no plugin instance; ignored"
                 );
             }
         }

@@ -9,8 +9,8 @@
 mod ffi;
 mod ops;
 
-pub use ffi::stale_completions;
-pub(crate) use ffi::{c_string as ffi_c_string, host_log, host_log_enabled};
+pub use ffi::unknown_completions;
+pub(crate) use ffi::{c_string as ffi_c_string, host_log, host_log_enabled, register_instance, OpTable};
 pub use ops::{DstBuf, GetDone, GetItem, GetRequest, PrefetchDone, PutDone, PutRequest, SrcBuf};
 
 use kvhost_plugin_sdk::abi;
@@ -39,7 +39,9 @@ pub struct PluginError {
 /// ABI promises.
 pub(crate) struct HostCtx {
     pub(crate) name: String,
+    pub(crate) instance: u16,
     pub(crate) in_flight: AtomicUsize,
+    pub(crate) ops: OpTable,
 }
 
 /// What the loader learned about a plugin class.
@@ -153,6 +155,12 @@ impl PluginBackend {
     /// Whether the plugin advertises capability `bit`.
     pub fn has(&self, bit: u64) -> bool {
         self.info.capabilities & bit != 0
+    }
+
+    /// Completion callbacks from this instance that matched no pending operation (it completed an
+    /// operation twice, or one it had finished synchronously). Each was logged and ignored.
+    pub fn stale_completions(&self) -> u64 {
+        self.ctx.ops.stale.load(Ordering::Relaxed)
     }
 
     /// Operations submitted with PENDING whose completion has not arrived yet.

@@ -278,19 +278,22 @@ impl PluginBackend {
         call: impl FnOnce(abi::kvh_completion) -> abi::kvh_status,
         op: &'static str,
     ) {
+        let token = match ffi::register(state, self.ctx) {
+            Ok(token) => token,
+            Err(state) => return state.finish(abi::KVH_ERR_BUSY, "too many operations pending on this plugin"),
+        };
         self.ctx.in_flight.fetch_add(1, Ordering::AcqRel);
-        let token = ffi::register(state, self.ctx);
         let rc = call(abi::kvh_completion { complete: Some(ffi::on_complete), user_data: token });
         if rc == abi::KVH_PENDING {
             return;
         }
         match ffi::take(token) {
-            Some((state, _)) => {
+            Ok((state, _)) => {
                 self.ctx.in_flight.fetch_sub(1, Ordering::AcqRel);
                 let message = if rc == abi::KVH_OK { String::new() } else { self.last_error() };
                 state.finish(rc, &message);
             }
-            None => tracing::error!(
+            Err(_) => tracing::error!(
                 target: "kvhost::plugin",
                 plugin = %self.info.name,
                 "{op} returned status {rc} but had already fired its completion callback; \

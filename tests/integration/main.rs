@@ -1,0 +1,10 @@
+//! kvhost integration tests: one binary that builds on real plugins (C, C++ and Rust `.so` files made
+//! by the workspace build) and loads them through the real loader.
+
+mod abi_header;
+mod bad_config;
+mod conformance;
+mod faults;
+mod loader;
+mod util;
+mod vtable;

@@ -1,0 +1,95 @@
+//! Shared helpers: where the built plugins are, config builders, log capture.
+
+use kvhost::config::Config;
+use kvhost::loader;
+use kvhost::plugin::PluginBackend;
+use kvhost::ChunkKey;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// `<target>/<profile>`: the test binary lives in `<profile>/deps`.
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    exe.parent().and_then(|d| d.parent()).expect("profile dir").to_path_buf()
+}
+
+/// Where the workspace build puts the C plugins.
+pub fn plugins_dir() -> PathBuf {
+    profile_dir().join("plugins")
+}
+
+/// A fixture library built by `tests/build.rs`.
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("KVHOST_TEST_PLUGINS_DIR")).join(format!("lib{name}.so"))
+}
+
+/// The SDK-built Rust fixture library.
+pub fn rust_fixture() -> PathBuf {
+    let deps = profile_dir().join("deps").join("libkvhost_fixture_rust.so");
+    if deps.is_file() {
+        deps
+    } else {
+        profile_dir().join("libkvhost_fixture_rust.so")
+    }
+}
+
+/// A config with one plugin `name` loaded from `module_path` (`class`) with `options`, and a small model.
+pub fn config_for(name: &str, module_path: &str, class: &str, options: &[(&str, &str)]) -> Config {
+    let mut y = format!(
+        "chunk_size: 16\nmodel:\n  name: test/model\n  num_layers: 2\n  num_kv_heads: 2\n  head_size: 16\n  dtype: half\n\
+         storage_plugins: [{name}]\nextra_config:\n  storage_plugin.{name}.module_path: \"{module_path}\"\n  \
+         storage_plugin.{name}.class_name: {class}\n"
+    );
+    for (k, v) in options {
+        y.push_str(&format!("  storage_plugin.{name}.{k}: \"{v}\"\n"));
+    }
+    Config::from_yaml(&y, None).unwrap_or_else(|e| panic!("test config: {e}\n{y}"))
+}
+
+/// Load plugin `name` as configured by [`config_for`].
+pub fn load(name: &str, module_path: &str, class: &str, options: &[(&str, &str)]) -> Result<PluginBackend, String> {
+    let c = config_for(name, module_path, class, options);
+    loader::load(&c.plugins[0], &c).map_err(|e| e.to_string())
+}
+
+/// Load, panicking with the loader's message on failure.
+pub fn must_load(name: &str, module_path: &str, class: &str, options: &[(&str, &str)]) -> PluginBackend {
+    load(name, module_path, class, options).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A test key.
+pub fn key(n: i128) -> ChunkKey {
+    ChunkKey::new("test/model", 1, 0, n, "half").unwrap()
+}
+
+#[derive(Clone)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        std::io::stderr().write_all(buf)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+
+/// Install a process-wide subscriber capturing everything at debug level; returns the log text so far.
+pub fn logs() -> String {
+    let buf = LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer = Captured(buf.clone());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("debug")
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .try_init();
+        buf
+    });
+    String::from_utf8_lossy(&buf.lock().unwrap()).into_owned()
+}
