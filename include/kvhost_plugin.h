@@ -570,7 +570,7 @@ typedef struct kvh_put_batch {
    */
   const struct kvh_bytes *src;
   /**
-   * Per key: the chunk metadata to store with it.
+   * Per key: the chunk metadata to store with it. The host guarantees `meta[i].length == src[i].len`.
    */
   const struct kvh_chunk_meta *meta;
   /**
@@ -633,7 +633,8 @@ typedef struct kvh_get_batch {
    */
   uint64_t *out_len;
   /**
-   * Per key, written by the plugin on `KVH_OK`: the stored chunk metadata.
+   * Per key, written by the plugin on `KVH_OK`: the stored chunk metadata, whose `length` must
+   * equal `out_len[i]` (the host rejects the item otherwise).
    */
   struct kvh_chunk_meta *out_meta;
   /**
@@ -697,7 +698,8 @@ typedef struct kvh_backend_vtable {
   void (*destroy)(kvh_backend *backend);
   /**
    * `[any-thread]` Which keys are stored, with their metadata; pins them if `batch->pin`. Synchronous;
-   * may block on I/O. Returns `KVH_OK` when per-item results are valid, or an error for the whole call.
+   * may block on I/O. Returns `KVH_OK` when per-item results are valid, or an error for the whole call
+   * (then the host ignores `item_status`; the same holds for every batch operation).
    */
   kvh_status (*contains)(kvh_backend *backend,
                          const struct kvh_contains_batch *batch);
@@ -722,8 +724,9 @@ typedef struct kvh_backend_vtable {
                        const struct kvh_key_batch *batch,
                        bool force);
   /**
-   * `[any-thread]` Optional. Copy the calling thread's last synchronous error message into `buf`
-   * (NUL-terminated, truncated to `cap`) and return its full length. Returns 0 when there is none.
+   * `[any-thread]` Optional. Copy the message of the last synchronous call that failed on this thread
+   * and this backend into `buf` (NUL-terminated, truncated to `cap`) and return its full length.
+   * Returns 0 when there is none. The host calls it right after the failed call, on the same thread.
    */
   size_t (*last_error)(kvh_backend *backend,
                        char *buf,
@@ -818,6 +821,10 @@ typedef const struct kvh_plugin_descriptor *(*kvh_plugin_entry_fn)(const struct 
  * has returned). Before calling it, the plugin writes every per-item result of the request. `message`
  * is an optional human-readable detail for a failure, borrowed for the duration of the call. The plugin
  * must not hold its own locks while calling it. After it returns the plugin must not touch the request.
+ *
+ * `status` is `KVH_OK` when the per-item results are valid, or an error for the whole operation (then
+ * the host ignores `item_status`). Inside the callback the host may submit new data-path calls to the
+ * same plugin; it never calls `destroy` or `flush` from a callback.
  */
 typedef void (*kvh_complete_fn)(void *user_data,
                                 kvh_status status,

@@ -30,25 +30,44 @@ const CPP_FIXTURES: &[&str] = &["fx_throws"];
 const SUBDIR: &str = "test-plugins";
 
 fn main() {
-    let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR is set by cargo"));
+    let manifest_dir = PathBuf::from(
+        std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR is set by cargo"),
+    );
     let fixtures = manifest_dir.join("fixtures");
     let c_dir = fixtures.join("c");
     let cpp_dir = fixtures.join("cpp");
 
     println!("cargo:rerun-if-changed=build.rs");
     // Included by every C fixture; SharedLib only tracks the sources and include directories it is given.
-    println!("cargo:rerun-if-changed={}", c_dir.join("fx_common.h").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        c_dir.join("fx_common.h").display()
+    );
 
     let mut out_dir: Option<PathBuf> = None;
     let fixtures = C_FIXTURES
         .iter()
         .map(|name| (*name, Lang::C, c_dir.join(format!("{name}.c"))))
-        .chain(CPP_FIXTURES.iter().map(|name| (*name, Lang::Cpp, cpp_dir.join(format!("{name}.cpp")))));
+        .chain(
+            CPP_FIXTURES
+                .iter()
+                .map(|name| (*name, Lang::Cpp, cpp_dir.join(format!("{name}.cpp")))),
+        );
     for (name, lang, source) in fixtures {
-        let lib = SharedLib::new(name, lang).source(source).subdir(SUBDIR).build();
-        out_dir.get_or_insert_with(|| lib.parent().map(Path::to_path_buf).expect("library has a parent folder"));
+        let lib = SharedLib::new(name, lang)
+            .source(source)
+            .subdir(SUBDIR)
+            .build();
+        out_dir.get_or_insert_with(|| {
+            lib.parent()
+                .map(Path::to_path_buf)
+                .expect("library has a parent folder")
+        });
     }
 
     let out_dir = out_dir.expect("at least one fixture");
-    println!("cargo:rustc-env=KVHOST_TEST_PLUGINS_DIR={}", out_dir.display());
+    println!(
+        "cargo:rustc-env=KVHOST_TEST_PLUGINS_DIR={}",
+        out_dir.display()
+    );
 }

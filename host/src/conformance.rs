@@ -67,11 +67,14 @@ impl std::fmt::Display for Report {
             };
             writeln!(f, "{tag}  {:<22} {}", c.name, c.detail)?;
         }
-        let (p, fl, s) = self.checks.iter().fold((0, 0, 0), |(p, f, s), c| match c.outcome {
-            Outcome::Pass => (p + 1, f, s),
-            Outcome::Fail => (p, f + 1, s),
-            Outcome::Skip => (p, f, s + 1),
-        });
+        let (p, fl, s) = self
+            .checks
+            .iter()
+            .fold((0, 0, 0), |(p, f, s), c| match c.outcome {
+                Outcome::Pass => (p + 1, f, s),
+                Outcome::Fail => (p, f + 1, s),
+                Outcome::Skip => (p, f, s + 1),
+            });
         write!(f, "{p} passed, {fl} failed, {s} skipped")
     }
 }
@@ -98,7 +101,11 @@ pub fn run(factory: &Factory<'_>) -> Report {
     let plugin = match factory() {
         Ok(p) => p,
         Err(e) => {
-            report.checks.push(CheckResult { name: "create", outcome: Outcome::Fail, detail: e.to_string() });
+            report.checks.push(CheckResult {
+                name: "create",
+                outcome: Outcome::Fail,
+                detail: e.to_string(),
+            });
             return report;
         }
     };
@@ -106,13 +113,18 @@ pub fn run(factory: &Factory<'_>) -> Report {
     report.checks.push(CheckResult {
         name: "create",
         outcome: Outcome::Pass,
-        detail: format!("class {} v{} ABI {}.{}", info.class_name, info.version, info.abi.0, info.abi.1),
+        detail: format!(
+            "class {} v{} ABI {}.{}",
+            info.class_name, info.version, info.abi.0, info.abi.1
+        ),
     });
     let ctx = Ctx {
         factory,
         discards: plugin.has(abi::KVH_CAP_DISCARDS),
         plugin,
-        run_id: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64),
+        run_id: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
         next: AtomicUsize::new(0),
     };
     let checks: &[(&'static str, Option<u64>, CheckFn)] = &[
@@ -132,7 +144,11 @@ pub fn run(factory: &Factory<'_>) -> Report {
     for &(name, cap, check) in checks {
         if let Some(bit) = cap {
             if !ctx.plugin.has(bit) {
-                report.checks.push(CheckResult { name, outcome: Outcome::Skip, detail: "capability not advertised".into() });
+                report.checks.push(CheckResult {
+                    name,
+                    outcome: Outcome::Skip,
+                    detail: "capability not advertised".into(),
+                });
                 continue;
             }
         }
@@ -141,14 +157,20 @@ pub fn run(factory: &Factory<'_>) -> Report {
             .unwrap_or_else(|_| Err("the check panicked (see stderr)".to_string()));
         let stale = ctx.plugin.stale_completions() - stale_before;
         let result = match result {
-            Ok(_) if stale > 0 => Err(format!("{stale} completion(s) for operations that were not pending")),
+            Ok(_) if stale > 0 => Err(format!(
+                "{stale} completion(s) for operations that were not pending"
+            )),
             r => r,
         };
         let (outcome, detail) = match result {
             Ok(d) => (Outcome::Pass, d),
             Err(d) => (Outcome::Fail, d),
         };
-        report.checks.push(CheckResult { name, outcome, detail });
+        report.checks.push(CheckResult {
+            name,
+            outcome,
+            detail,
+        });
     }
     report
 }
@@ -156,23 +178,42 @@ pub fn run(factory: &Factory<'_>) -> Report {
 impl Ctx<'_> {
     fn key(&self) -> ChunkKey {
         let n = self.next.fetch_add(1, Ordering::Relaxed) as i128;
-        let hash = ((self.run_id as i128) << 20) ^ (n * 0x9e37_79b9) ^ if n % 2 == 0 { 0 } else { -1 };
-        ChunkKey::build("conformance/model", 2, 1, hash, "bfloat16", None, &[("suite", "conformance")])
-            .expect("valid key")
+        let hash =
+            ((self.run_id as i128) << 20) ^ (n * 0x9e37_79b9) ^ if n % 2 == 0 { 0 } else { -1 };
+        ChunkKey::build(
+            "conformance/model",
+            2,
+            1,
+            hash,
+            "bfloat16",
+            None,
+            &[("suite", "conformance")],
+        )
+        .expect("valid key")
     }
 
     fn put(&self, keys: Vec<ChunkKey>, bufs: Vec<Vec<u8>>) -> Result<Vec<Status>, String> {
         let metas = bufs.iter().map(|b| meta_for(b.len())).collect();
-        let done = self.plugin.put_wait(PutRequest { keys, bufs, metas }, WAIT).map_err(|e| e.to_string())?;
+        let done = self
+            .plugin
+            .put_wait(PutRequest { keys, bufs, metas }, WAIT)
+            .map_err(|e| e.to_string())?;
         if let Some(e) = done.error {
             return Err(e.to_string());
         }
         Ok(done.items)
     }
 
-    fn get(&self, keys: Vec<ChunkKey>, caps: Vec<usize>) -> Result<(Vec<GetItem>, Vec<Vec<u8>>), String> {
+    fn get(
+        &self,
+        keys: Vec<ChunkKey>,
+        caps: Vec<usize>,
+    ) -> Result<(Vec<GetItem>, Vec<Vec<u8>>), String> {
         let bufs = caps.into_iter().map(|c| vec![0xA5u8; c]).collect();
-        let done = self.plugin.get_wait(GetRequest { keys, bufs }, WAIT).map_err(|e| e.to_string())?;
+        let done = self
+            .plugin
+            .get_wait(GetRequest { keys, bufs }, WAIT)
+            .map_err(|e| e.to_string())?;
         if let Some(e) = done.error {
             return Err(e.to_string());
         }
@@ -216,19 +257,29 @@ fn meta_for(len: usize) -> ChunkMeta {
 fn round_trip(c: &Ctx<'_>) -> Result<String, String> {
     let sizes = [1usize, 4096 + 3, 256 * 1024];
     let keys: Vec<_> = sizes.iter().map(|_| c.key()).collect();
-    let bufs: Vec<_> = sizes.iter().enumerate().map(|(i, &n)| pattern(i as u64 + 7, n)).collect();
+    let bufs: Vec<_> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| pattern(i as u64 + 7, n))
+        .collect();
     c.expect_put_ok(keys.clone(), bufs.clone())?;
     let presence = c.plugin.contains(&keys, false).map_err(|e| e.to_string())?;
     let (items, got) = c.get(keys.clone(), sizes.to_vec())?;
     if c.discards {
-        if presence.iter().any(|p| *p != Presence::Absent) || items.iter().any(|i| *i != GetItem::Miss) {
-            return Err(format!("a discarding plugin reported a hit: {presence:?} {items:?}"));
+        if presence.iter().any(|p| *p != Presence::Absent)
+            || items.iter().any(|i| *i != GetItem::Miss)
+        {
+            return Err(format!(
+                "a discarding plugin reported a hit: {presence:?} {items:?}"
+            ));
         }
         return Ok("discarding plugin: puts accepted, every lookup misses".to_string());
     }
     for (i, p) in presence.iter().enumerate() {
         if *p != Presence::Present(meta_for(sizes[i])) {
-            return Err(format!("contains item {i}: expected present with the stored metadata, got {p:?}"));
+            return Err(format!(
+                "contains item {i}: expected present with the stored metadata, got {p:?}"
+            ));
         }
     }
     for (i, item) in items.iter().enumerate() {
@@ -253,16 +304,30 @@ fn round_trip(c: &Ctx<'_>) -> Result<String, String> {
     if items.iter().any(|i| *i != GetItem::Miss) {
         return Err(format!("get after remove: {items:?}"));
     }
-    let again = c.plugin.remove(&keys[..1], true).map_err(|e| e.to_string())?;
+    let again = c
+        .plugin
+        .remove(&keys[..1], true)
+        .map_err(|e| e.to_string())?;
     if again[0] != Status::NOT_FOUND {
-        return Err(format!("second remove: expected NOT_FOUND, got {}", again[0]));
+        return Err(format!(
+            "second remove: expected NOT_FOUND, got {}",
+            again[0]
+        ));
     }
-    Ok(format!("{} chunks ({} bytes) put, found, read back exactly with metadata, removed", sizes.len(), sizes.iter().sum::<usize>()))
+    Ok(format!(
+        "{} chunks ({} bytes) put, found, read back exactly with metadata, removed",
+        sizes.len(),
+        sizes.iter().sum::<usize>()
+    ))
 }
 
 fn empty_batches(c: &Ctx<'_>) -> Result<String, String> {
-    c.plugin.contains(&[], true).map_err(|e| format!("contains: {e}"))?;
-    c.plugin.remove(&[], true).map_err(|e| format!("remove: {e}"))?;
+    c.plugin
+        .contains(&[], true)
+        .map_err(|e| format!("contains: {e}"))?;
+    c.plugin
+        .remove(&[], true)
+        .map_err(|e| format!("remove: {e}"))?;
     let items = c.put(Vec::new(), Vec::new())?;
     let (got, _) = c.get(Vec::new(), Vec::new())?;
     if !items.is_empty() || !got.is_empty() {
@@ -273,7 +338,10 @@ fn empty_batches(c: &Ctx<'_>) -> Result<String, String> {
         c.plugin.unpin(&[]).map_err(|e| format!("unpin: {e}"))?;
     }
     if c.plugin.has(abi::KVH_CAP_PREFETCH) {
-        let d = c.plugin.prefetch_wait(Vec::new(), WAIT).map_err(|e| e.to_string())?;
+        let d = c
+            .plugin
+            .prefetch_wait(Vec::new(), WAIT)
+            .map_err(|e| e.to_string())?;
         if let Some(e) = d.error {
             return Err(format!("prefetch: {e}"));
         }
@@ -287,11 +355,17 @@ fn duplicate_keys(c: &Ctx<'_>) -> Result<String, String> {
     c.expect_put_ok(vec![k.clone(), k.clone()], vec![a.clone(), b.clone()])?;
     let (items, got) = c.get(vec![k.clone(), k.clone()], vec![1000, 1000])?;
     if c.discards {
-        return if items.iter().all(|i| *i == GetItem::Miss) { Ok("misses".into()) } else { Err(format!("{items:?}")) };
+        return if items.iter().all(|i| *i == GetItem::Miss) {
+            Ok("misses".into())
+        } else {
+            Err(format!("{items:?}"))
+        };
     }
     for (i, item) in items.iter().enumerate() {
         if !matches!(item, GetItem::Hit { len: 1000, .. }) || (got[i] != a && got[i] != b) {
-            return Err(format!("get item {i} after a duplicate put: {item:?} (must be one of the two values)"));
+            return Err(format!(
+                "get item {i} after a duplicate put: {item:?} (must be one of the two values)"
+            ));
         }
     }
     c.plugin.remove(&[k], true).map_err(|e| e.to_string())?;
@@ -300,7 +374,10 @@ fn duplicate_keys(c: &Ctx<'_>) -> Result<String, String> {
 
 fn mixed_hits(c: &Ctx<'_>) -> Result<String, String> {
     let keys: Vec<_> = (0..4).map(|_| c.key()).collect();
-    c.expect_put_ok(vec![keys[0].clone(), keys[2].clone()], vec![pattern(3, 333), pattern(4, 444)])?;
+    c.expect_put_ok(
+        vec![keys[0].clone(), keys[2].clone()],
+        vec![pattern(3, 333), pattern(4, 444)],
+    )?;
     let presence = c.plugin.contains(&keys, false).map_err(|e| e.to_string())?;
     let (items, _) = c.get(keys.clone(), vec![333, 500, 444, 10])?;
     c.plugin.remove(&keys, true).map_err(|e| e.to_string())?;
@@ -310,7 +387,10 @@ fn mixed_hits(c: &Ctx<'_>) -> Result<String, String> {
         let got = matches!(items[i], GetItem::Hit { .. });
         let miss = presence[i] == Presence::Absent && items[i] == GetItem::Miss;
         if hit != expect_hit[i] || got != expect_hit[i] || (!expect_hit[i] && !miss) {
-            return Err(format!("item {i}: contains {:?}, get {:?}", presence[i], items[i]));
+            return Err(format!(
+                "item {i}: contains {:?}, get {:?}",
+                presence[i], items[i]
+            ));
         }
     }
     Ok("hits and misses in one batch are reported per item".to_string())
@@ -345,13 +425,26 @@ fn exactly_once(c: &Ctx<'_>) -> Result<String, String> {
         let f = fired.clone();
         let data = pattern(i as u64, 64 + i);
         let metas = vec![meta_for(data.len())];
-        c.plugin.put(PutRequest { keys: vec![k.clone()], bufs: vec![data], metas }, move |_| {
-            f.fetch_add(1, Ordering::AcqRel);
-        });
+        c.plugin.put(
+            PutRequest {
+                keys: vec![k.clone()],
+                bufs: vec![data],
+                metas,
+            },
+            move |_| {
+                f.fetch_add(1, Ordering::AcqRel);
+            },
+        );
         let f = fired.clone();
-        c.plugin.get(GetRequest { keys: vec![k.clone()], bufs: vec![vec![0u8; 256]] }, move |_| {
-            f.fetch_add(1, Ordering::AcqRel);
-        });
+        c.plugin.get(
+            GetRequest {
+                keys: vec![k.clone()],
+                bufs: vec![vec![0u8; 256]],
+            },
+            move |_| {
+                f.fetch_add(1, Ordering::AcqRel);
+            },
+        );
     }
     let deadline = Instant::now() + WAIT;
     while fired.load(Ordering::Acquire) < 2 * n && Instant::now() < deadline {
@@ -362,7 +455,10 @@ fn exactly_once(c: &Ctx<'_>) -> Result<String, String> {
     let total = fired.load(Ordering::Acquire);
     c.plugin.remove(&keys, true).map_err(|e| e.to_string())?;
     if total != 2 * n {
-        return Err(format!("{} operations submitted, {total} completions", 2 * n));
+        return Err(format!(
+            "{} operations submitted, {total} completions",
+            2 * n
+        ));
     }
     if c.plugin.in_flight() != 0 {
         return Err(format!("{} operations still pending", c.plugin.in_flight()));
@@ -382,41 +478,63 @@ fn concurrency(c: &Ctx<'_>) -> Result<String, String> {
                         let data = pattern((t * 1000 + r) as u64, 1024 + r);
                         c.expect_put_ok(vec![k.clone()], vec![data.clone()])?;
                         let (items, got) = c.get(vec![k.clone()], vec![data.len()])?;
-                        let ok = if c.discards { items[0] == GetItem::Miss } else { got[0] == data };
+                        let ok = if c.discards {
+                            items[0] == GetItem::Miss
+                        } else {
+                            got[0] == data
+                        };
                         if !ok {
                             return Err(format!("thread {t} round {r}: {:?}", items[0]));
                         }
-                        c.plugin.contains(&[k.clone()], false).map_err(|e| e.to_string())?;
+                        c.plugin
+                            .contains(std::slice::from_ref(&k), false)
+                            .map_err(|e| e.to_string())?;
                         c.plugin.remove(&[k], true).map_err(|e| e.to_string())?;
                     }
                     Ok(())
                 })
             })
             .collect();
-        handles.into_iter().filter_map(|h| h.join().unwrap_or(Err("thread panicked".into())).err()).collect::<Vec<_>>()
+        handles
+            .into_iter()
+            .filter_map(|h| h.join().unwrap_or(Err("thread panicked".into())).err())
+            .collect::<Vec<_>>()
     });
     match errors.first() {
         Some(e) => Err(e.clone()),
-        None => Ok(format!("{threads} threads x {rounds} put/get/contains/remove rounds")),
+        None => Ok(format!(
+            "{threads} threads x {rounds} put/get/contains/remove rounds"
+        )),
     }
 }
 
 fn pin_unpin(c: &Ctx<'_>) -> Result<String, String> {
     let (k, absent) = (c.key(), c.key());
     c.expect_put_ok(vec![k.clone()], vec![pattern(5, 100)])?;
-    let pinned = c.plugin.pin(&[k.clone(), absent.clone()]).map_err(|e| e.to_string())?;
-    let unpinned = c.plugin.unpin(&[k.clone()]).map_err(|e| e.to_string())?;
-    let via_contains = c.plugin.contains(&[k.clone()], true).map_err(|e| e.to_string())?;
-    c.plugin.unpin(&[k.clone()]).map_err(|e| e.to_string())?;
+    let pinned = c
+        .plugin
+        .pin(&[k.clone(), absent.clone()])
+        .map_err(|e| e.to_string())?;
+    let unpinned = c.plugin.unpin(std::slice::from_ref(&k)).map_err(|e| e.to_string())?;
+    let via_contains = c
+        .plugin
+        .contains(std::slice::from_ref(&k), true)
+        .map_err(|e| e.to_string())?;
+    c.plugin.unpin(std::slice::from_ref(&k)).map_err(|e| e.to_string())?;
     c.plugin.remove(&[k], true).map_err(|e| e.to_string())?;
     if pinned[0] != Status::OK || unpinned[0] != Status::OK {
-        return Err(format!("pin/unpin of a stored key: {pinned:?} / {unpinned:?}"));
+        return Err(format!(
+            "pin/unpin of a stored key: {pinned:?} / {unpinned:?}"
+        ));
     }
     if !matches!(pinned[1], Status::OK | Status::NOT_FOUND) {
         return Err(format!("pin of an absent key: {}", pinned[1]));
     }
     if !c.discards && !matches!(via_contains[0], Presence::Present(_)) {
-        return Err(format!("contains(pin) of a stored key: {:?}", via_contains[0]));
+        return Err(format!(
+            "contains(pin) of a stored key: {:?}",
+            via_contains[0]
+        ));
     }
     Ok("pin, unpin and contains(pin) behave".to_string())
 }
@@ -424,12 +542,19 @@ fn pin_unpin(c: &Ctx<'_>) -> Result<String, String> {
 fn prefetch(c: &Ctx<'_>) -> Result<String, String> {
     let (k, absent) = (c.key(), c.key());
     c.expect_put_ok(vec![k.clone()], vec![pattern(6, 100)])?;
-    let d = c.plugin.prefetch_wait(vec![k.clone(), absent], WAIT).map_err(|e| e.to_string())?;
+    let d = c
+        .plugin
+        .prefetch_wait(vec![k.clone(), absent], WAIT)
+        .map_err(|e| e.to_string())?;
     c.plugin.remove(&[k], true).map_err(|e| e.to_string())?;
     if let Some(e) = d.error {
         return Err(e.to_string());
     }
-    let expect_first = if c.discards { Status::NOT_FOUND } else { Status::OK };
+    let expect_first = if c.discards {
+        Status::NOT_FOUND
+    } else {
+        Status::OK
+    };
     if d.items[0] != expect_first || d.items[1] != Status::NOT_FOUND {
         return Err(format!("prefetch of [stored, absent]: {:?}", d.items));
     }
@@ -459,18 +584,37 @@ fn destroy_in_flight(c: &Ctx<'_>) -> Result<String, String> {
         let f = fired.clone();
         let data = pattern(i, 4096);
         let metas = vec![meta_for(4096)];
-        plugin.put(PutRequest { keys: vec![k.clone()], bufs: vec![data], metas }, move |_| {
-            f.fetch_add(1, Ordering::AcqRel);
-        });
+        plugin.put(
+            PutRequest {
+                keys: vec![k.clone()],
+                bufs: vec![data],
+                metas,
+            },
+            move |_| {
+                f.fetch_add(1, Ordering::AcqRel);
+            },
+        );
         let f = fired.clone();
-        plugin.get(GetRequest { keys: vec![k], bufs: vec![vec![0u8; 4096]] }, move |_| {
-            f.fetch_add(1, Ordering::AcqRel);
-        });
+        plugin.get(
+            GetRequest {
+                keys: vec![k],
+                bufs: vec![vec![0u8; 4096]],
+            },
+            move |_| {
+                f.fetch_add(1, Ordering::AcqRel);
+            },
+        );
     }
     drop(plugin); // destroy while operations may still be queued
     let total = fired.load(Ordering::Acquire);
     if total != 2 * n as usize {
-        return Err(format!("destroy returned after {total} of {} completions", 2 * n));
+        return Err(format!(
+            "destroy returned after {total} of {} completions",
+            2 * n
+        ));
     }
-    Ok(format!("destroy with {} operations submitted completed all of them before returning", 2 * n))
+    Ok(format!(
+        "destroy with {} operations submitted completed all of them before returning",
+        2 * n
+    ))
 }

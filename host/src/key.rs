@@ -14,7 +14,9 @@ use std::sync::Arc;
 #[non_exhaustive]
 pub enum KeyError {
     /// Fewer than the five `@`-separated fields.
-    #[error("key `{0}` has fewer than 5 `@`-separated fields (model@world_size@worker_id@hash@dtype)")]
+    #[error(
+        "key `{0}` has fewer than 5 `@`-separated fields (model@world_size@worker_id@hash@dtype)"
+    )]
     TooFewFields(String),
     /// A numeric field is not a number.
     #[error("key `{key}`: field {field} `{value}` is not a valid {what}")]
@@ -64,7 +66,10 @@ pub struct ChunkKey {
 
 fn check_field(field: &'static str, value: &str) -> Result<(), KeyError> {
     if value.is_empty() || value.contains('@') || value.contains('\0') {
-        return Err(KeyError::BadField { field, value: value.to_string() });
+        return Err(KeyError::BadField {
+            field,
+            value: value.to_string(),
+        });
     }
     Ok(())
 }
@@ -79,8 +84,22 @@ fn hex(hash: i128) -> String {
 
 impl ChunkKey {
     /// A key from its fields (no layer, no tags).
-    pub fn new(model_name: &str, world_size: u32, worker_id: u32, chunk_hash: i128, dtype: &str) -> Result<Self, KeyError> {
-        Self::build(model_name, world_size, worker_id, chunk_hash, dtype, None, &[])
+    pub fn new(
+        model_name: &str,
+        world_size: u32,
+        worker_id: u32,
+        chunk_hash: i128,
+        dtype: &str,
+    ) -> Result<Self, KeyError> {
+        Self::build(
+            model_name,
+            world_size,
+            worker_id,
+            chunk_hash,
+            dtype,
+            None,
+            &[],
+        )
     }
 
     /// A key from all its fields.
@@ -99,10 +118,16 @@ impl ChunkKey {
             check_field("tag key", k)?;
             check_field("tag value", v)?;
             if k.contains('%') {
-                return Err(KeyError::BadField { field: "tag key", value: k.to_string() });
+                return Err(KeyError::BadField {
+                    field: "tag key",
+                    value: k.to_string(),
+                });
             }
         }
-        let mut s = format!("{model_name}@{world_size}@{worker_id}@{}@{dtype}", hex(chunk_hash));
+        let mut s = format!(
+            "{model_name}@{world_size}@{worker_id}@{}@{dtype}",
+            hex(chunk_hash)
+        );
         if let Some(layer) = layer_id {
             s.push_str(&format!("@{layer}"));
         }
@@ -136,39 +161,60 @@ impl ChunkKey {
         let field = |i: usize| &s[ranges[i].clone()];
         check_field("model_name", field(0))?;
         check_field("dtype", field(4))?;
-        let world_size = field(1).parse().map_err(|_| bad_num("world_size", field(1), "u32"))?;
-        let worker_id = field(2).parse().map_err(|_| bad_num("worker_id", field(2), "u32"))?;
+        let world_size = field(1)
+            .parse()
+            .map_err(|_| bad_num("world_size", field(1), "u32"))?;
+        let worker_id = field(2)
+            .parse()
+            .map_err(|_| bad_num("worker_id", field(2), "u32"))?;
         let hash_text = field(3);
         let (neg, digits) = match hash_text.strip_prefix('-') {
             Some(d) => (true, d),
             None => (false, hash_text),
         };
-        let magnitude =
-            u128::from_str_radix(digits, 16).map_err(|_| bad_num("chunk_hash", hash_text, "hex integer"))?;
+        let magnitude = u128::from_str_radix(digits, 16)
+            .map_err(|_| bad_num("chunk_hash", hash_text, "hex integer"))?;
         let chunk_hash = if neg {
-            0i128.checked_sub_unsigned(magnitude).ok_or_else(|| bad_num("chunk_hash", hash_text, "128-bit hash"))?
+            0i128
+                .checked_sub_unsigned(magnitude)
+                .ok_or_else(|| bad_num("chunk_hash", hash_text, "128-bit hash"))?
         } else {
-            i128::try_from(magnitude).map_err(|_| bad_num("chunk_hash", hash_text, "128-bit hash"))?
+            i128::try_from(magnitude)
+                .map_err(|_| bad_num("chunk_hash", hash_text, "128-bit hash"))?
         };
         // Canonical form: a re-formatted hash must equal the text (no leading zeros, lower case).
         if hex(chunk_hash) != hash_text {
-            return Err(bad_num("chunk_hash", hash_text, "canonical lower-case hex integer"));
+            return Err(bad_num(
+                "chunk_hash",
+                hash_text,
+                "canonical lower-case hex integer",
+            ));
         }
         let mut rest = 5;
         let mut layer_id = None;
-        if ranges.len() > 5 && !field(5).is_empty() && field(5).bytes().all(|b| b.is_ascii_digit()) {
-            layer_id = Some(field(5).parse().map_err(|_| bad_num("layer_id", field(5), "u32"))?);
+        if ranges.len() > 5 && !field(5).is_empty() && field(5).bytes().all(|b| b.is_ascii_digit())
+        {
+            layer_id = Some(
+                field(5)
+                    .parse()
+                    .map_err(|_| bad_num("layer_id", field(5), "u32"))?,
+            );
             rest = 6;
         }
         let mut tags = Vec::new();
-        for i in rest..ranges.len() {
-            let r = ranges[i].clone();
+        for r in ranges[rest..].iter().cloned() {
             let t = &s[r.clone()];
             let Some(p) = t.find('%') else {
-                return Err(KeyError::BadTag { key: s.to_string(), tag: t.to_string() });
+                return Err(KeyError::BadTag {
+                    key: s.to_string(),
+                    tag: t.to_string(),
+                });
             };
             if p == 0 || p + 1 == t.len() {
-                return Err(KeyError::BadTag { key: s.to_string(), tag: t.to_string() });
+                return Err(KeyError::BadTag {
+                    key: s.to_string(),
+                    tag: t.to_string(),
+                });
             }
             let (a, b) = (r.start as u32, r.end as u32);
             tags.push((a..a + p as u32, a + p as u32 + 1..b));
@@ -233,7 +279,9 @@ impl ChunkKey {
     }
     /// The tags in key order.
     pub fn tags(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.tags.iter().map(|(k, v)| (self.slice(k), self.slice(v)))
+        self.tags
+            .iter()
+            .map(|(k, v)| (self.slice(k), self.slice(v)))
     }
     pub(crate) fn tag_ranges(&self) -> &[(Range<u32>, Range<u32>)] {
         &self.tags
@@ -296,20 +344,53 @@ mod tests {
         let k = ChunkKey::parse("m@1@0@-7b@float@3@user%alice@tier%gold").unwrap();
         assert_eq!(k.layer_id(), Some(3));
         assert_eq!(k.chunk_hash(), -0x7b);
-        assert_eq!(k.tags().collect::<Vec<_>>(), vec![("user", "alice"), ("tier", "gold")]);
+        assert_eq!(
+            k.tags().collect::<Vec<_>>(),
+            vec![("user", "alice"), ("tier", "gold")]
+        );
         assert_eq!(k.model_name(), "m");
         assert_eq!(k.dtype(), "float");
-        let rebuilt = ChunkKey::build("m", 1, 0, -0x7b, "float", Some(3), &[("user", "alice"), ("tier", "gold")]).unwrap();
+        let rebuilt = ChunkKey::build(
+            "m",
+            1,
+            0,
+            -0x7b,
+            "float",
+            Some(3),
+            &[("user", "alice"), ("tier", "gold")],
+        )
+        .unwrap();
         assert_eq!(rebuilt, k);
     }
 
     #[test]
     fn rejects_malformed() {
-        assert!(matches!(ChunkKey::parse("m@1@0@ff"), Err(KeyError::TooFewFields(_))));
-        assert!(matches!(ChunkKey::parse("m@x@0@ff@half"), Err(KeyError::BadNumber { field: "world_size", .. })));
-        assert!(matches!(ChunkKey::parse("m@1@0@zz@half"), Err(KeyError::BadNumber { field: "chunk_hash", .. })));
-        assert!(matches!(ChunkKey::parse("m@1@0@0ff@half"), Err(KeyError::BadNumber { .. })));
-        assert!(matches!(ChunkKey::parse("m@1@0@ff@half@notatag"), Err(KeyError::BadTag { .. })));
+        assert!(matches!(
+            ChunkKey::parse("m@1@0@ff"),
+            Err(KeyError::TooFewFields(_))
+        ));
+        assert!(matches!(
+            ChunkKey::parse("m@x@0@ff@half"),
+            Err(KeyError::BadNumber {
+                field: "world_size",
+                ..
+            })
+        ));
+        assert!(matches!(
+            ChunkKey::parse("m@1@0@zz@half"),
+            Err(KeyError::BadNumber {
+                field: "chunk_hash",
+                ..
+            })
+        ));
+        assert!(matches!(
+            ChunkKey::parse("m@1@0@0ff@half"),
+            Err(KeyError::BadNumber { .. })
+        ));
+        assert!(matches!(
+            ChunkKey::parse("m@1@0@ff@half@notatag"),
+            Err(KeyError::BadTag { .. })
+        ));
         assert!(ChunkKey::new("a@b", 1, 0, 1, "half").is_err());
     }
 

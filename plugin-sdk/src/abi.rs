@@ -319,7 +319,9 @@ pub struct kvh_host_api {
     pub instance_name: kvh_str,
     /// Log a message. `[any-thread]`, never blocks for long, never calls back into the plugin. `target`
     /// names the plugin module (may be empty). Both strings are borrowed for the call.
-    pub log: Option<unsafe extern "C" fn(host_ctx: *mut c_void, level: i32, target: kvh_str, message: kvh_str)>,
+    pub log: Option<
+        unsafe extern "C" fn(host_ctx: *mut c_void, level: i32, target: kvh_str, message: kvh_str),
+    >,
     /// Whether a message at `level` would be recorded, so the plugin can skip formatting. `[any-thread]`.
     pub log_enabled: Option<unsafe extern "C" fn(host_ctx: *mut c_void, level: i32) -> bool>,
 }
@@ -330,14 +332,20 @@ pub struct kvh_host_api {
 /// has returned). Before calling it, the plugin writes every per-item result of the request. `message`
 /// is an optional human-readable detail for a failure, borrowed for the duration of the call. The plugin
 /// must not hold its own locks while calling it. After it returns the plugin must not touch the request.
-pub type kvh_complete_fn = Option<unsafe extern "C" fn(user_data: *mut c_void, status: kvh_status, message: kvh_str)>;
+///
+/// `status` is `KVH_OK` when the per-item results are valid, or an error for the whole operation (then
+/// the host ignores `item_status`). Inside the callback the host may submit new data-path calls to the
+/// same plugin; it never calls `destroy` or `flush` from a callback.
+pub type kvh_complete_fn =
+    Option<unsafe extern "C" fn(user_data: *mut c_void, status: kvh_status, message: kvh_str)>;
 
 /// Where to report the end of a PENDING operation. Owned by the host.
 #[repr(C)]
 #[derive(StableAbi, Clone, Copy, Debug)]
 pub struct kvh_completion {
     /// The callback (never NULL when the host passes it); a `kvh_complete_fn`.
-    pub complete: Option<unsafe extern "C" fn(user_data: *mut c_void, status: kvh_status, message: kvh_str)>,
+    pub complete:
+        Option<unsafe extern "C" fn(user_data: *mut c_void, status: kvh_status, message: kvh_str)>,
     /// Opaque host value to pass back; not a pointer the plugin may dereference.
     pub user_data: *mut c_void,
 }
@@ -369,7 +377,7 @@ pub struct kvh_put_batch {
     pub keys: *const kvh_key,
     /// Per key: the chunk bytes (read-only; usually a block of the host's arena).
     pub src: *const kvh_bytes,
-    /// Per key: the chunk metadata to store with it.
+    /// Per key: the chunk metadata to store with it. The host guarantees `meta[i].length == src[i].len`.
     pub meta: *const kvh_chunk_meta,
     /// Per key, written by the plugin: `KVH_OK` stored, or an error (`KVH_ERR_NO_SPACE`, …).
     pub item_status: *mut kvh_status,
@@ -390,7 +398,8 @@ pub struct kvh_get_batch {
     /// Per key, written by the plugin: bytes written on `KVH_OK`, or bytes needed on
     /// `KVH_ERR_BUFFER_TOO_SMALL`.
     pub out_len: *mut u64,
-    /// Per key, written by the plugin on `KVH_OK`: the stored chunk metadata.
+    /// Per key, written by the plugin on `KVH_OK`: the stored chunk metadata, whose `length` must
+    /// equal `out_len[i]` (the host rejects the item otherwise).
     pub out_meta: *mut kvh_chunk_meta,
     /// Per key, written by the plugin: `KVH_OK`, `KVH_ERR_NOT_FOUND`, `KVH_ERR_BUFFER_TOO_SMALL` or an error.
     pub item_status: *mut kvh_status,
@@ -445,37 +454,70 @@ pub struct kvh_backend_vtable {
     /// before this returns), join the plugin's threads, free everything. No callback fires after it returns.
     pub destroy: Option<unsafe extern "C" fn(backend: *mut kvh_backend)>,
     /// `[any-thread]` Which keys are stored, with their metadata; pins them if `batch->pin`. Synchronous;
-    /// may block on I/O. Returns `KVH_OK` when per-item results are valid, or an error for the whole call.
-    pub contains: Option<unsafe extern "C" fn(backend: *mut kvh_backend, batch: *const kvh_contains_batch) -> kvh_status>,
+    /// may block on I/O. Returns `KVH_OK` when per-item results are valid, or an error for the whole call
+    /// (then the host ignores `item_status`; the same holds for every batch operation).
+    pub contains: Option<
+        unsafe extern "C" fn(
+            backend: *mut kvh_backend,
+            batch: *const kvh_contains_batch,
+        ) -> kvh_status,
+    >,
     /// `[any-thread]` Store chunks. Returns `KVH_PENDING` (the callback fires exactly once later) or any
     /// other status (finished now; the callback never fires). A key already stored may be kept or replaced.
     pub put: Option<
-        unsafe extern "C" fn(backend: *mut kvh_backend, batch: *const kvh_put_batch, done: kvh_completion) -> kvh_status,
+        unsafe extern "C" fn(
+            backend: *mut kvh_backend,
+            batch: *const kvh_put_batch,
+            done: kvh_completion,
+        ) -> kvh_status,
     >,
     /// `[any-thread]` Read chunks into host buffers. Same PENDING rule as `put`. A buffer that is too small
     /// gets `KVH_ERR_BUFFER_TOO_SMALL` with the size needed in `out_len`; its contents are unspecified.
     pub get: Option<
-        unsafe extern "C" fn(backend: *mut kvh_backend, batch: *const kvh_get_batch, done: kvh_completion) -> kvh_status,
+        unsafe extern "C" fn(
+            backend: *mut kvh_backend,
+            batch: *const kvh_get_batch,
+            done: kvh_completion,
+        ) -> kvh_status,
     >,
     /// `[any-thread]` Remove keys. `force` non-zero: remove even if pinned. Synchronous.
-    pub remove: Option<unsafe extern "C" fn(backend: *mut kvh_backend, batch: *const kvh_key_batch, force: bool) -> kvh_status>,
-    /// `[any-thread]` Optional. Copy the calling thread's last synchronous error message into `buf`
-    /// (NUL-terminated, truncated to `cap`) and return its full length. Returns 0 when there is none.
-    pub last_error: Option<unsafe extern "C" fn(backend: *mut kvh_backend, buf: *mut c_char, cap: usize) -> usize>,
+    pub remove: Option<
+        unsafe extern "C" fn(
+            backend: *mut kvh_backend,
+            batch: *const kvh_key_batch,
+            force: bool,
+        ) -> kvh_status,
+    >,
+    /// `[any-thread]` Optional. Copy the message of the last synchronous call that failed on this thread
+    /// and this backend into `buf` (NUL-terminated, truncated to `cap`) and return its full length.
+    /// Returns 0 when there is none. The host calls it right after the failed call, on the same thread.
+    pub last_error: Option<
+        unsafe extern "C" fn(backend: *mut kvh_backend, buf: *mut c_char, cap: usize) -> usize,
+    >,
     /// `[any-thread]` `KVH_CAP_PIN`. Pin keys against eviction (counted: each pin needs an unpin).
-    pub pin: Option<unsafe extern "C" fn(backend: *mut kvh_backend, batch: *const kvh_key_batch) -> kvh_status>,
+    pub pin: Option<
+        unsafe extern "C" fn(backend: *mut kvh_backend, batch: *const kvh_key_batch) -> kvh_status,
+    >,
     /// `[any-thread]` `KVH_CAP_PIN`. Undo one pin per key.
-    pub unpin: Option<unsafe extern "C" fn(backend: *mut kvh_backend, batch: *const kvh_key_batch) -> kvh_status>,
+    pub unpin: Option<
+        unsafe extern "C" fn(backend: *mut kvh_backend, batch: *const kvh_key_batch) -> kvh_status,
+    >,
     /// `[any-thread]` `KVH_CAP_PREFETCH`. Warm the plugin's own fast path for these keys. Same PENDING rule
     /// as `put`; per-item `KVH_OK` means the key will be cheap to `get`.
     pub prefetch: Option<
-        unsafe extern "C" fn(backend: *mut kvh_backend, batch: *const kvh_key_batch, done: kvh_completion) -> kvh_status,
+        unsafe extern "C" fn(
+            backend: *mut kvh_backend,
+            batch: *const kvh_key_batch,
+            done: kvh_completion,
+        ) -> kvh_status,
     >,
     /// `[any-thread]` `KVH_CAP_FLUSH`. Make every put completed so far durable. Synchronous.
     pub flush: Option<unsafe extern "C" fn(backend: *mut kvh_backend) -> kvh_status>,
     /// `[any-thread]` `KVH_CAP_HEALTH`. Check the backend and what it depends on. Returns `KVH_OK` or an
     /// error, with a NUL-terminated human-readable detail in `message` either way. Synchronous, quick.
-    pub health: Option<unsafe extern "C" fn(backend: *mut kvh_backend, message: kvh_message_buf) -> kvh_status>,
+    pub health: Option<
+        unsafe extern "C" fn(backend: *mut kvh_backend, message: kvh_message_buf) -> kvh_status,
+    >,
 }
 
 /// What an entry point returns: one backend class. Static, owned by the plugin. Grows only at the end.
@@ -524,7 +566,8 @@ pub struct kvh_option_spec {
 ///
 /// `[control]` May be called more than once; must return the same descriptor each time, or NULL to refuse
 /// (after logging why through `host`). `host` is borrowed for the call.
-pub type kvh_plugin_entry_fn = Option<unsafe extern "C" fn(host: *const kvh_host_api) -> *const kvh_plugin_descriptor>;
+pub type kvh_plugin_entry_fn =
+    Option<unsafe extern "C" fn(host: *const kvh_host_api) -> *const kvh_plugin_descriptor>;
 
 const _: () = {
     use core::mem::size_of;

@@ -21,11 +21,21 @@ pub struct OptionSpec {
 impl OptionSpec {
     /// An optional option with a default.
     pub const fn optional(key: &'static CStr, default: &'static CStr, doc: &'static CStr) -> Self {
-        OptionSpec { key, default: Some(default), doc, flags: 0 }
+        OptionSpec {
+            key,
+            default: Some(default),
+            doc,
+            flags: 0,
+        }
     }
     /// A required option without a default.
     pub const fn required(key: &'static CStr, doc: &'static CStr) -> Self {
-        OptionSpec { key, default: None, doc, flags: crate::abi::KVH_OPTION_REQUIRED }
+        OptionSpec {
+            key,
+            default: None,
+            doc,
+            flags: crate::abi::KVH_OPTION_REQUIRED,
+        }
     }
     /// The same option, marked secret (never printed by the host).
     pub const fn secret(mut self) -> Self {
@@ -74,7 +84,10 @@ pub struct CreateContext {
 impl CreateContext {
     /// The value of option `key`, if given or defaulted.
     pub fn option(&self, key: &str) -> Option<&str> {
-        self.options.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.options
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Option `key` parsed as `T`, or an `INVALID_CONFIG` error naming the key and value.
@@ -82,8 +95,13 @@ impl CreateContext {
     where
         T::Err: std::fmt::Display,
     {
-        let value = self.option(key).ok_or_else(|| Error::config(format!("option `{key}` is missing")))?;
-        value.trim().parse().map_err(|e| Error::config(format!("option `{key}` = `{value}`: {e}")))
+        let value = self
+            .option(key)
+            .ok_or_else(|| Error::config(format!("option `{key}` is missing")))?;
+        value
+            .trim()
+            .parse()
+            .map_err(|e| Error::config(format!("option `{key}` = `{value}`: {e}")))
     }
 }
 

@@ -72,15 +72,34 @@ impl SharedLib {
     pub fn build(self) -> PathBuf {
         let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR is set by cargo"));
         // OUT_DIR is <target>/<profile>/build/<pkg>-<hash>/out.
-        let profile_dir = out_dir.ancestors().nth(3).expect("OUT_DIR has a profile directory").to_path_buf();
+        let profile_dir = out_dir
+            .ancestors()
+            .nth(3)
+            .expect("OUT_DIR has a profile directory")
+            .to_path_buf();
         let dest_dir = profile_dir.join(&self.subdir);
         std::fs::create_dir_all(&dest_dir).expect("create plugin output directory");
         let dest = dest_dir.join(format!("lib{}.so", self.name));
 
-        let compiler = cc::Build::new().cpp(self.lang == Lang::Cpp).cargo_metadata(false).get_compiler();
+        let compiler = cc::Build::new()
+            .cpp(self.lang == Lang::Cpp)
+            .cargo_metadata(false)
+            .get_compiler();
         let mut cmd = Command::new(compiler.path());
-        let std = if self.lang == Lang::Cpp { "-std=c++17" } else { "-std=c11" };
-        cmd.args([std, "-shared", "-fPIC", "-O2", "-g", "-pthread", "-fvisibility=hidden"]);
+        let std = if self.lang == Lang::Cpp {
+            "-std=c++17"
+        } else {
+            "-std=c11"
+        };
+        cmd.args([
+            std,
+            "-shared",
+            "-fPIC",
+            "-O2",
+            "-g",
+            "-pthread",
+            "-fvisibility=hidden",
+        ]);
         cmd.args(["-Wall", "-Wextra", "-Werror", "-pedantic"]);
         cmd.args(&self.flags);
         for inc in &self.includes {
@@ -90,7 +109,9 @@ impl SharedLib {
         for lib in &self.libs {
             cmd.arg(format!("-l{lib}"));
         }
-        let output = cmd.output().unwrap_or_else(|e| panic!("running {:?}: {e}", compiler.path()));
+        let output = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("running {:?}: {e}", compiler.path()));
         if !output.status.success() {
             panic!(
                 "building {} failed:\n{:?}\n{}{}",

@@ -41,7 +41,8 @@ pub const fn rust_layout_header() -> RustLayoutHeader {
     RustLayoutHeader {
         abi_stable: ABI_STABLE_LINE.as_ptr(),
         abi_minor: abi::KVH_ABI_MINOR,
-        layout: <abi::kvh_plugin_descriptor as abi_stable::StableAbi>::LAYOUT as *const _ as *const core::ffi::c_void,
+        layout: <abi::kvh_plugin_descriptor as abi_stable::StableAbi>::LAYOUT as *const _
+            as *const core::ffi::c_void,
     }
 }
 
@@ -84,11 +85,31 @@ pub const fn vtable<B: Backend>() -> abi::kvh_backend_vtable {
         get: Some(get::<B>),
         remove: Some(remove::<B>),
         last_error: Some(last_error),
-        pin: if caps & abi::KVH_CAP_PIN != 0 { Some(pin::<B>) } else { None },
-        unpin: if caps & abi::KVH_CAP_PIN != 0 { Some(unpin::<B>) } else { None },
-        prefetch: if caps & abi::KVH_CAP_PREFETCH != 0 { Some(prefetch::<B>) } else { None },
-        flush: if caps & abi::KVH_CAP_FLUSH != 0 { Some(flush::<B>) } else { None },
-        health: if caps & abi::KVH_CAP_HEALTH != 0 { Some(health::<B>) } else { None },
+        pin: if caps & abi::KVH_CAP_PIN != 0 {
+            Some(pin::<B>)
+        } else {
+            None
+        },
+        unpin: if caps & abi::KVH_CAP_PIN != 0 {
+            Some(unpin::<B>)
+        } else {
+            None
+        },
+        prefetch: if caps & abi::KVH_CAP_PREFETCH != 0 {
+            Some(prefetch::<B>)
+        } else {
+            None
+        },
+        flush: if caps & abi::KVH_CAP_FLUSH != 0 {
+            Some(flush::<B>)
+        } else {
+            None
+        },
+        health: if caps & abi::KVH_CAP_HEALTH != 0 {
+            Some(health::<B>)
+        } else {
+            None
+        },
     }
 }
 
@@ -157,7 +178,11 @@ unsafe fn instance<'a, B>(be: *mut abi::kvh_backend) -> Option<&'a Instance<B>> 
 }
 
 /// Run one data-path call behind the panic boundary.
-fn guarded<B>(inst: &Instance<B>, op: &str, f: impl FnOnce(&B) -> abi::kvh_status) -> abi::kvh_status {
+fn guarded<B>(
+    inst: &Instance<B>,
+    op: &str,
+    f: impl FnOnce(&B) -> abi::kvh_status,
+) -> abi::kvh_status {
     if inst.poisoned.load(Ordering::Acquire) {
         set_last_error("backend poisoned by an earlier panic");
         return abi::KVH_ERR_POISONED;
@@ -170,7 +195,10 @@ fn guarded<B>(inst: &Instance<B>, op: &str, f: impl FnOnce(&B) -> abi::kvh_statu
             Ok(status) => status,
             Err(payload) => {
                 inst.poisoned.store(true, Ordering::Release);
-                let msg = format!("panic in {op}: {}; backend poisoned", panic_message(&*payload));
+                let msg = format!(
+                    "panic in {op}: {}; backend poisoned",
+                    panic_message(&*payload)
+                );
                 inst.host.log(abi::KVH_LOG_ERROR, "kvhost_plugin_sdk", &msg);
                 set_last_error(&msg);
                 // A request deferred before the panic completes itself (its `Pending` was dropped or
@@ -243,16 +271,28 @@ pub unsafe extern "C" fn create<B: Backend>(
         kv_shape: md.kv_shape,
         full_chunk_bytes: md.full_chunk_bytes,
     };
-    let ctx = CreateContext { instance_name: host.instance_name().to_owned(), options, metadata, host };
+    let ctx = CreateContext {
+        instance_name: host.instance_name().to_owned(),
+        options,
+        metadata,
+        host,
+    };
     match catch_unwind(AssertUnwindSafe(|| host.scoped(|| B::create(&ctx)))) {
         Ok(Ok(backend)) => {
-            let inst = Box::new(Instance { backend, poisoned: AtomicBool::new(false), host });
+            let inst = Box::new(Instance {
+                backend,
+                poisoned: AtomicBool::new(false),
+                host,
+            });
             // SAFETY: `out_backend` is non-null and writable for this call.
             unsafe { *out_backend = Box::into_raw(inst).cast() };
             abi::KVH_OK
         }
         Ok(Err(e)) => fail(e.status, &e.message),
-        Err(payload) => fail(Status::PANIC, &format!("panic in create: {}", panic_message(&*payload))),
+        Err(payload) => fail(
+            Status::PANIC,
+            &format!("panic in create: {}", panic_message(&*payload)),
+        ),
     }
 }
 
@@ -285,10 +325,19 @@ pub unsafe extern "C" fn contains<B: Backend>(
     let (Some(inst), Some(raw)) = (unsafe { instance::<B>(be) }, unsafe { batch.as_ref() }) else {
         return abi::KVH_ERR_NULL_PARAM;
     };
-    if !arrays_ok(raw.len, &[!raw.keys.is_null(), !raw.out_meta.is_null(), !raw.item_status.is_null()]) {
+    if !arrays_ok(
+        raw.len,
+        &[
+            !raw.keys.is_null(),
+            !raw.out_meta.is_null(),
+            !raw.item_status.is_null(),
+        ],
+    ) {
         return abi::KVH_ERR_NULL_PARAM;
     }
-    guarded(inst, "contains", |b| sync_result(b.contains(&mut ContainsBatch::new(raw))))
+    guarded(inst, "contains", |b| {
+        sync_result(b.contains(&mut ContainsBatch::new(raw)))
+    })
 }
 
 /// `remove` trampoline.
@@ -307,14 +356,19 @@ pub unsafe extern "C" fn remove<B: Backend>(
     if !arrays_ok(raw.len, &[!raw.keys.is_null(), !raw.item_status.is_null()]) {
         return abi::KVH_ERR_NULL_PARAM;
     }
-    guarded(inst, "remove", |b| sync_result(b.remove(&mut KeyBatch::new(raw), force)))
+    guarded(inst, "remove", |b| {
+        sync_result(b.remove(&mut KeyBatch::new(raw), force))
+    })
 }
 
 /// `pin` trampoline.
 ///
 /// # Safety
 /// Called by the host per the ABI.
-pub unsafe extern "C" fn pin<B: Backend>(be: *mut abi::kvh_backend, batch: *const abi::kvh_key_batch) -> abi::kvh_status {
+pub unsafe extern "C" fn pin<B: Backend>(
+    be: *mut abi::kvh_backend,
+    batch: *const abi::kvh_key_batch,
+) -> abi::kvh_status {
     // SAFETY: host contract.
     let (Some(inst), Some(raw)) = (unsafe { instance::<B>(be) }, unsafe { batch.as_ref() }) else {
         return abi::KVH_ERR_NULL_PARAM;
@@ -329,7 +383,10 @@ pub unsafe extern "C" fn pin<B: Backend>(be: *mut abi::kvh_backend, batch: *cons
 ///
 /// # Safety
 /// Called by the host per the ABI.
-pub unsafe extern "C" fn unpin<B: Backend>(be: *mut abi::kvh_backend, batch: *const abi::kvh_key_batch) -> abi::kvh_status {
+pub unsafe extern "C" fn unpin<B: Backend>(
+    be: *mut abi::kvh_backend,
+    batch: *const abi::kvh_key_batch,
+) -> abi::kvh_status {
     // SAFETY: host contract.
     let (Some(inst), Some(raw)) = (unsafe { instance::<B>(be) }, unsafe { batch.as_ref() }) else {
         return abi::KVH_ERR_NULL_PARAM;
@@ -337,7 +394,9 @@ pub unsafe extern "C" fn unpin<B: Backend>(be: *mut abi::kvh_backend, batch: *co
     if !arrays_ok(raw.len, &[!raw.keys.is_null(), !raw.item_status.is_null()]) {
         return abi::KVH_ERR_NULL_PARAM;
     }
-    guarded(inst, "unpin", |b| sync_result(b.unpin(&mut KeyBatch::new(raw))))
+    guarded(inst, "unpin", |b| {
+        sync_result(b.unpin(&mut KeyBatch::new(raw)))
+    })
 }
 
 /// `put` trampoline.
@@ -350,19 +409,29 @@ pub unsafe extern "C" fn put<B: Backend>(
     done: abi::kvh_completion,
 ) -> abi::kvh_status {
     // SAFETY: host contract.
-    let (Some(inst), Some(raw)) = (unsafe { instance::<B>(be) }, NonNull::new(batch.cast_mut())) else {
+    let (Some(inst), Some(raw)) = (unsafe { instance::<B>(be) }, NonNull::new(batch.cast_mut()))
+    else {
         return abi::KVH_ERR_NULL_PARAM;
     };
     // SAFETY: non-null batch, valid until completion.
     let r = unsafe { raw.as_ref() };
     if done.complete.is_none()
-        || !arrays_ok(r.len, &[!r.keys.is_null(), !r.src.is_null(), !r.meta.is_null(), !r.item_status.is_null()])
+        || !arrays_ok(
+            r.len,
+            &[
+                !r.keys.is_null(),
+                !r.src.is_null(),
+                !r.meta.is_null(),
+                !r.item_status.is_null(),
+            ],
+        )
     {
         return abi::KVH_ERR_NULL_PARAM;
     }
     // SAFETY: the batch stays valid until completion; the poison flag lives in the instance, which
-    // outlives its pending requests.
-    guarded(inst, "put", |b| b.put(unsafe { Request::new(raw, done, &inst.poisoned) }).0)
+    // outlives its pending requests. A request dropped unused (poisoned backend) fires nothing.
+    let req = unsafe { Request::new(raw, done, &inst.poisoned) };
+    guarded(inst, "put", |b| b.put(req).0)
 }
 
 /// `get` trampoline.
@@ -375,7 +444,8 @@ pub unsafe extern "C" fn get<B: Backend>(
     done: abi::kvh_completion,
 ) -> abi::kvh_status {
     // SAFETY: host contract.
-    let (Some(inst), Some(raw)) = (unsafe { instance::<B>(be) }, NonNull::new(batch.cast_mut())) else {
+    let (Some(inst), Some(raw)) = (unsafe { instance::<B>(be) }, NonNull::new(batch.cast_mut()))
+    else {
         return abi::KVH_ERR_NULL_PARAM;
     };
     // SAFETY: non-null batch, valid until completion.
@@ -383,13 +453,20 @@ pub unsafe extern "C" fn get<B: Backend>(
     if done.complete.is_none()
         || !arrays_ok(
             r.len,
-            &[!r.keys.is_null(), !r.dst.is_null(), !r.out_len.is_null(), !r.out_meta.is_null(), !r.item_status.is_null()],
+            &[
+                !r.keys.is_null(),
+                !r.dst.is_null(),
+                !r.out_len.is_null(),
+                !r.out_meta.is_null(),
+                !r.item_status.is_null(),
+            ],
         )
     {
         return abi::KVH_ERR_NULL_PARAM;
     }
     // SAFETY: as in `put`.
-    guarded(inst, "get", |b| b.get(unsafe { Request::new(raw, done, &inst.poisoned) }).0)
+    let req = unsafe { Request::new(raw, done, &inst.poisoned) };
+    guarded(inst, "get", |b| b.get(req).0)
 }
 
 /// `prefetch` trampoline.
@@ -402,16 +479,19 @@ pub unsafe extern "C" fn prefetch<B: Backend>(
     done: abi::kvh_completion,
 ) -> abi::kvh_status {
     // SAFETY: host contract.
-    let (Some(inst), Some(raw)) = (unsafe { instance::<B>(be) }, NonNull::new(batch.cast_mut())) else {
+    let (Some(inst), Some(raw)) = (unsafe { instance::<B>(be) }, NonNull::new(batch.cast_mut()))
+    else {
         return abi::KVH_ERR_NULL_PARAM;
     };
     // SAFETY: non-null batch, valid until completion.
     let r = unsafe { raw.as_ref() };
-    if done.complete.is_none() || !arrays_ok(r.len, &[!r.keys.is_null(), !r.item_status.is_null()]) {
+    if done.complete.is_none() || !arrays_ok(r.len, &[!r.keys.is_null(), !r.item_status.is_null()])
+    {
         return abi::KVH_ERR_NULL_PARAM;
     }
     // SAFETY: as in `put`.
-    guarded(inst, "prefetch", |b| b.prefetch(unsafe { Request::new(raw, done, &inst.poisoned) }).0)
+    let req = unsafe { Request::new(raw, done, &inst.poisoned) };
+    guarded(inst, "prefetch", |b| b.prefetch(req).0)
 }
 
 /// `flush` trampoline.
@@ -430,7 +510,10 @@ pub unsafe extern "C" fn flush<B: Backend>(be: *mut abi::kvh_backend) -> abi::kv
 ///
 /// # Safety
 /// Called by the host per the ABI.
-pub unsafe extern "C" fn health<B: Backend>(be: *mut abi::kvh_backend, message: abi::kvh_message_buf) -> abi::kvh_status {
+pub unsafe extern "C" fn health<B: Backend>(
+    be: *mut abi::kvh_backend,
+    message: abi::kvh_message_buf,
+) -> abi::kvh_status {
     // SAFETY: host contract.
     let Some(inst) = (unsafe { instance::<B>(be) }) else {
         return abi::KVH_ERR_NULL_PARAM;
@@ -450,7 +533,11 @@ pub unsafe extern "C" fn health<B: Backend>(be: *mut abi::kvh_backend, message: 
 ///
 /// # Safety
 /// Called by the host per the ABI.
-pub unsafe extern "C" fn last_error(_be: *mut abi::kvh_backend, buf: *mut c_char, cap: usize) -> usize {
+pub unsafe extern "C" fn last_error(
+    _be: *mut abi::kvh_backend,
+    buf: *mut c_char,
+    cap: usize,
+) -> usize {
     LAST_ERROR.with(|e| {
         let e = e.borrow();
         // SAFETY: the host's buffer of `cap` bytes, valid for this call.

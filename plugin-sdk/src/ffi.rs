@@ -41,7 +41,10 @@ pub(crate) unsafe fn str<'a>(s: abi::kvh_str) -> &'a str {
 
 /// A `kvh_str` borrowing `s`.
 pub(crate) fn kvh_str(s: &str) -> abi::kvh_str {
-    abi::kvh_str { ptr: s.as_ptr().cast(), len: s.len() }
+    abi::kvh_str {
+        ptr: s.as_ptr().cast(),
+        len: s.len(),
+    }
 }
 
 /// Write `msg` NUL-terminated and truncated (at a char boundary) into `buf`.

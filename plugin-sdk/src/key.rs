@@ -64,7 +64,8 @@ impl<'a> Key<'a> {
         // SAFETY: the host guarantees `tags_len` tags at `tags` for the request's lifetime.
         let tags = unsafe { ffi::slice(self.raw.tags, self.raw.tags_len) };
         // SAFETY: as in `canonical`.
-        tags.iter().map(|t| unsafe { (ffi::str(t.key), ffi::str(t.value)) })
+        tags.iter()
+            .map(|t| unsafe { (ffi::str(t.key), ffi::str(t.value)) })
     }
 }
 

@@ -47,7 +47,9 @@ mod status;
 pub use backend::{Backend, CreateContext, ModelMetadata, OptionSpec};
 pub use key::{ChunkMeta, Key};
 pub use logging::Host;
-pub use request::{Batch, ContainsBatch, Get, KeyBatch, Op, Pending, Prefetch, Put, Request, Submit};
+pub use request::{
+    Batch, ContainsBatch, Get, KeyBatch, Op, Pending, Prefetch, Put, Request, Submit,
+};
 pub use status::{Error, Status};
 
 /// The `log` crate the SDK forwards to the host; use its macros in a plugin.
@@ -73,27 +75,36 @@ macro_rules! export_backend {
             const __N: usize = <$ty as $crate::Backend>::OPTIONS.len();
             static __OPTIONS: __ex::Static<[__abi::kvh_option_spec; __N]> =
                 __ex::Static(__ex::option_specs::<__N>(<$ty as $crate::Backend>::OPTIONS));
-            static __VTABLE: __ex::Static<__abi::kvh_backend_vtable> = __ex::Static(__ex::vtable::<$ty>());
-            static __DESCRIPTOR: __ex::Static<__abi::kvh_plugin_descriptor> = __ex::Static(__ex::descriptor::<$ty>(
-                match ::core::ffi::CStr::from_bytes_with_nul(concat!(stringify!($class), "\0").as_bytes()) {
-                    Ok(s) => s,
-                    Err(_) => panic!("class name contains a NUL byte"),
-                },
-                match ::core::ffi::CStr::from_bytes_with_nul(concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes()) {
-                    Ok(s) => s,
-                    Err(_) => panic!("version contains a NUL byte"),
-                },
-                &__OPTIONS.0,
-                &__VTABLE.0,
-            ));
-            static __LAYOUT: __ex::Static<__ex::RustLayoutHeader> = __ex::Static(__ex::rust_layout_header());
+            static __VTABLE: __ex::Static<__abi::kvh_backend_vtable> =
+                __ex::Static(__ex::vtable::<$ty>());
+            static __DESCRIPTOR: __ex::Static<__abi::kvh_plugin_descriptor> =
+                __ex::Static(__ex::descriptor::<$ty>(
+                    match ::core::ffi::CStr::from_bytes_with_nul(
+                        concat!(stringify!($class), "\0").as_bytes(),
+                    ) {
+                        Ok(s) => s,
+                        Err(_) => panic!("class name contains a NUL byte"),
+                    },
+                    match ::core::ffi::CStr::from_bytes_with_nul(
+                        concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes(),
+                    ) {
+                        Ok(s) => s,
+                        Err(_) => panic!("version contains a NUL byte"),
+                    },
+                    &__OPTIONS.0,
+                    &__VTABLE.0,
+                ));
+            static __LAYOUT: __ex::Static<__ex::RustLayoutHeader> =
+                __ex::Static(__ex::rust_layout_header());
 
             /// Entry point of this backend class.
             ///
             /// # Safety
             /// Called by the kvhost host with a host API valid until process exit, or NULL.
             #[unsafe(export_name = concat!("kvh_plugin_", stringify!($class), "_v1"))]
-            pub unsafe extern "C" fn __kvh_entry(host: *const __abi::kvh_host_api) -> *const __abi::kvh_plugin_descriptor {
+            pub unsafe extern "C" fn __kvh_entry(
+                host: *const __abi::kvh_host_api,
+            ) -> *const __abi::kvh_plugin_descriptor {
                 // SAFETY: forwarded from the host, per the ABI.
                 unsafe { __ex::on_entry(host) };
                 &__DESCRIPTOR.0

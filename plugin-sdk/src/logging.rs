@@ -41,7 +41,9 @@ impl Host {
     /// The configured instance name.
     pub fn instance_name(&self) -> &str {
         // SAFETY: the host's string lives as long as the table.
-        self.api().map(|a| unsafe { ffi::str(a.instance_name) }).unwrap_or("")
+        self.api()
+            .map(|a| unsafe { ffi::str(a.instance_name) })
+            .unwrap_or("")
     }
 
     /// Whether the host records messages at `level` (`KVH_LOG_*`).
@@ -57,7 +59,14 @@ impl Host {
     pub fn log(&self, level: i32, target: &str, message: &str) {
         if let Some((a, f)) = self.api().and_then(|a| a.log.map(|f| (a, f))) {
             // SAFETY: host function from a valid table; the strings are borrowed for the call.
-            unsafe { f(a.host_ctx, level, ffi::kvh_str(target), ffi::kvh_str(message)) };
+            unsafe {
+                f(
+                    a.host_ctx,
+                    level,
+                    ffi::kvh_str(target),
+                    ffi::kvh_str(message),
+                )
+            };
         }
     }
 
@@ -74,10 +83,17 @@ impl Host {
             return;
         }
         let first = DEFAULT_HOST
-            .compare_exchange(std::ptr::null_mut(), self.api.cast_mut(), Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(
+                std::ptr::null_mut(),
+                self.api.cast_mut(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
             .is_ok();
         if first && log::set_logger(&LOGGER).is_ok() {
-            let max = (abi::KVH_LOG_ERROR..=abi::KVH_LOG_TRACE).rev().find(|&l| self.log_enabled(l));
+            let max = (abi::KVH_LOG_ERROR..=abi::KVH_LOG_TRACE)
+                .rev()
+                .find(|&l| self.log_enabled(l));
             log::set_max_level(max.map_or(log::LevelFilter::Off, level_filter));
         }
     }
@@ -85,7 +101,11 @@ impl Host {
     /// The host for events on this thread: the bound one, else the library default.
     pub(crate) fn current() -> Host {
         let bound = THREAD_HOST.with(|h| h.get());
-        let api = if bound.is_null() { DEFAULT_HOST.load(Ordering::Acquire).cast_const() } else { bound };
+        let api = if bound.is_null() {
+            DEFAULT_HOST.load(Ordering::Acquire).cast_const()
+        } else {
+            bound
+        };
         Host { api }
     }
 

@@ -90,21 +90,39 @@ unsafe impl<O: Op> Send for Pending<O> {}
 impl<O: Op> Request<O> {
     /// # Safety
     /// `raw` must point to a batch valid until completion, per the ABI; `poisoned` must outlive it.
-    pub(crate) unsafe fn new(raw: NonNull<O::Raw>, done: abi::kvh_completion, poisoned: *const AtomicBool) -> Self {
-        Request { batch: Batch { raw }, done, poisoned, _not_send: PhantomData }
+    pub(crate) unsafe fn new(
+        raw: NonNull<O::Raw>,
+        done: abi::kvh_completion,
+        poisoned: *const AtomicBool,
+    ) -> Self {
+        Request {
+            batch: Batch { raw },
+            done,
+            poisoned,
+            _not_send: PhantomData,
+        }
     }
 
     /// End the operation now with `status` (per-item statuses must already be set). The callback never
     /// fires. `PENDING` is not a final status and is reported as `INTERNAL`.
     pub fn finish(self, status: Status) -> Submit {
-        let status = if status == Status::PENDING { Status::INTERNAL } else { status };
+        let status = if status == Status::PENDING {
+            Status::INTERNAL
+        } else {
+            status
+        };
         Submit(status.0)
     }
 
     /// Defer the operation: the returned [`Pending`] must be completed later (or dropped).
     pub fn defer(self) -> (Pending<O>, Submit) {
         DEFERRED.with(|d| d.set(true));
-        let pending = Pending { batch: self.batch, done: self.done, poisoned: self.poisoned, completed: false };
+        let pending = Pending {
+            batch: self.batch,
+            done: self.done,
+            poisoned: self.poisoned,
+            completed: false,
+        };
         (pending, Submit(abi::KVH_PENDING))
     }
 }
@@ -126,8 +144,11 @@ impl<O: Op> Pending<O> {
         }
         // SAFETY: `poisoned` outlives every pending request (see the `Send` impl).
         let poisoned = unsafe { (*self.poisoned).load(Ordering::Acquire) };
-        let (status, message) =
-            if poisoned { (Status::POISONED, "backend poisoned by an earlier panic") } else { (status, message) };
+        let (status, message) = if poisoned {
+            (Status::POISONED, "backend poisoned by an earlier panic")
+        } else {
+            (status, message)
+        };
         if let Some(complete) = self.done.complete {
             // SAFETY: the host's callback with its own user data, called exactly once (guarded by
             // `completed`); the message is borrowed for the call only.
@@ -138,7 +159,10 @@ impl<O: Op> Pending<O> {
 
 impl<O: Op> Drop for Pending<O> {
     fn drop(&mut self) {
-        self.fire(Status::CANCELED, "request dropped by the backend without completion");
+        self.fire(
+            Status::CANCELED,
+            "request dropped by the backend without completion",
+        );
     }
 }
 

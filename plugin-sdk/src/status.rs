@@ -109,8 +109,15 @@ pub struct Error {
 impl Error {
     /// An error with `status` and `message`. A non-error status is turned into `INTERNAL`.
     pub fn new(status: Status, message: impl Into<String>) -> Self {
-        let status = if status.0 < 0 { status } else { Status::INTERNAL };
-        Error { status, message: message.into() }
+        let status = if status.0 < 0 {
+            status
+        } else {
+            Status::INTERNAL
+        };
+        Error {
+            status,
+            message: message.into(),
+        }
     }
 
     /// `INVALID_CONFIG` with a message, for `create`.

@@ -14,9 +14,17 @@ fn compile(compiler: &str, std: &str, sources: &[&str]) {
         .args(sources.iter().map(|s| root.join("c").join(s)))
         .arg("-o")
         .arg(&out);
-    let output = cmd.output().unwrap_or_else(|e| panic!("running {compiler}: {e}"));
-    assert!(output.status.success(), "{compiler} -std={std} failed:\n{}", String::from_utf8_lossy(&output.stderr));
-    let run = Command::new(&out).status().expect("run compiled header test");
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {compiler}: {e}"));
+    assert!(
+        output.status.success(),
+        "{compiler} -std={std} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let run = Command::new(&out)
+        .status()
+        .expect("run compiled header test");
     assert!(run.success(), "header test program exited with {run}");
     let _ = std::fs::remove_file(out);
 }
@@ -33,7 +41,10 @@ fn header_compiles_as_cpp17_from_two_units() {
 
 #[test]
 fn header_constants_match_rust() {
-    let header = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../include/kvhost_plugin.h")).unwrap();
+    let header = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../include/kvhost_plugin.h"),
+    )
+    .unwrap();
     use kvhost_plugin_sdk::abi::*;
     for (name, value) in [
         ("KVH_ABI_MAJOR", KVH_ABI_MAJOR as i64),
@@ -41,8 +52,15 @@ fn header_constants_match_rust() {
         ("KVH_ERR_BUFFER_TOO_SMALL", KVH_ERR_BUFFER_TOO_SMALL as i64),
         ("KVH_VTABLE_V1_0_SIZE", KVH_VTABLE_V1_0_SIZE as i64),
     ] {
-        let line = header.lines().find(|l| l.starts_with(&format!("#define {name} "))).unwrap_or_else(|| panic!("{name} missing"));
-        let text = line.split_whitespace().nth(2).unwrap().trim_matches(|c| c == '(' || c == ')');
+        let line = header
+            .lines()
+            .find(|l| l.starts_with(&format!("#define {name} ")))
+            .unwrap_or_else(|| panic!("{name} missing"));
+        let text = line
+            .split_whitespace()
+            .nth(2)
+            .unwrap()
+            .trim_matches(|c| c == '(' || c == ')');
         assert_eq!(text.parse::<i64>().unwrap(), value, "{name}");
     }
 }

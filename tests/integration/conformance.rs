@@ -10,7 +10,11 @@ fn run(name: &str, module_path: &str, class: &str, options: &[(&str, &str)]) {
     };
     let report = conformance::run(&factory);
     println!("conformance of {name}:\n{report}");
-    assert!(report.passed(), "{name} failed conformance:\n{}", report.failures().join("\n"));
+    assert!(
+        report.passed(),
+        "{name} failed conformance:\n{}",
+        report.failures().join("\n")
+    );
     assert!(report.checks.len() >= 12, "{report}");
 }
 
@@ -31,7 +35,12 @@ fn c_log_plugin_conforms() {
 
 #[test]
 fn rust_sdk_plugin_conforms() {
-    run("rust_mem", rust_fixture().to_str().unwrap(), "rust_mem", &[("put_delay_ms", "1")]);
+    run(
+        "rust_mem",
+        rust_fixture().to_str().unwrap(),
+        "rust_mem",
+        &[("put_delay_ms", "1")],
+    );
 }
 
 #[test]
@@ -50,5 +59,8 @@ fn an_undeclared_black_hole_fails_conformance() {
     let report = conformance::run(&factory);
     assert!(!report.passed(), "{report}");
     let failures = report.failures().join("\n");
-    assert!(failures.contains("round_trip: contains item 0: expected present"), "{failures}");
+    assert!(
+        failures.contains("round_trip: contains item 0: expected present"),
+        "{failures}"
+    );
 }

@@ -8,18 +8,33 @@ use std::time::{Duration, Instant};
 const WAIT: Duration = Duration::from_secs(10);
 
 fn meta(len: usize) -> ChunkMeta {
-    ChunkMeta { length: len as u64, ..ChunkMeta::default() }
+    ChunkMeta {
+        length: len as u64,
+        ..ChunkMeta::default()
+    }
 }
 
 #[test]
 fn rust_panic_is_caught_and_poisons_the_backend() {
     logs();
-    let p = must_load("panicky", rust_fixture().to_str().unwrap(), "rust_mem", &[("panic_in", "contains"), ("put_delay_ms", "300")]);
+    let p = must_load(
+        "panicky",
+        rust_fixture().to_str().unwrap(),
+        "rust_mem",
+        &[("panic_in", "contains"), ("put_delay_ms", "300")],
+    );
     // A slow put is pending on the plugin's worker when the panic happens.
     let (tx, rx) = crossbeam_channel::bounded(1);
-    p.put(PutRequest { keys: vec![key(1)], bufs: vec![vec![1u8; 8]], metas: vec![meta(8)] }, move |d| {
-        let _ = tx.send(d);
-    });
+    p.put(
+        PutRequest {
+            keys: vec![key(1)],
+            bufs: vec![vec![1u8; 8]],
+            metas: vec![meta(8)],
+        },
+        move |d| {
+            let _ = tx.send(d);
+        },
+    );
     let err = p.contains(&[key(1)], false).unwrap_err();
     assert_eq!(err.status, Status::PANIC);
     assert!(err.message.contains("told to panic in contains"), "{err}");
@@ -27,42 +42,96 @@ fn rust_panic_is_caught_and_poisons_the_backend() {
     // Poisoned: later calls fail fast...
     let again = p.contains(&[key(1)], false).unwrap_err();
     assert_eq!(again.status, Status::POISONED);
-    let g = p.get_wait(GetRequest { keys: vec![key(1)], bufs: vec![vec![0; 8]] }, WAIT).unwrap();
+    let g = p
+        .get_wait(
+            GetRequest {
+                keys: vec![key(1)],
+                bufs: vec![vec![0; 8]],
+            },
+            WAIT,
+        )
+        .unwrap();
     assert_eq!(g.error.as_ref().map(|e| e.status), Some(Status::POISONED));
     // ...and the operation pending at the time completes with an error.
     let pending = rx.recv_timeout(WAIT).expect("pending put completes");
     assert_eq!(pending.error.map(|e| e.status), Some(Status::POISONED));
-    assert!(logs().contains("panic in contains: rust_mem was told to panic in contains"), "payload logged through the host");
+    assert!(
+        logs().contains("panic in contains: rust_mem was told to panic in contains"),
+        "payload logged through the host"
+    );
 }
 
 #[test]
 fn rust_panic_in_create_is_a_load_error() {
-    let e = load("pc", rust_fixture().to_str().unwrap(), "rust_mem", &[("panic_in", "create")]).unwrap_err();
-    assert!(e.contains("create failed: PANIC") && e.contains("told to panic in create"), "{e}");
+    let e = load(
+        "pc",
+        rust_fixture().to_str().unwrap(),
+        "rust_mem",
+        &[("panic_in", "create")],
+    )
+    .unwrap_err();
+    assert!(
+        e.contains("create failed: PANIC") && e.contains("told to panic in create"),
+        "{e}"
+    );
 }
 
 #[test]
 fn cpp_exception_is_caught_by_the_noexcept_wrapper() {
     logs();
-    let p = must_load("throws", fixture("fx_throws").to_str().unwrap(), "throws", &[]);
-    let d = p.put_wait(PutRequest { keys: vec![key(2)], bufs: vec![vec![0u8; 4]], metas: vec![meta(4)] }, WAIT).unwrap();
+    let p = must_load(
+        "throws",
+        fixture("fx_throws").to_str().unwrap(),
+        "throws",
+        &[],
+    );
+    let d = p
+        .put_wait(
+            PutRequest {
+                keys: vec![key(2)],
+                bufs: vec![vec![0u8; 4]],
+                metas: vec![meta(4)],
+            },
+            WAIT,
+        )
+        .unwrap();
     let e = d.error.expect("put fails");
     assert_eq!(e.status, Status::PANIC);
     assert!(e.message.contains("disk on fire"), "{e}");
     // The plugin keeps serving its other operations.
-    assert_eq!(p.contains(&[key(2)], false).unwrap(), vec![Presence::Absent]);
+    assert_eq!(
+        p.contains(&[key(2)], false).unwrap(),
+        vec![Presence::Absent]
+    );
     assert!(logs().contains("disk on fire"));
 }
 
 #[test]
 fn lying_statuses_are_mapped_not_trusted() {
     let path = fixture("fx_liar");
-    let p = must_load("liar", path.to_str().unwrap(), "liar", &[("mode", "status")]);
+    let p = must_load(
+        "liar",
+        path.to_str().unwrap(),
+        "liar",
+        &[("mode", "status")],
+    );
     let e = p.contains(&[key(3)], false).unwrap_err();
     assert_eq!(e.status, Status(12345));
     assert!(e.to_string().contains("unknown status 12345"), "{e}");
-    let g = p.get_wait(GetRequest { keys: vec![key(3)], bufs: vec![vec![0; 8]] }, WAIT).unwrap();
-    assert!(matches!(&g.items[0], GetItem::Failed(s, why) if *s == Status::NO_RESULT && why.contains("did not report")), "{:?}", g.items);
+    let g = p
+        .get_wait(
+            GetRequest {
+                keys: vec![key(3)],
+                bufs: vec![vec![0; 8]],
+            },
+            WAIT,
+        )
+        .unwrap();
+    assert!(
+        matches!(&g.items[0], GetItem::Failed(s, why) if *s == Status::NO_RESULT && why.contains("did not report")),
+        "{:?}",
+        g.items
+    );
     let r = p.remove(&[key(3)], true).unwrap();
     assert_eq!(r, vec![Status(777)]);
     assert_eq!(r[0].name(), None);
@@ -70,55 +139,131 @@ fn lying_statuses_are_mapped_not_trusted() {
 
 #[test]
 fn overlong_lengths_and_bad_shapes_are_rejected() {
-    let p = must_load("liar2", fixture("fx_liar").to_str().unwrap(), "liar", &[("mode", "overlong")]);
-    let g = p.get_wait(GetRequest { keys: vec![key(4)], bufs: vec![vec![0; 64]] }, WAIT).unwrap();
-    assert!(matches!(&g.items[0], GetItem::Failed(Status::INTERNAL, why) if why.contains("into a 64-byte buffer")), "{:?}", g.items);
+    let p = must_load(
+        "liar2",
+        fixture("fx_liar").to_str().unwrap(),
+        "liar",
+        &[("mode", "overlong")],
+    );
+    let g = p
+        .get_wait(
+            GetRequest {
+                keys: vec![key(4)],
+                bufs: vec![vec![0; 64]],
+            },
+            WAIT,
+        )
+        .unwrap();
+    assert!(
+        matches!(&g.items[0], GetItem::Failed(Status::INTERNAL, why) if why.contains("into a 64-byte buffer")),
+        "{:?}",
+        g.items
+    );
     let c = p.contains(&[key(4)], false).unwrap();
-    assert!(matches!(&c[0], Presence::Failed(_, why) if why.contains("9 dimensions")), "{c:?}");
+    assert!(
+        matches!(&c[0], Presence::Failed(_, why) if why.contains("9 dimensions")),
+        "{c:?}"
+    );
 }
 
 #[test]
 fn double_completion_is_detected_and_ignored() {
     logs();
-    let p = must_load("liar3", fixture("fx_liar").to_str().unwrap(), "liar", &[("mode", "double_complete")]);
+    let p = must_load(
+        "liar3",
+        fixture("fx_liar").to_str().unwrap(),
+        "liar",
+        &[("mode", "double_complete")],
+    );
     let before = p.stale_completions();
-    let d = p.put_wait(PutRequest { keys: vec![key(5)], bufs: vec![vec![0u8; 16]], metas: vec![meta(16)] }, WAIT).unwrap();
+    let d = p
+        .put_wait(
+            PutRequest {
+                keys: vec![key(5)],
+                bufs: vec![vec![0u8; 16]],
+                metas: vec![meta(16)],
+            },
+            WAIT,
+        )
+        .unwrap();
     assert!(d.error.is_none());
     let deadline = Instant::now() + WAIT;
     while p.stale_completions() == before && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert!(p.stale_completions() > before, "the second completion was counted");
-    let named = logs().lines().any(|l| l.contains("liar3") && l.contains("not pending"));
+    assert!(
+        p.stale_completions() > before,
+        "the second completion was counted"
+    );
+    let named = logs()
+        .lines()
+        .any(|l| l.contains("liar3") && l.contains("not pending"));
     assert!(named, "the log names the plugin that completed twice");
     drop(p);
 }
 
 #[test]
 fn sync_status_with_a_callback_is_handled_once() {
-    let p = must_load("liar4", fixture("fx_liar").to_str().unwrap(), "liar", &[("mode", "sync_and_callback")]);
+    let p = must_load(
+        "liar4",
+        fixture("fx_liar").to_str().unwrap(),
+        "liar",
+        &[("mode", "sync_and_callback")],
+    );
     let (tx, rx) = crossbeam_channel::unbounded();
-    p.put(PutRequest { keys: vec![key(6)], bufs: vec![vec![0u8; 16]], metas: vec![meta(16)] }, move |d| {
-        let _ = tx.send(d.error.is_none());
-    });
+    p.put(
+        PutRequest {
+            keys: vec![key(6)],
+            bufs: vec![vec![0u8; 16]],
+            metas: vec![meta(16)],
+        },
+        move |d| {
+            let _ = tx.send(d.error.is_none());
+        },
+    );
     assert!(rx.recv_timeout(WAIT).is_ok());
-    assert!(rx.recv_timeout(Duration::from_millis(200)).is_err(), "on_done ran exactly once");
+    assert!(
+        rx.recv_timeout(Duration::from_millis(200)).is_err(),
+        "on_done ran exactly once"
+    );
 }
 
 #[test]
 fn hung_operations_time_out_and_destroy_cancels_them() {
     let p = must_load("hang", fixture("fx_hang").to_str().unwrap(), "hang", &[]);
     let e = p
-        .put_wait(PutRequest { keys: vec![key(7)], bufs: vec![vec![0u8; 1 << 20]], metas: vec![meta(1 << 20)] }, Duration::from_millis(200))
+        .put_wait(
+            PutRequest {
+                keys: vec![key(7)],
+                bufs: vec![vec![0u8; 1 << 20]],
+                metas: vec![meta(1 << 20)],
+            },
+            Duration::from_millis(200),
+        )
         .unwrap_err();
     assert_eq!(e.status, Status::TIMEOUT);
-    assert!(e.to_string().contains("plugin `hang`: put failed: TIMEOUT"), "{e}");
-    assert_eq!(p.in_flight(), 1, "the buffer stays with the pending operation");
+    assert!(
+        e.to_string().contains("plugin `hang`: put failed: TIMEOUT"),
+        "{e}"
+    );
+    assert_eq!(
+        p.in_flight(),
+        1,
+        "the buffer stays with the pending operation"
+    );
     let (tx, rx) = crossbeam_channel::bounded(1);
-    p.get(GetRequest { keys: vec![key(7)], bufs: vec![vec![0u8; 64]] }, move |d| {
-        let _ = tx.send(d);
-    });
+    p.get(
+        GetRequest {
+            keys: vec![key(7)],
+            bufs: vec![vec![0u8; 64]],
+        },
+        move |d| {
+            let _ = tx.send(d);
+        },
+    );
     drop(p); // destroy completes everything with CANCELED
-    let g = rx.recv_timeout(WAIT).expect("destroy completed the hung get");
+    let g = rx
+        .recv_timeout(WAIT)
+        .expect("destroy completed the hung get");
     assert_eq!(g.error.map(|e| e.status), Some(Status::CANCELED));
 }

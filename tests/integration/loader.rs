@@ -21,19 +21,38 @@ fn assert_has(msg: &str, parts: &[&str]) {
 #[test]
 fn wrong_abi_major_symbol_is_a_clean_miss_with_a_hint() {
     let e = load_fixture("fx_abi_v2", "abi_v2", &[]);
-    assert_has(&e, &["plugin `fx`", "libfx_abi_v2.so", "no entry point `kvh_plugin_abi_v2_v1`", "kvh_plugin_abi_v2_v2", "another ABI major"]);
+    assert_has(
+        &e,
+        &[
+            "plugin `fx`",
+            "libfx_abi_v2.so",
+            "no entry point `kvh_plugin_abi_v2_v1`",
+            "kvh_plugin_abi_v2_v2",
+            "another ABI major",
+        ],
+    );
 }
 
 #[test]
 fn descriptor_with_wrong_major_is_refused() {
     let e = load_fixture("fx_bad_major", "bad_major", &[]);
-    assert_has(&e, &["libfx_bad_major.so", "ABI check failed", "ABI major 2 but this host speaks 1"]);
+    assert_has(
+        &e,
+        &[
+            "libfx_bad_major.so",
+            "ABI check failed",
+            "ABI major 2 but this host speaks 1",
+        ],
+    );
 }
 
 #[test]
 fn short_descriptor_is_refused() {
     let e = load_fixture("fx_short_size", "short_size", &[]);
-    assert_has(&e, &["descriptor struct_size is 40 bytes", "64 bytes of ABI 1.0"]);
+    assert_has(
+        &e,
+        &["descriptor struct_size is 40 bytes", "64 bytes of ABI 1.0"],
+    );
 }
 
 #[test]
@@ -51,19 +70,39 @@ fn null_required_function_is_named() {
 #[test]
 fn capability_without_function_is_refused() {
     let e = load_fixture("fx_cap_no_fn", "cap_no_fn", &[]);
-    assert_has(&e, &["capability `pin` is advertised but pin/unpin is NULL"]);
+    assert_has(
+        &e,
+        &["capability `pin` is advertised but pin/unpin is NULL"],
+    );
 }
 
 #[test]
 fn create_failure_carries_the_plugins_message() {
-    let e = load_fixture("fx_create_fails", "create_fails", &[("endpoint", "tcp://192.0.2.7:4000")]);
-    assert_has(&e, &["plugin `fx`", "create failed: UNAVAILABLE (-16)", "cannot reach store at tcp://192.0.2.7:4000: connection refused"]);
+    let e = load_fixture(
+        "fx_create_fails",
+        "create_fails",
+        &[("endpoint", "tcp://192.0.2.7:4000")],
+    );
+    assert_has(
+        &e,
+        &[
+            "plugin `fx`",
+            "create failed: UNAVAILABLE (-16)",
+            "cannot reach store at tcp://192.0.2.7:4000: connection refused",
+        ],
+    );
 }
 
 #[test]
 fn missing_required_option_is_reported_before_create() {
     let e = load_fixture("fx_create_fails", "create_fails", &[]);
-    assert_has(&e, &["missing required option `endpoint`", "where the store lives"]);
+    assert_has(
+        &e,
+        &[
+            "missing required option `endpoint`",
+            "where the store lives",
+        ],
+    );
 }
 
 #[test]
@@ -81,20 +120,37 @@ fn descriptor_for_another_class_is_refused() {
 #[test]
 fn a_library_that_is_not_a_plugin_says_so() {
     let e = load_fixture("fx_not_a_plugin", "anything", &[]);
-    assert_has(&e, &["no entry point `kvh_plugin_anything_v1`", "exports no kvh_plugin_* symbols"]);
+    assert_has(
+        &e,
+        &[
+            "no entry point `kvh_plugin_anything_v1`",
+            "exports no kvh_plugin_* symbols",
+        ],
+    );
 }
 
 #[test]
 fn wrong_class_name_lists_the_classes_exported() {
     let e = load_fixture("fx_multi", "gamma", &[]);
-    assert_has(&e, &["no entry point `kvh_plugin_gamma_v1`", "kvh_plugin_alpha_v1, kvh_plugin_beta_v1", "check class_name"]);
+    assert_has(
+        &e,
+        &[
+            "no entry point `kvh_plugin_gamma_v1`",
+            "kvh_plugin_alpha_v1, kvh_plugin_beta_v1",
+            "check class_name",
+        ],
+    );
 }
 
 #[test]
 fn one_library_exports_two_classes_with_their_own_schemas() {
     let path = fixture("fx_multi");
     let a = must_load("a", path.to_str().unwrap(), "alpha", &[]);
-    assert_eq!(a.info().options, vec![("color".to_string(), "red".to_string())], "default applied");
+    assert_eq!(
+        a.info().options,
+        vec![("color".to_string(), "red".to_string())],
+        "default applied"
+    );
     let b = must_load("b", path.to_str().unwrap(), "beta", &[("size", "3")]);
     assert_eq!(b.info().class_name, "beta");
     let e = load("c", path.to_str().unwrap(), "alpha", &[("colour", "blue")]).unwrap_err();
@@ -120,8 +176,23 @@ fn rust_plugin_built_with_the_sdk_passes_the_layout_check() {
 #[test]
 fn missing_library_lists_every_path_searched() {
     let e = load("ghost", "no_such_plugin", "ghost", &[]).unwrap_err();
-    assert_has(&e, &["plugin `ghost`: no library for module_path `no_such_plugin`", "libno_such_plugin.so", "no_such_plugin.so"]);
-    assert!(e.contains(&plugins_dir().join("libno_such_plugin.so").display().to_string()), "{e}");
+    assert_has(
+        &e,
+        &[
+            "plugin `ghost`: no library for module_path `no_such_plugin`",
+            "libno_such_plugin.so",
+            "no_such_plugin.so",
+        ],
+    );
+    assert!(
+        e.contains(
+            &plugins_dir()
+                .join("libno_such_plugin.so")
+                .display()
+                .to_string()
+        ),
+        "{e}"
+    );
     let e = load("ghost", "/nonexistent/dir/libx.so", "x", &[]).unwrap_err();
     assert_has(&e, &["/nonexistent/dir/libx.so"]);
 }
@@ -158,11 +229,17 @@ fn plugins_load_in_config_order_and_skip_policy_keeps_going() {
     };
     let c = Config::from_yaml(&y("log, mem", "fail"), None).unwrap();
     let (loaded, _) = loader::load_all(&c).unwrap();
-    assert_eq!(loaded.iter().map(|p| p.name()).collect::<Vec<_>>(), ["log", "mem"]);
+    assert_eq!(
+        loaded.iter().map(|p| p.name()).collect::<Vec<_>>(),
+        ["log", "mem"]
+    );
     let c = Config::from_yaml(&y("mem, bad, log", "skip"), None).unwrap();
     assert_eq!(c.on_plugin_error, OnPluginError::Skip);
     let (loaded, skipped) = loader::load_all(&c).unwrap();
-    assert_eq!(loaded.iter().map(|p| p.name()).collect::<Vec<_>>(), ["mem", "log"]);
+    assert_eq!(
+        loaded.iter().map(|p| p.name()).collect::<Vec<_>>(),
+        ["mem", "log"]
+    );
     assert_eq!(skipped.len(), 1);
     assert!(skipped[0].error.to_string().contains("NULL: get"));
     let c = Config::from_yaml(&y("mem, bad, log", "fail"), None).unwrap();

@@ -11,7 +11,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 /// `<target>/<profile>`: the test binary lives in `<profile>/deps`.
 pub fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    exe.parent().and_then(|d| d.parent()).expect("profile dir").to_path_buf()
+    exe.parent()
+        .and_then(|d| d.parent())
+        .expect("profile dir")
+        .to_path_buf()
 }
 
 /// Where the workspace build puts the C plugins.
@@ -48,13 +51,23 @@ pub fn config_for(name: &str, module_path: &str, class: &str, options: &[(&str, 
 }
 
 /// Load plugin `name` as configured by [`config_for`].
-pub fn load(name: &str, module_path: &str, class: &str, options: &[(&str, &str)]) -> Result<PluginBackend, String> {
+pub fn load(
+    name: &str,
+    module_path: &str,
+    class: &str,
+    options: &[(&str, &str)],
+) -> Result<PluginBackend, String> {
     let c = config_for(name, module_path, class, options);
     loader::load(&c.plugins[0], &c).map_err(|e| e.to_string())
 }
 
 /// Load, panicking with the loader's message on failure.
-pub fn must_load(name: &str, module_path: &str, class: &str, options: &[(&str, &str)]) -> PluginBackend {
+pub fn must_load(
+    name: &str,
+    module_path: &str,
+    class: &str,
+    options: &[(&str, &str)],
+) -> PluginBackend {
     load(name, module_path, class, options).unwrap_or_else(|e| panic!("{e}"))
 }
 

@@ -153,8 +153,15 @@ pub struct PluginSpec {
 }
 
 /// Backend names LMCache reserves for its built-ins.
-const RESERVED_NAMES: &[&str] =
-    &["LocalCPUBackend", "LocalDiskBackend", "PDBackend", "MaruBackend", "P2PBackend", "NixlStorageBackend", "GdsBackend"];
+const RESERVED_NAMES: &[&str] = &[
+    "LocalCPUBackend",
+    "LocalDiskBackend",
+    "PDBackend",
+    "MaruBackend",
+    "P2PBackend",
+    "NixlStorageBackend",
+    "GdsBackend",
+];
 
 /// The loaded configuration.
 #[derive(Clone, Debug)]
@@ -199,8 +206,10 @@ pub const DEFAULT_CONFIG_YAML: &str = include_str!("../../../examples/quickstart
 impl Config {
     /// Load a config file, then apply the process environment.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::from_yaml_with_env(&text, Some(path), std::env::vars())
     }
 
@@ -220,7 +229,10 @@ impl Config {
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let origin = path.map_or_else(|| "<embedded default>".to_string(), |p| p.display().to_string());
+        let origin = path.map_or_else(
+            || "<embedded default>".to_string(),
+            |p| p.display().to_string(),
+        );
         let mut warnings = Vec::new();
         let mut raw = RawConfig::parse(text, &origin, &mut warnings)?;
         for (var, value) in env {
@@ -233,13 +245,29 @@ impl Config {
         Ok(config)
     }
 
-    fn resolve(raw: RawConfig, path: Option<&Path>, origin: &str, mut warnings: Vec<String>) -> Result<Config, ConfigError> {
-        let invalid = |message: String| ConfigError::Invalid { origin: origin.to_string(), message };
-        let extra: BTreeMap<String, String> =
-            raw.extra_config.unwrap_or_default().into_iter().map(|(k, v)| (k, raw::value_text(&v))).collect();
+    fn resolve(
+        raw: RawConfig,
+        path: Option<&Path>,
+        origin: &str,
+        mut warnings: Vec<String>,
+    ) -> Result<Config, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            origin: origin.to_string(),
+            message,
+        };
+        let extra: BTreeMap<String, String> = raw
+            .extra_config
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, raw::value_text(&v)))
+            .collect();
 
         let mut names: Vec<(String, &'static str)> = Vec::new();
-        for n in raw.storage_plugins.map(StringList::into_vec).unwrap_or_default() {
+        for n in raw
+            .storage_plugins
+            .map(StringList::into_vec)
+            .unwrap_or_default()
+        {
             names.push((n, "storage_plugin"));
         }
         if let Some(legacy) = raw.external_backends {
@@ -253,7 +281,9 @@ impl Config {
         let mut claimed: Vec<String> = Vec::new();
         for (position, (name, prefix_root)) in names.iter().enumerate() {
             if name.is_empty() || name.contains(char::is_whitespace) {
-                return Err(invalid(format!("plugin name `{name}` in {prefix_root}s is empty or has spaces")));
+                return Err(invalid(format!(
+                    "plugin name `{name}` in {prefix_root}s is empty or has spaces"
+                )));
             }
             if let Some(first) = plugins.iter().find(|p| &p.name == name) {
                 return Err(invalid(format!(
@@ -262,7 +292,9 @@ impl Config {
                 )));
             }
             if RESERVED_NAMES.contains(&name.as_str()) || name.starts_with("RemoteBackend") {
-                return Err(invalid(format!("plugin name `{name}` is reserved for an LMCache built-in backend")));
+                return Err(invalid(format!(
+                    "plugin name `{name}` is reserved for an LMCache built-in backend"
+                )));
             }
             let prefix = format!("{prefix_root}.{name}.");
             let mut module_path = None;
@@ -270,20 +302,25 @@ impl Config {
             let mut priority = None;
             let mut options = Vec::new();
             for (k, v) in &extra {
-                let Some(sub) = k.strip_prefix(&prefix) else { continue };
+                let Some(sub) = k.strip_prefix(&prefix) else {
+                    continue;
+                };
                 claimed.push(k.clone());
                 match sub {
                     "module_path" => module_path = Some(v.clone()),
                     "class_name" => class_name = Some(v.clone()),
                     "priority" => {
                         priority = Some(v.trim().parse::<i64>().map_err(|_| {
-                            invalid(format!("extra_config `{k}`: priority `{v}` is not an integer"))
+                            invalid(format!(
+                                "extra_config `{k}`: priority `{v}` is not an integer"
+                            ))
                         })?)
                     }
                     _ => options.push((sub.to_string(), v.clone())),
                 }
             }
-            if *prefix_root == "external_backend" && (module_path.is_some() || class_name.is_some()) {
+            if *prefix_root == "external_backend" && (module_path.is_some() || class_name.is_some())
+            {
                 warnings.push(format!(
                     "`external_backend.{name}.*` is deprecated: rename the keys to `storage_plugin.{name}.*`"
                 ));
@@ -294,7 +331,14 @@ impl Config {
             let class_name = class_name.ok_or_else(|| {
                 invalid(format!("plugin `{name}`: missing `extra_config.{prefix}class_name` (the backend class to load)"))
             })?;
-            plugins.push(PluginSpec { name: name.clone(), module_path, class_name, priority, position, options });
+            plugins.push(PluginSpec {
+                name: name.clone(),
+                module_path,
+                class_name,
+                priority,
+                position,
+                options,
+            });
         }
         // Explicit priorities override list position; ties keep list order (stable sort).
         plugins.sort_by_key(|p| p.priority.unwrap_or(p.position as i64));
@@ -305,12 +349,17 @@ impl Config {
                 continue;
             }
             if k.starts_with("storage_plugin.") || k.starts_with("external_backend.") {
-                warnings.push(format!("extra_config `{k}` names a plugin that is not in storage_plugins (ignored)"));
+                warnings.push(format!(
+                    "extra_config `{k}` names a plugin that is not in storage_plugins (ignored)"
+                ));
             }
             extra_config.insert(k, v);
         }
 
-        let base = path.and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+        let base = path
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
         let plugin_dirs = raw
             .plugin_dir
             .map(StringList::into_vec)
@@ -329,15 +378,31 @@ impl Config {
         let on_plugin_error = match raw.on_plugin_error.as_deref() {
             None | Some("fail") => OnPluginError::Fail,
             Some("skip") => OnPluginError::Skip,
-            Some(other) => return Err(invalid(format!("on_plugin_error `{other}`: expected `fail` or `skip`"))),
+            Some(other) => {
+                return Err(invalid(format!(
+                    "on_plugin_error `{other}`: expected `fail` or `skip`"
+                )))
+            }
         };
-        let write_policy = raw.write_policy.unwrap_or_else(|| "write_through".to_string());
+        let write_policy = raw
+            .write_policy
+            .unwrap_or_else(|| "write_through".to_string());
         if !matches!(write_policy.as_str(), "write_through" | "write_back") {
-            return Err(invalid(format!("write_policy `{write_policy}`: expected `write_through` or `write_back`")));
+            return Err(invalid(format!(
+                "write_policy `{write_policy}`: expected `write_through` or `write_back`"
+            )));
         }
-        let cache_policy = raw.cache_policy.unwrap_or_else(|| "LRU".to_string()).to_ascii_uppercase();
-        if !matches!(cache_policy.as_str(), "LRU" | "FIFO" | "LFU" | "MRU" | "S3FIFO") {
-            return Err(invalid(format!("cache_policy `{cache_policy}`: expected LRU, FIFO, LFU, MRU or S3FIFO")));
+        let cache_policy = raw
+            .cache_policy
+            .unwrap_or_else(|| "LRU".to_string())
+            .to_ascii_uppercase();
+        if !matches!(
+            cache_policy.as_str(),
+            "LRU" | "FIFO" | "LFU" | "MRU" | "S3FIFO"
+        ) {
+            return Err(invalid(format!(
+                "cache_policy `{cache_policy}`: expected LRU, FIFO, LFU, MRU or S3FIFO"
+            )));
         }
         let chunk_size = raw.chunk_size.unwrap_or(256);
         if chunk_size == 0 {
@@ -345,7 +410,9 @@ impl Config {
         }
         let max_local_cpu_size = raw.max_local_cpu_size.unwrap_or(5.0);
         if !(max_local_cpu_size.is_finite() && max_local_cpu_size >= 0.0) {
-            return Err(invalid(format!("max_local_cpu_size {max_local_cpu_size} GiB must be a non-negative number")));
+            return Err(invalid(format!(
+                "max_local_cpu_size {max_local_cpu_size} GiB must be a non-negative number"
+            )));
         }
 
         let mut model = ModelSpec::default();
@@ -353,7 +420,10 @@ impl Config {
             m.apply(&mut model);
         }
         if dtype_info(&model.dtype).is_none() {
-            return Err(invalid(format!("model.dtype `{}` is not an LMCache dtype", model.dtype)));
+            return Err(invalid(format!(
+                "model.dtype `{}` is not an LMCache dtype",
+                model.dtype
+            )));
         }
 
         Ok(Config {
@@ -378,7 +448,11 @@ impl Config {
 
     /// The directory relative module paths are resolved against.
     pub fn base_dir(&self) -> PathBuf {
-        self.source.as_deref().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default()
+        self.source
+            .as_deref()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
     }
 
     /// Bytes in one full chunk of the configured model.

@@ -16,8 +16,16 @@ pub(super) enum StringList {
 impl StringList {
     pub(super) fn into_vec(self) -> Vec<String> {
         match self {
-            StringList::List(v) => v.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
-            StringList::Comma(s) => s.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+            StringList::List(v) => v
+                .into_iter()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
+            StringList::Comma(s) => s
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
         }
     }
 }
@@ -128,9 +136,17 @@ const LMCACHE_KEYS: &[&str] = &[
 
 fn is_lmcache_key(key: &str) -> bool {
     LMCACHE_KEYS.contains(&key)
-        || ["p2p_", "pd_", "nixl_", "controller_", "lmcache_worker_", "lazy_memory_", "blend_"]
-            .iter()
-            .any(|p| key.starts_with(p))
+        || [
+            "p2p_",
+            "pd_",
+            "nixl_",
+            "controller_",
+            "lmcache_worker_",
+            "lazy_memory_",
+            "blend_",
+        ]
+        .iter()
+        .any(|p| key.starts_with(p))
 }
 
 /// A config value as the text a plugin option receives: scalars as written, sequences comma-joined,
@@ -147,20 +163,31 @@ pub(super) fn value_text(v: &Value) -> String {
 }
 
 fn parse_error(origin: &str, err: &serde_yaml_ng::Error) -> ConfigError {
-    let location = err.location().map(|l| format!(":{}:{}", l.line(), l.column())).unwrap_or_default();
-    ConfigError::Parse { origin: origin.to_string(), location, message: err.to_string() }
+    let location = err
+        .location()
+        .map(|l| format!(":{}:{}", l.line(), l.column()))
+        .unwrap_or_default();
+    ConfigError::Parse {
+        origin: origin.to_string(),
+        location,
+        message: err.to_string(),
+    }
 }
 
 impl RawConfig {
     /// Parse YAML text; unknown keys become warnings.
-    pub(super) fn parse(text: &str, origin: &str, warnings: &mut Vec<String>) -> Result<RawConfig, ConfigError> {
+    pub(super) fn parse(
+        text: &str,
+        origin: &str,
+        warnings: &mut Vec<String>,
+    ) -> Result<RawConfig, ConfigError> {
         if text.trim().is_empty() {
             return Ok(RawConfig::default());
         }
         let de = serde_yaml_ng::Deserializer::from_str(text);
         let mut unknown = Vec::new();
-        let raw: RawConfig =
-            serde_ignored::deserialize(de, |path| unknown.push(path.to_string())).map_err(|e| parse_error(origin, &e))?;
+        let raw: RawConfig = serde_ignored::deserialize(de, |path| unknown.push(path.to_string()))
+            .map_err(|e| parse_error(origin, &e))?;
         for key in unknown {
             if !is_lmcache_key(&key) {
                 warnings.push(format!("{origin}: unknown config key `{key}` (ignored)"));
@@ -170,15 +197,23 @@ impl RawConfig {
     }
 
     /// Apply one environment variable if it is an `LMCACHE_*` override.
-    pub(super) fn apply_env(&mut self, var: &str, value: &str, warnings: &mut Vec<String>) -> Result<(), ConfigError> {
-        let Some(key) = var.strip_prefix("LMCACHE_") else { return Ok(()) };
+    pub(super) fn apply_env(
+        &mut self,
+        var: &str,
+        value: &str,
+        warnings: &mut Vec<String>,
+    ) -> Result<(), ConfigError> {
+        let Some(key) = var.strip_prefix("LMCACHE_") else {
+            return Ok(());
+        };
         let key = key.to_ascii_lowercase();
         if key == "extra_config" {
-            let json: serde_json::Value = serde_json::from_str(value).map_err(|e| ConfigError::Parse {
-                origin: format!("environment variable {var}"),
-                location: String::new(),
-                message: format!("not a JSON object: {e}"),
-            })?;
+            let json: serde_json::Value =
+                serde_json::from_str(value).map_err(|e| ConfigError::Parse {
+                    origin: format!("environment variable {var}"),
+                    location: String::new(),
+                    message: format!("not a JSON object: {e}"),
+                })?;
             let serde_json::Value::Object(map) = json else {
                 return Err(ConfigError::Parse {
                     origin: format!("environment variable {var}"),
@@ -204,14 +239,16 @@ impl RawConfig {
             .iter()
             .find_map(|q| value.strip_prefix(*q).and_then(|v| v.strip_suffix(*q)))
             .unwrap_or(value);
-        let parsed: Value = serde_yaml_ng::from_str(unquoted).unwrap_or_else(|_| Value::String(unquoted.to_string()));
+        let parsed: Value = serde_yaml_ng::from_str(unquoted)
+            .unwrap_or_else(|_| Value::String(unquoted.to_string()));
         let mut map = serde_yaml_ng::Mapping::new();
         map.insert(Value::String(key.clone()), parsed);
-        let one: RawConfig = serde_yaml_ng::from_value(Value::Mapping(map)).map_err(|e| ConfigError::Parse {
-            origin: format!("environment variable {var}"),
-            location: String::new(),
-            message: format!("value `{value}`: {e}"),
-        })?;
+        let one: RawConfig =
+            serde_yaml_ng::from_value(Value::Mapping(map)).map_err(|e| ConfigError::Parse {
+                origin: format!("environment variable {var}"),
+                location: String::new(),
+                message: format!("value `{value}`: {e}"),
+            })?;
         if key == "external_backends" {
             warnings.push(format!("{var} is deprecated: use LMCACHE_STORAGE_PLUGINS"));
         }

@@ -11,7 +11,8 @@ use std::sync::LazyLock;
 
 /// Libraries opened so far, by canonical path. Never closed: plugins may hold thread-locals and
 /// threads that make unloading unsound, so every handle is leaked on purpose.
-static OPENED: LazyLock<Mutex<HashMap<PathBuf, &'static Library>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+static OPENED: LazyLock<Mutex<HashMap<PathBuf, &'static Library>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
 
 /// Open `path` once per process (`RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE`).
 pub(crate) fn open(path: &Path) -> Result<&'static Library, String> {
@@ -22,24 +23,36 @@ pub(crate) fn open(path: &Path) -> Result<&'static Library, String> {
     }
     // SAFETY: loading a library runs its initialisers; running plugin code is the point of a plugin
     // host, and the operator chose this file in the config.
-    let lib = unsafe { Library::open(Some(&canonical), RTLD_NOW | RTLD_LOCAL | libc::RTLD_NODELETE) }
-        .map_err(|e| e.to_string())?;
+    let lib = unsafe {
+        Library::open(
+            Some(&canonical),
+            RTLD_NOW | RTLD_LOCAL | libc::RTLD_NODELETE,
+        )
+    }
+    .map_err(|e| e.to_string())?;
     let lib: &'static Library = Box::leak(Box::new(lib));
     opened.insert(canonical, lib);
     Ok(lib)
 }
 
 /// The entry point `symbol` of `lib`, if exported.
-pub(crate) fn entry(lib: &'static Library, symbol: &str) -> Option<unsafe extern "C" fn(*const abi::kvh_host_api) -> *const abi::kvh_plugin_descriptor> {
+pub(crate) fn entry(
+    lib: &'static Library,
+    symbol: &str,
+) -> Option<unsafe extern "C" fn(*const abi::kvh_host_api) -> *const abi::kvh_plugin_descriptor> {
     // SAFETY: the symbol's type is the ABI's entry-point type; a library exporting this name promises
     // it (the `_v1` suffix pins the ABI major).
-    let sym: Symbol<unsafe extern "C" fn(*const abi::kvh_host_api) -> *const abi::kvh_plugin_descriptor> =
-        unsafe { lib.get(symbol.as_bytes()) }.ok()?;
+    let sym: Symbol<
+        unsafe extern "C" fn(*const abi::kvh_host_api) -> *const abi::kvh_plugin_descriptor,
+    > = unsafe { lib.get(symbol.as_bytes()) }.ok()?;
     Some(*sym)
 }
 
 /// The Rust layout header exported by SDK-built plugins (`<entry>_rust_layout`), if any.
-pub(crate) fn rust_layout(lib: &'static Library, entry_symbol: &str) -> Option<(String, u16, &'static abi_stable::type_layout::TypeLayout)> {
+pub(crate) fn rust_layout(
+    lib: &'static Library,
+    entry_symbol: &str,
+) -> Option<(String, u16, &'static abi_stable::type_layout::TypeLayout)> {
     let name = format!("{entry_symbol}_rust_layout");
     // SAFETY: SDK-built plugins export this name with this type; others do not export it at all.
     let sym: Symbol<extern "C" fn() -> *const kvhost_plugin_sdk::export::RustLayoutHeader> =
@@ -49,9 +62,15 @@ pub(crate) fn rust_layout(lib: &'static Library, entry_symbol: &str) -> Option<(
     let header = unsafe { header.as_ref() }?;
     // SAFETY: NUL-terminated static string from the SDK, read with a bound.
     let line = unsafe { crate::plugin::ffi_c_string(header.abi_stable) }.unwrap_or_default();
-    if line.as_bytes() != kvhost_plugin_sdk::export::ABI_STABLE_LINE.to_bytes() || header.layout.is_null() {
+    if line.as_bytes() != kvhost_plugin_sdk::export::ABI_STABLE_LINE.to_bytes()
+        || header.layout.is_null()
+    {
         // A different abi_stable line lays out `TypeLayout` differently: do not read it.
-        return Some((line, header.abi_minor, <abi::kvh_plugin_descriptor as abi_stable::StableAbi>::LAYOUT));
+        return Some((
+            line,
+            header.abi_minor,
+            <abi::kvh_plugin_descriptor as abi_stable::StableAbi>::LAYOUT,
+        ));
     }
     // SAFETY: same abi_stable release line, so the pointer is a `&'static TypeLayout` of the same type.
     let layout = unsafe { &*header.layout.cast::<abi_stable::type_layout::TypeLayout>() };
@@ -61,8 +80,12 @@ pub(crate) fn rust_layout(lib: &'static Library, entry_symbol: &str) -> Option<(
 /// Exported dynamic symbols starting with `kvh_plugin_`, read from the ELF file itself.
 pub(crate) fn exported_plugin_symbols(path: &Path) -> Vec<String> {
     use object::{Object, ObjectSymbol};
-    let Ok(data) = std::fs::read(path) else { return Vec::new() };
-    let Ok(file) = object::File::parse(&*data) else { return Vec::new() };
+    let Ok(data) = std::fs::read(path) else {
+        return Vec::new();
+    };
+    let Ok(file) = object::File::parse(&*data) else {
+        return Vec::new();
+    };
     let mut names: Vec<String> = file
         .dynamic_symbols()
         .filter(|s| s.is_definition())
@@ -75,7 +98,9 @@ pub(crate) fn exported_plugin_symbols(path: &Path) -> Vec<String> {
 }
 
 /// A leaked host API table for one plugin instance (valid until process exit, as the ABI promises).
-pub(crate) fn host_api(instance: &str) -> Result<(&'static abi::kvh_host_api, &'static HostCtx), String> {
+pub(crate) fn host_api(
+    instance: &str,
+) -> Result<(&'static abi::kvh_host_api, &'static HostCtx), String> {
     let ctx = crate::plugin::register_instance(|id| {
         Box::leak(Box::new(HostCtx {
             name: instance.to_string(),
@@ -91,7 +116,10 @@ pub(crate) fn host_api(instance: &str) -> Result<(&'static abi::kvh_host_api, &'
         abi_major: abi::KVH_ABI_MAJOR,
         abi_minor: abi::KVH_ABI_MINOR,
         host_ctx: ctx as *const HostCtx as *mut std::ffi::c_void,
-        instance_name: abi::kvh_str { ptr: name.as_ptr().cast(), len: name.len() - 1 },
+        instance_name: abi::kvh_str {
+            ptr: name.as_ptr().cast(),
+            len: name.len() - 1,
+        },
         log: Some(crate::plugin::host_log),
         log_enabled: Some(crate::plugin::host_log_enabled),
     }));
@@ -125,7 +153,9 @@ unsafe fn read_prefix<T: Copy>(ptr: *const T) -> (T, u32) {
 }
 
 /// The descriptor and its declared size.
-pub(crate) fn read_descriptor(desc: *const abi::kvh_plugin_descriptor) -> (abi::kvh_plugin_descriptor, u32) {
+pub(crate) fn read_descriptor(
+    desc: *const abi::kvh_plugin_descriptor,
+) -> (abi::kvh_plugin_descriptor, u32) {
     // SAFETY: non-null (checked by the caller); the plugin declares its size in the first field.
     unsafe { read_prefix(desc) }
 }
@@ -172,8 +202,14 @@ impl FfiMetadata {
             chunk_size,
             dtype_code,
             use_mla: u32::from(model.use_mla),
-            model_name: abi::kvh_str { ptr: name.as_ptr().cast(), len: name.len() - 1 },
-            dtype: abi::kvh_str { ptr: dtype.as_ptr().cast(), len: dtype.len() - 1 },
+            model_name: abi::kvh_str {
+                ptr: name.as_ptr().cast(),
+                len: name.len() - 1,
+            },
+            dtype: abi::kvh_str {
+                ptr: dtype.as_ptr().cast(),
+                len: dtype.len() - 1,
+            },
             kv_shape: [
                 u64::from(model.num_layers),
                 model.kv_count(),
@@ -183,7 +219,10 @@ impl FfiMetadata {
             ],
             full_chunk_bytes: model.full_chunk_bytes(chunk_size),
         };
-        FfiMetadata { _strings: (name, dtype), raw }
+        FfiMetadata {
+            _strings: (name, dtype),
+            raw,
+        }
     }
 }
 
@@ -194,22 +233,43 @@ pub(crate) fn create(
     options: &[(String, String)],
     metadata: &FfiMetadata,
 ) -> Result<*mut abi::kvh_backend, (i32, String)> {
-    let texts: Vec<(String, String)> = options.iter().map(|(k, v)| (format!("{k}\0"), format!("{v}\0"))).collect();
+    let texts: Vec<(String, String)> = options
+        .iter()
+        .map(|(k, v)| (format!("{k}\0"), format!("{v}\0")))
+        .collect();
     let items: Vec<abi::kvh_option> = texts
         .iter()
         .map(|(k, v)| abi::kvh_option {
-            key: abi::kvh_str { ptr: k.as_ptr().cast(), len: k.len() - 1 },
-            value: abi::kvh_str { ptr: v.as_ptr().cast(), len: v.len() - 1 },
+            key: abi::kvh_str {
+                ptr: k.as_ptr().cast(),
+                len: k.len() - 1,
+            },
+            value: abi::kvh_str {
+                ptr: v.as_ptr().cast(),
+                len: v.len() - 1,
+            },
         })
         .collect();
-    let opts = abi::kvh_options { items: items.as_ptr(), len: items.len() };
+    let opts = abi::kvh_options {
+        items: items.as_ptr(),
+        len: items.len(),
+    };
     let mut err = vec![0u8; 2048];
     let mut out: *mut abi::kvh_backend = std::ptr::null_mut();
     let f = vt.create.expect("checked by the loader");
     // SAFETY: the checked `create`, with host data valid for the call (the host table for ever) and a
     // writable error buffer of `err.len()` bytes.
     let rc = unsafe {
-        f(host, &opts, &metadata.raw, &mut out, abi::kvh_message_buf { ptr: err.as_mut_ptr().cast(), cap: err.len() })
+        f(
+            host,
+            &opts,
+            &metadata.raw,
+            &mut out,
+            abi::kvh_message_buf {
+                ptr: err.as_mut_ptr().cast(),
+                cap: err.len(),
+            },
+        )
     };
     let message = {
         let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
@@ -219,7 +279,10 @@ pub(crate) fn create(
         return Err((rc, message));
     }
     if out.is_null() {
-        return Err((abi::KVH_ERR_INTERNAL, "create returned OK but no backend".to_string()));
+        return Err((
+            abi::KVH_ERR_INTERNAL,
+            "create returned OK but no backend".to_string(),
+        ));
     }
     Ok(out)
 }

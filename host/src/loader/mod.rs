@@ -85,8 +85,15 @@ pub enum LoadError {
 impl fmt::Display for LoadError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            LoadError::NotFound { plugin, module_path, searched } => {
-                write!(f, "plugin `{plugin}`: no library for module_path `{module_path}`; searched:")?;
+            LoadError::NotFound {
+                plugin,
+                module_path,
+                searched,
+            } => {
+                write!(
+                    f,
+                    "plugin `{plugin}`: no library for module_path `{module_path}`; searched:"
+                )?;
                 for p in searched {
                     write!(f, "\n  {}", p.display())?;
                 }
@@ -95,16 +102,38 @@ impl fmt::Display for LoadError {
                 }
                 Ok(())
             }
-            LoadError::Open { plugin, path, reason } => {
-                write!(f, "plugin `{plugin}` ({}): cannot open library: {reason}", path.display())
+            LoadError::Open {
+                plugin,
+                path,
+                reason,
+            } => {
+                write!(
+                    f,
+                    "plugin `{plugin}` ({}): cannot open library: {reason}",
+                    path.display()
+                )
             }
-            LoadError::MissingSymbol { plugin, path, symbol, exported } => {
-                write!(f, "plugin `{plugin}` ({}): no entry point `{symbol}`", path.display())?;
+            LoadError::MissingSymbol {
+                plugin,
+                path,
+                symbol,
+                exported,
+            } => {
+                write!(
+                    f,
+                    "plugin `{plugin}` ({}): no entry point `{symbol}`",
+                    path.display()
+                )?;
                 if exported.is_empty() {
-                    write!(f, "; the library exports no kvh_plugin_* symbols (is it a kvhost plugin?)")
+                    write!(
+                        f,
+                        "; the library exports no kvh_plugin_* symbols (is it a kvhost plugin?)"
+                    )
                 } else {
                     write!(f, "; it exports: {}", exported.join(", "))?;
-                    let class = symbol.trim_start_matches("kvh_plugin_").trim_end_matches("_v1");
+                    let class = symbol
+                        .trim_start_matches("kvh_plugin_")
+                        .trim_end_matches("_v1");
                     let other_major = exported.iter().find(|e| {
                         e.strip_prefix(&format!("kvh_plugin_{class}_v"))
                             .is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
@@ -120,15 +149,36 @@ impl fmt::Display for LoadError {
                     }
                 }
             }
-            LoadError::Abi { plugin, path, problem } => {
-                write!(f, "plugin `{plugin}` ({}): ABI check failed: {problem}", path.display())
+            LoadError::Abi {
+                plugin,
+                path,
+                problem,
+            } => {
+                write!(
+                    f,
+                    "plugin `{plugin}` ({}): ABI check failed: {problem}",
+                    path.display()
+                )
             }
-            LoadError::Options { plugin, path, problem } => {
+            LoadError::Options {
+                plugin,
+                path,
+                problem,
+            } => {
                 write!(f, "plugin `{plugin}` ({}): {problem}", path.display())
             }
-            LoadError::Create { plugin, path, status, message } => {
+            LoadError::Create {
+                plugin,
+                path,
+                status,
+                message,
+            } => {
                 let status = kvhost_plugin_sdk::Status(*status);
-                write!(f, "plugin `{plugin}` ({}): create failed: {status}", path.display())?;
+                write!(
+                    f,
+                    "plugin `{plugin}` ({}): create failed: {status}",
+                    path.display()
+                )?;
                 if !message.is_empty() {
                     write!(f, ": {message}")?;
                 }
@@ -147,7 +197,10 @@ pub fn plugin_dirs(config: &Config) -> Vec<PathBuf> {
     if let Some(env) = std::env::var_os("KVHOST_PLUGIN_PATH") {
         dirs.extend(std::env::split_paths(&env).filter(|p| !p.as_os_str().is_empty()));
     }
-    if let Some(exe_dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+    if let Some(exe_dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
         dirs.push(exe_dir.join("plugins"));
         // Test binaries live in <profile>/deps; the workspace build puts plugins in <profile>/plugins.
         if exe_dir.ends_with("deps") {
@@ -160,8 +213,13 @@ pub fn plugin_dirs(config: &Config) -> Vec<PathBuf> {
 }
 
 /// Resolve `module_path` to a file, or list every path tried.
-pub fn resolve(module_path: &str, base_dir: &Path, dirs: &[PathBuf]) -> Result<PathBuf, Vec<PathBuf>> {
-    let looks_like_path = module_path.contains('/') || module_path.ends_with(".so") || module_path.contains(".so.");
+pub fn resolve(
+    module_path: &str,
+    base_dir: &Path,
+    dirs: &[PathBuf],
+) -> Result<PathBuf, Vec<PathBuf>> {
+    let looks_like_path =
+        module_path.contains('/') || module_path.ends_with(".so") || module_path.contains(".so.");
     if looks_like_path {
         let p = PathBuf::from(module_path);
         let p = if p.is_relative() { base_dir.join(p) } else { p };
@@ -195,24 +253,34 @@ fn valid_class_name(name: &str) -> bool {
 /// Load, check and create one plugin.
 pub fn load(spec: &PluginSpec, config: &Config) -> Result<PluginBackend, LoadError> {
     let dirs = plugin_dirs(config);
-    let path = resolve(&spec.module_path, &config.base_dir(), &dirs).map_err(|searched| LoadError::NotFound {
-        plugin: spec.name.clone(),
-        module_path: spec.module_path.clone(),
-        searched,
+    let path = resolve(&spec.module_path, &config.base_dir(), &dirs).map_err(|searched| {
+        LoadError::NotFound {
+            plugin: spec.name.clone(),
+            module_path: spec.module_path.clone(),
+            searched,
+        }
     })?;
     load_from(spec, &path, config)
 }
 
 /// Load, check and create one plugin from a known library file.
-pub fn load_from(spec: &PluginSpec, path: &Path, config: &Config) -> Result<PluginBackend, LoadError> {
+pub fn load_from(
+    spec: &PluginSpec,
+    path: &Path,
+    config: &Config,
+) -> Result<PluginBackend, LoadError> {
     let (_, vt, info) = inspect(spec, path)?;
 
-    let options = validate_options(&spec.options, &info.schema).map_err(|problem| LoadError::Options {
-        plugin: spec.name.clone(),
-        path: path.to_path_buf(),
-        problem,
-    })?;
-    let info = PluginInfo { options: options.clone(), ..info };
+    let options =
+        validate_options(&spec.options, &info.schema).map_err(|problem| LoadError::Options {
+            plugin: spec.name.clone(),
+            path: path.to_path_buf(),
+            problem,
+        })?;
+    let info = PluginInfo {
+        options: options.clone(),
+        ..info
+    };
 
     let (host, ctx) = library::host_api(&spec.name).map_err(|reason| LoadError::Open {
         plugin: spec.name.clone(),
@@ -220,12 +288,15 @@ pub fn load_from(spec: &PluginSpec, path: &Path, config: &Config) -> Result<Plug
         reason,
     })?;
     let metadata = library::FfiMetadata::new(&config.model, config.chunk_size);
-    let backend = library::create(&vt, host, &options, &metadata).map_err(|(status, message)| LoadError::Create {
-        plugin: spec.name.clone(),
-        path: path.to_path_buf(),
-        status,
-        message,
-    })?;
+    let backend =
+        library::create(&vt, host, &options, &metadata).map_err(|(status, message)| {
+            LoadError::Create {
+                plugin: spec.name.clone(),
+                path: path.to_path_buf(),
+                status,
+                message,
+            }
+        })?;
     if info.capabilities & !KNOWN_CAPS != 0 {
         tracing::info!(
             target: "kvhost::loader",
@@ -259,11 +330,25 @@ const KNOWN_CAPS: u64 = abi::KVH_CAP_PIN
 pub(crate) fn inspect(
     spec: &PluginSpec,
     path: &Path,
-) -> Result<(abi::kvh_plugin_descriptor, abi::kvh_backend_vtable, PluginInfo), LoadError> {
+) -> Result<
+    (
+        abi::kvh_plugin_descriptor,
+        abi::kvh_backend_vtable,
+        PluginInfo,
+    ),
+    LoadError,
+> {
     let plugin = spec.name.clone();
-    let abi_err = |problem: String| LoadError::Abi { plugin: plugin.clone(), path: path.to_path_buf(), problem };
+    let abi_err = |problem: String| LoadError::Abi {
+        plugin: plugin.clone(),
+        path: path.to_path_buf(),
+        problem,
+    };
     if !valid_class_name(&spec.class_name) {
-        return Err(abi_err(format!("class_name `{}` must be [A-Za-z0-9_]+ (it names a C symbol)", spec.class_name)));
+        return Err(abi_err(format!(
+            "class_name `{}` must be [A-Za-z0-9_]+ (it names a C symbol)",
+            spec.class_name
+        )));
     }
     let lib = library::open(path).map_err(|reason| LoadError::Open {
         plugin: plugin.clone(),
@@ -286,7 +371,9 @@ pub(crate) fn inspect(
     // 1. Non-null descriptor.
     let desc_ptr = library::call_entry(entry, host);
     if desc_ptr.is_null() {
-        return Err(abi_err(format!("{symbol} returned NULL: the plugin refused to load (see its log above)")));
+        return Err(abi_err(format!(
+            "{symbol} returned NULL: the plugin refused to load (see its log above)"
+        )));
     }
     // 2. Size.
     let (desc, declared) = library::read_descriptor(desc_ptr);
@@ -336,12 +423,19 @@ pub(crate) fn inspect(
     .map(|(n, _)| *n)
     .collect();
     if !missing.is_empty() {
-        return Err(abi_err(format!("required vtable function(s) are NULL: {}", missing.join(", "))));
+        return Err(abi_err(format!(
+            "required vtable function(s) are NULL: {}",
+            missing.join(", ")
+        )));
     }
     // 6. Capabilities against functions.
     let caps = desc.capabilities;
     let cap_fns: [(u64, &str, bool); 4] = [
-        (abi::KVH_CAP_PIN, "pin/unpin", vt.pin.is_some() && vt.unpin.is_some()),
+        (
+            abi::KVH_CAP_PIN,
+            "pin/unpin",
+            vt.pin.is_some() && vt.unpin.is_some(),
+        ),
         (abi::KVH_CAP_PREFETCH, "prefetch", vt.prefetch.is_some()),
         (abi::KVH_CAP_FLUSH, "flush", vt.flush.is_some()),
         (abi::KVH_CAP_HEALTH, "health", vt.health.is_some()),
@@ -350,7 +444,9 @@ pub(crate) fn inspect(
     for (bit, name, present) in cap_fns {
         if caps & bit != 0 && !present {
             let cap = crate::plugin::capability_names(bit).join("");
-            return Err(abi_err(format!("capability `{cap}` is advertised but {name} is NULL")));
+            return Err(abi_err(format!(
+                "capability `{cap}` is advertised but {name} is NULL"
+            )));
         }
         if caps & bit == 0 {
             // An optional function without its bit is never called.
@@ -363,11 +459,16 @@ pub(crate) fn inspect(
         }
     }
     // 7. (Schema read here; options are validated by the caller.)
-    let specs = library::option_specs(&desc)
-        .ok_or_else(|| abi_err(format!("option table is NULL or implausible ({} entries)", desc.options_len)))?;
+    let specs = library::option_specs(&desc).ok_or_else(|| {
+        abi_err(format!(
+            "option table is NULL or implausible ({} entries)",
+            desc.options_len
+        ))
+    })?;
     let mut schema = Vec::with_capacity(specs.len());
     for (i, s) in specs.iter().enumerate() {
-        let key = library::c_str(s.key).ok_or_else(|| abi_err(format!("option spec {i} has a NULL key")))?;
+        let key = library::c_str(s.key)
+            .ok_or_else(|| abi_err(format!("option spec {i} has a NULL key")))?;
         schema.push(OptionInfo {
             key,
             default: library::c_str(s.default_value),
@@ -395,7 +496,11 @@ pub(crate) fn inspect(
     Ok((desc, vt, info))
 }
 
-fn check_rust_layout(line: &str, minor: u16, layout: &'static abi_stable::type_layout::TypeLayout) -> Result<(), String> {
+fn check_rust_layout(
+    line: &str,
+    minor: u16,
+    layout: &'static abi_stable::type_layout::TypeLayout,
+) -> Result<(), String> {
     let ours = kvhost_plugin_sdk::abi_layout();
     if line.as_bytes() != kvhost_plugin_sdk::export::ABI_STABLE_LINE.to_bytes() {
         return Err(format!(
@@ -408,17 +513,30 @@ fn check_rust_layout(line: &str, minor: u16, layout: &'static abi_stable::type_l
         // the struct_size checks above cover that case.
         return Ok(());
     }
-    abi_stable::abi_stability::abi_checking::check_layout_compatibility(ours, layout)
-        .map_err(|e| format!("the Rust plugin's ABI types differ from this host's (abi_stable layout check):\n{e}"))
+    abi_stable::abi_stability::abi_checking::check_layout_compatibility(ours, layout).map_err(|e| {
+        format!(
+            "the Rust plugin's ABI types differ from this host's (abi_stable layout check):\n{e}"
+        )
+    })
 }
 
 /// Check configured options against the schema; returns them in schema order with defaults applied.
-pub fn validate_options(given: &[(String, String)], schema: &[OptionInfo]) -> Result<Vec<(String, String)>, String> {
+pub fn validate_options(
+    given: &[(String, String)],
+    schema: &[OptionInfo],
+) -> Result<Vec<(String, String)>, String> {
     let accepted = || {
         if schema.is_empty() {
             "it accepts no options".to_string()
         } else {
-            format!("accepted: {}", schema.iter().map(|s| s.key.as_str()).collect::<Vec<_>>().join(", "))
+            format!(
+                "accepted: {}",
+                schema
+                    .iter()
+                    .map(|s| s.key.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
         }
     };
     for (k, _) in given {
@@ -462,7 +580,10 @@ pub fn load_all(config: &Config) -> Result<(Vec<PluginBackend>, Vec<Skipped>), L
             Ok(p) => loaded.push(p),
             Err(error) if config.on_plugin_error == OnPluginError::Skip => {
                 tracing::error!(target: "kvhost::loader", "{error}; skipped (on_plugin_error: skip)");
-                skipped.push(Skipped { spec: spec.clone(), error });
+                skipped.push(Skipped {
+                    spec: spec.clone(),
+                    error,
+                });
             }
             Err(error) => {
                 while let Some(p) = loaded.pop() {

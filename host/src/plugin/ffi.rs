@@ -17,7 +17,10 @@ use std::sync::LazyLock;
 
 /// A `kvh_str` borrowing `s` (the caller keeps `s` alive for as long as the plugin may read it).
 pub(crate) fn kvh_str(s: &str) -> abi::kvh_str {
-    abi::kvh_str { ptr: s.as_ptr().cast(), len: s.len() }
+    abi::kvh_str {
+        ptr: s.as_ptr().cast(),
+        len: s.len(),
+    }
 }
 
 /// ABI keys for a batch: `keys[i]` describes `src[i]`, borrowing its strings.
@@ -53,7 +56,11 @@ impl FfiKeys {
                 canonical: kvh_str(text),
                 model_name: kvh_str(&text[m.start as usize..m.end as usize]),
                 dtype: kvh_str(&text[d.start as usize..d.end as usize]),
-                tags: if n == 0 { std::ptr::null() } else { tags[next_tag..].as_ptr() },
+                tags: if n == 0 {
+                    std::ptr::null()
+                } else {
+                    tags[next_tag..].as_ptr()
+                },
                 tags_len: n,
                 chunk_hash: k.chunk_hash() as i64,
                 key_hash: k.key_hash(),
@@ -106,13 +113,16 @@ impl OpTable {
 }
 
 /// Every host context ever created, by instance id (the token names the instance, never a pointer).
-static INSTANCES: LazyLock<RwLock<Vec<&'static HostCtx>>> = LazyLock::new(|| RwLock::new(Vec::new()));
+static INSTANCES: LazyLock<RwLock<Vec<&'static HostCtx>>> =
+    LazyLock::new(|| RwLock::new(Vec::new()));
 /// Completions whose token names no instance at all (garbage `user_data`).
 static UNKNOWN_COMPLETIONS: AtomicU64 = AtomicU64::new(0);
 
 /// Create and register a host context with the next instance id; `None` when the process has made
 /// too many instances.
-pub(crate) fn register_instance(make: impl FnOnce(u16) -> &'static HostCtx) -> Option<&'static HostCtx> {
+pub(crate) fn register_instance(
+    make: impl FnOnce(u16) -> &'static HostCtx,
+) -> Option<&'static HostCtx> {
     let mut all = INSTANCES.write();
     if all.len() >= MAX_INSTANCES {
         return None;
@@ -138,12 +148,20 @@ fn encode(instance: u16, shard: usize, slot: usize, generation: u32) -> *mut c_v
 
 fn decode(user_data: *mut c_void) -> (u16, usize, usize, u32) {
     let t = user_data as usize as u64;
-    ((t >> 24) as u16, (t & 0xf) as usize, ((t >> 4) & ((1 << SLOT_BITS) - 1)) as usize, (t >> 40) as u32)
+    (
+        (t >> 24) as u16,
+        (t & 0xf) as usize,
+        ((t >> 4) & ((1 << SLOT_BITS) - 1)) as usize,
+        (t >> 40) as u32,
+    )
 }
 
 /// Register `op` for instance `ctx`; returns the `user_data` token for its completion, or gives the
 /// operation back when the instance has too many operations pending.
-pub(crate) fn register(op: Box<dyn PendingOp>, ctx: &'static HostCtx) -> Result<*mut c_void, Box<dyn PendingOp>> {
+pub(crate) fn register(
+    op: Box<dyn PendingOp>,
+    ctx: &'static HostCtx,
+) -> Result<*mut c_void, Box<dyn PendingOp>> {
     let table = &ctx.ops;
     let shard = table.next_shard.fetch_add(1, Ordering::Relaxed) % SHARDS;
     let generation = table.generation.fetch_add(1, Ordering::Relaxed) & ((1 << GEN_BITS) - 1);
@@ -156,9 +174,13 @@ pub(crate) fn register(op: Box<dyn PendingOp>, ctx: &'static HostCtx) -> Result<
 }
 
 /// Take the operation for `token` out of its instance's table, if it is still pending.
-pub(crate) fn take(user_data: *mut c_void) -> Result<(Box<dyn PendingOp>, &'static HostCtx), Option<&'static HostCtx>> {
+pub(crate) fn take(
+    user_data: *mut c_void,
+) -> Result<(Box<dyn PendingOp>, &'static HostCtx), Option<&'static HostCtx>> {
     let (instance, shard, slot, generation) = decode(user_data);
-    let Some(ctx) = INSTANCES.read().get(instance as usize).copied() else { return Err(None) };
+    let Some(ctx) = INSTANCES.read().get(instance as usize).copied() else {
+        return Err(None);
+    };
     let mut slots = ctx.ops.shards[shard].lock();
     match slots.get(slot) {
         Some(s) if s.generation == generation => Ok((slots.remove(slot).op, ctx)),
@@ -171,7 +193,11 @@ pub(crate) fn take(user_data: *mut c_void) -> Result<(Box<dyn PendingOp>, &'stat
 /// # Safety
 /// Called by plugins per the ABI; `message` must describe readable bytes or be empty. Every other
 /// argument is validated here.
-pub(crate) unsafe extern "C" fn on_complete(user_data: *mut c_void, status: abi::kvh_status, message: abi::kvh_str) {
+pub(crate) unsafe extern "C" fn on_complete(
+    user_data: *mut c_void,
+    status: abi::kvh_status,
+    message: abi::kvh_str,
+) {
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: the plugin passes a borrowed message valid for this call (ABI).
         let message = unsafe { str_lossy(message) };
@@ -244,7 +270,10 @@ impl MessageBuf {
         MessageBuf(vec![0u8; 1024])
     }
     pub(crate) fn raw(&mut self) -> abi::kvh_message_buf {
-        abi::kvh_message_buf { ptr: self.0.as_mut_ptr().cast(), cap: self.0.len() }
+        abi::kvh_message_buf {
+            ptr: self.0.as_mut_ptr().cast(),
+            cap: self.0.len(),
+        }
     }
     pub(crate) fn text(&self) -> String {
         let end = self.0.iter().position(|&b| b == 0).unwrap_or(self.0.len());
@@ -256,18 +285,33 @@ impl MessageBuf {
 ///
 /// # Safety
 /// Called by plugins per the ABI with the `host_ctx` the host gave them.
-pub(crate) unsafe extern "C" fn host_log(host_ctx: *mut c_void, level: i32, target: abi::kvh_str, message: abi::kvh_str) {
+pub(crate) unsafe extern "C" fn host_log(
+    host_ctx: *mut c_void,
+    level: i32,
+    target: abi::kvh_str,
+    message: abi::kvh_str,
+) {
     let r = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: `host_ctx` is the leaked `HostCtx` the host created for this plugin (never freed).
-        let Some(ctx) = (unsafe { host_ctx.cast::<HostCtx>().as_ref() }) else { return };
+        let Some(ctx) = (unsafe { host_ctx.cast::<HostCtx>().as_ref() }) else {
+            return;
+        };
         // SAFETY: borrowed strings valid for this call (ABI).
         let (target, message) = unsafe { (str_lossy(target), str_lossy(message)) };
         let plugin = ctx.name.as_str();
         match level {
-            abi::KVH_LOG_ERROR => tracing::error!(target: "kvhost::plugin", plugin, module = %target, "{message}"),
-            abi::KVH_LOG_WARN => tracing::warn!(target: "kvhost::plugin", plugin, module = %target, "{message}"),
-            abi::KVH_LOG_INFO => tracing::info!(target: "kvhost::plugin", plugin, module = %target, "{message}"),
-            abi::KVH_LOG_DEBUG => tracing::debug!(target: "kvhost::plugin", plugin, module = %target, "{message}"),
+            abi::KVH_LOG_ERROR => {
+                tracing::error!(target: "kvhost::plugin", plugin, module = %target, "{message}")
+            }
+            abi::KVH_LOG_WARN => {
+                tracing::warn!(target: "kvhost::plugin", plugin, module = %target, "{message}")
+            }
+            abi::KVH_LOG_INFO => {
+                tracing::info!(target: "kvhost::plugin", plugin, module = %target, "{message}")
+            }
+            abi::KVH_LOG_DEBUG => {
+                tracing::debug!(target: "kvhost::plugin", plugin, module = %target, "{message}")
+            }
             _ => tracing::trace!(target: "kvhost::plugin", plugin, module = %target, "{message}"),
         }
     }));

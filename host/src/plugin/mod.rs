@@ -10,7 +10,9 @@ mod ffi;
 mod ops;
 
 pub use ffi::unknown_completions;
-pub(crate) use ffi::{c_string as ffi_c_string, host_log, host_log_enabled, register_instance, OpTable};
+pub(crate) use ffi::{
+    c_string as ffi_c_string, host_log, host_log_enabled, register_instance, OpTable,
+};
 pub use ops::{DstBuf, GetDone, GetItem, GetRequest, PrefetchDone, PutDone, PutRequest, SrcBuf};
 
 use kvhost_plugin_sdk::abi;
@@ -127,7 +129,10 @@ unsafe impl Sync for PluginBackend {}
 
 impl fmt::Debug for PluginBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PluginBackend").field("name", &self.info.name).field("class", &self.info.class_name).finish()
+        f.debug_struct("PluginBackend")
+            .field("name", &self.info.name)
+            .field("class", &self.info.class_name)
+            .finish()
     }
 }
 
@@ -139,7 +144,12 @@ impl PluginBackend {
         backend: *mut abi::kvh_backend,
         ctx: &'static HostCtx,
     ) -> Self {
-        PluginBackend { info: Arc::new(info), vt, backend, ctx }
+        PluginBackend {
+            info: Arc::new(info),
+            vt,
+            backend,
+            ctx,
+        }
     }
 
     /// What the loader learned about this plugin.
@@ -169,12 +179,19 @@ impl PluginBackend {
     }
 
     fn error(&self, op: &'static str, status: Status, message: impl Into<String>) -> PluginError {
-        PluginError { plugin: self.info.name.clone(), op, status, message: message.into() }
+        PluginError {
+            plugin: self.info.name.clone(),
+            op,
+            status,
+            message: message.into(),
+        }
     }
 
     /// The plugin's `last_error` text for a failed synchronous call on this thread.
     fn last_error(&self) -> String {
-        let Some(f) = self.vt.last_error else { return String::new() };
+        let Some(f) = self.vt.last_error else {
+            return String::new();
+        };
         let mut buf = ffi::MessageBuf::new();
         let raw = buf.raw();
         // SAFETY: a checked vtable function with the live backend and a host buffer of `cap` bytes.
@@ -195,7 +212,11 @@ impl PluginBackend {
 
     /// Which keys are stored, with their metadata; pins present keys if `pin` (ignored without
     /// `KVH_CAP_PIN`).
-    pub fn contains(&self, keys: &[crate::ChunkKey], pin: bool) -> Result<Vec<Presence>, PluginError> {
+    pub fn contains(
+        &self,
+        keys: &[crate::ChunkKey],
+        pin: bool,
+    ) -> Result<Vec<Presence>, PluginError> {
         let n = keys.len();
         let ffi_keys = ffi::FfiKeys::new(keys);
         let mut meta = vec![ChunkMeta::default(); n];
@@ -223,7 +244,9 @@ impl PluginBackend {
                     Err(why) => Presence::Failed(Status::INTERNAL, why),
                 },
                 abi::KVH_ERR_NOT_FOUND => Presence::Absent,
-                abi::KVH_ERR_NO_RESULT => Presence::Failed(Status(s), "the plugin did not report this key".into()),
+                abi::KVH_ERR_NO_RESULT => {
+                    Presence::Failed(Status(s), "the plugin did not report this key".into())
+                }
                 other => Presence::Failed(Status(other), String::new()),
             })
             .collect())
@@ -238,7 +261,11 @@ impl PluginBackend {
         let n = keys.len();
         let ffi_keys = ffi::FfiKeys::new(keys);
         let mut status = vec![abi::KVH_ERR_NO_RESULT; n];
-        let batch = abi::kvh_key_batch { keys: ffi_keys.keys.as_ptr(), item_status: status.as_mut_ptr(), len: n };
+        let batch = abi::kvh_key_batch {
+            keys: ffi_keys.keys.as_ptr(),
+            item_status: status.as_mut_ptr(),
+            len: n,
+        };
         let rc = call(&batch);
         if rc != abi::KVH_OK {
             return Err(self.sync_error(op, rc));
@@ -247,7 +274,11 @@ impl PluginBackend {
     }
 
     /// Remove keys: per key `OK`, `NOT_FOUND` or an error.
-    pub fn remove(&self, keys: &[crate::ChunkKey], force: bool) -> Result<Vec<Status>, PluginError> {
+    pub fn remove(
+        &self,
+        keys: &[crate::ChunkKey],
+        force: bool,
+    ) -> Result<Vec<Status>, PluginError> {
         let f = self.vt.remove.expect("checked by the loader");
         // SAFETY: checked vtable function; the batch and its arrays outlive the call.
         self.key_op("remove", keys, |b| unsafe { f(self.backend, b, force) })
@@ -256,7 +287,11 @@ impl PluginBackend {
     /// Pin keys (`KVH_CAP_PIN`).
     pub fn pin(&self, keys: &[crate::ChunkKey]) -> Result<Vec<Status>, PluginError> {
         let Some(f) = self.vt.pin else {
-            return Err(self.error("pin", Status::UNSUPPORTED, "the plugin has no pin capability"));
+            return Err(self.error(
+                "pin",
+                Status::UNSUPPORTED,
+                "the plugin has no pin capability",
+            ));
         };
         // SAFETY: as in `remove`.
         self.key_op("pin", keys, |b| unsafe { f(self.backend, b) })
@@ -265,7 +300,11 @@ impl PluginBackend {
     /// Unpin keys (`KVH_CAP_PIN`).
     pub fn unpin(&self, keys: &[crate::ChunkKey]) -> Result<Vec<Status>, PluginError> {
         let Some(f) = self.vt.unpin else {
-            return Err(self.error("unpin", Status::UNSUPPORTED, "the plugin has no pin capability"));
+            return Err(self.error(
+                "unpin",
+                Status::UNSUPPORTED,
+                "the plugin has no pin capability",
+            ));
         };
         // SAFETY: as in `remove`.
         self.key_op("unpin", keys, |b| unsafe { f(self.backend, b) })
@@ -273,7 +312,9 @@ impl PluginBackend {
 
     /// Make completed puts durable (`KVH_CAP_FLUSH`; a no-op without it).
     pub fn flush(&self) -> Result<(), PluginError> {
-        let Some(f) = self.vt.flush else { return Ok(()) };
+        let Some(f) = self.vt.flush else {
+            return Ok(());
+        };
         // SAFETY: checked vtable function with the live backend.
         let rc = unsafe { f(self.backend) };
         if rc != abi::KVH_OK {
@@ -288,7 +329,11 @@ impl PluginBackend {
         let mut buf = ffi::MessageBuf::new();
         // SAFETY: checked vtable function; the buffer outlives the call.
         let rc = unsafe { f(self.backend, buf.raw()) };
-        Some(if rc == abi::KVH_OK { Ok(buf.text()) } else { Err(self.error("health", Status(rc), buf.text())) })
+        Some(if rc == abi::KVH_OK {
+            Ok(buf.text())
+        } else {
+            Err(self.error("health", Status(rc), buf.text()))
+        })
     }
 }
 

@@ -128,7 +128,10 @@ pub struct PrefetchDone {
 /// A metadata record is plausible.
 pub(crate) fn check_meta(m: &ChunkMeta) -> Result<(), String> {
     if m.ndim > 4 {
-        return Err(format!("the plugin reported a shape with {} dimensions (at most 4)", m.ndim));
+        return Err(format!(
+            "the plugin reported a shape with {} dimensions (at most 4)",
+            m.ndim
+        ));
     }
     Ok(())
 }
@@ -144,7 +147,12 @@ fn item_statuses(aggregate: abi::kvh_status, raw: &[abi::kvh_status]) -> Vec<Sta
         .collect()
 }
 
-fn aggregate_error(plugin: &str, op: &'static str, status: abi::kvh_status, message: &str) -> Option<PluginError> {
+fn aggregate_error(
+    plugin: &str,
+    op: &'static str,
+    status: abi::kvh_status,
+    message: &str,
+) -> Option<PluginError> {
     (status != abi::KVH_OK).then(|| PluginError {
         plugin: plugin.to_string(),
         op,
@@ -173,7 +181,11 @@ impl<B: SrcBuf, F: FnOnce(PutDone<B>) + Send + 'static> PendingOp for PutState<B
         let items = item_statuses(status, &s.status);
         let error = aggregate_error(&s.plugin, "put", status, message);
         if let Some(f) = s.on_done {
-            f(PutDone { request: s.request, items, error });
+            f(PutDone {
+                request: s.request,
+                items,
+                error,
+            });
         }
     }
 }
@@ -234,7 +246,11 @@ impl<B: DstBuf, F: FnOnce(GetDone<B>) + Send + 'static> PendingOp for GetState<B
             .collect();
         let error = aggregate_error(&s.plugin, "get", status, message);
         if let Some(f) = s.on_done {
-            f(GetDone { request: s.request, items, error });
+            f(GetDone {
+                request: s.request,
+                items,
+                error,
+            });
         }
     }
 }
@@ -260,13 +276,22 @@ impl<F: FnOnce(PrefetchDone) + Send + 'static> PendingOp for PrefetchState<F> {
         let items = item_statuses(status, &s.status);
         let error = aggregate_error(&s.plugin, "prefetch", status, message);
         if let Some(f) = s.on_done {
-            f(PrefetchDone { keys: s.keys, items, error });
+            f(PrefetchDone {
+                keys: s.keys,
+                items,
+                error,
+            });
         }
     }
 }
 
 fn length_mismatch(plugin: &str, op: &'static str, what: &str) -> PluginError {
-    PluginError { plugin: plugin.to_string(), op, status: Status::INVALID_ARG, message: what.to_string() }
+    PluginError {
+        plugin: plugin.to_string(),
+        op,
+        status: Status::INVALID_ARG,
+        message: what.to_string(),
+    }
 }
 
 impl PluginBackend {
@@ -280,17 +305,29 @@ impl PluginBackend {
     ) {
         let token = match ffi::register(state, self.ctx) {
             Ok(token) => token,
-            Err(state) => return state.finish(abi::KVH_ERR_BUSY, "too many operations pending on this plugin"),
+            Err(state) => {
+                return state.finish(
+                    abi::KVH_ERR_BUSY,
+                    "too many operations pending on this plugin",
+                )
+            }
         };
         self.ctx.in_flight.fetch_add(1, Ordering::AcqRel);
-        let rc = call(abi::kvh_completion { complete: Some(ffi::on_complete), user_data: token });
+        let rc = call(abi::kvh_completion {
+            complete: Some(ffi::on_complete),
+            user_data: token,
+        });
         if rc == abi::KVH_PENDING {
             return;
         }
         match ffi::take(token) {
             Ok((state, _)) => {
                 self.ctx.in_flight.fetch_sub(1, Ordering::AcqRel);
-                let message = if rc == abi::KVH_OK { String::new() } else { self.last_error() };
+                let message = if rc == abi::KVH_OK {
+                    String::new()
+                } else {
+                    self.last_error()
+                };
                 state.finish(rc, &message);
             }
             Err(_) => tracing::error!(
@@ -304,15 +341,34 @@ impl PluginBackend {
 
     /// Store chunks asynchronously. `on_done` runs exactly once, on the completing plugin thread or on
     /// this thread; it must not block for long.
-    pub fn put<B: SrcBuf, F: FnOnce(PutDone<B>) + Send + 'static>(&self, request: PutRequest<B>, on_done: F) {
+    pub fn put<B: SrcBuf, F: FnOnce(PutDone<B>) + Send + 'static>(
+        &self,
+        request: PutRequest<B>,
+        on_done: F,
+    ) {
         let n = request.keys.len();
         if request.bufs.len() != n || request.metas.len() != n {
             let items = vec![Status::INVALID_ARG; n];
-            let error = Some(length_mismatch(&self.info.name, "put", "keys, buffers and metadata differ in length"));
-            return on_done(PutDone { request, items, error });
+            let error = Some(length_mismatch(
+                &self.info.name,
+                "put",
+                "keys, buffers and metadata differ in length",
+            ));
+            return on_done(PutDone {
+                request,
+                items,
+                error,
+            });
         }
         let keys = FfiKeys::new(&request.keys);
-        let src = request.bufs.iter().map(|b| abi::kvh_bytes { ptr: b.bytes().as_ptr(), len: b.bytes().len() }).collect();
+        let src = request
+            .bufs
+            .iter()
+            .map(|b| abi::kvh_bytes {
+                ptr: b.bytes().as_ptr(),
+                len: b.bytes().len(),
+            })
+            .collect();
         let mut state = Box::new(PutState {
             plugin: self.info.name.clone(),
             ffi_keys: keys,
@@ -340,12 +396,24 @@ impl PluginBackend {
     }
 
     /// Read chunks into the request's buffers asynchronously; `on_done` as for [`put`](Self::put).
-    pub fn get<B: DstBuf, F: FnOnce(GetDone<B>) + Send + 'static>(&self, mut request: GetRequest<B>, on_done: F) {
+    pub fn get<B: DstBuf, F: FnOnce(GetDone<B>) + Send + 'static>(
+        &self,
+        mut request: GetRequest<B>,
+        on_done: F,
+    ) {
         let n = request.keys.len();
         if request.bufs.len() != n {
             let items = vec![GetItem::Failed(Status::INVALID_ARG, String::new()); n];
-            let error = Some(length_mismatch(&self.info.name, "get", "keys and buffers differ in length"));
-            return on_done(GetDone { request, items, error });
+            let error = Some(length_mismatch(
+                &self.info.name,
+                "get",
+                "keys and buffers differ in length",
+            ));
+            return on_done(GetDone {
+                request,
+                items,
+                error,
+            });
         }
         let keys = FfiKeys::new(&request.keys);
         let dst = request
@@ -353,7 +421,10 @@ impl PluginBackend {
             .iter_mut()
             .map(|b| {
                 let s = b.bytes_mut();
-                abi::kvh_mut_bytes { ptr: s.as_mut_ptr(), len: s.len() }
+                abi::kvh_mut_bytes {
+                    ptr: s.as_mut_ptr(),
+                    len: s.len(),
+                }
             })
             .collect();
         let mut state = Box::new(GetState {
@@ -388,10 +459,18 @@ impl PluginBackend {
 
     /// Ask the plugin to warm keys (`KVH_CAP_PREFETCH`); without the capability every key is reported
     /// `UNSUPPORTED` at once.
-    pub fn prefetch<F: FnOnce(PrefetchDone) + Send + 'static>(&self, keys: Vec<ChunkKey>, on_done: F) {
+    pub fn prefetch<F: FnOnce(PrefetchDone) + Send + 'static>(
+        &self,
+        keys: Vec<ChunkKey>,
+        on_done: F,
+    ) {
         let n = keys.len();
         let Some(f) = self.vt.prefetch else {
-            return on_done(PrefetchDone { keys, items: vec![Status::UNSUPPORTED; n], error: None });
+            return on_done(PrefetchDone {
+                keys,
+                items: vec![Status::UNSUPPORTED; n],
+                error: None,
+            });
         };
         let ffi_keys = FfiKeys::new(&keys);
         let mut state = Box::new(PrefetchState {
@@ -399,42 +478,65 @@ impl PluginBackend {
             keys,
             ffi_keys,
             status: vec![abi::KVH_ERR_NO_RESULT; n],
-            batch: abi::kvh_key_batch { keys: std::ptr::null(), item_status: std::ptr::null_mut(), len: n },
+            batch: abi::kvh_key_batch {
+                keys: std::ptr::null(),
+                item_status: std::ptr::null_mut(),
+                len: n,
+            },
             on_done: Some(on_done),
         });
         state.batch.keys = state.ffi_keys.keys.as_ptr();
         state.batch.item_status = state.status.as_mut_ptr();
         let batch: *const abi::kvh_key_batch = &state.batch;
         // SAFETY: as in `put`.
-        self.submit(state, |done| unsafe { f(self.backend, batch, done) }, "prefetch");
+        self.submit(
+            state,
+            |done| unsafe { f(self.backend, batch, done) },
+            "prefetch",
+        );
     }
 
     /// [`put`](Self::put) and wait up to `timeout`. On timeout the operation stays pending: its buffers
     /// stay with it until the plugin completes (or forever), so nothing the plugin writes is freed.
-    pub fn put_wait<B: SrcBuf>(&self, request: PutRequest<B>, timeout: Duration) -> Result<PutDone<B>, PluginError> {
+    pub fn put_wait<B: SrcBuf>(
+        &self,
+        request: PutRequest<B>,
+        timeout: Duration,
+    ) -> Result<PutDone<B>, PluginError> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.put(request, move |d| {
             let _ = tx.send(d);
         });
-        rx.recv_timeout(timeout).map_err(|_| self.timeout_error("put", timeout))
+        rx.recv_timeout(timeout)
+            .map_err(|_| self.timeout_error("put", timeout))
     }
 
     /// [`get`](Self::get) and wait up to `timeout` (see [`put_wait`](Self::put_wait)).
-    pub fn get_wait<B: DstBuf>(&self, request: GetRequest<B>, timeout: Duration) -> Result<GetDone<B>, PluginError> {
+    pub fn get_wait<B: DstBuf>(
+        &self,
+        request: GetRequest<B>,
+        timeout: Duration,
+    ) -> Result<GetDone<B>, PluginError> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.get(request, move |d| {
             let _ = tx.send(d);
         });
-        rx.recv_timeout(timeout).map_err(|_| self.timeout_error("get", timeout))
+        rx.recv_timeout(timeout)
+            .map_err(|_| self.timeout_error("get", timeout))
     }
 
     /// [`prefetch`](Self::prefetch) and wait up to `timeout`.
-    pub fn prefetch_wait(&self, keys: Vec<ChunkKey>, timeout: Duration) -> Result<PrefetchDone, PluginError> {
+    pub fn prefetch_wait(
+        &self,
+        keys: Vec<ChunkKey>,
+        timeout: Duration,
+    ) -> Result<PrefetchDone, PluginError> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.prefetch(keys, move |d| {
             let _ = tx.send(d);
         });
-        rx.recv_timeout(timeout).map_err(|_| self.timeout_error("prefetch", timeout))
+        rx.recv_timeout(timeout)
+            .map_err(|_| self.timeout_error("prefetch", timeout))
     }
 
     fn timeout_error(&self, op: &'static str, timeout: Duration) -> PluginError {
@@ -442,7 +544,9 @@ impl PluginBackend {
             plugin: self.info.name.clone(),
             op,
             status: Status::TIMEOUT,
-            message: format!("no completion within {timeout:?}; the operation stays pending with its buffers"),
+            message: format!(
+                "no completion within {timeout:?}; the operation stays pending with its buffers"
+            ),
         }
     }
 }
