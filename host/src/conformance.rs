@@ -515,12 +515,17 @@ fn pin_unpin(c: &Ctx<'_>) -> Result<String, String> {
         .plugin
         .pin(&[k.clone(), absent.clone()])
         .map_err(|e| e.to_string())?;
-    let unpinned = c.plugin.unpin(std::slice::from_ref(&k)).map_err(|e| e.to_string())?;
+    let unpinned = c
+        .plugin
+        .unpin(std::slice::from_ref(&k))
+        .map_err(|e| e.to_string())?;
     let via_contains = c
         .plugin
         .contains(std::slice::from_ref(&k), true)
         .map_err(|e| e.to_string())?;
-    c.plugin.unpin(std::slice::from_ref(&k)).map_err(|e| e.to_string())?;
+    c.plugin
+        .unpin(std::slice::from_ref(&k))
+        .map_err(|e| e.to_string())?;
     c.plugin.remove(&[k], true).map_err(|e| e.to_string())?;
     if pinned[0] != Status::OK || unpinned[0] != Status::OK {
         return Err(format!(

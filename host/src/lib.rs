@@ -4,6 +4,7 @@
 //! [`config`] → [`loader`] → [`plugin`] (the safe binding of one loaded backend) → hot cache → chain →
 //! front ends (the `kvhost` CLI and server).
 
+pub mod cli;
 pub mod config;
 pub mod conformance;
 pub mod key;

@@ -107,10 +107,16 @@ fn mem_plugin_every_entry() {
         .unwrap();
     assert_eq!(big.items, vec![Status::NO_SPACE]);
     // remove without force keeps a pinned key; with force removes it
-    assert_eq!(p.remove(std::slice::from_ref(&a), false).unwrap(), vec![Status::BUSY]);
+    assert_eq!(
+        p.remove(std::slice::from_ref(&a), false).unwrap(),
+        vec![Status::BUSY]
+    );
     assert_eq!(p.unpin(std::slice::from_ref(&a)).unwrap(), vec![Status::OK]);
     assert_eq!(p.pin(std::slice::from_ref(&a)).unwrap(), vec![Status::OK]);
-    assert_eq!(p.remove(std::slice::from_ref(&a), true).unwrap(), vec![Status::OK]);
+    assert_eq!(
+        p.remove(std::slice::from_ref(&a), true).unwrap(),
+        vec![Status::OK]
+    );
     assert_eq!(
         p.remove(std::slice::from_ref(&a), true).unwrap(),
         vec![Status::NOT_FOUND]
@@ -157,7 +163,10 @@ fn log_plugin_logs_every_call_and_stores_nothing() {
     assert_eq!(g.items, vec![GetItem::Miss]);
     assert_eq!(p.pin(std::slice::from_ref(&k)).unwrap(), vec![Status::OK]);
     assert_eq!(p.unpin(std::slice::from_ref(&k)).unwrap(), vec![Status::OK]);
-    assert_eq!(p.remove(std::slice::from_ref(&k), true).unwrap(), vec![Status::OK]);
+    assert_eq!(
+        p.remove(std::slice::from_ref(&k), true).unwrap(),
+        vec![Status::OK]
+    );
     p.flush().unwrap();
     assert!(p.health().unwrap().is_ok());
     let text = logs();

@@ -318,6 +318,31 @@ pub fn load_from(
     Ok(PluginBackend::new(info, vt, backend, ctx))
 }
 
+/// Check class `class` of library `path` without creating a backend (for listings).
+pub fn describe(path: &Path, class: &str) -> Result<PluginInfo, LoadError> {
+    let spec = PluginSpec {
+        name: class.to_string(),
+        module_path: path.display().to_string(),
+        class_name: class.to_string(),
+        priority: None,
+        position: 0,
+        options: Vec::new(),
+    };
+    inspect(&spec, path).map(|(_, _, info)| info)
+}
+
+/// The `kvh_plugin_<class>_v<major>` entry points a library exports, as `(class, major)`.
+pub fn exported_entry_points(path: &Path) -> Vec<(String, u32)> {
+    library::exported_plugin_symbols(path)
+        .iter()
+        .filter_map(|s| {
+            let rest = s.strip_prefix("kvh_plugin_")?;
+            let (class, major) = rest.rsplit_once("_v")?;
+            Some((class.to_string(), major.parse().ok()?))
+        })
+        .collect()
+}
+
 const KNOWN_CAPS: u64 = abi::KVH_CAP_PIN
     | abi::KVH_CAP_PREFETCH
     | abi::KVH_CAP_FLUSH
