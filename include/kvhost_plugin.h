@@ -97,6 +97,11 @@ typedef struct kvh_backend kvh_backend;
 #define KVH_CAP_DISCARDS (1 << 6)
 
 /**
+ * Capability: `clear` is implemented.
+ */
+#define KVH_CAP_CLEAR (1 << 7)
+
+/**
  * Log level: error.
  */
 #define KVH_LOG_ERROR 1
@@ -224,7 +229,7 @@ typedef struct kvh_backend kvh_backend;
 /**
  * `sizeof(kvh_backend_vtable)` in ABI 1.0: the smallest `struct_size` the host accepts.
  */
-#define KVH_VTABLE_V1_0_SIZE 104
+#define KVH_VTABLE_V1_0_SIZE 112
 
 /**
  * `sizeof(kvh_host_api)` in ABI 1.0.
@@ -758,6 +763,11 @@ typedef struct kvh_backend_vtable {
    */
   kvh_status (*health)(kvh_backend *backend,
                        struct kvh_message_buf message);
+  /**
+   * `[any-thread]` `KVH_CAP_CLEAR`. Remove every chunk this backend stores for this instance (pinned
+   * ones too). Synchronous; may take long.
+   */
+  kvh_status (*clear)(kvh_backend *backend);
 } kvh_backend_vtable;
 
 /**
@@ -949,6 +959,7 @@ KVH_STATIC_ASSERT(sizeof(kvh_chunk_meta) == 40, "kvh_chunk_meta size");
 KVH_STATIC_ASSERT(sizeof(kvh_option_spec) == 32, "kvh_option_spec size");
 KVH_STATIC_ASSERT(offsetof(kvh_backend_vtable, create) == 8, "vtable.create offset");
 KVH_STATIC_ASSERT(offsetof(kvh_backend_vtable, health) == 96, "vtable.health offset");
+KVH_STATIC_ASSERT(offsetof(kvh_backend_vtable, clear) == 104, "vtable.clear offset");
 KVH_STATIC_ASSERT(offsetof(kvh_plugin_descriptor, vtable) == 56, "descriptor.vtable offset");
 KVH_STATIC_ASSERT(offsetof(kvh_key, chunk_hash) == 64, "key.chunk_hash offset");
 KVH_STATIC_ASSERT(offsetof(kvh_chunk_meta, shape) == 20, "chunk_meta.shape offset");

@@ -139,6 +139,7 @@ pub fn run(factory: &Factory<'_>) -> Report {
         ("prefetch", Some(abi::KVH_CAP_PREFETCH), prefetch),
         ("flush", Some(abi::KVH_CAP_FLUSH), flush),
         ("health", Some(abi::KVH_CAP_HEALTH), health),
+        ("clear", Some(abi::KVH_CAP_CLEAR), clear),
         ("destroy_in_flight", None, destroy_in_flight),
     ];
     for &(name, cap, check) in checks {
@@ -570,6 +571,24 @@ fn flush(c: &Ctx<'_>) -> Result<String, String> {
     c.expect_put_ok(vec![c.key()], vec![pattern(7, 10)])?;
     c.plugin.flush().map_err(|e| e.to_string())?;
     Ok("flush succeeds".to_string())
+}
+
+fn clear(c: &Ctx<'_>) -> Result<String, String> {
+    let plugin = (c.factory)().map_err(|e| format!("fresh instance: {e}"))?;
+    let keys: Vec<_> = (0..3).map(|_| c.key()).collect();
+    let metas = keys.iter().map(|_| meta_for(64)).collect();
+    let done = plugin
+        .put_wait(PutRequest { keys: keys.clone(), bufs: vec![pattern(1, 64); 3], metas }, WAIT)
+        .map_err(|e| e.to_string())?;
+    if let Some(e) = done.error {
+        return Err(e.to_string());
+    }
+    plugin.clear().map_err(|e| e.to_string())?;
+    let after = plugin.contains(&keys, false).map_err(|e| e.to_string())?;
+    if after.iter().any(|p| *p != Presence::Absent) {
+        return Err(format!("contains after clear: {after:?}"));
+    }
+    Ok("clear removes everything".to_string())
 }
 
 fn health(c: &Ctx<'_>) -> Result<String, String> {

@@ -89,6 +89,8 @@ pub const KVH_CAP_SHARED: u64 = 1 << 5;
 /// Informational: the backend accepts puts but keeps nothing (a black hole such as the `log` backend).
 /// The host never expects a hit from it, and the conformance suite checks that it never reports one.
 pub const KVH_CAP_DISCARDS: u64 = 1 << 6;
+/// Capability: `clear` is implemented.
+pub const KVH_CAP_CLEAR: u64 = 1 << 7;
 
 /// Log level: error.
 pub const KVH_LOG_ERROR: i32 = 1;
@@ -146,7 +148,7 @@ pub const KVH_DTYPE_FP8_E5M2: i32 = 8;
 /// `sizeof(kvh_plugin_descriptor)` in ABI 1.0: the smallest `struct_size` the host accepts.
 pub const KVH_DESCRIPTOR_V1_0_SIZE: u32 = 64;
 /// `sizeof(kvh_backend_vtable)` in ABI 1.0: the smallest `struct_size` the host accepts.
-pub const KVH_VTABLE_V1_0_SIZE: u32 = 104;
+pub const KVH_VTABLE_V1_0_SIZE: u32 = 112;
 /// `sizeof(kvh_host_api)` in ABI 1.0.
 pub const KVH_HOST_API_V1_0_SIZE: u32 = 48;
 /// `sizeof(kvh_model_metadata)` in ABI 1.0.
@@ -518,6 +520,9 @@ pub struct kvh_backend_vtable {
     pub health: Option<
         unsafe extern "C" fn(backend: *mut kvh_backend, message: kvh_message_buf) -> kvh_status,
     >,
+    /// `[any-thread]` `KVH_CAP_CLEAR`. Remove every chunk this backend stores for this instance (pinned
+    /// ones too). Synchronous; may take long.
+    pub clear: Option<unsafe extern "C" fn(backend: *mut kvh_backend) -> kvh_status>,
 }
 
 /// What an entry point returns: one backend class. Static, owned by the plugin. Grows only at the end.
@@ -581,6 +586,7 @@ const _: () = {
     // The same offsets the header asserts on the C side.
     assert!(core::mem::offset_of!(kvh_backend_vtable, create) == 8);
     assert!(core::mem::offset_of!(kvh_backend_vtable, health) == 96);
+    assert!(core::mem::offset_of!(kvh_backend_vtable, clear) == 104);
     assert!(core::mem::offset_of!(kvh_plugin_descriptor, vtable) == 56);
     assert!(core::mem::offset_of!(kvh_key, chunk_hash) == 64);
     assert!(core::mem::offset_of!(kvh_chunk_meta, shape) == 20);

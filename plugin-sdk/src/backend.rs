@@ -154,6 +154,11 @@ pub trait Backend: Send + Sync + Sized + 'static {
         Ok(())
     }
 
+    /// `KVH_CAP_CLEAR`: remove everything this instance stores.
+    fn clear(&self) -> Result<(), Error> {
+        Err(Error::new(Status::UNSUPPORTED, "clear is not supported"))
+    }
+
     /// `KVH_CAP_HEALTH`: a one-line state on success.
     fn health(&self) -> Result<String, Error> {
         Ok("ok".to_string())

@@ -110,6 +110,7 @@ pub const fn vtable<B: Backend>() -> abi::kvh_backend_vtable {
         } else {
             None
         },
+        clear: if caps & abi::KVH_CAP_CLEAR != 0 { Some(clear::<B>) } else { None },
     }
 }
 
@@ -504,6 +505,18 @@ pub unsafe extern "C" fn flush<B: Backend>(be: *mut abi::kvh_backend) -> abi::kv
         return abi::KVH_ERR_NULL_PARAM;
     };
     guarded(inst, "flush", |b| sync_result(b.flush()))
+}
+
+/// `clear` trampoline.
+///
+/// # Safety
+/// Called by the host per the ABI.
+pub unsafe extern "C" fn clear<B: Backend>(be: *mut abi::kvh_backend) -> abi::kvh_status {
+    // SAFETY: host contract.
+    let Some(inst) = (unsafe { instance::<B>(be) }) else {
+        return abi::KVH_ERR_NULL_PARAM;
+    };
+    guarded(inst, "clear", |b| sync_result(b.clear()))
 }
 
 /// `health` trampoline.

@@ -39,11 +39,12 @@ enum log_call {
     CALL_PREFETCH,
     CALL_FLUSH,
     CALL_HEALTH,
+    CALL_CLEAR,
     CALL_COUNT
 };
 
 static const char *const CALL_NAMES[CALL_COUNT] = {
-    "contains", "put", "get", "remove", "pin", "unpin", "prefetch", "flush", "health",
+    "contains", "put", "get", "remove", "pin", "unpin", "prefetch", "flush", "health", "clear",
 };
 
 struct kvh_backend {
@@ -465,6 +466,15 @@ static kvh_status log_flush(kvh_backend *backend) {
     return KVH_OK;
 }
 
+static kvh_status log_clear(kvh_backend *backend) {
+    if (backend == NULL) {
+        return KVH_ERR_NULL_PARAM;
+    }
+    count_call(backend, CALL_CLEAR);
+    host_log(backend->host, backend->level, "clear");
+    return KVH_OK;
+}
+
 static kvh_status log_health(kvh_backend *backend, kvh_message_buf message) {
     if (backend == NULL) {
         write_message(message, "log backend: backend is NULL");
@@ -495,6 +505,7 @@ static const kvh_backend_vtable LOG_VTABLE = {
     .prefetch = log_prefetch,
     .flush = log_flush,
     .health = log_health,
+    .clear = log_clear,
 };
 
 static const kvh_plugin_descriptor LOG_DESCRIPTOR = {
@@ -505,7 +516,8 @@ static const kvh_plugin_descriptor LOG_DESCRIPTOR = {
     .plugin_version = "0.1.0",
     .description = "Black hole: stores nothing, logs every call (C port of LMCache's lmc_external_log_backend)",
     /* DISCARDS: puts are accepted but nothing is kept, so the host never expects a hit. */
-    .capabilities = KVH_CAP_PIN | KVH_CAP_PREFETCH | KVH_CAP_FLUSH | KVH_CAP_HEALTH | KVH_CAP_DISCARDS,
+    .capabilities = KVH_CAP_PIN | KVH_CAP_PREFETCH | KVH_CAP_FLUSH | KVH_CAP_HEALTH | KVH_CAP_DISCARDS |
+                    KVH_CAP_CLEAR,
     .options = LOG_OPTIONS,
     .options_len = sizeof LOG_OPTIONS / sizeof LOG_OPTIONS[0],
     .vtable = &LOG_VTABLE,

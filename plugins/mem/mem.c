@@ -1066,6 +1066,32 @@ static kvh_status mem_flush(kvh_backend *backend) {
     return KVH_OK;
 }
 
+/* Empties the store. Entries are detached under the lock and freed after it is released, so readers
+ * are not blocked while memory is returned. Pinned entries go too: clear is explicit. */
+static kvh_status mem_clear(kvh_backend *backend) {
+    if (backend == NULL) {
+        return KVH_ERR_NULL_PARAM;
+    }
+    pthread_mutex_lock(&backend->store_lock);
+    struct mem_store *store = &backend->store;
+    struct mem_entry *detached = store->oldest;
+    size_t chunks = store->entry_count;
+    memset(store->buckets, 0, store->bucket_count * sizeof *store->buckets);
+    store->oldest = NULL;
+    store->newest = NULL;
+    store->entry_count = 0;
+    store->used_bytes = 0;
+    store->pinned_bytes = 0;
+    pthread_mutex_unlock(&backend->store_lock);
+    while (detached != NULL) {
+        struct mem_entry *newer = detached->newer;
+        free(detached);
+        detached = newer;
+    }
+    host_log(backend->host, KVH_LOG_DEBUG, "clear: %zu chunks removed", chunks);
+    return KVH_OK;
+}
+
 static kvh_status mem_health(kvh_backend *backend, kvh_message_buf message) {
     if (backend == NULL) {
         write_message(message, "mem: backend is NULL");
@@ -1111,6 +1137,7 @@ static const kvh_backend_vtable MEM_VTABLE = {
     .prefetch = mem_prefetch,
     .flush = mem_flush,
     .health = mem_health,
+    .clear = mem_clear,
 };
 
 static const kvh_plugin_descriptor MEM_DESCRIPTOR = {
@@ -1120,7 +1147,7 @@ static const kvh_plugin_descriptor MEM_DESCRIPTOR = {
     .class_name = "mem",
     .plugin_version = "0.1.0",
     .description = "Bounded in-memory store with FIFO eviction, pins and an async worker thread",
-    .capabilities = KVH_CAP_PIN | KVH_CAP_PREFETCH | KVH_CAP_FLUSH | KVH_CAP_HEALTH,
+    .capabilities = KVH_CAP_PIN | KVH_CAP_PREFETCH | KVH_CAP_FLUSH | KVH_CAP_HEALTH | KVH_CAP_CLEAR,
     .options = MEM_OPTIONS,
     .options_len = OPT_COUNT,
     .vtable = &MEM_VTABLE,

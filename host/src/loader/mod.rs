@@ -349,7 +349,8 @@ const KNOWN_CAPS: u64 = abi::KVH_CAP_PIN
     | abi::KVH_CAP_HEALTH
     | abi::KVH_CAP_PERSISTENT
     | abi::KVH_CAP_SHARED
-    | abi::KVH_CAP_DISCARDS;
+    | abi::KVH_CAP_DISCARDS
+    | abi::KVH_CAP_CLEAR;
 
 /// Open a library and run every check on class `spec.class_name` without creating a backend.
 pub(crate) fn inspect(
@@ -455,7 +456,7 @@ pub(crate) fn inspect(
     }
     // 6. Capabilities against functions.
     let caps = desc.capabilities;
-    let cap_fns: [(u64, &str, bool); 4] = [
+    let cap_fns: [(u64, &str, bool); 5] = [
         (
             abi::KVH_CAP_PIN,
             "pin/unpin",
@@ -464,6 +465,7 @@ pub(crate) fn inspect(
         (abi::KVH_CAP_PREFETCH, "prefetch", vt.prefetch.is_some()),
         (abi::KVH_CAP_FLUSH, "flush", vt.flush.is_some()),
         (abi::KVH_CAP_HEALTH, "health", vt.health.is_some()),
+        (abi::KVH_CAP_CLEAR, "clear", vt.clear.is_some()),
     ];
     let mut vt = vt;
     for (bit, name, present) in cap_fns {
@@ -479,6 +481,7 @@ pub(crate) fn inspect(
                 abi::KVH_CAP_PIN => (vt.pin, vt.unpin) = (None, None),
                 abi::KVH_CAP_PREFETCH => vt.prefetch = None,
                 abi::KVH_CAP_FLUSH => vt.flush = None,
+                abi::KVH_CAP_CLEAR => vt.clear = None,
                 _ => vt.health = None,
             }
         }

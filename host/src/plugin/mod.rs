@@ -94,6 +94,7 @@ pub fn capability_names(caps: u64) -> Vec<&'static str> {
         (abi::KVH_CAP_PERSISTENT, "persistent"),
         (abi::KVH_CAP_SHARED, "shared"),
         (abi::KVH_CAP_DISCARDS, "discards"),
+        (abi::KVH_CAP_CLEAR, "clear"),
     ]
     .iter()
     .filter(|(bit, _)| caps & bit != 0)
@@ -319,6 +320,19 @@ impl PluginBackend {
         let rc = unsafe { f(self.backend) };
         if rc != abi::KVH_OK {
             return Err(self.sync_error("flush", rc));
+        }
+        Ok(())
+    }
+
+    /// Remove everything the plugin stores (`KVH_CAP_CLEAR`); `UNSUPPORTED` without it.
+    pub fn clear(&self) -> Result<(), PluginError> {
+        let Some(f) = self.vt.clear else {
+            return Err(self.error("clear", Status::UNSUPPORTED, "the plugin has no clear capability"));
+        };
+        // SAFETY: checked vtable function with the live backend.
+        let rc = unsafe { f(self.backend) };
+        if rc != abi::KVH_OK {
+            return Err(self.sync_error("clear", rc));
         }
         Ok(())
     }
