@@ -578,7 +578,14 @@ fn clear(c: &Ctx<'_>) -> Result<String, String> {
     let keys: Vec<_> = (0..3).map(|_| c.key()).collect();
     let metas = keys.iter().map(|_| meta_for(64)).collect();
     let done = plugin
-        .put_wait(PutRequest { keys: keys.clone(), bufs: vec![pattern(1, 64); 3], metas }, WAIT)
+        .put_wait(
+            PutRequest {
+                keys: keys.clone(),
+                bufs: vec![pattern(1, 64); 3],
+                metas,
+            },
+            WAIT,
+        )
         .map_err(|e| e.to_string())?;
     if let Some(e) = done.error {
         return Err(e.to_string());

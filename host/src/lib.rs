@@ -1,9 +1,12 @@
 //! # kvhost
 //!
 //! A native host for KV-cache storage plugins. The modules follow the data's path:
-//! [`config`] → [`loader`] → [`plugin`] (the safe binding of one loaded backend) → hot cache → chain →
-//! front ends (the `kvhost` CLI and server).
+//! [`config`] → [`loader`] → [`plugin`] (the safe binding of one loaded backend) → [`cache`] (the CPU
+//! hot cache) → [`chain`] (the storage manager) → front ends ([`cli`], [`bench`]).
 
+pub mod bench;
+pub mod cache;
+pub mod chain;
 pub mod cli;
 pub mod config;
 pub mod conformance;

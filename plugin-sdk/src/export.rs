@@ -110,7 +110,11 @@ pub const fn vtable<B: Backend>() -> abi::kvh_backend_vtable {
         } else {
             None
         },
-        clear: if caps & abi::KVH_CAP_CLEAR != 0 { Some(clear::<B>) } else { None },
+        clear: if caps & abi::KVH_CAP_CLEAR != 0 {
+            Some(clear::<B>)
+        } else {
+            None
+        },
     }
 }
 

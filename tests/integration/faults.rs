@@ -195,10 +195,16 @@ fn double_completion_is_detected_and_ignored() {
         p.stale_completions() > before,
         "the second completion was counted"
     );
-    let named = logs()
-        .lines()
-        .any(|l| l.contains("liar3") && l.contains("not pending"));
-    assert!(named, "the log names the plugin that completed twice");
+    // The counter moves just before the log line is written: wait for the line.
+    let named = || {
+        logs()
+            .lines()
+            .any(|l| l.contains("liar3") && l.contains("not pending"))
+    };
+    while !named() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(named(), "the log names the plugin that completed twice");
     drop(p);
 }
 

@@ -3,8 +3,11 @@
 
 mod abi_header;
 mod bad_config;
+mod chain;
 mod conformance;
 mod faults;
 mod loader;
+mod sanitizers;
+mod stress;
 mod util;
 mod vtable;

@@ -3,7 +3,7 @@
 mod check;
 mod conformance;
 mod plugins;
-mod table;
+pub(crate) mod table;
 
 use crate::config::Config;
 use clap::{Parser, Subcommand, ValueEnum};

@@ -186,6 +186,20 @@ pub struct Config {
     pub pin_timeout_sec: f64,
     /// `write_through` (default) or `write_back`.
     pub write_policy: String,
+    /// How often lookup pins are checked against `pin_timeout_sec`.
+    pub pin_check_interval_sec: f64,
+    /// Touch the whole arena at start (default) instead of on first use.
+    pub local_cpu_prefault: bool,
+    /// Chunks queued per plugin tier before backpressure applies.
+    pub put_queue_depth: usize,
+    /// `block` (default): a put waits for queue room; `drop`: the tier skips the chunk (counted).
+    pub put_backpressure: String,
+    /// Chunks per plugin put call.
+    pub put_batch_size: usize,
+    /// Plugin put calls outstanding per tier.
+    pub tier_max_inflight_batches: usize,
+    /// Ask a tier which keys it holds before storing, and skip those.
+    pub skip_existing_in_tiers: bool,
     /// The storage plugins in lookup order (priority, then list position).
     pub plugins: Vec<PluginSpec>,
     /// Extra plugin directories from the config (`plugin_dir`), searched first.
@@ -392,18 +406,19 @@ impl Config {
                 "write_policy `{write_policy}`: expected `write_through` or `write_back`"
             )));
         }
+        let put_backpressure = raw.put_backpressure.unwrap_or_else(|| "block".to_string());
+        if !matches!(put_backpressure.as_str(), "block" | "drop") {
+            return Err(invalid(format!(
+                "put_backpressure `{put_backpressure}`: expected `block` or `drop`"
+            )));
+        }
         let cache_policy = raw
             .cache_policy
             .unwrap_or_else(|| "LRU".to_string())
-            .to_ascii_uppercase();
-        if !matches!(
-            cache_policy.as_str(),
-            "LRU" | "FIFO" | "LFU" | "MRU" | "S3FIFO"
-        ) {
-            return Err(invalid(format!(
-                "cache_policy `{cache_policy}`: expected LRU, FIFO, LFU, MRU or S3FIFO"
-            )));
-        }
+            .parse::<crate::cache::PolicyKind>()
+            .map_err(|e| invalid(format!("cache_policy: {e}")))?
+            .name()
+            .to_string();
         let chunk_size = raw.chunk_size.unwrap_or(256);
         if chunk_size == 0 {
             return Err(invalid("chunk_size must be positive".to_string()));
@@ -437,6 +452,13 @@ impl Config {
             blocking_timeout_secs: raw.blocking_timeout_secs.unwrap_or(10.0),
             pin_timeout_sec: raw.pin_timeout_sec.unwrap_or(300.0),
             write_policy,
+            pin_check_interval_sec: raw.pin_check_interval_sec.unwrap_or(30.0),
+            local_cpu_prefault: raw.local_cpu_prefault.unwrap_or(true),
+            put_queue_depth: raw.put_queue_depth.unwrap_or(1024).max(1),
+            put_backpressure,
+            put_batch_size: raw.put_batch_size.unwrap_or(32).max(1),
+            tier_max_inflight_batches: raw.tier_max_inflight_batches.unwrap_or(4).max(1),
+            skip_existing_in_tiers: raw.skip_existing_in_tiers.unwrap_or(true),
             plugins,
             plugin_dirs,
             on_plugin_error,

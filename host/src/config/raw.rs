@@ -89,6 +89,13 @@ raw_config! {
     on_plugin_error: String,
     write_policy: String,
     model: RawModel,
+    pin_check_interval_sec: f64,
+    local_cpu_prefault: bool,
+    put_queue_depth: usize,
+    put_backpressure: String,
+    put_batch_size: usize,
+    tier_max_inflight_batches: usize,
+    skip_existing_in_tiers: bool,
 }
 
 /// LMCache config keys that kvhost accepts without using (so an LMCache config loads cleanly).
@@ -110,7 +117,6 @@ const LMCACHE_KEYS: &[&str] = &[
     "store_location",
     "retrieve_locations",
     "min_retrieve_tokens",
-    "pin_check_interval_sec",
     "numa_mode",
     "enable_lazy_memory_allocator",
     "gds_path",

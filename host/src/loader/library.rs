@@ -128,7 +128,7 @@ pub(crate) fn host_api(
 
 /// Call the entry point.
 pub(crate) fn call_entry(
-    entry: unsafe extern "C" fn(*const abi::kvh_host_api) -> *const abi::kvh_plugin_descriptor,
+    entry: super::EntryFn,
     host: &'static abi::kvh_host_api,
 ) -> *const abi::kvh_plugin_descriptor {
     // SAFETY: the ABI's entry point, called with a valid host table.

@@ -252,6 +252,9 @@ fn valid_class_name(name: &str) -> bool {
 
 /// Load, check and create one plugin.
 pub fn load(spec: &PluginSpec, config: &Config) -> Result<PluginBackend, LoadError> {
+    if spec.module_path == BUILTIN {
+        return load_from(spec, Path::new("<builtin>"), config);
+    }
     let dirs = plugin_dirs(config);
     let path = resolve(&spec.module_path, &config.base_dir(), &dirs).map_err(|searched| {
         LoadError::NotFound {
@@ -352,10 +355,89 @@ const KNOWN_CAPS: u64 = abi::KVH_CAP_PIN
     | abi::KVH_CAP_DISCARDS
     | abi::KVH_CAP_CLEAR;
 
+/// The type of an entry point.
+pub type EntryFn =
+    unsafe extern "C" fn(*const abi::kvh_host_api) -> *const abi::kvh_plugin_descriptor;
+
+/// Backends linked into the host binary, by class name (`module_path: builtin`).
+static BUILTINS: std::sync::LazyLock<parking_lot::Mutex<Vec<(String, EntryFn)>>> =
+    std::sync::LazyLock::new(|| parking_lot::Mutex::new(Vec::new()));
+
+/// Make class `class` available as `module_path: builtin`, served by an entry point linked into the
+/// host (for example a Rust plugin crate used as a library). It passes the same checks as a library.
+pub fn register_builtin(class: &str, entry: EntryFn) {
+    let mut b = BUILTINS.lock();
+    b.retain(|(c, _)| c != class);
+    b.push((class.to_string(), entry));
+}
+
+/// The `module_path` that names a built-in backend.
+pub const BUILTIN: &str = "builtin";
+
 /// Open a library and run every check on class `spec.class_name` without creating a backend.
 pub(crate) fn inspect(
     spec: &PluginSpec,
     path: &Path,
+) -> Result<
+    (
+        abi::kvh_plugin_descriptor,
+        abi::kvh_backend_vtable,
+        PluginInfo,
+    ),
+    LoadError,
+> {
+    let plugin = spec.name.clone();
+    if !valid_class_name(&spec.class_name) {
+        return Err(LoadError::Abi {
+            plugin,
+            path: path.to_path_buf(),
+            problem: format!(
+                "class_name `{}` must be [A-Za-z0-9_]+ (it names a C symbol)",
+                spec.class_name
+            ),
+        });
+    }
+    if spec.module_path == BUILTIN {
+        let entry = BUILTINS
+            .lock()
+            .iter()
+            .find(|(c, _)| c == &spec.class_name)
+            .map(|(_, e)| *e);
+        let Some(entry) = entry else {
+            let known: Vec<String> = BUILTINS.lock().iter().map(|(c, _)| c.clone()).collect();
+            return Err(LoadError::MissingSymbol {
+                plugin,
+                path: path.to_path_buf(),
+                symbol: format!("builtin class `{}`", spec.class_name),
+                exported: known
+                    .iter()
+                    .map(|c| format!("kvh_plugin_{c}_v{}", abi::KVH_ABI_MAJOR))
+                    .collect(),
+            });
+        };
+        return inspect_entry(spec, path, entry, None);
+    }
+    let lib = library::open(path).map_err(|reason| LoadError::Open {
+        plugin: plugin.clone(),
+        path: path.to_path_buf(),
+        reason,
+    })?;
+    let symbol = format!("kvh_plugin_{}_v{}", spec.class_name, abi::KVH_ABI_MAJOR);
+    let entry = library::entry(lib, &symbol).ok_or_else(|| LoadError::MissingSymbol {
+        plugin: plugin.clone(),
+        path: path.to_path_buf(),
+        symbol: symbol.clone(),
+        exported: library::exported_plugin_symbols(path),
+    })?;
+    inspect_entry(spec, path, entry, Some(lib))
+}
+
+/// Checks 1 to 7 on an entry point (from a library, or built in when `lib` is `None`).
+fn inspect_entry(
+    spec: &PluginSpec,
+    path: &Path,
+    entry: EntryFn,
+    lib: Option<&'static libloading::os::unix::Library>,
 ) -> Result<
     (
         abi::kvh_plugin_descriptor,
@@ -370,24 +452,7 @@ pub(crate) fn inspect(
         path: path.to_path_buf(),
         problem,
     };
-    if !valid_class_name(&spec.class_name) {
-        return Err(abi_err(format!(
-            "class_name `{}` must be [A-Za-z0-9_]+ (it names a C symbol)",
-            spec.class_name
-        )));
-    }
-    let lib = library::open(path).map_err(|reason| LoadError::Open {
-        plugin: plugin.clone(),
-        path: path.to_path_buf(),
-        reason,
-    })?;
     let symbol = format!("kvh_plugin_{}_v{}", spec.class_name, abi::KVH_ABI_MAJOR);
-    let entry = library::entry(lib, &symbol).ok_or_else(|| LoadError::MissingSymbol {
-        plugin: plugin.clone(),
-        path: path.to_path_buf(),
-        symbol: symbol.clone(),
-        exported: library::exported_plugin_symbols(path),
-    })?;
     let (host, _) = library::host_api(&spec.name).map_err(|reason| LoadError::Open {
         plugin: plugin.clone(),
         path: path.to_path_buf(),
@@ -505,8 +570,8 @@ pub(crate) fn inspect(
             secret: s.flags & abi::KVH_OPTION_SECRET != 0,
         });
     }
-    // Rust plugins: abi_stable's structural layout check.
-    if let Some((line, minor, layout)) = library::rust_layout(lib, &symbol) {
+    // Rust plugins: abi_stable's structural layout check (built-ins share the host's types).
+    if let Some((line, minor, layout)) = lib.and_then(|lib| library::rust_layout(lib, &symbol)) {
         check_rust_layout(&line, minor, layout).map_err(abi_err)?;
     }
 

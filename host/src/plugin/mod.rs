@@ -327,7 +327,11 @@ impl PluginBackend {
     /// Remove everything the plugin stores (`KVH_CAP_CLEAR`); `UNSUPPORTED` without it.
     pub fn clear(&self) -> Result<(), PluginError> {
         let Some(f) = self.vt.clear else {
-            return Err(self.error("clear", Status::UNSUPPORTED, "the plugin has no clear capability"));
+            return Err(self.error(
+                "clear",
+                Status::UNSUPPORTED,
+                "the plugin has no clear capability",
+            ));
         };
         // SAFETY: checked vtable function with the live backend.
         let rc = unsafe { f(self.backend) };

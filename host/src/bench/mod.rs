@@ -1,0 +1,4 @@
+//! Benchmarks behind `kvhost bench`. They print ratios measured side by side in one run; they assert
+//! nothing about absolute speed.
+
+pub mod micro;
