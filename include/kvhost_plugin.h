@@ -58,7 +58,7 @@ typedef struct kvh_backend kvh_backend;
  * Minor version of this ABI. Additive changes only: new trailing fields, new capability bits, new
  * status codes. A host accepts a plugin with any minor; fields the plugin did not know are absent.
  */
-#define KVH_ABI_MINOR 0
+#define KVH_ABI_MINOR 1
 
 /**
  * Capability: `pin` and `unpin` are implemented (non-NULL) and pins are honoured.
@@ -97,7 +97,8 @@ typedef struct kvh_backend kvh_backend;
 #define KVH_CAP_DISCARDS (1 << 6)
 
 /**
- * Capability: `clear` is implemented.
+ * Capability: `clear` is implemented (since ABI 1.1; needs a vtable of at least
+ * `KVH_VTABLE_V1_1_SIZE` bytes).
  */
 #define KVH_CAP_CLEAR (1 << 7)
 
@@ -229,7 +230,12 @@ typedef struct kvh_backend kvh_backend;
 /**
  * `sizeof(kvh_backend_vtable)` in ABI 1.0: the smallest `struct_size` the host accepts.
  */
-#define KVH_VTABLE_V1_0_SIZE 112
+#define KVH_VTABLE_V1_0_SIZE 104
+
+/**
+ * `sizeof(kvh_backend_vtable)` in ABI 1.1 (adds `clear`).
+ */
+#define KVH_VTABLE_V1_1_SIZE 112
 
 /**
  * `sizeof(kvh_host_api)` in ABI 1.0.
@@ -764,8 +770,8 @@ typedef struct kvh_backend_vtable {
   kvh_status (*health)(kvh_backend *backend,
                        struct kvh_message_buf message);
   /**
-   * `[any-thread]` `KVH_CAP_CLEAR`. Remove every chunk this backend stores for this instance (pinned
-   * ones too). Synchronous; may take long.
+   * `[any-thread]` `KVH_CAP_CLEAR`, since ABI 1.1. Remove every chunk this backend stores for this
+   * instance (pinned ones too). Synchronous; may take long.
    */
   kvh_status (*clear)(kvh_backend *backend);
 } kvh_backend_vtable;
@@ -951,7 +957,7 @@ typedef void (*kvh_complete_fn)(void *user_data,
 #define KVH_STATIC_ASSERT(cond, msg) _Static_assert(cond, msg)
 #endif
 KVH_STATIC_ASSERT(sizeof(kvh_plugin_descriptor) == KVH_DESCRIPTOR_V1_0_SIZE, "kvh_plugin_descriptor size");
-KVH_STATIC_ASSERT(sizeof(kvh_backend_vtable) == KVH_VTABLE_V1_0_SIZE, "kvh_backend_vtable size");
+KVH_STATIC_ASSERT(sizeof(kvh_backend_vtable) == KVH_VTABLE_V1_1_SIZE, "kvh_backend_vtable size");
 KVH_STATIC_ASSERT(sizeof(kvh_host_api) == KVH_HOST_API_V1_0_SIZE, "kvh_host_api size");
 KVH_STATIC_ASSERT(sizeof(kvh_model_metadata) == KVH_MODEL_METADATA_V1_0_SIZE, "kvh_model_metadata size");
 KVH_STATIC_ASSERT(sizeof(kvh_key) == 96, "kvh_key size");

@@ -21,6 +21,7 @@ const C_FIXTURES: &[&str] = &[
     "fx_multi",
     "fx_liar",
     "fx_hang",
+    "fx_abi_1_0",
     "fx_not_a_plugin",
 ];
 

@@ -26,7 +26,7 @@ use core::ffi::{c_char, c_void};
 pub const KVH_ABI_MAJOR: u16 = 1;
 /// Minor version of this ABI. Additive changes only: new trailing fields, new capability bits, new
 /// status codes. A host accepts a plugin with any minor; fields the plugin did not know are absent.
-pub const KVH_ABI_MINOR: u16 = 0;
+pub const KVH_ABI_MINOR: u16 = 1;
 
 /// Result of an operation. One of the `KVH_OK`, `KVH_PENDING` or `KVH_ERR_*` codes. Readers must treat
 /// unknown values as errors (a future minor may add codes).
@@ -89,7 +89,8 @@ pub const KVH_CAP_SHARED: u64 = 1 << 5;
 /// Informational: the backend accepts puts but keeps nothing (a black hole such as the `log` backend).
 /// The host never expects a hit from it, and the conformance suite checks that it never reports one.
 pub const KVH_CAP_DISCARDS: u64 = 1 << 6;
-/// Capability: `clear` is implemented.
+/// Capability: `clear` is implemented (since ABI 1.1; needs a vtable of at least
+/// `KVH_VTABLE_V1_1_SIZE` bytes).
 pub const KVH_CAP_CLEAR: u64 = 1 << 7;
 
 /// Log level: error.
@@ -148,7 +149,9 @@ pub const KVH_DTYPE_FP8_E5M2: i32 = 8;
 /// `sizeof(kvh_plugin_descriptor)` in ABI 1.0: the smallest `struct_size` the host accepts.
 pub const KVH_DESCRIPTOR_V1_0_SIZE: u32 = 64;
 /// `sizeof(kvh_backend_vtable)` in ABI 1.0: the smallest `struct_size` the host accepts.
-pub const KVH_VTABLE_V1_0_SIZE: u32 = 112;
+pub const KVH_VTABLE_V1_0_SIZE: u32 = 104;
+/// `sizeof(kvh_backend_vtable)` in ABI 1.1 (adds `clear`).
+pub const KVH_VTABLE_V1_1_SIZE: u32 = 112;
 /// `sizeof(kvh_host_api)` in ABI 1.0.
 pub const KVH_HOST_API_V1_0_SIZE: u32 = 48;
 /// `sizeof(kvh_model_metadata)` in ABI 1.0.
@@ -520,8 +523,8 @@ pub struct kvh_backend_vtable {
     pub health: Option<
         unsafe extern "C" fn(backend: *mut kvh_backend, message: kvh_message_buf) -> kvh_status,
     >,
-    /// `[any-thread]` `KVH_CAP_CLEAR`. Remove every chunk this backend stores for this instance (pinned
-    /// ones too). Synchronous; may take long.
+    /// `[any-thread]` `KVH_CAP_CLEAR`, since ABI 1.1. Remove every chunk this backend stores for this
+    /// instance (pinned ones too). Synchronous; may take long.
     pub clear: Option<unsafe extern "C" fn(backend: *mut kvh_backend) -> kvh_status>,
 }
 
@@ -577,7 +580,7 @@ pub type kvh_plugin_entry_fn =
 const _: () = {
     use core::mem::size_of;
     assert!(size_of::<kvh_plugin_descriptor>() == KVH_DESCRIPTOR_V1_0_SIZE as usize);
-    assert!(size_of::<kvh_backend_vtable>() == KVH_VTABLE_V1_0_SIZE as usize);
+    assert!(size_of::<kvh_backend_vtable>() == KVH_VTABLE_V1_1_SIZE as usize);
     assert!(size_of::<kvh_host_api>() == KVH_HOST_API_V1_0_SIZE as usize);
     assert!(size_of::<kvh_model_metadata>() == KVH_MODEL_METADATA_V1_0_SIZE as usize);
     assert!(size_of::<kvh_chunk_meta>() == 40);

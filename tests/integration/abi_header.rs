@@ -51,6 +51,7 @@ fn header_constants_match_rust() {
         ("KVH_ABI_MINOR", KVH_ABI_MINOR as i64),
         ("KVH_ERR_BUFFER_TOO_SMALL", KVH_ERR_BUFFER_TOO_SMALL as i64),
         ("KVH_VTABLE_V1_0_SIZE", KVH_VTABLE_V1_0_SIZE as i64),
+        ("KVH_VTABLE_V1_1_SIZE", KVH_VTABLE_V1_1_SIZE as i64),
     ] {
         let line = header
             .lines()

@@ -246,3 +246,18 @@ fn plugins_load_in_config_order_and_skip_policy_keeps_going() {
     let e = loader::load_all(&c).unwrap_err();
     assert!(e.to_string().contains("plugin `bad`"), "{e}");
 }
+
+#[test]
+fn a_plugin_built_against_abi_1_0_loads_and_lacks_clear() {
+    let path = fixture("fx_abi_1_0");
+    let p = must_load("old", path.to_str().unwrap(), "abi_1_0", &[]);
+    assert_eq!(p.info().abi, (1, 0));
+    let e = p.clear().unwrap_err();
+    assert_eq!(e.status, kvhost::plugin::Status::UNSUPPORTED);
+    let factory = || {
+        let c = config_for("old", path.to_str().unwrap(), "abi_1_0", &[]);
+        loader::load(&c.plugins[0], &c)
+    };
+    let report = kvhost::conformance::run(&factory);
+    assert!(report.passed(), "{report}");
+}

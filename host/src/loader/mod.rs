@@ -501,6 +501,14 @@ fn inspect_entry(
             abi::KVH_VTABLE_V1_0_SIZE
         )));
     }
+    // Fields past the plugin's `struct_size` were zero-filled when it was read: an older plugin simply
+    // lacks them. A capability whose function lies past the plugin's vtable is a contradiction.
+    if desc.capabilities & abi::KVH_CAP_CLEAR != 0 && vt_size < abi::KVH_VTABLE_V1_1_SIZE {
+        return Err(abi_err(format!(
+            "capability `clear` is advertised but the vtable ({vt_size} bytes) predates it (ABI 1.1, {} bytes)",
+            abi::KVH_VTABLE_V1_1_SIZE
+        )));
+    }
     let missing: Vec<&str> = [
         ("create", vt.create.is_none()),
         ("destroy", vt.destroy.is_none()),
