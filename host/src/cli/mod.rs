@@ -1,5 +1,6 @@
 //! Front end: the `kvhost` command line.
 
+mod bench;
 mod check;
 mod conformance;
 mod plugins;
@@ -20,6 +21,13 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Benchmark suites.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Suite {
+    /// Hot cache, plugin call and chain costs against the machine's limits.
+    Micro,
 }
 
 /// Log output formats.
@@ -44,6 +52,18 @@ pub enum Command {
     Plugins {
         /// Directories or .so files to scan. Default: KVHOST_PLUGIN_PATH and <exe dir>/plugins.
         paths: Vec<PathBuf>,
+    },
+    /// Benchmarks: `--suite micro` measures the data path against memcpy and a linked-in no-op.
+    Bench {
+        /// Which suite.
+        #[arg(long, value_enum, default_value_t = Suite::Micro)]
+        suite: Suite,
+        /// Also write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Small sizes: checks that every row runs; the numbers mean little.
+        #[arg(long)]
+        quick: bool,
     },
     /// Run the conformance suite against one plugin class.
     Conformance {
@@ -99,5 +119,10 @@ pub fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             class,
             options,
         } => conformance::run(&plugin, &class, options),
+        Command::Bench {
+            suite: Suite::Micro,
+            json,
+            quick,
+        } => bench::run_micro(json.as_deref(), quick),
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! 1. Resolve `module_path`: a path (absolute, or relative to the config file), or a bare or dotted name
 //!    searched as `lib<name>.so` and `<name>.so` in `plugin_dir`, then `KVHOST_PLUGIN_PATH`, then
-//!    `<exe dir>/plugins`.
+//!    `<exe dir>/plugins`, then `<exe dir>`.
 //! 2. Open it once (`RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE`), never close it.
 //! 3. Find `kvh_plugin_<class_name>_v1` and call it.
 //! 4. Check, before any other call: descriptor non-null; `struct_size`; ABI major; class name; required
@@ -191,7 +191,8 @@ impl fmt::Display for LoadError {
 impl std::error::Error for LoadError {}
 
 /// Where libraries are searched, in order: the config's `plugin_dir`s, `KVHOST_PLUGIN_PATH`
-/// (colon-separated), then `<exe dir>/plugins`.
+/// (colon-separated), then `<exe dir>/plugins`, then `<exe dir>` itself (where Cargo puts Rust plugins
+/// built in the same workspace).
 pub fn plugin_dirs(config: &Config) -> Vec<PathBuf> {
     let mut dirs = config.plugin_dirs.clone();
     if let Some(env) = std::env::var_os("KVHOST_PLUGIN_PATH") {
@@ -201,13 +202,14 @@ pub fn plugin_dirs(config: &Config) -> Vec<PathBuf> {
         .ok()
         .and_then(|e| e.parent().map(Path::to_path_buf))
     {
-        dirs.push(exe_dir.join("plugins"));
         // Test binaries live in <profile>/deps; the workspace build puts plugins in <profile>/plugins.
-        if exe_dir.ends_with("deps") {
-            if let Some(profile) = exe_dir.parent() {
-                dirs.push(profile.join("plugins"));
-            }
-        }
+        let exe_dir = match exe_dir.parent() {
+            Some(profile) if exe_dir.ends_with("deps") => profile.to_path_buf(),
+            _ => exe_dir,
+        };
+        dirs.push(exe_dir.join("plugins"));
+        // Last: Rust plugins built in the same Cargo workspace land next to the binary.
+        dirs.push(exe_dir);
     }
     dirs
 }
