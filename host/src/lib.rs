@@ -15,4 +15,4 @@ pub mod loader;
 pub mod plugin;
 
 pub use config::{Config, ConfigError, PluginSpec};
-pub use key::{ChunkKey, KeyError};
+pub use key::{ChunkKey, Chunker, KeyError};

@@ -4,6 +4,10 @@
 //! once, hashed once with XXH3-64, and shared by reference count afterwards: the data path never formats
 //! a key again.
 
+mod chunker;
+
+pub use chunker::{Chunk, Chunker, NONE_HASH};
+
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::ops::Range;
