@@ -119,6 +119,7 @@ fn hot_only_chain(capacity: usize, prefault: bool) -> Chain {
             queue_depth: 1024,
             backpressure: crate::chain::Backpressure::Block,
             max_batch: 32,
+            max_batch_bytes: 64 << 20,
             max_inflight_batches: 4,
             skip_existing: false,
         },

@@ -2,3 +2,4 @@
 //! nothing about absolute speed.
 
 pub mod micro;
+pub mod workload;

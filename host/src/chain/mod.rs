@@ -86,6 +86,7 @@ impl ChainSettings {
                     Backpressure::Block
                 },
                 max_batch: config.put_batch_size,
+                max_batch_bytes: config.put_batch_bytes,
                 max_inflight_batches: config.tier_max_inflight_batches,
                 skip_existing: config.skip_existing_in_tiers,
             },

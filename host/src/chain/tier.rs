@@ -40,6 +40,8 @@ pub struct TierSettings {
     pub backpressure: Backpressure,
     /// Chunks per plugin call.
     pub max_batch: usize,
+    /// Bytes per plugin call (a batch closes at whichever limit comes first).
+    pub max_batch_bytes: u64,
     /// Plugin put calls outstanding at once.
     pub max_inflight_batches: usize,
     /// Ask the plugin which keys it already holds before storing (skip those).
@@ -205,10 +207,14 @@ impl Worker {
     fn run(self) {
         while let Ok(first) = self.rx.recv() {
             let mut batch = Vec::with_capacity(self.settings.max_batch);
+            let mut bytes = first.handle.len() as u64;
             batch.push(first);
-            while batch.len() < self.settings.max_batch {
+            while batch.len() < self.settings.max_batch && bytes < self.settings.max_batch_bytes {
                 match self.rx.try_recv() {
-                    Ok(job) => batch.push(job),
+                    Ok(job) => {
+                        bytes += job.handle.len() as u64;
+                        batch.push(job);
+                    }
                     Err(_) => break,
                 }
             }

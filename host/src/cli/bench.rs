@@ -1,6 +1,9 @@
 //! `kvhost bench`: benchmarks that print ratios measured side by side in one run.
 
+use super::BenchArgs;
 use crate::bench::micro::{self, MicroOptions};
+use crate::bench::workload::{self, WorkloadOptions};
+use crate::chain::Chain;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -29,6 +32,77 @@ pub fn run_micro(json: Option<&Path>, quick: bool) -> Result<ExitCode, Box<dyn s
     );
     if let Some(path) = json {
         std::fs::write(path, serde_json::to_string_pretty(&rows)?)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run_workload(args: &BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let mut config = super::load_config(args.config.as_deref())?;
+    if let Some(name) = &args.model {
+        config.model = workload::preset(name).ok_or_else(|| {
+            format!(
+                "unknown model preset `{name}`; known: {}",
+                workload::PRESETS.join(", ")
+            )
+        })?;
+    }
+    let m = &mut config.model;
+    if let Some(v) = args.layers {
+        m.num_layers = v;
+    }
+    if let Some(v) = args.kv_heads {
+        m.num_kv_heads = v;
+    }
+    if let Some(v) = args.head_dim {
+        m.head_size = v;
+    }
+    if let Some(v) = &args.dtype {
+        if crate::config::dtype_info(v).is_none() {
+            return Err(format!("--dtype `{v}` is not an LMCache dtype").into());
+        }
+        m.dtype = v.clone();
+    }
+    if let Some(v) = args.chunk_size {
+        config.chunk_size = v.max(1);
+    }
+    let opts = WorkloadOptions {
+        sessions: args.sessions.max(1),
+        turns: args.turns.max(1),
+        system_tokens: args.system_tokens,
+        user_tokens: args.user_tokens,
+        answer_tokens: args.answer_tokens,
+        reuse: args.reuse.clamp(0.0, 1.0),
+        seed: args.seed,
+        duration: std::time::Duration::from_secs_f64(args.duration.max(0.1)),
+        requests: args.requests,
+    };
+    let origin = config
+        .source
+        .as_ref()
+        .map_or("<embedded quickstart>".to_string(), |p| {
+            p.display().to_string()
+        });
+    eprintln!("loading chain from {origin}");
+    let chain = Chain::from_config(&config)?;
+    eprintln!("chain: {}", chain.tier_names().join(" -> "));
+    let bar = indicatif::ProgressBar::new(1000);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let report = workload::run(&chain, &config, &opts, |done, requests| {
+        bar.set_position((done * 1000.0) as u64);
+        bar.set_message(format!("{requests} requests"));
+    });
+    bar.finish_and_clear();
+    let close = chain.close(std::time::Duration::from_secs(30));
+    print!("{}", workload::render(&report));
+    if !close.unfinished.is_empty() {
+        println!("close: {} put(s) did not finish", close.unfinished.len());
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
         println!("wrote {}", path.display());
     }
     Ok(ExitCode::SUCCESS)

@@ -23,9 +23,74 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// `kvhost bench` options.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Which suite.
+    #[arg(long, value_enum, default_value_t = Suite::Workload)]
+    pub suite: Suite,
+    /// Config file. Default: $LMCACHE_CONFIG_FILE, else the embedded quickstart.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Model shape preset (overrides the config's `model`): llama-3.1-8b, llama-3.1-70b, qwen2.5-7b,
+    /// mistral-7b, tiny.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Transformer layers.
+    #[arg(long)]
+    pub layers: Option<u32>,
+    /// KV heads per layer.
+    #[arg(long)]
+    pub kv_heads: Option<u32>,
+    /// Head dimension.
+    #[arg(long)]
+    pub head_dim: Option<u32>,
+    /// KV dtype (LMCache name: bfloat16, half, float, fp8_e4m3fn, …).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Tokens per chunk.
+    #[arg(long)]
+    pub chunk_size: Option<u32>,
+    /// Concurrent conversations.
+    #[arg(long, default_value_t = 8)]
+    pub sessions: usize,
+    /// Turns per conversation.
+    #[arg(long, default_value_t = 6)]
+    pub turns: usize,
+    /// Tokens of the shared system prompt.
+    #[arg(long, default_value_t = 1024)]
+    pub system_tokens: usize,
+    /// Tokens a user adds per turn.
+    #[arg(long, default_value_t = 256)]
+    pub user_tokens: usize,
+    /// Tokens the model answers per turn.
+    #[arg(long, default_value_t = 256)]
+    pub answer_tokens: usize,
+    /// Probability that a request continues an open conversation.
+    #[arg(long, default_value_t = 0.8)]
+    pub reuse: f64,
+    /// Random seed.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Stop after this many requests instead.
+    #[arg(long)]
+    pub requests: Option<u64>,
+    /// Micro suite only: small sizes, to check every row runs.
+    #[arg(long)]
+    pub quick: bool,
+}
+
 /// Benchmark suites.
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum Suite {
+    /// A multi-turn inference workload through the configured chain.
+    Workload,
     /// Hot cache, plugin call and chain costs against the machine's limits.
     Micro,
 }
@@ -53,18 +118,9 @@ pub enum Command {
         /// Directories or .so files to scan. Default: KVHOST_PLUGIN_PATH and <exe dir>/plugins.
         paths: Vec<PathBuf>,
     },
-    /// Benchmarks: `--suite micro` measures the data path against memcpy and a linked-in no-op.
-    Bench {
-        /// Which suite.
-        #[arg(long, value_enum, default_value_t = Suite::Micro)]
-        suite: Suite,
-        /// Also write the results as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
-        /// Small sizes: checks that every row runs; the numbers mean little.
-        #[arg(long)]
-        quick: bool,
-    },
+    /// Replay a synthetic multi-turn inference workload through the chain (the main job), or run the
+    /// micro benchmarks (`--suite micro`).
+    Bench(BenchArgs),
     /// Run the conformance suite against one plugin class.
     Conformance {
         /// Path to the .so, or a name searched in the plugin directories.
@@ -119,10 +175,9 @@ pub fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             class,
             options,
         } => conformance::run(&plugin, &class, options),
-        Command::Bench {
-            suite: Suite::Micro,
-            json,
-            quick,
-        } => bench::run_micro(json.as_deref(), quick),
+        Command::Bench(args) => match args.suite {
+            Suite::Micro => bench::run_micro(args.json.as_deref(), args.quick),
+            Suite::Workload => bench::run_workload(&args),
+        },
     }
 }

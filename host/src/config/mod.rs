@@ -196,6 +196,8 @@ pub struct Config {
     pub put_backpressure: String,
     /// Chunks per plugin put call.
     pub put_batch_size: usize,
+    /// Bytes per plugin put call (a batch closes at whichever of the two limits comes first).
+    pub put_batch_bytes: u64,
     /// Plugin put calls outstanding per tier.
     pub tier_max_inflight_batches: usize,
     /// Ask a tier which keys it holds before storing, and skip those.
@@ -457,6 +459,7 @@ impl Config {
             put_queue_depth: raw.put_queue_depth.unwrap_or(1024).max(1),
             put_backpressure,
             put_batch_size: raw.put_batch_size.unwrap_or(32).max(1),
+            put_batch_bytes: raw.put_batch_bytes.unwrap_or(64 << 20).max(1),
             tier_max_inflight_batches: raw.tier_max_inflight_batches.unwrap_or(4).max(1),
             skip_existing_in_tiers: raw.skip_existing_in_tiers.unwrap_or(true),
             plugins,

@@ -94,6 +94,7 @@ raw_config! {
     put_queue_depth: usize,
     put_backpressure: String,
     put_batch_size: usize,
+    put_batch_bytes: u64,
     tier_max_inflight_batches: usize,
     skip_existing_in_tiers: bool,
 }
