@@ -2,7 +2,7 @@
 //!
 //! A native host for KV-cache storage plugins. The modules follow the data's path:
 //! [`config`] → [`loader`] → [`plugin`] (the safe binding of one loaded backend) → [`cache`] (the CPU
-//! hot cache) → [`chain`] (the storage manager) → front ends ([`cli`], [`bench`]).
+//! hot cache) → [`chain`] (the storage manager) → front ends ([`cli`], [`bench`], [`serve`]).
 
 pub mod bench;
 pub mod cache;
@@ -13,6 +13,7 @@ pub mod conformance;
 pub mod key;
 pub mod loader;
 pub mod plugin;
+pub mod serve;
 
 pub use config::{Config, ConfigError, PluginSpec};
 pub use key::{ChunkKey, Chunker, KeyError};

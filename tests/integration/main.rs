@@ -8,6 +8,7 @@ mod conformance;
 mod faults;
 mod loader;
 mod sanitizers;
+mod serve;
 mod stress;
 mod util;
 mod vtable;

@@ -329,14 +329,32 @@ impl Chain {
         meta: ChunkMeta,
         fill: impl FnOnce(&mut [u8]),
     ) -> PutOutcome {
+        match self.try_put_with(key, len, meta, |dst| {
+            fill(dst);
+            Ok::<(), std::convert::Infallible>(())
+        }) {
+            Ok(outcome) => outcome,
+            Err(never) => match never {},
+        }
+    }
+
+    /// [`put_with`](Self::put_with) with a fill that may fail (say, a socket read): on `Err` nothing is
+    /// stored and the block is freed. `fill` is not called for `Duplicate`, `NoSpace` or `Closed`.
+    pub fn try_put_with<E>(
+        &self,
+        key: &ChunkKey,
+        len: usize,
+        meta: ChunkMeta,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<PutOutcome, E> {
         let inner = &self.inner;
         if inner.closed.load(Ordering::Acquire) {
-            return PutOutcome::Closed;
+            return Ok(PutOutcome::Closed);
         }
         if (inner.settings.cache.retain && inner.hot.contains(key)) || inner.inflight.contains(key)
         {
             inc(&inner.hot_metrics.put_skipped);
-            return PutOutcome::Duplicate;
+            return Ok(PutOutcome::Duplicate);
         }
         // Write-back may have to wait for demotions to free room; write-through never waits.
         let deadline = match inner.settings.write_policy {
@@ -347,15 +365,15 @@ impl Chain {
             Ok(s) => s,
             Err(e) => {
                 inc(&inner.hot_metrics.no_space);
-                return PutOutcome::NoSpace(e);
+                return Ok(PutOutcome::NoSpace(e));
             }
         };
-        fill(&mut staged.as_mut_slice()[..len]);
+        let started = Instant::now();
+        fill(&mut staged.as_mut_slice()[..len])?;
         let meta = ChunkMeta {
             length: len as u64,
             ..meta
         };
-        let started = Instant::now();
         let handle = inner.hot.commit(staged, key, len as u64, meta);
         inc(&inner.hot_metrics.puts);
         add(&inner.hot_metrics.bytes_in, len as u64);
@@ -376,7 +394,7 @@ impl Chain {
                 }
             }
         }
-        PutOutcome::Stored
+        Ok(PutOutcome::Stored)
     }
 
     /// Store chunks, copying each from `data[i]` (put-with-copy). Per chunk outcome.
