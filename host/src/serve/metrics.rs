@@ -53,6 +53,9 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// A per-tier metric: name, type, help, and how to read it from the tier's stats.
+type TierMetric = (&'static str, &'static str, &'static str, fn(&crate::chain::TierStats) -> u64);
+
 /// The exposition text.
 pub fn render(chain: &Chain, server: &ServerStats, model_name: &str, worker_id: u32) -> String {
     let mut o = Out {
@@ -147,7 +150,7 @@ pub fn render(chain: &Chain, server: &ServerStats, model_name: &str, worker_id: 
     o.summary("lmcache:time_to_retrieve", "", &hot.get_latency);
 
     // Per tier, plugins included.
-    let per_tier: [(&str, &str, &str, fn(&crate::chain::TierStats) -> u64); 11] = [
+    let per_tier: [TierMetric; 11] = [
         (
             "kvhost_tier_hits_total",
             "counter",
