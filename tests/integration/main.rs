@@ -4,6 +4,7 @@
 mod abi_header;
 mod bad_config;
 mod chain;
+mod cli;
 mod conformance;
 mod faults;
 mod loader;

@@ -54,7 +54,12 @@ fn escape(v: &str) -> String {
 }
 
 /// A per-tier metric: name, type, help, and how to read it from the tier's stats.
-type TierMetric = (&'static str, &'static str, &'static str, fn(&crate::chain::TierStats) -> u64);
+type TierMetric = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&crate::chain::TierStats) -> u64,
+);
 
 /// The exposition text.
 pub fn render(chain: &Chain, server: &ServerStats, model_name: &str, worker_id: u32) -> String {

@@ -1,0 +1,241 @@
+//! The `kvhost` binary itself: exit codes, `check`, `plugins`, `conformance`, `bench`, and `serve`'s
+//! shutdown on SIGTERM.
+
+use crate::util::*;
+use kvhost::serve::client::LmClient;
+use kvhost_plugin_sdk::ChunkMeta;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Build the `kvhost` binary once (`cargo test` builds only libraries for this package).
+fn binary() -> &'static PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let profile = profile_dir();
+        let mut build = Command::new(env!("CARGO"));
+        build.args(["build", "-q", "-p", "kvhost", "--bin", "kvhost"]);
+        if profile.ends_with("release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("run cargo build");
+        assert!(status.success(), "cargo build -p kvhost failed");
+        profile.join("kvhost")
+    })
+}
+
+fn kvhost() -> Command {
+    let bin = binary();
+    assert!(bin.is_file(), "{} is missing", bin.display());
+    let mut c = Command::new(bin);
+    c.env_remove("LMCACHE_CONFIG_FILE").env_remove("RUST_LOG");
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    kvhost().args(args).output().expect("run kvhost")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn small_config(name: &str, body: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kvhost-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("kvhost.yaml");
+    std::fs::write(&path, body).unwrap();
+    path
+}
+
+const SMALL: &str = "chunk_size: 16\nmax_local_cpu_size: 0.05\nlocal_cpu_prefault: false\n\
+    model:\n  name: test/model\n  num_layers: 2\n  num_kv_heads: 2\n  head_size: 16\n  dtype: half\n\
+    storage_plugins: [mem]\nextra_config:\n  storage_plugin.mem.module_path: kvhost_mem\n  storage_plugin.mem.class_name: mem\n";
+
+#[test]
+fn check_prints_the_chain_and_exits_zero() {
+    let o = run(&["check"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    for part in [
+        "LocalCPUBackend",
+        "mem",
+        "log",
+        "capacity_bytes=4294967296",
+        "check: ok (2 plugin(s) loaded)",
+    ] {
+        assert!(t.contains(part), "`{part}` missing:\n{t}");
+    }
+}
+
+#[test]
+fn check_fails_with_the_loaders_message() {
+    let cfg = small_config("bad", &SMALL.replace("kvhost_mem", "kvhost_nope"));
+    let o = run(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("no library for module_path `kvhost_nope`"),
+        "{}",
+        text(&o)
+    );
+    let o = run(&["check", "--config", "/nonexistent.yaml"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("/nonexistent.yaml"), "{}", text(&o));
+}
+
+#[test]
+fn usage_errors_exit_two() {
+    assert_eq!(run(&["frobnicate"]).status.code(), Some(2));
+    assert_eq!(
+        run(&["serve", "--listen", "not-an-address"]).status.code(),
+        Some(2)
+    );
+    let help = run(&["--help"]);
+    assert!(help.status.success() && text(&help).contains("conformance"));
+}
+
+#[test]
+fn plugins_lists_classes_and_names_non_plugins() {
+    let dir = PathBuf::from(env!("KVHOST_TEST_PLUGINS_DIR"));
+    let o = run(&[
+        "plugins",
+        plugins_dir().to_str().unwrap(),
+        dir.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("class mem v0.1.0 (ABI 1.1)") && t.contains("option capacity_bytes"),
+        "{t}"
+    );
+    assert!(
+        t.contains("libfx_not_a_plugin.so\n  not a kvhost plugin"),
+        "{t}"
+    );
+    assert!(
+        t.contains("built for another ABI major: abi_v2 (ABI 2)"),
+        "{t}"
+    );
+}
+
+#[test]
+fn conformance_command_passes_and_fails_honestly() {
+    let o = run(&[
+        "conformance",
+        "--plugin",
+        "kvhost_mem",
+        "--class",
+        "mem",
+        "--option",
+        "delay_us=10",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("0 failed"), "{}", text(&o));
+    let beta = fixture("fx_multi");
+    let o = run(&[
+        "conformance",
+        "--plugin",
+        beta.to_str().unwrap(),
+        "--class",
+        "beta",
+        "-o",
+        "size=1",
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "an undeclared black hole fails: {}",
+        text(&o)
+    );
+    assert!(text(&o).contains("FAIL  round_trip"), "{}", text(&o));
+}
+
+#[test]
+fn bench_runs_the_workload_and_writes_json() {
+    let cfg = small_config("bench", SMALL);
+    let json = cfg.with_file_name("report.json");
+    let o = run(&[
+        "bench",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--requests",
+        "40",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("40 requests") && t.contains("LocalCPUBackend") && t.contains("mem"),
+        "{t}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["requests"], 40);
+    assert!(
+        report["chunks_hit"].as_u64().unwrap() > 0,
+        "multi-turn sessions reuse prefixes"
+    );
+    let o = run(&["bench", "--suite", "micro", "--quick"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("b. per-op cost"), "{}", text(&o));
+}
+
+#[test]
+fn serve_drains_and_exits_zero_on_sigterm() {
+    let cfg = small_config("serve", SMALL);
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = kvhost()
+        .args([
+            "serve",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--listen",
+            &addr,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut client = loop {
+        match LmClient::connect(&addr) {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => panic!("server did not start: {e}"),
+        }
+    };
+    let key = "test/model@1@0@abc@half";
+    client
+        .put(key, &[5u8; 2048], &ChunkMeta::default())
+        .unwrap();
+    assert_eq!(client.get(key).unwrap().unwrap().1, vec![5u8; 2048]);
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "serve did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    assert!(status.success(), "exit {status}: {}", text(&out));
+    assert!(
+        text(&out).contains("stopped (1 connections, 2 requests)"),
+        "{}",
+        text(&out)
+    );
+}
