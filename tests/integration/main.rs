@@ -7,6 +7,7 @@ mod chain;
 mod cli;
 mod conformance;
 mod faults;
+mod lmcache_compat;
 mod loader;
 mod sanitizers;
 mod serve;

@@ -2,4 +2,5 @@
 //! nothing about absolute speed.
 
 pub mod micro;
+pub mod serve;
 pub mod workload;

@@ -107,3 +107,43 @@ pub fn run_workload(args: &BenchArgs) -> Result<ExitCode, Box<dyn std::error::Er
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// Where LMCache is installed: the flag, `$KVHOST_LMCACHE_PYTHON`, or the cached virtualenv.
+pub fn lmcache_python(flag: Option<&Path>) -> std::path::PathBuf {
+    flag.map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("KVHOST_LMCACHE_PYTHON").map(Into::into))
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_default();
+            home.join(".cache/kvhost/lmcache-venv/bin/python")
+        })
+}
+
+pub fn run_serve(args: &BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let python = lmcache_python(args.lmcache_python.as_deref());
+    if !python.is_file() {
+        return Err(format!(
+            "no LMCache Python at {}: install it with `python3 -m venv ~/.cache/kvhost/lmcache-venv && \
+             ~/.cache/kvhost/lmcache-venv/bin/pip install lmcache==0.5.6`, or pass --lmcache-python",
+            python.display()
+        )
+        .into());
+    }
+    let mut opts = crate::bench::serve::ServeBenchOptions::default();
+    if args.quick {
+        opts.bytes_per_size = 16 << 20;
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    let rows = crate::bench::serve::run(&python, &opts, |step| {
+        bar.set_message(format!("serve benchmark: {step}"))
+    })?;
+    bar.finish_and_clear();
+    print!("{}", micro::table(&rows));
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&rows)?)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -82,9 +82,13 @@ pub struct BenchArgs {
     /// Stop after this many requests instead.
     #[arg(long)]
     pub requests: Option<u64>,
-    /// Micro suite only: small sizes, to check every row runs.
+    /// Micro and serve suites: small sizes, to check every row runs.
     #[arg(long)]
     pub quick: bool,
+    /// Serve suite: a Python with LMCache installed. Default: $KVHOST_LMCACHE_PYTHON, else
+    /// ~/.cache/kvhost/lmcache-venv/bin/python.
+    #[arg(long)]
+    pub lmcache_python: Option<PathBuf>,
 }
 
 /// Benchmark suites.
@@ -94,6 +98,8 @@ pub enum Suite {
     Workload,
     /// Hot cache, plugin call and chain costs against the machine's limits.
     Micro,
+    /// `kvhost serve` against LMCache's own server (needs LMCache installed: `--lmcache-python`).
+    Serve,
 }
 
 /// Log output formats.
@@ -215,6 +221,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Bench(args) => match args.suite {
             Suite::Micro => bench::run_micro(args.json.as_deref(), args.quick),
             Suite::Workload => bench::run_workload(&args),
+            Suite::Serve => bench::run_serve(&args),
         },
     }
 }
