@@ -64,3 +64,24 @@ fn an_undeclared_black_hole_fails_conformance() {
         "{failures}"
     );
 }
+
+/// The README's plugins, built the way an outside author would (one `cc` line), pass conformance.
+#[test]
+fn readme_c_plugins_build_with_one_cc_line_and_conform() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::env::temp_dir().join(format!("kvhost-readme-{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    for (file, class) in [("tiny.c", "tiny"), ("hello.c", "hello")] {
+        let so = out.join(format!("lib{class}.so"));
+        let status = std::process::Command::new("cc")
+            .args(["-std=c11", "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror", "-pedantic", "-pthread", "-I"])
+            .arg(root.join("include"))
+            .arg(root.join("examples/c_plugin").join(file))
+            .arg("-o")
+            .arg(&so)
+            .status()
+            .unwrap();
+        assert!(status.success(), "cc {file}");
+        run(class, so.to_str().unwrap(), class, &[]);
+    }
+}
