@@ -392,3 +392,70 @@ fn lookup_finds_a_prefix_that_alternates_between_tiers() {
         ]
     );
 }
+
+#[test]
+fn a_failing_tier_costs_its_own_keys_only() {
+    // `liar` (status mode) answers contains with an undefined status and get without results.
+    let liar = fixture("fx_liar");
+    let y = format!(
+        "chunk_size: 16\nmax_local_cpu_size: 0.01\nlocal_cpu_prefault: false\nstorage_plugins: [liar, mem]\n\
+         extra_config:\n  storage_plugin.liar.module_path: {}\n  storage_plugin.liar.class_name: liar\n  \
+         storage_plugin.mem.module_path: kvhost_mem\n  storage_plugin.mem.class_name: mem\n",
+        liar.display()
+    );
+    let chain = Chain::from_config(&Config::from_yaml(&y, None).unwrap()).unwrap();
+    let k = key(1300);
+    let data = bytes(13, 5000);
+    assert_eq!(put1(&chain, &k, &data), PutOutcome::Stored);
+    wait_drained(&chain);
+    // The hot cache still serves it; after it leaves, mem serves it past the failing tier.
+    assert_eq!(
+        chain.get(std::slice::from_ref(&k))[0]
+            .as_ref()
+            .unwrap()
+            .bytes(),
+        &data[..]
+    );
+    chain.hot().remove(&k);
+    let h = chain
+        .get(std::slice::from_ref(&k))
+        .remove(0)
+        .expect("mem, behind the liar");
+    assert_eq!(h.bytes(), &data[..]);
+    assert_eq!(chain.lookup(std::slice::from_ref(&k), None).hit_chunks, 1);
+    let liar_stats = chain
+        .stats()
+        .tiers
+        .into_iter()
+        .find(|t| t.name == "liar")
+        .unwrap();
+    assert!(
+        liar_stats.errors > 0,
+        "errors are counted per tier: {liar_stats:?}"
+    );
+}
+
+#[test]
+fn backpressure_drop_skips_a_full_tier_and_counts_it() {
+    // `slow` takes 20 ms per chunk; a queue of 1 with drop backpressure must not block puts.
+    let chain = chain_with("slow", 16, "put_queue_depth: 1\nput_backpressure: drop\ntier_max_inflight_batches: 1\nput_batch_size: 1");
+    let started = Instant::now();
+    for i in 0..20 {
+        assert_eq!(
+            put1(&chain, &key(1400 + i), &bytes(i as u64, 1000)),
+            PutOutcome::Stored
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "puts did not wait for the slow tier"
+    );
+    let slow = chain
+        .stats()
+        .tiers
+        .into_iter()
+        .find(|t| t.name == "slow")
+        .unwrap();
+    assert!(slow.put_dropped > 0, "dropped chunks are counted: {slow:?}");
+    chain.close(Duration::from_secs(10));
+}

@@ -239,3 +239,30 @@ fn serve_drains_and_exits_zero_on_sigterm() {
         text(&out)
     );
 }
+
+#[test]
+fn json_logs_carry_the_plugin_name() {
+    let o = kvhost()
+        .args(["--log-format", "json", "check"])
+        .env("RUST_LOG", "debug")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let plugin_lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["plugin"] == "log")
+        .collect();
+    assert!(
+        !plugin_lines.is_empty(),
+        "no JSON log line from plugin `log`:\n{stderr}"
+    );
+    assert!(
+        plugin_lines.iter().any(|v| v["fields"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("health")),
+        "{stderr}"
+    );
+}

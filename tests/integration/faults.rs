@@ -273,3 +273,22 @@ fn hung_operations_time_out_and_destroy_cancels_them() {
         .expect("destroy completed the hung get");
     assert_eq!(g.error.map(|e| e.status), Some(Status::CANCELED));
 }
+
+#[test]
+fn rust_plugin_log_and_tracing_events_reach_the_host_under_its_name() {
+    logs();
+    let _p = must_load("chatty", rust_fixture().to_str().unwrap(), "rust_mem", &[]);
+    let text = logs();
+    let line = |needle: &str| {
+        text.lines()
+            .any(|l| l.contains("chatty") && l.contains(needle))
+    };
+    assert!(
+        line("rust_mem created (panic_in=none)"),
+        "log crate event:\n{text}"
+    );
+    assert!(
+        line("rust_mem traced its creation"),
+        "tracing event:\n{text}"
+    );
+}
