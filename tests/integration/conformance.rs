@@ -74,7 +74,18 @@ fn readme_c_plugins_build_with_one_cc_line_and_conform() {
     for (file, class) in [("tiny.c", "tiny"), ("hello.c", "hello")] {
         let so = out.join(format!("lib{class}.so"));
         let status = std::process::Command::new("cc")
-            .args(["-std=c11", "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror", "-pedantic", "-pthread", "-I"])
+            .args([
+                "-std=c11",
+                "-shared",
+                "-fPIC",
+                "-O2",
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                "-pedantic",
+                "-pthread",
+                "-I",
+            ])
             .arg(root.join("include"))
             .arg(root.join("examples/c_plugin").join(file))
             .arg("-o")
