@@ -91,10 +91,9 @@ impl Host {
             )
             .is_ok();
         if first && log::set_logger(&LOGGER).is_ok() {
-            let max = (abi::KVH_LOG_ERROR..=abi::KVH_LOG_TRACE)
-                .rev()
-                .find(|&l| self.log_enabled(l));
-            log::set_max_level(max.map_or(log::LevelFilter::Off, level_filter));
+            // The host's filter can change later (a subscriber installed after the plugin loaded, a
+            // reload), so every level passes here and `enabled` asks the host per event.
+            log::set_max_level(log::LevelFilter::Trace);
         }
     }
 
@@ -120,16 +119,6 @@ impl Host {
         }
         let _restore = Restore(prev);
         f()
-    }
-}
-
-fn level_filter(level: i32) -> log::LevelFilter {
-    match level {
-        abi::KVH_LOG_ERROR => log::LevelFilter::Error,
-        abi::KVH_LOG_WARN => log::LevelFilter::Warn,
-        abi::KVH_LOG_INFO => log::LevelFilter::Info,
-        abi::KVH_LOG_DEBUG => log::LevelFilter::Debug,
-        _ => log::LevelFilter::Trace,
     }
 }
 

@@ -37,14 +37,15 @@ fn bytes(seed: u64, len: usize) -> Vec<u8> {
 /// cache and extra top-level YAML.
 pub fn chain_with(plugins: &str, cache_mib: u64, extra: &str) -> Chain {
     let y = format!(
-        "chunk_size: 16\nmax_local_cpu_size: {}\nlocal_cpu_prefault: false\nblocking_timeout_secs: 10\n{extra}\n\
+        "chunk_size: 16\nmax_local_cpu_size: {}\nlocal_cpu_prefault: false\n{}{extra}\n\
          storage_plugins: [{plugins}]\nextra_config:\n  \
          storage_plugin.mem.module_path: kvhost_mem\n  storage_plugin.mem.class_name: mem\n  \
          storage_plugin.mem.capacity_bytes: 268435456\n  \
          storage_plugin.slow.module_path: kvhost_mem\n  storage_plugin.slow.class_name: mem\n  \
          storage_plugin.slow.delay_us: 20000\n  \
          storage_plugin.log.module_path: kvhost_log\n  storage_plugin.log.class_name: log\n  storage_plugin.log.level: trace\n",
-        cache_mib as f64 / 1024.0
+        cache_mib as f64 / 1024.0,
+        if extra.contains("blocking_timeout_secs") { "" } else { "blocking_timeout_secs: 10\n" }
     );
     let config = Config::from_yaml(&y, None).unwrap_or_else(|e| panic!("{e}\n{y}"));
     Chain::from_config(&config).unwrap_or_else(|e| panic!("{e}"))
