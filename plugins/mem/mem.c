@@ -6,6 +6,10 @@
  * - Capacity is counted in chunk-data bytes. When a put does not fit, the oldest entries (insertion
  *   order, FIFO) are evicted; pinned entries are never evicted. If pins make room impossible, or the
  *   chunk is larger than the capacity, that item fails with KVH_ERR_NO_SPACE and nothing is evicted.
+ * - Chunk data lives in buffers that are recycled through a pool instead of being returned to the
+ *   operating system (see "Chunk-data buffers" below): fresh memory costs a kernel page fault and
+ *   zeroing per page, which for large chunks is far slower than the copy. Pooled buffers and stored
+ *   data together stay within the capacity; the pool gives way before any chunk is evicted.
  * - put, get and prefetch are asynchronous: they are queued for one worker thread and return
  *   KVH_PENDING; the worker writes the per-item results, releases its locks, then fires the completion.
  *   contains, remove, pin, unpin, flush and health are synchronous.
@@ -17,7 +21,8 @@
  *            -I<dir of kvhost_plugin.h> mem.c -o libkvhost_mem.so
  */
 
-#define _POSIX_C_SOURCE 200809L /* nanosleep */
+#define _POSIX_C_SOURCE 200809L /* nanosleep, clock_gettime, sysconf */
+#define _DEFAULT_SOURCE         /* MAP_ANONYMOUS, MAP_POPULATE, madvise */
 
 #include "kvhost_plugin.h"
 
@@ -28,7 +33,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
+#include <unistd.h>
 
 #define MEM_TARGET "mem"
 
@@ -194,26 +201,175 @@ static kvh_status null_param(const kvh_backend *backend, const char *operation, 
 }
 
 /* ------------------------------------------------------------------------------------------------ */
-/* The store: hash table + FIFO list                                                                */
+/* Chunk-data buffers and the buffer pool                                                           */
 /* ------------------------------------------------------------------------------------------------ */
 
-/* One stored chunk. Allocated as a single block: the header, then the canonical key (NUL-terminated,
- * for logging), then the chunk data. */
+/* Chunk data lives in buffers that are recycled rather than returned to the operating system: a fresh
+ * large allocation has to be faulted in and zeroed page by page by the kernel, which is several times
+ * slower than the copy that fills it. When a chunk leaves the store (evicted, removed, replaced,
+ * cleared), its buffer goes to the pool, and a later put takes a pooled buffer of a suitable size.
+ *
+ * Sizes: a new buffer's capacity is the chunk length rounded up to 64 bytes (below 64 KiB) or to
+ * 4 KiB (from 64 KiB up), so rounding wastes less than 1/16. A put takes the smallest pooled buffer
+ * with capacity >= its length and <= length + length/4 (best fit within 25 %), else allocates a new
+ * one.
+ *
+ * Allocation: buffers of MEM_MMAP_MIN bytes or more are mapped with mmap. By default the mapping is
+ * populated at once (MAP_POPULATE: the kernel zeroes the pages in one pass, cheaper than a page fault
+ * per 4 KiB during the copy). With the option huge_pages it is instead aligned to 2 MiB and marked
+ * MADV_HUGEPAGE, so it is faulted in 2 MiB at a time where the kernel allows it. Smaller buffers come
+ * from malloc.
+ *
+ * Bound: the pool only keeps a buffer while used_bytes + pending_bytes + pool_bytes stays within
+ * capacity_bytes; beyond that, buffers are freed (pooled ones first, before any chunk is evicted). */
+
+#define MEM_SMALL_GRANULE ((size_t)64)    /* capacity granule below MEM_LARGE_MIN */
+#define MEM_LARGE_GRANULE ((size_t)4096)  /* capacity granule from MEM_LARGE_MIN up */
+#define MEM_LARGE_MIN ((size_t)64 << 10)
+#define MEM_MMAP_MIN ((size_t)2 << 20)    /* from here on, buffers are mmapped */
+#define MEM_HUGE_ALIGN ((size_t)2 << 20)  /* alignment of mmapped buffers with huge_pages */
+#define MEM_TOUCH_STRIDE 4096u            /* prefault writes one byte per this many */
+#define MEM_POOL_BINS 496u                /* see pool_bin: 8 bins per power of two, up to 2^64 */
+
+/* A chunk-data buffer. The header is a small malloc block; the data is a separate allocation. */
+struct mem_buf {
+    struct mem_buf *next; /* pool bin list, or a list of buffers to free */
+    uint8_t *data;        /* cap bytes */
+    size_t cap;
+    size_t map_len; /* bytes mmapped at data (munmap on free), or 0 when data came from malloc */
+};
+
+/* The capacity a new buffer gets for `len` (> 0) bytes, or 0 when that would overflow. */
+static size_t buf_class(size_t len) {
+    size_t granule = len < MEM_LARGE_MIN ? MEM_SMALL_GRANULE : MEM_LARGE_GRANULE;
+    if (len > SIZE_MAX - (granule - 1)) {
+        return 0;
+    }
+    return (len + granule - 1) / granule * granule;
+}
+
+/* Maps at least `cap` bytes for a buffer (see the comment above); `*map_len` receives the length
+ * mapped, a multiple of the page size. Returns NULL when out of memory. */
+static void *buf_map(size_t cap, int huge_pages, size_t *map_len) {
+    long page = sysconf(_SC_PAGESIZE);
+    size_t page_size = page > 0 ? (size_t)page : 4096;
+    if (cap > SIZE_MAX - MEM_HUGE_ALIGN - page_size) {
+        return NULL;
+    }
+    cap = (cap + page_size - 1) / page_size * page_size;
+    *map_len = cap;
+    if (!huge_pages) {
+        int flags = MAP_PRIVATE | MAP_ANONYMOUS;
+#ifdef MAP_POPULATE
+        flags |= MAP_POPULATE;
+#endif
+        void *map = mmap(NULL, cap, PROT_READ | PROT_WRITE, flags, -1, 0);
+        return map == MAP_FAILED ? NULL : map;
+    }
+    /* Map 2 MiB extra and trim, so the buffer starts on a 2 MiB boundary and every whole 2 MiB of it
+     * can be a huge page. */
+    size_t reserve = cap + MEM_HUGE_ALIGN;
+    void *map = mmap(NULL, reserve, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (map == MAP_FAILED) {
+        return NULL;
+    }
+    uintptr_t start = (uintptr_t)map;
+    uintptr_t aligned = (start + (MEM_HUGE_ALIGN - 1)) & ~(uintptr_t)(MEM_HUGE_ALIGN - 1);
+    size_t head = (size_t)(aligned - start);
+    size_t tail = reserve - head - cap;
+    if (head > 0) {
+        munmap(map, head);
+    }
+    if (tail > 0) {
+        munmap((void *)(aligned + cap), tail);
+    }
+#ifdef MADV_HUGEPAGE
+    (void)madvise((void *)aligned, cap, MADV_HUGEPAGE); /* advice only: without THP it is 4 KiB pages */
+#endif
+    return (void *)aligned;
+}
+
+/* Allocates a buffer of buf_class(len) bytes. Called without any lock. Returns NULL when out of memory. */
+static struct mem_buf *buf_alloc(size_t len, int huge_pages) {
+    size_t cap = buf_class(len);
+    if (cap == 0) {
+        return NULL;
+    }
+    struct mem_buf *buf = malloc(sizeof *buf);
+    if (buf == NULL) {
+        return NULL;
+    }
+    buf->next = NULL;
+    buf->cap = cap;
+    buf->map_len = 0;
+    if (cap < MEM_MMAP_MIN) {
+        buf->data = malloc(cap);
+    } else {
+        buf->data = buf_map(cap, huge_pages, &buf->map_len);
+    }
+    if (buf->data == NULL) {
+        free(buf);
+        return NULL;
+    }
+    return buf;
+}
+
+static void buf_free(struct mem_buf *buf) {
+    if (buf == NULL) {
+        return;
+    }
+    if (buf->map_len > 0) {
+        munmap(buf->data, buf->map_len);
+    } else {
+        free(buf->data);
+    }
+    free(buf);
+}
+
+static void buf_free_list(struct mem_buf *list) {
+    while (list != NULL) {
+        struct mem_buf *next = list->next;
+        buf_free(list);
+        list = next;
+    }
+}
+
+/* Pool bin of a capacity: 8 bins per power of two (by the 3 bits after the leading one), so bins are
+ * ordered by size and every capacity in bin i is smaller than every capacity in bin i + 1. */
+static size_t pool_bin(size_t cap) {
+    if (cap < 8) {
+        return cap;
+    }
+    unsigned top = 0;
+    for (size_t v = cap; v > 1; v >>= 1) {
+        top++;
+    }
+    return (size_t)(top - 2) * 8 + ((cap >> (top - 3)) & 7);
+}
+
+/* a + b, saturating at UINT64_MAX. */
+static uint64_t sat_add(uint64_t a, uint64_t b) {
+    return a > UINT64_MAX - b ? UINT64_MAX : a + b;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* The store: hash table + FIFO list + buffer pool                                                  */
+/* ------------------------------------------------------------------------------------------------ */
+
+/* One stored chunk: the header, then the canonical key (NUL-terminated, for logging), in one block.
+ * The data is in `buf` (NULL for an empty chunk). */
 struct mem_entry {
     struct mem_entry *bucket_next; /* hash chain; also links a list of entries waiting to be freed */
     struct mem_entry *older;       /* FIFO neighbours (insertion order) */
     struct mem_entry *newer;
+    struct mem_buf *buf;
     uint64_t key_hash;
     size_t canonical_len;
     size_t data_len;
     uint32_t pin_count;
     kvh_chunk_meta meta;
-    char canonical[]; /* canonical_len bytes + NUL, then data_len bytes of data */
+    char canonical[]; /* canonical_len bytes + NUL */
 };
-
-static uint8_t *entry_data(struct mem_entry *entry) {
-    return (uint8_t *)entry->canonical + entry->canonical_len + 1;
-}
 
 struct mem_store {
     struct mem_entry **buckets; /* bucket_count chains; bucket_count is a power of two */
@@ -222,12 +378,22 @@ struct mem_store {
     struct mem_entry *oldest; /* FIFO: eviction starts here */
     struct mem_entry *newest;
     uint64_t capacity_bytes;
-    uint64_t used_bytes;   /* sum of data_len over all entries; never exceeds capacity_bytes */
-    uint64_t pinned_bytes; /* sum of data_len over entries with pin_count > 0 */
+    uint64_t used_bytes;    /* sum of data_len over all entries; never exceeds capacity_bytes */
+    uint64_t pinned_bytes;  /* sum of data_len over entries with pin_count > 0 */
+    uint64_t pending_bytes; /* data bytes of puts that have made room and are copying (not yet linked) */
     uint64_t evictions;
+    int huge_pages; /* immutable: how new buffers are mapped (buf_map) */
+
+    struct mem_buf *pool[MEM_POOL_BINS]; /* idle buffers, LIFO per bin (see pool_bin) */
+    size_t pool_count;
+    uint64_t pool_bytes;   /* sum of cap over pooled buffers */
+    uint64_t held_bytes;   /* sum of cap over all buffers but new ones of puts still copying */
+    uint64_t pool_reused;  /* puts that took a pooled buffer */
+    uint64_t pool_misses;  /* puts that allocated a new buffer */
+    uint64_t pool_dropped; /* buffers freed because the pool had no room for them */
 };
 
-static int store_init(struct mem_store *store, uint64_t capacity_bytes) {
+static int store_init(struct mem_store *store, uint64_t capacity_bytes, int huge_pages) {
     memset(store, 0, sizeof *store);
     store->buckets = calloc(MEM_INITIAL_BUCKETS, sizeof *store->buckets);
     if (store->buckets == NULL) {
@@ -235,12 +401,15 @@ static int store_init(struct mem_store *store, uint64_t capacity_bytes) {
     }
     store->bucket_count = MEM_INITIAL_BUCKETS;
     store->capacity_bytes = capacity_bytes;
+    store->huge_pages = huge_pages;
     return 0;
 }
 
+/* Frees a list of entries linked by bucket_next, with any buffer they still own. */
 static void free_entry_list(struct mem_entry *list) {
     while (list != NULL) {
         struct mem_entry *next = list->bucket_next;
+        buf_free(list->buf);
         free(list);
         list = next;
     }
@@ -250,11 +419,96 @@ static void store_free(struct mem_store *store) {
     struct mem_entry *entry = store->oldest;
     while (entry != NULL) {
         struct mem_entry *newer = entry->newer;
+        buf_free(entry->buf);
         free(entry);
         entry = newer;
     }
+    for (size_t bin = 0; bin < MEM_POOL_BINS; bin++) {
+        buf_free_list(store->pool[bin]);
+    }
     free(store->buckets);
     memset(store, 0, sizeof *store);
+}
+
+/* Whether the pool may keep `cap` more bytes: stored data, data being copied in, and pooled buffers
+ * together stay within the capacity. */
+static int pool_has_room(const struct mem_store *store, uint64_t cap) {
+    uint64_t committed = sat_add(sat_add(store->used_bytes, store->pending_bytes), store->pool_bytes);
+    return committed <= store->capacity_bytes && cap <= store->capacity_bytes - committed;
+}
+
+/* Puts a buffer in the pool unconditionally; the caller restores the bound with pool_trim. */
+static void pool_push(struct mem_store *store, struct mem_buf *buf) {
+    size_t bin = pool_bin(buf->cap);
+    buf->next = store->pool[bin];
+    store->pool[bin] = buf;
+    store->pool_count++;
+    store->pool_bytes += buf->cap;
+}
+
+/* Gives back a buffer that no entry uses any more: into the pool when it has room, else onto
+ * `*dropped` for the caller to free once the lock is released. */
+static void pool_give(struct mem_store *store, struct mem_buf *buf, struct mem_buf **dropped) {
+    if (buf == NULL) {
+        return;
+    }
+    if (pool_has_room(store, buf->cap)) {
+        pool_push(store, buf);
+    } else {
+        buf->next = *dropped;
+        *dropped = buf;
+        store->held_bytes -= buf->cap;
+        store->pool_dropped++;
+    }
+}
+
+/* Takes the smallest pooled buffer with len <= cap <= len + len/4, or returns NULL. */
+static struct mem_buf *pool_take(struct mem_store *store, size_t len) {
+    size_t limit = len + len / 4;
+    if (limit < len) {
+        limit = SIZE_MAX;
+    }
+    size_t last_bin = pool_bin(limit);
+    for (size_t bin = pool_bin(len); bin <= last_bin && bin < MEM_POOL_BINS; bin++) {
+        struct mem_buf **best = NULL;
+        for (struct mem_buf **link = &store->pool[bin]; *link != NULL; link = &(*link)->next) {
+            size_t cap = (*link)->cap;
+            if (cap >= len && cap <= limit && (best == NULL || cap < (*best)->cap)) {
+                best = link;
+                if (cap == buf_class(len)) {
+                    break; /* nothing smaller can fit */
+                }
+            }
+        }
+        if (best != NULL) { /* later bins only hold larger buffers */
+            struct mem_buf *buf = *best;
+            *best = buf->next;
+            buf->next = NULL;
+            store->pool_count--;
+            store->pool_bytes -= buf->cap;
+            return buf;
+        }
+    }
+    return NULL;
+}
+
+/* Frees pooled buffers, largest first, until the pool fits in what the capacity leaves free. */
+static void pool_trim(struct mem_store *store, struct mem_buf **dropped) {
+    size_t bin = MEM_POOL_BINS;
+    while (store->pool_count > 0 && !pool_has_room(store, 0) && bin > 0) {
+        if (store->pool[bin - 1] == NULL) {
+            bin--;
+            continue;
+        }
+        struct mem_buf *buf = store->pool[bin - 1];
+        store->pool[bin - 1] = buf->next;
+        store->pool_count--;
+        store->pool_bytes -= buf->cap;
+        store->held_bytes -= buf->cap;
+        store->pool_dropped++;
+        buf->next = *dropped;
+        *dropped = buf;
+    }
 }
 
 static size_t bucket_of(const struct mem_store *store, uint64_t key_hash) {
@@ -347,25 +601,43 @@ static void store_unlink(struct mem_store *store, struct mem_entry *entry) {
     }
 }
 
+/* Disposes of an entry that has been unlinked: its buffer goes to the pool (or onto `*dropped`), the
+ * header onto `*graveyard`. Both lists are freed by the caller once the lock is released. */
+static void store_discard(struct mem_store *store, struct mem_entry *entry, struct mem_entry **graveyard,
+                          struct mem_buf **dropped) {
+    pool_give(store, entry->buf, dropped);
+    entry->buf = NULL;
+    entry->bucket_next = *graveyard;
+    *graveyard = entry;
+}
+
 /* Evicts the oldest unpinned entries until `needed` bytes fit, counting `replaced` (the entry a put
- * is about to replace, or NULL) as already gone and never evicting it. Evicted entries are pushed on
- * `*graveyard` for the caller to free once the lock is released. Returns 0, or -1 without evicting
- * anything when pinned entries leave too little room. */
+ * is about to replace, or NULL) as already gone and never evicting it. Room taken by puts in progress
+ * (pending_bytes) counts as used. Evicted entries go on `*graveyard`; their buffers go to the pool
+ * unconditionally, so the put can take one of them whatever their rounding: the caller then calls
+ * pool_trim. Returns 0, or -1 without evicting anything when pinned entries leave too little room. */
 static int store_make_room(struct mem_store *store, uint64_t needed, const struct mem_entry *replaced,
                            struct mem_entry **graveyard, size_t *evicted) {
     uint64_t replaced_bytes = replaced != NULL ? replaced->data_len : 0;
     uint64_t pinned_others = store->pinned_bytes - (replaced != NULL && replaced->pin_count > 0 ? replaced_bytes : 0);
     /* Check first, so a put that cannot succeed does not evict anything. */
-    if (needed > store->capacity_bytes - pinned_others) {
+    if (store->pending_bytes > store->capacity_bytes - pinned_others ||
+        needed > store->capacity_bytes - pinned_others - store->pending_bytes) {
         return -1;
     }
-    uint64_t used_others = store->used_bytes - replaced_bytes;
+    /* needed <= capacity here, so `limit` does not wrap; comparing with it cannot underflow. */
+    uint64_t limit = store->capacity_bytes - needed;
+    uint64_t used_others = store->used_bytes - replaced_bytes + store->pending_bytes;
     struct mem_entry *candidate = store->oldest;
-    while (store->capacity_bytes - used_others < needed && candidate != NULL) {
+    while (used_others > limit && candidate != NULL) {
         struct mem_entry *next = candidate->newer;
         if (candidate != replaced && candidate->pin_count == 0) {
             used_others -= candidate->data_len;
             store_unlink(store, candidate);
+            if (candidate->buf != NULL) {
+                pool_push(store, candidate->buf);
+                candidate->buf = NULL;
+            }
             candidate->bucket_next = *graveyard;
             *graveyard = candidate;
             store->evictions++;
@@ -374,14 +646,14 @@ static int store_make_room(struct mem_store *store, uint64_t needed, const struc
         candidate = next;
     }
     /* Unreachable while the byte counters are right; checked so a bug cannot break the capacity bound. */
-    return store->capacity_bytes - used_others >= needed ? 0 : -1;
+    return used_others <= limit ? 0 : -1;
 }
 
 /* Inserts a new entry, replacing any entry with the same key (which keeps its pins: each pin still
- * needs its unpin). Returns KVH_OK, or KVH_ERR_NO_SPACE (the store is unchanged; `entry` is not
- * taken). Replaced and evicted entries go on `*graveyard`. */
+ * needs its unpin). Returns KVH_OK, or KVH_ERR_NO_SPACE (`entry` is not taken). Evicted entries are
+ * handled as in store_make_room, the replaced one by store_discard; the caller then calls pool_trim. */
 static kvh_status store_insert(struct mem_store *store, struct mem_entry *entry, struct mem_entry **graveyard,
-                               size_t *evicted) {
+                               struct mem_buf **dropped, size_t *evicted) {
     kvh_key lookup = { 0 };
     lookup.canonical = (kvh_str){ entry->canonical, entry->canonical_len };
     lookup.key_hash = entry->key_hash;
@@ -392,10 +664,11 @@ static kvh_status store_insert(struct mem_store *store, struct mem_entry *entry,
     if (existing != NULL) {
         entry->pin_count = existing->pin_count;
         store_unlink(store, existing);
-        existing->bucket_next = *graveyard;
-        *graveyard = existing;
+        store_link(store, entry);
+        store_discard(store, existing, graveyard, dropped); /* after linking: the pool sees the new used_bytes */
+    } else {
+        store_link(store, entry);
     }
-    store_link(store, entry);
     return KVH_OK;
 }
 
@@ -455,31 +728,30 @@ static int key_is_valid(const kvh_key *key) {
     return key->canonical.ptr != NULL && key->canonical.len > 0;
 }
 
-/* Copies a chunk into a new, unlinked entry. Called without the store lock: copying a large chunk
- * must not block readers. Returns NULL when out of memory. */
-static struct mem_entry *entry_new(const kvh_key *key, const kvh_bytes *src, const kvh_chunk_meta *meta) {
+/* A new, unlinked entry for `key` with no data yet. Returns NULL when out of memory. */
+static struct mem_entry *entry_new(const kvh_key *key, const kvh_chunk_meta *meta, size_t data_len) {
     size_t header = sizeof(struct mem_entry);
-    if (key->canonical.len > SIZE_MAX - header - 1 || src->len > SIZE_MAX - header - 1 - key->canonical.len) {
+    if (key->canonical.len > SIZE_MAX - header - 1) {
         return NULL;
     }
-    struct mem_entry *entry = malloc(header + key->canonical.len + 1 + src->len);
+    struct mem_entry *entry = malloc(header + key->canonical.len + 1);
     if (entry == NULL) {
         return NULL;
     }
     memset(entry, 0, header);
     entry->key_hash = key->key_hash;
     entry->canonical_len = key->canonical.len;
-    entry->data_len = src->len;
+    entry->data_len = data_len;
     entry->meta = *meta;
     memcpy(entry->canonical, key->canonical.ptr, key->canonical.len);
     entry->canonical[key->canonical.len] = '\0';
-    if (src->len > 0) {
-        memcpy(entry_data(entry), src->ptr, src->len);
-    }
     return entry;
 }
 
-/* Stores one chunk. `*evicted` receives the number of entries evicted to make room. */
+/* Stores one chunk, in three steps: under the store lock, make room (evicting FIFO) and take a pooled
+ * buffer; without the lock, copy the chunk (into a new buffer if the pool had none); under the lock
+ * again, link the entry. The bytes are reserved in pending_bytes in between, so the room made in the
+ * first step stays free. `*evicted` receives the number of entries evicted to make room. */
 static kvh_status put_one(kvh_backend *backend, const kvh_key *key, const kvh_bytes *src, const kvh_chunk_meta *meta,
                           size_t *evicted) {
     *evicted = 0;
@@ -493,18 +765,76 @@ static kvh_status put_one(kvh_backend *backend, const kvh_key *key, const kvh_by
     if ((uint64_t)src->len > backend->store.capacity_bytes) {
         return KVH_ERR_NO_SPACE;
     }
-    struct mem_entry *entry = entry_new(key, src, meta);
+    size_t len = src->len;
+    struct mem_entry *entry = entry_new(key, meta, len);
     if (entry == NULL) {
         return KVH_ERR_NO_SPACE; /* out of memory: the store cannot hold it */
     }
+    struct mem_store *store = &backend->store;
     struct mem_entry *graveyard = NULL;
+    struct mem_buf *dropped = NULL;
+    struct mem_buf *buf = NULL;
+    kvh_status status = KVH_OK;
+
     pthread_mutex_lock(&backend->store_lock);
-    kvh_status status = store_insert(&backend->store, entry, &graveyard, evicted);
+    if (store_make_room(store, len, store_find(store, key), &graveyard, evicted) != 0) {
+        status = KVH_ERR_NO_SPACE;
+    } else if (len > 0) {
+        store->pending_bytes += len;
+        buf = pool_take(store, len); /* possibly the buffer of an entry just evicted */
+        if (buf != NULL) {
+            store->pool_reused++;
+        } else {
+            store->pool_misses++;
+        }
+    }
+    pool_trim(store, &dropped); /* pooled buffers go before stored chunks do */
+    pthread_mutex_unlock(&backend->store_lock);
+    free_entry_list(graveyard); /* outside the lock: unmapping large buffers can be slow */
+    buf_free_list(dropped);
+    graveyard = NULL;
+    dropped = NULL;
+    if (status != KVH_OK) {
+        free(entry);
+        return status;
+    }
+
+    int fresh = 0;
+    if (len > 0) {
+        if (buf == NULL) {
+            buf = buf_alloc(len, store->huge_pages);
+            fresh = 1;
+        }
+        if (buf == NULL) {
+            pthread_mutex_lock(&backend->store_lock);
+            store->pending_bytes -= len;
+            pthread_mutex_unlock(&backend->store_lock);
+            free(entry);
+            return KVH_ERR_NO_SPACE; /* out of memory */
+        }
+        /* Without the lock: copying a large chunk must not block readers. */
+        memcpy(buf->data, src->ptr, len);
+        entry->buf = buf;
+    }
+
+    pthread_mutex_lock(&backend->store_lock);
+    store->pending_bytes -= len;
+    if (fresh) {
+        store->held_bytes += buf->cap;
+    }
+    /* Normally evicts nothing (the room was made above); it re-checks in case the store changed. */
+    status = store_insert(store, entry, &graveyard, &dropped, evicted);
+    if (status != KVH_OK) {
+        pool_give(store, entry->buf, &dropped);
+        entry->buf = NULL;
+    }
+    pool_trim(store, &dropped);
     pthread_mutex_unlock(&backend->store_lock);
     if (status != KVH_OK) {
         free(entry);
     }
-    free_entry_list(graveyard); /* outside the lock: freeing large blocks can be slow */
+    free_entry_list(graveyard);
+    buf_free_list(dropped);
     return status;
 }
 
@@ -526,7 +856,7 @@ static kvh_status get_one(kvh_backend *backend, const kvh_key *key, const kvh_mu
     } else {
         /* Copied under the lock: the entry may be replaced or evicted as soon as it is released. */
         if (entry->data_len > 0) {
-            memcpy(dst->ptr, entry_data(entry), entry->data_len);
+            memcpy(dst->ptr, entry->buf->data, entry->data_len);
         }
         *out_len = entry->data_len;
         *out_meta = entry->meta;
@@ -660,11 +990,44 @@ static kvh_status submit(kvh_backend *backend, const struct mem_op *op, const ch
     return KVH_PENDING;
 }
 
+/* Option `prefault`: fills the pool, before the backend is in use, with touched buffers for chunks of
+ * `chunk_bytes` (the model's full chunk), as many as fit in the capacity, so that puts of full chunks
+ * never wait for the kernel to fault memory in. Failures only shorten the pool (logged). */
+static void store_prefault(struct mem_store *store, const kvh_host_api *host, uint64_t chunk_bytes) {
+    if (chunk_bytes == 0 || chunk_bytes > store->capacity_bytes || chunk_bytes > SIZE_MAX || buf_class((size_t)chunk_bytes) == 0) {
+        host_log(host, KVH_LOG_WARN, "prefault: skipped (full chunk of %llu bytes, capacity %llu bytes)",
+                 (unsigned long long)chunk_bytes, (unsigned long long)store->capacity_bytes);
+        return;
+    }
+    struct timespec start;
+    struct timespec end;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    size_t len = (size_t)chunk_bytes;
+    while (pool_has_room(store, buf_class(len))) {
+        struct mem_buf *buf = buf_alloc(len, store->huge_pages);
+        if (buf == NULL) {
+            host_log(host, KVH_LOG_WARN, "prefault: out of memory after %zu buffers", store->pool_count);
+            break;
+        }
+        for (size_t offset = 0; offset < buf->cap; offset += MEM_TOUCH_STRIDE) {
+            buf->data[offset] = 0; /* faults the page in, unless MAP_POPULATE did already */
+        }
+        store->held_bytes += buf->cap;
+        struct mem_buf *dropped = NULL;
+        pool_give(store, buf, &dropped); /* fits: checked above */
+        buf_free_list(dropped);
+    }
+    clock_gettime(CLOCK_MONOTONIC, &end);
+    double ms = (double)(end.tv_sec - start.tv_sec) * 1e3 + (double)(end.tv_nsec - start.tv_nsec) / 1e6;
+    host_log(host, KVH_LOG_INFO, "prefault: %zu buffers of %zu bytes (%llu bytes) in %.0f ms", store->pool_count,
+             buf_class(len), (unsigned long long)store->pool_bytes, ms);
+}
+
 /* ------------------------------------------------------------------------------------------------ */
 /* Options                                                                                          */
 /* ------------------------------------------------------------------------------------------------ */
 
-enum mem_option { OPT_CAPACITY_BYTES, OPT_DELAY_US, OPT_MAX_QUEUE, OPT_COUNT };
+enum mem_option { OPT_CAPACITY_BYTES, OPT_DELAY_US, OPT_MAX_QUEUE, OPT_PREFAULT, OPT_HUGE_PAGES, OPT_COUNT };
 
 static const kvh_option_spec MEM_OPTIONS[OPT_COUNT] = {
     [OPT_CAPACITY_BYTES] = { .key = "capacity_bytes",
@@ -682,16 +1045,29 @@ static const kvh_option_spec MEM_OPTIONS[OPT_COUNT] = {
                         .doc = "Queued put/get/prefetch operations beyond which new ones are refused with BUSY.",
                         .flags = 0,
                         .reserved = 0 },
+    [OPT_PREFAULT] = { .key = "prefault",
+                       .default_value = "false",
+                       .doc = "true: at create, allocate and touch pooled buffers for full chunks up to capacity_bytes.",
+                       .flags = 0,
+                       .reserved = 0 },
+    [OPT_HUGE_PAGES] = { .key = "huge_pages",
+                         .default_value = "false",
+                         .doc = "true: map chunk buffers of 2 MiB or more 2 MiB-aligned with MADV_HUGEPAGE instead of MAP_POPULATE.",
+                         .flags = 0,
+                         .reserved = 0 },
 };
 
-/* Accepted range of each option, parallel to MEM_OPTIONS. */
+/* Accepted values of each option, parallel to MEM_OPTIONS: an integer range, or a boolean (0 or 1). */
 static const struct {
     uint64_t min;
     uint64_t max;
+    int boolean;
 } MEM_OPTION_RANGES[OPT_COUNT] = {
-    [OPT_CAPACITY_BYTES] = { 1, UINT64_MAX },
-    [OPT_DELAY_US] = { 0, MEM_MAX_DELAY_US },
-    [OPT_MAX_QUEUE] = { 1, MEM_MAX_QUEUE_LIMIT },
+    [OPT_CAPACITY_BYTES] = { 1, UINT64_MAX, 0 },
+    [OPT_DELAY_US] = { 0, MEM_MAX_DELAY_US, 0 },
+    [OPT_MAX_QUEUE] = { 1, MEM_MAX_QUEUE_LIMIT, 0 },
+    [OPT_PREFAULT] = { 0, 1, 1 },
+    [OPT_HUGE_PAGES] = { 0, 1, 1 },
 };
 
 /* Parses a plain decimal integer: digits only (no sign, no spaces), no overflow. */
@@ -711,12 +1087,27 @@ static int parse_u64(kvh_str text, uint64_t *out) {
     return 0;
 }
 
+/* Parses the value of option `opt`: an integer in its range, or for a boolean `true`/`false` (also
+ * `1`/`0`) as 1/0. Returns 0, or -1 when the value is not accepted. */
+static int parse_value(size_t opt, kvh_str text, uint64_t *out) {
+    if (MEM_OPTION_RANGES[opt].boolean && (str_equals(text, "true") || str_equals(text, "false"))) {
+        *out = str_equals(text, "true") ? 1 : 0;
+        return 0;
+    }
+    uint64_t value = 0;
+    if (parse_u64(text, &value) != 0 || value < MEM_OPTION_RANGES[opt].min || value > MEM_OPTION_RANGES[opt].max) {
+        return -1;
+    }
+    *out = value;
+    return 0;
+}
+
 /* Fills values[] from the options: defaults first (for a host that did not fill them in), then the
  * given values. Returns 0, or -1 with a message naming the option and its bad value in `error`. */
 static int parse_options(const kvh_options *options, uint64_t values[OPT_COUNT], kvh_message_buf error) {
     for (size_t opt = 0; opt < OPT_COUNT; opt++) {
         const char *fallback = MEM_OPTIONS[opt].default_value;
-        if (parse_u64((kvh_str){ fallback, strlen(fallback) }, &values[opt]) != 0) {
+        if (parse_value(opt, (kvh_str){ fallback, strlen(fallback) }, &values[opt]) != 0) {
             write_message(error, "mem: internal error: bad default for option '%s'", MEM_OPTIONS[opt].key);
             return -1;
         }
@@ -732,8 +1123,12 @@ static int parse_options(const kvh_options *options, uint64_t values[OPT_COUNT],
             return -1;
         }
         uint64_t value = 0;
-        if (parse_u64(option->value, &value) != 0 || value < MEM_OPTION_RANGES[opt].min ||
-            value > MEM_OPTION_RANGES[opt].max) {
+        if (parse_value(opt, option->value, &value) != 0) {
+            if (MEM_OPTION_RANGES[opt].boolean) {
+                write_message(error, "mem: invalid value '%.*s' for option '%s' (expected true or false)",
+                              str_precision(option->value), str_chars(option->value), MEM_OPTIONS[opt].key);
+                return -1;
+            }
             write_message(error, "mem: invalid value '%.*s' for option '%s' (expected an integer from %llu to %llu)",
                           str_precision(option->value), str_chars(option->value), MEM_OPTIONS[opt].key,
                           (unsigned long long)MEM_OPTION_RANGES[opt].min, (unsigned long long)MEM_OPTION_RANGES[opt].max);
@@ -750,7 +1145,7 @@ static int parse_options(const kvh_options *options, uint64_t values[OPT_COUNT],
 
 static kvh_status mem_create(const kvh_host_api *host, const kvh_options *options, const kvh_model_metadata *metadata,
                              kvh_backend **out_backend, kvh_message_buf error) {
-    (void)metadata; /* Chunks are opaque bytes: the store does not depend on the model. */
+    /* Chunks are opaque bytes: the store uses the model only for the buffer size of `prefault`. */
     if (out_backend == NULL) {
         write_message(error, "mem: create: out_backend is NULL");
         return KVH_ERR_NULL_PARAM;
@@ -780,9 +1175,16 @@ static kvh_status mem_create(const kvh_host_api *host, const kvh_options *option
     backend->delay_us = values[OPT_DELAY_US];
     backend->ring_capacity = (size_t)values[OPT_MAX_QUEUE];
     backend->ring = calloc(backend->ring_capacity, sizeof *backend->ring);
-    if (backend->ring == NULL || store_init(&backend->store, values[OPT_CAPACITY_BYTES]) != 0) {
+    if (backend->ring == NULL || store_init(&backend->store, values[OPT_CAPACITY_BYTES], values[OPT_HUGE_PAGES] != 0) != 0) {
         write_message(error, "mem: create: out of memory");
         goto fail_memory;
+    }
+    if (values[OPT_PREFAULT] != 0) {
+        uint64_t chunk_bytes = 0;
+        if (metadata != NULL && metadata->struct_size >= KVH_MODEL_METADATA_V1_0_SIZE) {
+            chunk_bytes = metadata->full_chunk_bytes;
+        }
+        store_prefault(&backend->store, host, chunk_bytes);
     }
     if (pthread_mutex_init(&backend->store_lock, NULL) != 0) {
         write_message(error, "mem: create: cannot initialise a mutex");
@@ -806,10 +1208,12 @@ static kvh_status mem_create(const kvh_host_api *host, const kvh_options *option
         goto fail_progress;
     }
 
-    host_log(host, KVH_LOG_INFO, "create instance=%.*s capacity_bytes=%llu delay_us=%llu max_queue=%zu",
+    host_log(host, KVH_LOG_INFO,
+             "create instance=%.*s capacity_bytes=%llu delay_us=%llu max_queue=%zu prefault=%s huge_pages=%s",
              str_precision(host->instance_name), str_chars(host->instance_name),
              (unsigned long long)values[OPT_CAPACITY_BYTES], (unsigned long long)backend->delay_us,
-             backend->ring_capacity);
+             backend->ring_capacity, values[OPT_PREFAULT] != 0 ? "true" : "false",
+             values[OPT_HUGE_PAGES] != 0 ? "true" : "false");
     *out_backend = backend;
     return KVH_OK;
 
@@ -845,10 +1249,14 @@ static void mem_destroy(kvh_backend *backend) {
     pthread_mutex_unlock(&backend->queue_lock);
     pthread_join(backend->worker, NULL);
 
-    host_log(backend->host, KVH_LOG_INFO, "destroy: %zu chunks, %llu/%llu bytes, %llu evictions, %llu async ops",
-             backend->store.entry_count, (unsigned long long)backend->store.used_bytes,
-             (unsigned long long)backend->store.capacity_bytes, (unsigned long long)backend->store.evictions,
-             (unsigned long long)backend->completed);
+    const struct mem_store *store = &backend->store;
+    host_log(backend->host, KVH_LOG_INFO,
+             "destroy: %zu chunks, %llu/%llu bytes, %llu evictions, %llu async ops; buffers: %llu reused, %llu new, "
+             "%llu dropped, %zu pooled (%llu bytes)",
+             store->entry_count, (unsigned long long)store->used_bytes, (unsigned long long)store->capacity_bytes,
+             (unsigned long long)store->evictions, (unsigned long long)backend->completed,
+             (unsigned long long)store->pool_reused, (unsigned long long)store->pool_misses,
+             (unsigned long long)store->pool_dropped, store->pool_count, (unsigned long long)store->pool_bytes);
     store_free(&backend->store);
     free(backend->ring);
     pthread_cond_destroy(&backend->progress);
@@ -961,8 +1369,10 @@ enum mem_key_op { KEY_OP_REMOVE, KEY_OP_FORCE_REMOVE, KEY_OP_PIN, KEY_OP_UNPIN }
 
 static const char *const KEY_OP_NAMES[] = { "remove", "remove(force)", "pin", "unpin" };
 
-/* One item of remove, pin or unpin, under the store lock. Removed entries go on `*graveyard`. */
-static kvh_status key_op_one(struct mem_store *store, enum mem_key_op op, const kvh_key *key, struct mem_entry **graveyard) {
+/* One item of remove, pin or unpin, under the store lock. Removed entries are discarded (their buffer
+ * to the pool or `*dropped`, their header to `*graveyard`). */
+static kvh_status key_op_one(struct mem_store *store, enum mem_key_op op, const kvh_key *key, struct mem_entry **graveyard,
+                             struct mem_buf **dropped) {
     if (!key_is_valid(key)) {
         return KVH_ERR_INVALID_ARG;
     }
@@ -977,8 +1387,7 @@ static kvh_status key_op_one(struct mem_store *store, enum mem_key_op op, const 
             return KVH_ERR_BUSY; /* someone relies on it staying; retry after unpin, or force */
         }
         store_unlink(store, entry);
-        entry->bucket_next = *graveyard;
-        *graveyard = entry;
+        store_discard(store, entry, graveyard, dropped);
         return KVH_OK;
     case KEY_OP_PIN:
         if (entry->pin_count == UINT32_MAX) {
@@ -1013,14 +1422,16 @@ static kvh_status run_key_op(kvh_backend *backend, const kvh_key_batch *batch, e
         return null_param(backend, name, "keys or item_status");
     }
     struct mem_entry *graveyard = NULL;
+    struct mem_buf *dropped = NULL;
     size_t ok = 0;
     pthread_mutex_lock(&backend->store_lock);
     for (size_t i = 0; i < batch->len; i++) {
-        batch->item_status[i] = key_op_one(&backend->store, op, &batch->keys[i], &graveyard);
+        batch->item_status[i] = key_op_one(&backend->store, op, &batch->keys[i], &graveyard, &dropped);
         ok += batch->item_status[i] == KVH_OK;
     }
     pthread_mutex_unlock(&backend->store_lock);
     free_entry_list(graveyard);
+    buf_free_list(dropped);
 
     if (log_enabled(backend->host, KVH_LOG_TRACE)) {
         for (size_t i = 0; i < batch->len; i++) {
@@ -1066,8 +1477,10 @@ static kvh_status mem_flush(kvh_backend *backend) {
     return KVH_OK;
 }
 
-/* Empties the store. Entries are detached under the lock and freed after it is released, so readers
- * are not blocked while memory is returned. Pinned entries go too: clear is explicit. */
+/* Empties the store. Under the lock, entries are detached and their buffers given to the pool (as
+ * much as the capacity allows); headers and the buffers the pool had no room for are freed after
+ * the lock is released, so readers are not blocked while memory is returned. Pinned entries go too:
+ * clear is explicit. */
 static kvh_status mem_clear(kvh_backend *backend) {
     if (backend == NULL) {
         return KVH_ERR_NULL_PARAM;
@@ -1082,12 +1495,16 @@ static kvh_status mem_clear(kvh_backend *backend) {
     store->entry_count = 0;
     store->used_bytes = 0;
     store->pinned_bytes = 0;
-    pthread_mutex_unlock(&backend->store_lock);
+    struct mem_entry *graveyard = NULL;
+    struct mem_buf *dropped = NULL;
     while (detached != NULL) {
         struct mem_entry *newer = detached->newer;
-        free(detached);
+        store_discard(store, detached, &graveyard, &dropped);
         detached = newer;
     }
+    pthread_mutex_unlock(&backend->store_lock);
+    free_entry_list(graveyard);
+    buf_free_list(dropped);
     host_log(backend->host, KVH_LOG_DEBUG, "clear: %zu chunks removed", chunks);
     return KVH_OK;
 }
@@ -1098,11 +1515,16 @@ static kvh_status mem_health(kvh_backend *backend, kvh_message_buf message) {
         return KVH_ERR_NULL_PARAM;
     }
     pthread_mutex_lock(&backend->store_lock);
-    size_t chunks = backend->store.entry_count;
-    unsigned long long used = backend->store.used_bytes;
-    unsigned long long capacity = backend->store.capacity_bytes;
+    const struct mem_store *store = &backend->store;
+    size_t chunks = store->entry_count;
+    unsigned long long used = store->used_bytes;
+    unsigned long long capacity = store->capacity_bytes;
+    size_t pooled = store->pool_count;
+    unsigned long long pool_bytes = store->pool_bytes;
+    unsigned long long held = store->held_bytes;
     pthread_mutex_unlock(&backend->store_lock);
-    write_message(message, "mem: %zu chunks, %llu/%llu bytes", chunks, used, capacity);
+    write_message(message, "mem: %zu chunks, %llu/%llu bytes; pool: %zu buffers, %llu bytes; buffers held: %llu bytes",
+                  chunks, used, capacity, pooled, pool_bytes, held);
     return KVH_OK;
 }
 
