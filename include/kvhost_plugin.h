@@ -38,8 +38,12 @@
 #define KVH_DECLARE_PLUGIN(cls) \
   KVH_EXPORT const struct kvh_plugin_descriptor *KVH_PLUGIN_SYMBOL(cls)(const struct kvh_host_api *host)
 
-/** A kvh_str from a string literal. */
+/** A kvh_str from a string literal (a compound literal in C, a braced temporary in C++). */
+#ifdef __cplusplus
+#define KVH_STR_LIT(s) (kvh_str{ (s), sizeof(s) - 1 })
+#else
 #define KVH_STR_LIT(s) ((kvh_str){ (s), sizeof(s) - 1 })
+#endif
 
 /**
  * The plugin's backend instance. Opaque to the host: created by the vtable's `create`, freed by its
@@ -319,15 +323,17 @@ typedef struct kvh_host_api {
    */
   struct kvh_str instance_name;
   /**
-   * Log a message. `[any-thread]`, never blocks for long, never calls back into the plugin. `target`
-   * names the plugin module (may be empty). Both strings are borrowed for the call.
+   * Log a message. Never NULL when `struct_size` covers it (always, from ABI 1.0). `[any-thread]`,
+   * never blocks for long, never calls back into the plugin. `target` names the plugin module (may
+   * be empty). Both strings are borrowed for the call.
    */
   void (*log)(void *host_ctx,
               int32_t level,
               struct kvh_str target,
               struct kvh_str message);
   /**
-   * Whether a message at `level` would be recorded, so the plugin can skip formatting. `[any-thread]`.
+   * Whether a message at `level` would be recorded, so the plugin can skip formatting. Never NULL
+   * when `struct_size` covers it (always, from ABI 1.0). `[any-thread]`.
    */
   bool (*log_enabled)(void *host_ctx,
                       int32_t level);
@@ -705,6 +711,8 @@ typedef struct kvh_backend_vtable {
   /**
    * `[control]` Destroy a backend: finish or cancel every pending operation (their callbacks fire
    * before this returns), join the plugin's threads, free everything. No callback fires after it returns.
+   * From the moment the host calls it, the host makes no other call on this backend, not even from
+   * the completion callbacks that fire while it drains.
    */
   void (*destroy)(kvh_backend *backend);
   /**
@@ -729,7 +737,9 @@ typedef struct kvh_backend_vtable {
                     const struct kvh_get_batch *batch,
                     struct kvh_completion done);
   /**
-   * `[any-thread]` Remove keys. `force` non-zero: remove even if pinned. Synchronous.
+   * `[any-thread]` Remove keys. `force` non-zero: remove even if pinned. Synchronous: once it returns,
+   * the keys are no longer served; a persistent plugin may make the removal durable lazily, by the
+   * next `flush` or `destroy` at the latest (the same holds for `clear`).
    */
   kvh_status (*remove)(kvh_backend *backend,
                        const struct kvh_key_batch *batch,
@@ -760,7 +770,8 @@ typedef struct kvh_backend_vtable {
                          const struct kvh_key_batch *batch,
                          struct kvh_completion done);
   /**
-   * `[any-thread]` `KVH_CAP_FLUSH`. Make every put completed so far durable. Synchronous.
+   * `[any-thread]` `KVH_CAP_FLUSH`. Make every put completed, and every remove and clear returned, so
+   * far durable. Synchronous.
    */
   kvh_status (*flush)(kvh_backend *backend);
   /**
@@ -840,7 +851,8 @@ typedef const struct kvh_plugin_descriptor *(*kvh_plugin_entry_fn)(const struct 
  *
  * `status` is `KVH_OK` when the per-item results are valid, or an error for the whole operation (then
  * the host ignores `item_status`). Inside the callback the host may submit new data-path calls to the
- * same plugin; it never calls `destroy` or `flush` from a callback.
+ * same plugin, except once `destroy` has been called; it never calls `destroy` or `flush` from a
+ * callback.
  */
 typedef void (*kvh_complete_fn)(void *user_data,
                                 kvh_status status,

@@ -322,12 +322,14 @@ pub struct kvh_host_api {
     pub host_ctx: *mut c_void,
     /// The configured instance name (`storage_plugins` entry). The host adds a NUL at `ptr[len]`.
     pub instance_name: kvh_str,
-    /// Log a message. `[any-thread]`, never blocks for long, never calls back into the plugin. `target`
-    /// names the plugin module (may be empty). Both strings are borrowed for the call.
+    /// Log a message. Never NULL when `struct_size` covers it (always, from ABI 1.0). `[any-thread]`,
+    /// never blocks for long, never calls back into the plugin. `target` names the plugin module (may
+    /// be empty). Both strings are borrowed for the call.
     pub log: Option<
         unsafe extern "C" fn(host_ctx: *mut c_void, level: i32, target: kvh_str, message: kvh_str),
     >,
-    /// Whether a message at `level` would be recorded, so the plugin can skip formatting. `[any-thread]`.
+    /// Whether a message at `level` would be recorded, so the plugin can skip formatting. Never NULL
+    /// when `struct_size` covers it (always, from ABI 1.0). `[any-thread]`.
     pub log_enabled: Option<unsafe extern "C" fn(host_ctx: *mut c_void, level: i32) -> bool>,
 }
 
@@ -340,7 +342,8 @@ pub struct kvh_host_api {
 ///
 /// `status` is `KVH_OK` when the per-item results are valid, or an error for the whole operation (then
 /// the host ignores `item_status`). Inside the callback the host may submit new data-path calls to the
-/// same plugin; it never calls `destroy` or `flush` from a callback.
+/// same plugin, except once `destroy` has been called; it never calls `destroy` or `flush` from a
+/// callback.
 pub type kvh_complete_fn =
     Option<unsafe extern "C" fn(user_data: *mut c_void, status: kvh_status, message: kvh_str)>;
 
@@ -457,6 +460,8 @@ pub struct kvh_backend_vtable {
     >,
     /// `[control]` Destroy a backend: finish or cancel every pending operation (their callbacks fire
     /// before this returns), join the plugin's threads, free everything. No callback fires after it returns.
+    /// From the moment the host calls it, the host makes no other call on this backend, not even from
+    /// the completion callbacks that fire while it drains.
     pub destroy: Option<unsafe extern "C" fn(backend: *mut kvh_backend)>,
     /// `[any-thread]` Which keys are stored, with their metadata; pins them if `batch->pin`. Synchronous;
     /// may block on I/O. Returns `KVH_OK` when per-item results are valid, or an error for the whole call
@@ -485,7 +490,9 @@ pub struct kvh_backend_vtable {
             done: kvh_completion,
         ) -> kvh_status,
     >,
-    /// `[any-thread]` Remove keys. `force` non-zero: remove even if pinned. Synchronous.
+    /// `[any-thread]` Remove keys. `force` non-zero: remove even if pinned. Synchronous: once it returns,
+    /// the keys are no longer served; a persistent plugin may make the removal durable lazily, by the
+    /// next `flush` or `destroy` at the latest (the same holds for `clear`).
     pub remove: Option<
         unsafe extern "C" fn(
             backend: *mut kvh_backend,
@@ -516,7 +523,8 @@ pub struct kvh_backend_vtable {
             done: kvh_completion,
         ) -> kvh_status,
     >,
-    /// `[any-thread]` `KVH_CAP_FLUSH`. Make every put completed so far durable. Synchronous.
+    /// `[any-thread]` `KVH_CAP_FLUSH`. Make every put completed, and every remove and clear returned, so
+    /// far durable. Synchronous.
     pub flush: Option<unsafe extern "C" fn(backend: *mut kvh_backend) -> kvh_status>,
     /// `[any-thread]` `KVH_CAP_HEALTH`. Check the backend and what it depends on. Returns `KVH_OK` or an
     /// error, with a NUL-terminated human-readable detail in `message` either way. Synchronous, quick.

@@ -105,6 +105,12 @@ impl SharedLib {
         for inc in &self.includes {
             cmd.arg("-I").arg(inc);
         }
+        // Export only the entry points: C++ runtimes otherwise leak weak template symbols into the
+        // dynamic table, and nothing else of a plugin is anyone's business.
+        let script = out_dir.join(format!("{}.exports", self.name));
+        std::fs::write(&script, "{ global: kvh_plugin_*; local: *; };\n")
+            .expect("write the version script");
+        cmd.arg(format!("-Wl,--version-script={}", script.display()));
         cmd.args(&self.sources).arg("-o").arg(&dest);
         for lib in &self.libs {
             cmd.arg(format!("-l{lib}"));
