@@ -65,3 +65,76 @@ fn header_constants_match_rust() {
         assert_eq!(text.parse::<i64>().unwrap(), value, "{name}");
     }
 }
+
+/// Compiles the C++ wrapper's self-test (`tests/c/header_hpp_a.cpp` + `header_hpp_b.cpp`, two translation
+/// units including `kvhost_plugin.hpp`) with `compiler` and `flags`, runs it, and checks it passed.
+fn compile_and_run_hpp(compiler: &str, tag: &str, flags: &[&str], env: &[(&str, &str)]) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::env::temp_dir().join(format!("kvhost-header-hpp-{tag}-{}", std::process::id()));
+    let mut cmd = Command::new(compiler);
+    cmd.args([
+        "-std=c++17",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-pedantic",
+        "-pthread",
+    ])
+    .args(flags)
+    .arg("-I")
+    .arg(root.join("../include"))
+    .args(["header_hpp_a.cpp", "header_hpp_b.cpp"].map(|s| root.join("c").join(s)))
+    .arg("-o")
+    .arg(&out);
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {compiler}: {e}"));
+    assert!(
+        output.status.success(),
+        "{compiler} {flags:?} failed on kvhost_plugin.hpp:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let run = Command::new(&out)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run the kvhost_plugin.hpp self-test");
+    let _ = std::fs::remove_file(&out);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success() && stdout.contains("all checks passed"),
+        "kvhost_plugin.hpp self-test ({compiler} {flags:?}) exited with {}:\n{stdout}{}",
+        run.status,
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
+#[test]
+fn cpp_wrapper_compiles_from_two_units_and_passes_its_self_test() {
+    compile_and_run_hpp("c++", "O0", &[], &[]);
+    compile_and_run_hpp("c++", "O2", &["-O2"], &[]);
+    // Completions, Pending's cancel-on-drop and the thread-local last error under the sanitizers
+    // (LeakSanitizer needs ptrace, which the sandbox lacks; see sanitizers.rs).
+    compile_and_run_hpp(
+        "c++",
+        "asan",
+        &[
+            "-fsanitize=address,undefined",
+            "-fno-omit-frame-pointer",
+            "-g",
+        ],
+        &[
+            ("ASAN_OPTIONS", "detect_leaks=0:abort_on_error=1"),
+            ("UBSAN_OPTIONS", "halt_on_error=1:print_stacktrace=1"),
+        ],
+    );
+    // clang++ where it is installed (it is optional: the toolchain the workspace needs is g++).
+    let clang = Command::new("clang++")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if clang {
+        compile_and_run_hpp("clang++", "clang", &[], &[]);
+    } else {
+        println!("clang++ not installed: the wrapper was compiled with c++ only");
+    }
+}

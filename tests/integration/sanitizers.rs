@@ -1,10 +1,12 @@
-//! The C plugins (`log`, `mem`) and the C++ fixture (`fx_throws`) are clean under AddressSanitizer+UBSan
-//! and under valgrind memcheck.
+//! The C plugins (`log`, `mem`), the C++ plugin `logstore` and the C++ fixture (`fx_throws`) are clean under
+//! AddressSanitizer+UBSan and under valgrind memcheck.
 //!
 //! Both tests compile `tests/c/plugin_driver.c` (a small C host that drives every vtable entry, from
 //! four threads, and destroys the backend with operations in flight) and the plugins from source, then
 //! run the driver against each plugin. `fx_hang` runs too: it is the one plugin whose destroy cancels
-//! pending operations, so the cancellation path is covered as well.
+//! pending operations, so the cancellation path is covered as well. `logstore` keeps its file in the build
+//! directory; the ASan run drives it twice on the same file (the second time the index is rebuilt by the
+//! scan, with `o_direct=true sync=always`).
 //!
 //! LeakSanitizer does not work in the sandbox the tests run in (it needs ptrace), so the ASan run sets
 //! `detect_leaks=0`; leaks are valgrind's job.
@@ -52,6 +54,22 @@ const HANG: Plugin = Plugin {
     class: "hang",
     source: "tests/fixtures/c/fx_hang.c",
 };
+const LOGSTORE: Plugin = Plugin {
+    class: "logstore",
+    source: "plugins/logstore/logstore.cpp",
+};
+
+/// Options every run of `plugin` gets, for a run whose files go to `dir` (logstore needs a file).
+fn options_for(plugin: &Plugin, dir: &Path) -> Vec<String> {
+    if plugin.class == LOGSTORE.class {
+        vec![
+            format!("path={}", path_arg(&dir.join("logstore.kvlog"))),
+            "size_gib=0.0625".to_string(),
+        ]
+    } else {
+        Vec::new()
+    }
+}
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -228,14 +246,16 @@ fn c_plugins_are_clean_under_asan_and_ubsan() {
         ),
         ("UBSAN_OPTIONS", "halt_on_error=1:print_stacktrace=1"),
     ];
-    let runs: [(&Plugin, &[&str]); 5] = [
+    let runs: [(&Plugin, &[&str]); 7] = [
         (&LOG, &[]),
         (&MEM, &[]),
         (&MEM, &["delay_us=100"]),
         (&THROWS, &[]),
         (&HANG, &[]),
+        (&LOGSTORE, &[]),
+        (&LOGSTORE, &["o_direct=true", "sync=always"]),
     ];
-    for plugin in [&LOG, &MEM, &THROWS, &HANG] {
+    for plugin in [&LOG, &MEM, &THROWS, &HANG, &LOGSTORE] {
         build_plugin(&dir, plugin, SANITIZE);
     }
     for (i, (plugin, options)) in runs.iter().enumerate() {
@@ -243,6 +263,7 @@ fn c_plugins_are_clean_under_asan_and_ubsan() {
             path_arg(&dir.join(format!("lib{}.so", plugin.class))),
             plugin.class.to_string(),
         ];
+        args.extend(options_for(plugin, &dir));
         args.extend(options.iter().map(|s| s.to_string()));
         let run = run(
             &dir,
@@ -278,7 +299,7 @@ fn c_plugins_are_clean_under_valgrind() {
     }
     let dir = build_dir("valgrind");
     let driver = build_driver(&dir, PLAIN);
-    for plugin in [&LOG, &MEM, &THROWS, &HANG] {
+    for plugin in [&LOG, &MEM, &THROWS, &HANG, &LOGSTORE] {
         let library = build_plugin(&dir, plugin, PLAIN);
         let args: Vec<String> = [
             "--error-exitcode=99",
@@ -294,6 +315,7 @@ fn c_plugins_are_clean_under_valgrind() {
             path_arg(&library),
             plugin.class.to_string(),
         ])
+        .chain(options_for(plugin, &dir))
         .collect();
         let run = run(&dir, plugin.class, "valgrind", &args, &[]);
         assert_driver_passed(&run);

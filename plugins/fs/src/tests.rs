@@ -1,0 +1,244 @@
+//! Unit tests of the store below the SDK layer (the integration tests in `tests/integration/fs.rs`
+//! exercise the loaded `.so`).
+
+use crate::format;
+use crate::io::AlignedBuf;
+use crate::store::{Fsync, IoBufs, ReadOutcome, Settings, Store};
+use kvhost_plugin_sdk::{ChunkMeta, Status};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "kvhost-fs-unit-{}-{}-{tag}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn settings(root: &Path, o_direct: bool, simulate_no_direct: bool) -> Settings {
+    Settings {
+        root: root.to_path_buf(),
+        capacity: 64 << 20,
+        fsync: Fsync::None,
+        shards: 16,
+        scan_threads: 2,
+        o_direct,
+        verify_always: true,
+        simulate_no_direct,
+    }
+}
+
+fn meta(len: usize) -> ChunkMeta {
+    ChunkMeta {
+        length: len as u64,
+        fmt: 1,
+        dtype: 3,
+        ndim: 2,
+        shape: [7, len as i32, 0, 0],
+        reserved: 0,
+    }
+}
+
+fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn put(store: &Store, canonical: &str, data: &[u8]) {
+    let mut bufs = IoBufs::default();
+    let h = format::key_hash_of(canonical);
+    let s = store
+        .stage(h, canonical, data, &meta(data.len()), &mut bufs)
+        .unwrap();
+    store.commit(s).unwrap();
+}
+
+/// Read into a destination at `offset` bytes past an aligned address (0 = aligned).
+fn get(store: &Store, canonical: &str, cap: usize, offset: usize) -> (ReadOutcome, Vec<u8>) {
+    let mut bufs = IoBufs::default();
+    let mut dst = AlignedBuf::new(format::round_up((cap + offset) as u64) as usize);
+    let d = &mut dst.as_mut()[offset..offset + cap];
+    let h = format::key_hash_of(canonical);
+    let out = store.read(h, canonical, d, &mut bufs);
+    (out, d.to_vec())
+}
+
+const SIZES: [usize; 7] = [0, 1, 4095, 4096, 4097, 1 << 20, (9 << 20) + 5];
+
+fn round_trips(store: &Store) {
+    for (i, &n) in SIZES.iter().enumerate() {
+        let k = format!("unit/model@1@0@{i:x}@half");
+        let data = bytes(i as u64, n);
+        put(store, &k, &data);
+        for offset in [0, 8, 512] {
+            let (out, got) = get(store, &k, n + 3, offset);
+            assert_eq!(
+                out,
+                ReadOutcome::Hit {
+                    len: n,
+                    meta: meta(n)
+                },
+                "size {n} offset {offset}"
+            );
+            assert!(got[..n] == data[..], "bytes of size {n} offset {offset}");
+        }
+        if n > 0 {
+            assert_eq!(get(store, &k, n - 1, 0).0, ReadOutcome::TooSmall(n as u64));
+        }
+    }
+}
+
+#[test]
+fn buffered_round_trip() {
+    let d = TempDir::new("buffered");
+    let store = Store::open(settings(&d.0, false, false)).unwrap();
+    assert_eq!(store.direct_state(), "off");
+    round_trips(&store);
+}
+
+#[test]
+fn direct_round_trip_and_files_are_padded() {
+    let d = TempDir::new("direct");
+    let store = Store::open(settings(&d.0, true, false)).unwrap();
+    let state = store.direct_state();
+    round_trips(&store);
+    if state == "on" {
+        let k = "unit/model@1@0@1@half";
+        let p = store.path_of(format::key_hash_of(k), k);
+        assert_eq!(std::fs::metadata(p).unwrap().len(), 8192, "padded to 4096");
+    }
+}
+
+#[test]
+fn direct_fallback_when_the_filesystem_refuses() {
+    let d = TempDir::new("fallback");
+    let store = Store::open(settings(&d.0, true, true)).unwrap();
+    assert!(
+        store.direct_state().starts_with("fallback"),
+        "{}",
+        store.direct_state()
+    );
+    round_trips(&store);
+    assert!(store.health().unwrap().contains("o_direct=fallback"));
+}
+
+#[test]
+fn files_written_one_way_read_the_other_way() {
+    let d = TempDir::new("mixed");
+    {
+        let store = Store::open(settings(&d.0, false, false)).unwrap();
+        for (i, &n) in SIZES.iter().enumerate() {
+            put(&store, &format!("a@1@0@{i:x}@half"), &bytes(i as u64, n));
+        }
+    }
+    {
+        let store = Store::open(settings(&d.0, true, false)).unwrap();
+        assert_eq!(store.start_report().chunks, SIZES.len());
+        for (i, &n) in SIZES.iter().enumerate() {
+            let (out, got) = get(&store, &format!("a@1@0@{i:x}@half"), n, 8);
+            assert!(matches!(out, ReadOutcome::Hit { .. }), "{out:?}");
+            assert!(got == bytes(i as u64, n));
+            put(
+                &store,
+                &format!("b@1@0@{i:x}@half"),
+                &bytes(100 + i as u64, n),
+            );
+        }
+    }
+    let store = Store::open(settings(&d.0, false, false)).unwrap();
+    assert_eq!(store.start_report().chunks, 2 * SIZES.len());
+    for (i, &n) in SIZES.iter().enumerate() {
+        let (out, got) = get(&store, &format!("b@1@0@{i:x}@half"), n, 0);
+        assert!(matches!(out, ReadOutcome::Hit { .. }), "{out:?}");
+        assert!(got == bytes(100 + i as u64, n));
+    }
+}
+
+#[test]
+fn a_changed_shard_count_moves_files() {
+    let d = TempDir::new("reshard");
+    {
+        let store = Store::open(settings(&d.0, false, false)).unwrap();
+        for i in 0..50 {
+            put(&store, &format!("m@1@0@{i:x}@half"), &bytes(i, 1000));
+        }
+    }
+    let mut s = settings(&d.0, false, false);
+    s.shards = 300;
+    let store = Store::open(s).unwrap();
+    let r = store.start_report();
+    assert_eq!(r.chunks, 50);
+    assert!(r.moved > 0);
+    for i in 0..50 {
+        let (out, got) = get(&store, &format!("m@1@0@{i:x}@half"), 1000, 0);
+        assert!(matches!(out, ReadOutcome::Hit { len: 1000, .. }));
+        assert!(got == bytes(i, 1000));
+    }
+}
+
+#[test]
+fn corrupt_data_is_reported_once_then_missing() {
+    let d = TempDir::new("corrupt");
+    let store = Store::open(settings(&d.0, false, false)).unwrap();
+    let k = "c@1@0@1@half";
+    put(&store, k, &bytes(1, 10_000));
+    let p = store.path_of(format::key_hash_of(k), k);
+    let mut raw = std::fs::read(&p).unwrap();
+    raw[4096 + 5000] ^= 1;
+    std::fs::write(&p, raw).unwrap();
+    assert_eq!(
+        get(&store, k, 10_000, 0).0,
+        ReadOutcome::Failed(Status::CORRUPT)
+    );
+    assert!(!p.exists());
+    assert_eq!(get(&store, k, 10_000, 0).0, ReadOutcome::Miss);
+}
+
+#[test]
+fn with_verify_first_a_chunk_from_disk_is_checked_on_its_first_read() {
+    let d = TempDir::new("verify-first");
+    let mut s = settings(&d.0, false, false);
+    s.verify_always = false;
+    let (a, b) = ("v@1@0@a@half", "v@1@0@b@half");
+    {
+        let store = Store::open(s.clone()).unwrap();
+        put(&store, a, &bytes(1, 300_000));
+        put(&store, b, &bytes(2, 300_000));
+        let pa = store.path_of(format::key_hash_of(a), a);
+        drop(store);
+        let mut raw = std::fs::read(&pa).unwrap();
+        raw[4096 + 299_999] ^= 0x80;
+        std::fs::write(&pa, raw).unwrap();
+    }
+    let store = Store::open(s).unwrap();
+    assert_eq!(
+        get(&store, a, 300_000, 0).0,
+        ReadOutcome::Failed(Status::CORRUPT)
+    );
+    for _ in 0..2 {
+        let (out, got) = get(&store, b, 300_000, 0);
+        assert!(matches!(out, ReadOutcome::Hit { len: 300_000, .. }));
+        assert!(got == bytes(2, 300_000));
+    }
+}
