@@ -124,6 +124,7 @@ fn hot_only_chain(capacity: usize, prefault: bool) -> Chain {
             skip_existing: false,
         },
         read_timeout: Duration::from_secs(10),
+        promotion_wait: Duration::from_millis(100),
         pin_timeout: Duration::from_secs(300),
         pin_check_interval: Duration::from_secs(30),
     };

@@ -55,8 +55,11 @@ pub struct ChainSettings {
     pub write_policy: WritePolicy,
     /// Per-tier queueing.
     pub tier: TierSettings,
-    /// How long a get or prefetch waits for a tier, and for hot-cache space for promotions.
+    /// How long a get or prefetch waits for a tier.
     pub read_timeout: Duration,
+    /// How long a promotion waits for hot-cache room while nothing is evictable (a get whose own
+    /// handles fill the cache would otherwise wait for itself).
+    pub promotion_wait: Duration,
     /// Lookup pins are released after this long.
     pub pin_timeout: Duration,
     /// How often the pin monitor looks.
@@ -91,6 +94,7 @@ impl ChainSettings {
                 skip_existing: config.skip_existing_in_tiers,
             },
             read_timeout: Duration::from_secs_f64(config.blocking_timeout_secs),
+            promotion_wait: Duration::from_millis(config.promotion_wait_ms),
             pin_timeout: Duration::from_secs_f64(config.pin_timeout_sec),
             pin_check_interval: Duration::from_secs_f64(config.pin_check_interval_sec),
         }
@@ -463,7 +467,7 @@ impl Chain {
             }
         };
         m.lookup_latency.record(started.elapsed());
-        let deadline = Instant::now() + inner.settings.read_timeout;
+        let deadline = Instant::now() + inner.settings.promotion_wait;
         let mut want = Vec::new();
         let mut bufs: Vec<StagedBlock> = Vec::new();
         for (i, p) in presence.iter().enumerate() {

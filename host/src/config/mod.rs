@@ -202,6 +202,8 @@ pub struct Config {
     pub tier_max_inflight_batches: usize,
     /// Ask a tier which keys it holds before storing, and skip those.
     pub skip_existing_in_tiers: bool,
+    /// How long a promotion into the hot cache waits for room when nothing is evictable.
+    pub promotion_wait_ms: u64,
     /// The storage plugins in lookup order (priority, then list position).
     pub plugins: Vec<PluginSpec>,
     /// Extra plugin directories from the config (`plugin_dir`), searched first.
@@ -462,6 +464,7 @@ impl Config {
             put_batch_bytes: raw.put_batch_bytes.unwrap_or(64 << 20).max(1),
             tier_max_inflight_batches: raw.tier_max_inflight_batches.unwrap_or(4).max(1),
             skip_existing_in_tiers: raw.skip_existing_in_tiers.unwrap_or(true),
+            promotion_wait_ms: raw.promotion_wait_ms.unwrap_or(100),
             plugins,
             plugin_dirs,
             on_plugin_error,

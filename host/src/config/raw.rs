@@ -97,6 +97,7 @@ raw_config! {
     put_batch_bytes: u64,
     tier_max_inflight_batches: usize,
     skip_existing_in_tiers: bool,
+    promotion_wait_ms: u64,
 }
 
 /// LMCache config keys that kvhost accepts without using (so an LMCache config loads cleanly).
