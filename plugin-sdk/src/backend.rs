@@ -4,6 +4,8 @@ use crate::logging::Host;
 use crate::request::{ContainsBatch, Get, KeyBatch, Prefetch, Put, Request, Submit};
 use crate::status::{Error, Status};
 use std::ffi::CStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// One accepted option of a backend class, as declared by the plugin.
 #[derive(Clone, Copy, Debug)]
@@ -79,9 +81,41 @@ pub struct CreateContext {
     pub metadata: ModelMetadata,
     /// Host services (logging).
     pub host: Host,
+    /// The backend's poison flag, shared with threads started by [`CreateContext::spawn`].
+    pub(crate) poisoned: Arc<AtomicBool>,
 }
 
 impl CreateContext {
+    /// Start a worker thread for this backend. Its `log`/`tracing` events carry the instance name, and
+    /// a panic in it is caught, logged through the host and poisons the backend (later calls return
+    /// `KVH_ERR_POISONED`, requests still pending complete with it), exactly like a panic in a call
+    /// from the host. Requests the thread held when it panicked complete with `CANCELED` as they drop.
+    pub fn spawn<F>(&self, name: &str, f: F) -> std::io::Result<std::thread::JoinHandle<()>>
+    where
+        F: FnOnce() + Send + 'static,
+    {
+        let host = self.host;
+        let poisoned = self.poisoned.clone();
+        let instance = self.instance_name.clone();
+        std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                host.bind_current_thread();
+                if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+                    poisoned.store(true, Ordering::Release);
+                    let what = payload
+                        .downcast_ref::<&str>()
+                        .copied()
+                        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+                        .unwrap_or("non-string panic payload");
+                    let msg = format!(
+                        "panic in a worker thread of `{instance}`: {what}; backend poisoned"
+                    );
+                    host.log(crate::abi::KVH_LOG_ERROR, "kvhost_plugin_sdk", &msg);
+                }
+            })
+    }
+
     /// The value of option `key`, if given or defaulted.
     pub fn option(&self, key: &str) -> Option<&str> {
         self.options

@@ -12,6 +12,7 @@ use std::ffi::c_char;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// A `Sync` wrapper for the static descriptor, vtable and option table, which hold raw pointers to
 /// static data only.
@@ -151,7 +152,7 @@ pub unsafe fn on_entry(host: *const abi::kvh_host_api) {
 /// The heap object behind a `kvh_backend *`.
 struct Instance<B> {
     backend: B,
-    poisoned: AtomicBool,
+    poisoned: Arc<AtomicBool>,
     host: Host,
 }
 
@@ -276,17 +277,20 @@ pub unsafe extern "C" fn create<B: Backend>(
         kv_shape: md.kv_shape,
         full_chunk_bytes: md.full_chunk_bytes,
     };
+    // Shared with worker threads the backend spawns through `CreateContext::spawn`.
+    let poisoned = Arc::new(AtomicBool::new(false));
     let ctx = CreateContext {
         instance_name: host.instance_name().to_owned(),
         options,
         metadata,
         host,
+        poisoned: poisoned.clone(),
     };
     match catch_unwind(AssertUnwindSafe(|| host.scoped(|| B::create(&ctx)))) {
         Ok(Ok(backend)) => {
             let inst = Box::new(Instance {
                 backend,
-                poisoned: AtomicBool::new(false),
+                poisoned,
                 host,
             });
             // SAFETY: `out_backend` is non-null and writable for this call.
@@ -435,7 +439,7 @@ pub unsafe extern "C" fn put<B: Backend>(
     }
     // SAFETY: the batch stays valid until completion; the poison flag lives in the instance, which
     // outlives its pending requests. A request dropped unused (poisoned backend) fires nothing.
-    let req = unsafe { Request::new(raw, done, &inst.poisoned) };
+    let req = unsafe { Request::new(raw, done, &*inst.poisoned) };
     guarded(inst, "put", |b| b.put(req).0)
 }
 
@@ -470,7 +474,7 @@ pub unsafe extern "C" fn get<B: Backend>(
         return abi::KVH_ERR_NULL_PARAM;
     }
     // SAFETY: as in `put`.
-    let req = unsafe { Request::new(raw, done, &inst.poisoned) };
+    let req = unsafe { Request::new(raw, done, &*inst.poisoned) };
     guarded(inst, "get", |b| b.get(req).0)
 }
 
@@ -495,7 +499,7 @@ pub unsafe extern "C" fn prefetch<B: Backend>(
         return abi::KVH_ERR_NULL_PARAM;
     }
     // SAFETY: as in `put`.
-    let req = unsafe { Request::new(raw, done, &inst.poisoned) };
+    let req = unsafe { Request::new(raw, done, &*inst.poisoned) };
     guarded(inst, "prefetch", |b| b.prefetch(req).0)
 }
 

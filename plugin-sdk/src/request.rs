@@ -278,6 +278,22 @@ impl Batch<Get> {
             ffi::slice_mut(b.ptr, b.len)
         }
     }
+    /// Key `i` and its destination buffer at once (the key is host data, not part of the buffer, so
+    /// both can be used together, e.g. to name a file while reading into the buffer).
+    pub fn key_and_dst(&mut self, i: usize) -> (Key<'_>, &mut [u8]) {
+        let len = self.len();
+        let raw = *self.raw();
+        let key = key_at(raw.keys, len, i);
+        // SAFETY: `dst` has `len` entries (checked by `key_at`'s bound and the trampoline's NULL
+        // check); each is a host buffer the plugin may write until completion and that never overlaps
+        // the keys; `&mut self` prevents a second live borrow of it.
+        let dst = unsafe {
+            let b = *raw.dst.add(i);
+            ffi::slice_mut(b.ptr, b.len)
+        };
+        (key, dst)
+    }
+
     /// Report a hit: `len` bytes were written into `dst(i)`, with `meta`.
     pub fn set_found(&self, i: usize, len: usize, meta: ChunkMeta) {
         assert!(i < self.len());

@@ -292,3 +292,53 @@ fn rust_plugin_log_and_tracing_events_reach_the_host_under_its_name() {
         "tracing event:\n{text}"
     );
 }
+
+#[test]
+fn a_panic_in_a_plugin_worker_thread_poisons_the_backend() {
+    logs();
+    let p = must_load(
+        "workerpanic",
+        rust_fixture().to_str().unwrap(),
+        "rust_mem",
+        &[("panic_in", "worker")],
+    );
+    let d = p
+        .put_wait(
+            PutRequest {
+                keys: vec![key(8)],
+                bufs: vec![vec![1u8; 8]],
+                metas: vec![meta(8)],
+            },
+            WAIT,
+        )
+        .unwrap();
+    // The request the worker held when it panicked completes as it unwinds.
+    assert_eq!(d.error.map(|e| e.status), Some(Status::CANCELED));
+    let deadline = Instant::now() + WAIT;
+    let mut last = None;
+    while Instant::now() < deadline {
+        match p.contains(&[key(8)], false) {
+            Err(e) if e.status == Status::POISONED => {
+                last = Some(e);
+                break;
+            }
+            _ => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+    assert!(
+        last.is_some(),
+        "the backend is poisoned after its worker panicked"
+    );
+    let named = || {
+        logs()
+            .lines()
+            .any(|l| l.contains("panic in a worker thread of `workerpanic`"))
+    };
+    while !named() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        named(),
+        "the panic is logged through the host under the instance name"
+    );
+}
