@@ -120,21 +120,24 @@ fn settings_from(ctx: &CreateContext) -> Result<(Settings, usize), Error> {
 }
 
 impl FsBackend {
-    /// Open a store with `settings` and start `io_threads` I/O threads (logging through `host`).
-    fn start(settings: Settings, io_threads: usize, host: Option<Host>) -> Result<Self, Error> {
+    /// Open a store with `settings` and start `io_threads` I/O threads. With the host's context the
+    /// threads run under the SDK's panic boundary (a panic poisons the backend) and log by instance.
+    fn start(
+        settings: Settings,
+        io_threads: usize,
+        ctx: Option<&CreateContext>,
+    ) -> Result<Self, Error> {
         let store = Arc::new(Store::open(settings)?);
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
         let mut workers = Vec::with_capacity(io_threads);
         for i in 0..io_threads {
             let (store, rx) = (store.clone(), rx.clone());
-            let spawned = std::thread::Builder::new()
-                .name(format!("kvhost-fs-io-{i}"))
-                .spawn(move || {
-                    if let Some(h) = host {
-                        h.bind_current_thread();
-                    }
-                    worker(&store, &rx);
-                });
+            let name = format!("kvhost-fs-io-{i}");
+            let run = move || worker(&store, &rx);
+            let spawned = match ctx {
+                Some(ctx) => ctx.spawn(&name, run),
+                None => std::thread::Builder::new().name(name).spawn(run),
+            };
             match spawned {
                 Ok(h) => workers.push(h),
                 Err(e) => {
@@ -303,7 +306,7 @@ impl Backend for FsBackend {
 
     fn create(ctx: &CreateContext) -> Result<Self, Error> {
         let (settings, io_threads) = settings_from(ctx)?;
-        FsBackend::start(settings, io_threads, Some(ctx.host))
+        FsBackend::start(settings, io_threads, Some(ctx))
     }
 
     fn contains(&self, batch: &mut ContainsBatch<'_>) -> Result<(), Error> {
