@@ -21,18 +21,6 @@ fn meta(len: usize) -> ChunkMeta {
     }
 }
 
-fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// A chain over the given `storage_plugins` YAML (names must be mem/log/slow), with `cache_mib` of hot
 /// cache and extra top-level YAML.
 pub fn chain_with(plugins: &str, cache_mib: u64, extra: &str) -> Chain {
@@ -55,14 +43,6 @@ fn put1(chain: &Chain, k: &ChunkKey, data: &[u8]) -> PutOutcome {
     chain
         .put(std::slice::from_ref(k), &[data], &[meta(data.len())])
         .remove(0)
-}
-
-fn wait_drained(chain: &Chain) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while chain.stats().puts_in_flight > 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert_eq!(chain.stats().puts_in_flight, 0, "puts drained");
 }
 
 #[test]

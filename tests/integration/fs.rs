@@ -11,7 +11,7 @@ use kvhost_plugin_sdk::{ChunkMeta, Status};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -72,18 +72,6 @@ fn meta(len: usize, salt: i32) -> ChunkMeta {
         shape: [2, salt, (len % 997) as i32, -1],
         reserved: 0,
     }
-}
-
-fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn fkey(n: i128) -> ChunkKey {
@@ -247,14 +235,6 @@ fn chain_over(dir: &TempDir, cache_mib: u64) -> Chain {
     );
     let config = Config::from_yaml(&y, None).unwrap_or_else(|e| panic!("{e}\n{y}"));
     Chain::from_config(&config).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn wait_drained(chain: &Chain) {
-    let deadline = Instant::now() + WAIT;
-    while chain.stats().puts_in_flight > 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert_eq!(chain.stats().puts_in_flight, 0, "puts drained");
 }
 
 #[test]

@@ -13,7 +13,7 @@ use kvhost::ChunkKey;
 use kvhost_plugin_sdk::{ChunkMeta, Status};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const MODULE: &str = "kvhost_logstore";
 const CLASS: &str = "logstore";
@@ -65,19 +65,6 @@ fn open(file: &Path, size_gib: &str, extra: &[(&str, &str)]) -> PluginBackend {
 fn try_open(file: &Path, size_gib: &str, extra: &[(&str, &str)]) -> Result<PluginBackend, String> {
     let file = file.to_str().unwrap();
     load("ls", MODULE, CLASS, &options(file, size_gib, extra))
-}
-
-/// Deterministic bytes per seed.
-fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// Metadata that differs per seed, so a plugin mixing up records is caught.
@@ -212,14 +199,6 @@ fn chain_on(file: &Path) -> Chain {
     );
     let config = Config::from_yaml(&y, None).unwrap_or_else(|e| panic!("{e}\n{y}"));
     Chain::from_config(&config).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn wait_drained(chain: &Chain) {
-    let deadline = Instant::now() + WAIT;
-    while chain.stats().puts_in_flight > 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert_eq!(chain.stats().puts_in_flight, 0, "puts drained");
 }
 
 #[test]

@@ -106,3 +106,25 @@ pub fn logs() -> String {
     });
     String::from_utf8_lossy(&buf.lock().unwrap()).into_owned()
 }
+
+/// Deterministic bytes for a seed (xorshift), so a test can tell chunks apart.
+pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Wait (up to 20 s) until the chain has no puts in flight to its plugin tiers.
+pub fn wait_drained(chain: &kvhost::chain::Chain) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while chain.stats().puts_in_flight > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(chain.stats().puts_in_flight, 0, "puts drained");
+}

@@ -65,23 +65,8 @@ impl LmClient {
 
     /// GET: the response header and the bytes on a hit, `None` on a miss.
     pub fn get(&mut self, key: &str) -> io::Result<Option<(Response, Vec<u8>)>> {
-        self.send(
-            Command::Get,
-            0,
-            &ChunkMeta {
-                fmt: 1,
-                ..ChunkMeta::default()
-            },
-            key,
-            &[],
-        )?;
-        let r = self.response()?;
-        if r.code != protocol::SUCCESS {
-            return Ok(None);
-        }
-        let mut body = vec![0u8; r.length as usize];
-        self.stream.read_exact(&mut body)?;
-        Ok(Some((r, body)))
+        let mut body = Vec::new();
+        Ok(self.get_into(key, &mut body)?.map(|r| (r, body)))
     }
 
     /// GET into `buf` (reused across calls): the response on a hit, `None` on a miss.
