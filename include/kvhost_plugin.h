@@ -583,7 +583,9 @@ typedef struct kvh_put_batch {
    */
   const struct kvh_key *keys;
   /**
-   * Per key: the chunk bytes (read-only; usually a block of the host's arena).
+   * Per key: the chunk bytes (read-only). Buffers from the host's CPU hot cache (every put that
+   * comes through the chain) start on a 4096-byte boundary, so `O_DIRECT` plugins can write them
+   * without a bounce copy; lengths are not rounded.
    */
   const struct kvh_bytes *src;
   /**
@@ -641,7 +643,9 @@ typedef struct kvh_get_batch {
    */
   const struct kvh_key *keys;
   /**
-   * Per key: the host-provided destination buffer.
+   * Per key: the host-provided destination buffer. Buffers from the host's CPU hot cache (every
+   * promotion through the chain) start on a 4096-byte boundary and their capacity is a multiple of
+   * 4096, so `O_DIRECT` plugins can read into them directly.
    */
   const struct kvh_mut_bytes *dst;
   /**

@@ -383,7 +383,9 @@ pub struct kvh_contains_batch {
 pub struct kvh_put_batch {
     /// Keys to store.
     pub keys: *const kvh_key,
-    /// Per key: the chunk bytes (read-only; usually a block of the host's arena).
+    /// Per key: the chunk bytes (read-only). Buffers from the host's CPU hot cache (every put that
+    /// comes through the chain) start on a 4096-byte boundary, so `O_DIRECT` plugins can write them
+    /// without a bounce copy; lengths are not rounded.
     pub src: *const kvh_bytes,
     /// Per key: the chunk metadata to store with it. The host guarantees `meta[i].length == src[i].len`.
     pub meta: *const kvh_chunk_meta,
@@ -401,7 +403,9 @@ pub struct kvh_put_batch {
 pub struct kvh_get_batch {
     /// Keys to read.
     pub keys: *const kvh_key,
-    /// Per key: the host-provided destination buffer.
+    /// Per key: the host-provided destination buffer. Buffers from the host's CPU hot cache (every
+    /// promotion through the chain) start on a 4096-byte boundary and their capacity is a multiple of
+    /// 4096, so `O_DIRECT` plugins can read into them directly.
     pub dst: *const kvh_mut_bytes,
     /// Per key, written by the plugin: bytes written on `KVH_OK`, or bytes needed on
     /// `KVH_ERR_BUFFER_TOO_SMALL`.

@@ -815,6 +815,23 @@ mod tests {
     }
 
     #[test]
+    fn blocks_are_page_aligned_as_the_abi_promises() {
+        let c = cache(8 << 20);
+        for len in [1usize, 4095, 4097, 100_000] {
+            let mut st = c.stage(len as u64, None).unwrap();
+            let cap = st.capacity();
+            let buf = st.as_mut_slice();
+            assert_eq!(
+                buf.as_ptr() as usize % 4096,
+                0,
+                "start of a {len}-byte block"
+            );
+            assert_eq!(cap % 4096, 0, "capacity of a {len}-byte block");
+            assert!(cap >= len);
+        }
+    }
+
+    #[test]
     fn staged_blocks_free_on_drop_and_commit_replaces() {
         let c = cache(1 << 20);
         drop(c.stage(1000, None).unwrap());
