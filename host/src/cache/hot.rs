@@ -547,13 +547,12 @@ impl HotCache {
             len <= staged.block.len,
             "committed length exceeds the staged block"
         );
-        let handle = staged.into_handle(len, meta);
+        let handle = staged.into_handle(key, len, meta);
         self.inner
             .counters
             .bytes_in
             .fetch_add(len, Ordering::Relaxed);
         let id = handle.id;
-        self.inner.state.lock().entries[id as usize].key = Some(key.clone());
         if !self.inner.config.retain {
             return handle;
         }
@@ -662,11 +661,12 @@ impl StagedBlock {
         unsafe { self.inner.arena.bytes_mut(self.block) }
     }
 
-    fn into_handle(mut self, len: u64, meta: ChunkMeta) -> ChunkHandle {
+    fn into_handle(mut self, key: &ChunkKey, len: u64, meta: ChunkMeta) -> ChunkHandle {
         let id = std::mem::replace(&mut self.id, TRANSFERRED);
         {
             let mut s = self.inner.state.lock();
             let e = &mut s.entries[id as usize];
+            e.key = Some(key.clone());
             e.len = len;
             e.meta = meta;
         }

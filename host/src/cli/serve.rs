@@ -18,6 +18,12 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    // Catch SIGINT/SIGTERM from the start: building the chain (prefaulting the arena, loading
+    // plugins) can take seconds, and a signal meanwhile must stop the server cleanly, not kill it.
+    let early_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, early_stop.clone())?;
+    }
     let config = super::load_config(args.config.as_deref())?;
     let chain = Chain::from_config(&config)?;
     let serve_config = ServeConfig {
@@ -30,6 +36,9 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let stop = server.stop_flag();
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, stop.clone())?;
+    }
+    if early_stop.load(Ordering::Acquire) {
+        server.shutdown();
     }
     if let Some(addr) = args.metrics {
         let bound = metrics::start(

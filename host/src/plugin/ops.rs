@@ -364,9 +364,12 @@ impl PluginBackend {
         let src = request
             .bufs
             .iter()
-            .map(|b| abi::kvh_bytes {
-                ptr: b.bytes().as_ptr(),
-                len: b.bytes().len(),
+            .map(|b| {
+                let b = b.bytes();
+                abi::kvh_bytes {
+                    ptr: b.as_ptr(),
+                    len: b.len(),
+                }
             })
             .collect();
         let mut state = Box::new(PutState {
