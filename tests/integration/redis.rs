@@ -426,7 +426,8 @@ fn large_chunks_are_split_into_parts_on_one_slot_and_a_missing_part_is_a_miss() 
         .iter()
         .find(|n| keys_matching(n.port, &format!("m:{canonical}")).len() == 1)
         .expect("manifest of chunk 0 on some node");
-    let parts: Vec<String> = (0..5).map(|i| format!("p{i}:{canonical}")).collect();
+    // Part names carry the write's generation: `p<gen>.<i>:<key>`.
+    let parts: Vec<String> = (0..5).map(|i| format!(".{i}:{canonical}")).collect();
     for part in &parts {
         assert_eq!(
             keys_matching(holder.port, part).len(),
@@ -488,54 +489,81 @@ fn large_chunks_are_split_into_parts_on_one_slot_and_a_missing_part_is_a_miss() 
 }
 
 #[test]
-fn a_reader_racing_overwrites_never_sees_a_mix_of_parts() {
+fn concurrent_writers_and_a_reader_never_see_a_mix_of_parts_and_leave_no_garbage() {
     if !have_redis("overwrite race") {
         return;
     }
     let server = Server::start(&[]);
-    let p = load_single(&server, &[("part_size_mib", "0.0625"), ("pool_size", "2")]).unwrap();
+    // Two plugin instances: two hosts sharing one server and storing the same key.
+    let hosts = [
+        load_single(&server, &[("part_size_mib", "0.0625"), ("pool_size", "2")]).unwrap(),
+        load_single(&server, &[("part_size_mib", "0.0625"), ("pool_size", "2")]).unwrap(),
+    ];
     let k = key(77);
     let len = 1 << 20; // sixteen parts
     let version_buf = |v: u64| -> Vec<u8> { (0..len / 8).flat_map(|_| v.to_le_bytes()).collect() };
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            for v in 1..=40u64 {
-                let done = p
-                    .put_wait(
-                        PutRequest {
-                            keys: vec![k.clone()],
-                            bufs: vec![version_buf(v)],
-                            metas: vec![meta(v, len)],
-                        },
-                        WAIT,
-                    )
-                    .unwrap();
-                assert_eq!(done.items, vec![Status::OK]);
+    let writing = AtomicUsize::new(2);
+    let check = |item: GetItem, buf: &[u8]| -> bool {
+        match item {
+            GetItem::Hit { len: n, meta: m } => {
+                assert_eq!(n, len);
+                let v = u64::from_le_bytes(buf[..8].try_into().unwrap());
+                assert_eq!(m, meta(v, len), "metadata of another version");
+                assert!(
+                    buf.chunks(8).all(|w| w == v.to_le_bytes()),
+                    "a hit mixed versions (first word {v})"
+                );
+                true
             }
-            stop.store(true, Ordering::Release);
-        });
-        let (mut hits, mut misses) = (0, 0);
-        while !stop.load(Ordering::Acquire) {
-            let (item, buf) = get(&p, std::slice::from_ref(&k), len).remove(0);
-            match item {
-                GetItem::Hit { len: n, meta: m } => {
-                    assert_eq!(n, len);
-                    let v = u64::from_le_bytes(buf[..8].try_into().unwrap());
-                    assert_eq!(m, meta(v, len), "metadata of another version");
-                    assert!(
-                        buf.chunks(8).all(|w| w == v.to_le_bytes()),
-                        "a hit mixed versions (first word {v})"
-                    );
-                    hits += 1;
+            GetItem::Miss => false,
+            other => panic!("{other:?}"),
+        }
+    };
+    std::thread::scope(|s| {
+        for (w, p) in hosts.iter().enumerate() {
+            let (k, writing) = (&k, &writing);
+            s.spawn(move || {
+                for v in 0..25u64 {
+                    let v = 1 + v * 2 + w as u64;
+                    let done = p
+                        .put_wait(
+                            PutRequest {
+                                keys: vec![k.clone()],
+                                bufs: vec![version_buf(v)],
+                                metas: vec![meta(v, len)],
+                            },
+                            WAIT,
+                        )
+                        .unwrap();
+                    assert_eq!(done.items, vec![Status::OK]);
                 }
-                GetItem::Miss => misses += 1,
-                other => panic!("{other:?}"),
+                writing.fetch_sub(1, Ordering::Release);
+            });
+        }
+        let (mut hits, mut misses) = (0, 0);
+        while writing.load(Ordering::Acquire) > 0 {
+            let (item, buf) = get(&hosts[0], std::slice::from_ref(&k), len).remove(0);
+            if check(item, &buf) {
+                hits += 1
+            } else {
+                misses += 1
             }
         }
         println!("racing reader: {hits} whole hits, {misses} misses");
         assert!(hits > 0, "the reader never saw a complete chunk");
     });
+    // Whichever manifest landed last names a complete set of parts: the chunk reads back whole from
+    // both hosts, and the parts of every replaced write are gone.
+    for p in &hosts {
+        let (item, buf) = get(p, std::slice::from_ref(&k), len).remove(0);
+        assert!(check(item, &buf), "the final chunk is not readable");
+    }
+    let canonical = k.to_string();
+    assert_eq!(
+        keys_matching(server.port, &format!(":{canonical}")).len(),
+        1 + 16,
+        "garbage parts left"
+    );
 }
 
 #[test]

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 /// A request is retried on a fresh slot map at most this many times (after `MOVED`, `ASK`,
 /// `READONLY`, or a lost connection in a cluster).
 const MAX_PASSES: usize = 3;
+/// Bytes of GET replies (at most one part each) kept in flight per connection.
+const GET_WINDOW_BYTES: usize = 8 << 20;
 
 /// Settings of the data path.
 #[derive(Clone, Debug)]
@@ -315,11 +317,17 @@ impl Engine {
                 let h = &heads[i];
                 let data = p.data(i);
                 if h.parts == 0 {
-                    c.push_set(&names[i].manifest(), &h.encode(), data, ttl)?;
+                    c.push_set(&names[i].manifest(), &h.encode(), data, ttl, false)?;
                 } else {
                     for part in 0..h.parts {
                         let ph = part_head(h.gen, part);
-                        c.push_set(&names[i].part(part), &ph, &data[h.part_range(part)], ttl)?;
+                        c.push_set(
+                            &names[i].part(h.gen, part),
+                            &ph,
+                            &data[h.part_range(part)],
+                            ttl,
+                            false,
+                        )?;
                     }
                 }
             }
@@ -351,14 +359,13 @@ impl Engine {
                     Verdict::Done(Status::OK) => verdicts[i] = Some(verdict),
                     v => {
                         if heads[i].parts > 0 {
-                            // Parts that made it are unreferenced: drop them, and any manifest of an
-                            // older write that now points at overwritten parts.
-                            c.push(&[b"UNLINK", &names[i].manifest()]);
+                            // The parts of this write that made it are referenced by nothing: drop
+                            // them. An older manifest and its parts are untouched and stay readable.
                             for part in 0..heads[i].parts {
-                                c.push(&[b"UNLINK", &names[i].part(part)]);
+                                c.push(&[b"UNLINK", &names[i].part(heads[i].gen, part)]);
                             }
                             c.flush()?;
-                            for _ in 0..=heads[i].parts {
+                            for _ in 0..heads[i].parts {
                                 c.read_reply()?;
                             }
                         }
@@ -367,16 +374,33 @@ impl Engine {
                 }
             }
             // Phase 2: manifests, only after every part of their chunk was acknowledged.
+            // `GET` returns the manifest replaced, whose parts are then unlinked.
             for &i in &manifests {
-                c.push_set(&names[i].manifest(), &heads[i].encode(), &[], ttl)?;
+                c.push_set(&names[i].manifest(), &heads[i].encode(), &[], ttl, true)?;
             }
             c.flush()?;
+            let mut garbage = Vec::new();
             for &i in &manifests {
                 verdicts[i] = Some(match c.read_reply()? {
-                    Reply::Simple(_) => Verdict::Done(Status::OK),
+                    Reply::Nil => Verdict::Done(Status::OK),
+                    Reply::Bulk(old) => {
+                        if let Ok(h) = Head::decode(&old) {
+                            if h.parts > 0 && h.gen != heads[i].gen {
+                                garbage.extend((0..h.parts).map(|part| names[i].part(h.gen, part)));
+                            }
+                        }
+                        Verdict::Done(Status::OK)
+                    }
                     Reply::Error(e) => classify(topo, &e),
                     _ => Verdict::Done(Status::IO),
                 });
+            }
+            for key in &garbage {
+                c.push(&[b"UNLINK", key]);
+            }
+            c.flush()?;
+            for _ in &garbage {
+                c.read_reply()?;
             }
             Ok(())
         });
@@ -395,14 +419,22 @@ impl Engine {
             })
             .collect();
         let topo = &self.topo;
+        let window = (GET_WINDOW_BYTES / self.s.part_size).clamp(2, 64);
         let (statuses, err) = self.drive(&names, |c, items, verdicts| {
-            for &i in items {
+            // A window of GETs in flight: deep enough to hide the round trip, shallow enough that the
+            // server does not build a long reply list of large values for this connection (which
+            // costs it a copy and an allocation per reply).
+            for &i in items.iter().take(window) {
                 c.push(&[b"GET", &names[i].manifest()]);
             }
             c.flush()?;
             let mut split: Vec<(usize, Head)> = Vec::new();
             let mut head = [0u8; HEAD_LEN];
-            for &i in items {
+            for (j, &i) in items.iter().enumerate() {
+                if let Some(&next) = items.get(j + window) {
+                    c.push(&[b"GET", &names[next].manifest()]);
+                    c.flush()?;
+                }
                 let got = c.read_bulk_into(&mut head, p.dst(i))?;
                 verdicts[i] = Some(match got {
                     BulkInto::Nil => Verdict::Done(Status::NOT_FOUND),
@@ -454,16 +486,26 @@ impl Engine {
                 });
             }
             // Split chunks: every part straight into its place in the host's buffer.
-            for (i, h) in &split {
-                for part in 0..h.parts {
-                    c.push(&[b"GET", &names[*i].part(part)]);
-                }
+            let gens: std::collections::HashMap<usize, u64> =
+                split.iter().map(|(i, h)| (*i, h.gen)).collect();
+            let all_parts: Vec<(usize, u32)> = split
+                .iter()
+                .flat_map(|(i, h)| (0..h.parts).map(move |part| (*i, part)))
+                .collect();
+            for (i, part) in all_parts.iter().take(window) {
+                c.push(&[b"GET", &names[*i].part(gens[i], *part)]);
             }
             c.flush()?;
             let mut ph = [0u8; PART_HEAD_LEN];
+            let mut sent = window.min(all_parts.len());
             for (i, h) in &split {
                 let mut whole = true;
                 for part in 0..h.parts {
+                    if let Some((ni, np)) = all_parts.get(sent) {
+                        c.push(&[b"GET", &names[*ni].part(gens[ni], *np)]);
+                        c.flush()?;
+                        sent += 1;
+                    }
                     let range = h.part_range(part);
                     let want = range.len();
                     let got = c.read_bulk_into(&mut ph, &mut p.dst(*i)[range])?;
@@ -558,7 +600,7 @@ impl Engine {
                     Reply::Int(1) => {
                         if let Reply::Bulk(b) = head {
                             if let Ok(h) = Head::decode(&b) {
-                                parts.push((i, h.parts));
+                                parts.push((i, h.parts, h.gen));
                             }
                         }
                         Verdict::Done(Status::OK)
@@ -569,9 +611,9 @@ impl Engine {
                 });
             }
             let mut replies = 0;
-            for (i, n) in &parts {
+            for (i, n, gen) in &parts {
                 for part in 0..*n {
-                    c.push(&[b"UNLINK", &names[*i].part(part)]);
+                    c.push(&[b"UNLINK", &names[*i].part(*gen, part)]);
                     replies += 1;
                 }
             }

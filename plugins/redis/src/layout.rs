@@ -2,13 +2,17 @@
 //!
 //! A chunk of `L` bytes with key hash `h` (16 hex digits) and canonical key `K`, under prefix `P`:
 //! - `L <= part_size`: one string `P{h}m:K` = 64-byte [`Head`] (parts = 0) ++ data.
-//! - otherwise: parts `P{h}p<i>:K` (i = 0..n) = 16-byte [`PartHead`] ++ data[i*part_size..], written
-//!   first, then the manifest `P{h}m:K` = [`Head`] alone (parts = n). The manifest is written only after
-//!   every part was acknowledged, so a chunk is visible only when complete.
+//! - otherwise: parts `P{h}p<g>.<i>:K` (i = 0..n; g = the write's 64-bit generation, 16 hex digits) =
+//!   16-byte part header ++ data[i*part_size..], written first, then the manifest `P{h}m:K` = [`Head`]
+//!   alone (parts = n, generation g). The manifest is written only after every part was acknowledged,
+//!   so a chunk is visible only when complete. Writers of the same key (two hosts storing the same
+//!   prefix) write disjoint parts; whichever manifest lands last names a complete set, and its writer
+//!   unlinks the parts of the manifest it replaced (`SET ... GET`).
 //! - `{h}` is a Redis Cluster hash tag: every key of a chunk hashes to the same slot, so a chunk never
 //!   spans nodes and one pipeline per node carries it.
-//! - Every part carries the manifest's 64-bit generation and its index: a reader that finds a part
-//!   missing, from another write (a concurrent overwrite) or of the wrong length reports a miss.
+//! - Every part also carries the generation and its index in its header: a reader that finds a part
+//!   missing (unlinked by a newer write, evicted, or deleted), foreign or of the wrong length reports
+//!   a miss.
 
 use kvhost_plugin_sdk::ChunkMeta;
 use xxhash_rust::xxh3::xxh3_64;
@@ -147,9 +151,9 @@ impl Names {
         format!("{}m:{}", self.tagged, self.canonical).into_bytes()
     }
 
-    /// The key of part `i`.
-    pub fn part(&self, i: u32) -> Vec<u8> {
-        format!("{}p{i}:{}", self.tagged, self.canonical).into_bytes()
+    /// The key of part `i` of the write with generation `gen`.
+    pub fn part(&self, gen: u64, i: u32) -> Vec<u8> {
+        format!("{}p{gen:016x}.{i}:{}", self.tagged, self.canonical).into_bytes()
     }
 
     /// The hash tag, for slot routing (every key of the chunk has it).
@@ -228,7 +232,7 @@ mod tests {
         let n = Names::new("kv:", 0x1234_5678_9abc_def0, "model@1@0@42@half");
         let s = slot_of(n.slot_key());
         assert_eq!(slot_of(&n.manifest()), s);
-        assert_eq!(slot_of(&n.part(7)), s);
+        assert_eq!(slot_of(&n.part(u64::MAX, 7)), s);
         // Known values from the Redis Cluster specification's test vector and `CLUSTER KEYSLOT`.
         assert_eq!(
             crc16::State::<crc16::XMODEM>::calculate(b"123456789"),

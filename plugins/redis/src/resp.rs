@@ -165,30 +165,44 @@ impl Conn {
         }
     }
 
-    /// Queue `SET key <head ++ data> [EX ttl]`. `data` longer than [`INLINE_MAX`] is not copied: the
-    /// queued bytes and `data` are written now with `writev`.
-    pub fn push_set(&mut self, key: &[u8], head: &[u8], data: &[u8], ttl_s: u64) -> io::Result<()> {
+    /// Queue `SET key <head ++ data> [EX ttl] [GET]`. `data` longer than [`INLINE_MAX`] is not copied:
+    /// the queued bytes and `data` are written now with `writev`. With `get_old` the reply is the value
+    /// replaced (or nil) instead of `+OK` (Redis 6.2+).
+    pub fn push_set(
+        &mut self,
+        key: &[u8],
+        head: &[u8],
+        data: &[u8],
+        ttl_s: u64,
+        get_old: bool,
+    ) -> io::Result<()> {
         let ttl = (ttl_s > 0).then(|| ttl_s.to_string());
-        self.push_len(b'*', if ttl.is_some() { 5 } else { 3 });
+        let nargs = 3 + if ttl.is_some() { 2 } else { 0 } + usize::from(get_old);
+        self.push_len(b'*', nargs);
         self.push_arg(b"SET");
         self.push_arg(key);
         self.push_len(b'$', head.len() + data.len());
         self.wbuf.extend_from_slice(head);
+        let mut tail = Vec::with_capacity(32);
+        tail.extend_from_slice(b"\r\n");
+        if let Some(ttl) = &ttl {
+            tail.extend_from_slice(format!("$2\r\nEX\r\n${}\r\n{ttl}\r\n", ttl.len()).as_bytes());
+        }
+        if get_old {
+            tail.extend_from_slice(b"$3\r\nGET\r\n");
+        }
         if data.len() <= INLINE_MAX {
             self.wbuf.extend_from_slice(data);
-        } else {
-            let pending = std::mem::take(&mut self.wbuf);
-            let r = write_all_vectored(&mut self.stream, &[&pending, data]);
-            self.wbuf = pending;
-            self.wbuf.clear();
-            r.map_err(|e| self.io_err(e))?;
+            self.wbuf.extend_from_slice(&tail);
+            return Ok(());
         }
-        self.wbuf.extend_from_slice(b"\r\n");
-        if let Some(ttl) = ttl {
-            self.push_arg(b"EX");
-            self.push_arg(ttl.as_bytes());
-        }
-        Ok(())
+        // One `writev`: what is queued (this command's header included), the value from the caller's
+        // memory, and the command's tail, so the server sees the command in as few segments as possible.
+        let pending = std::mem::take(&mut self.wbuf);
+        let r = write_all_vectored(&mut self.stream, &[&pending, data, &tail]);
+        self.wbuf = pending;
+        self.wbuf.clear();
+        r.map_err(|e| self.io_err(e))
     }
 
     /// Write everything queued.
