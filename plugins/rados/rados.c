@@ -1162,23 +1162,32 @@ static kvh_status item_failure(struct ritem *it, const char *what) {
     if (it->rc == ERR_SKIPPED) {
         atomic_fetch_add(&b->skipped, 1);
     }
-    if (status != KVH_ERR_NOT_FOUND) {
+    if (it->rc == ERR_STOPPING) {
+        host_log(b->host, KVH_LOG_DEBUG, "%s of key %.*s: %s", what, (int)it->key_len, it->key, rc_text(it->rc));
+    } else if (status != KVH_ERR_NOT_FOUND) {
         log_failure(b, "%s of key %.*s (object %s in pool %s): %s -> %s", what, (int)it->key_len, it->key, it->head,
                     b->pool, rc_text(it->rc), status_name(status));
     }
     return status;
 }
 
-/* Creates and issues the operations of one put phase; returns the count issued. The item's
- * parts_left must be set to that count before any is issued (callbacks may run at once). */
+/* After a failed put: removes the stripes it wrote, unless the failure means the cluster is not
+ * answering. Then the removals would only time out too, and the head write may even have been applied
+ * before its answer was lost, in which case removing the stripes would break a complete chunk. Stripes
+ * left behind are never read (no head names their generation); clear removes them. */
+static void put_abandon_stripes(struct ritem *it) {
+    if (it->info.parts > 1 && !rc_is_outage(it->rc)) {
+        remove_stripes_later(it->batch->b, it->head, it->info.gen, it->info.parts);
+    }
+}
+
+/* Issues the head operation of a put (create, read or compare-and-swap). */
 static void put_issue_head(struct ritem *it, enum rop_kind kind) {
     kvh_backend *b = it->batch->b;
     struct rop *r = rop_new(b, it, kind, 0);
     if (r == NULL) {
         it->rc = -ENOMEM;
-        if (it->info.parts > 1) {
-            remove_stripes_later(b, it->head, it->info.gen, it->info.parts);
-        }
+        put_abandon_stripes(it);
         item_finish(it, item_failure(it, "put"));
         return;
     }
@@ -1297,7 +1306,7 @@ static void put_step(struct rop *r, int rc) {
             return;
         }
         if (failed) {
-            remove_stripes_later(b, it->head, it->info.gen, it->info.parts);
+            put_abandon_stripes(it);
             item_finish(it, item_failure(it, "put"));
             return;
         }
@@ -1330,9 +1339,7 @@ static void put_step(struct rop *r, int rc) {
         } else {
             it->rc = rc;
         }
-        if (it->info.parts > 1) {
-            remove_stripes_later(b, it->head, it->info.gen, it->info.parts);
-        }
+        put_abandon_stripes(it);
         item_finish(it, item_failure(it, "put"));
         return;
     case ROP_HEAD_READ: {
@@ -1358,9 +1365,7 @@ static void put_step(struct rop *r, int rc) {
             free(meta);
             it->rc = scan;
         }
-        if (it->info.parts > 1) {
-            remove_stripes_later(b, it->head, it->info.gen, it->info.parts);
-        }
+        put_abandon_stripes(it);
         item_finish(it, item_failure(it, "put"));
         return;
     }

@@ -3,12 +3,14 @@
 # systemd, /etc/ceph or /var/lib/ceph. The OSD uses the in-memory object store (memstore), so data lives
 # in the OSD's RAM. For the kvhost rados plugin's tests and benchmark.
 #
-#   one-node-cluster.sh start DIR [--memstore-bytes N] [--pool NAME]... [--pg-num N]
+#   one-node-cluster.sh start DIR [--memstore-bytes N] [--pool NAME]... [--pg-num N] [--owner-pid PID]
 #       Creates DIR (which must be empty or absent), writes DIR/ceph.conf and DIR/keyring (cephx, with
 #       the keys of mon., client.admin and osd.0), starts the monitor and the OSD, creates the pools
 #       (default: one pool `kvcache`), waits until a probe object can be written, read and removed in
 #       each pool, and prints the path of ceph.conf as the last line of stdout. On any failure it stops
 #       what it started and exits non-zero with the reason (and the tail of the daemon logs) on stderr.
+#       With --owner-pid, a watchdog stops the cluster once process PID has exited (say a test binary
+#       that was killed before its cleanup could run).
 #   one-node-cluster.sh stop DIR          Stops the OSD, then the monitor (exactly the pids this script
 #                                        started, as recorded in DIR/pids/). The directory is kept.
 #   one-node-cluster.sh stop-osd DIR      Stops only the OSD, gracefully: memstore saves its contents
@@ -174,12 +176,13 @@ wait_ready() {
 cmd_start() {
   local dir=$1
   shift
-  local memstore_bytes=$((1 << 30)) pg_num=8 pools=()
+  local memstore_bytes=$((1 << 30)) pg_num=8 pools=() owner_pid=
   while [ $# -gt 0 ]; do
     case $1 in
       --memstore-bytes) memstore_bytes=$2; shift 2 ;;
       --pool) pools+=("$2"); shift 2 ;;
       --pg-num) pg_num=$2; shift 2 ;;
+      --owner-pid) owner_pid=$2; shift 2 ;;
       *) die "start: unknown argument $1" ;;
     esac
   done
@@ -274,14 +277,35 @@ EOF
   for pool in "${pools[@]}"; do
     wait_ready "$dir" "$pool"
   done
+  if [ -n "$owner_pid" ]; then
+    start_watchdog "$dir" "$owner_pid"
+  fi
   trap - EXIT
   echo "$dir/ceph.conf"
 }
 
+# Stops the cluster when `owner` exits. Runs detached, with its pid in DIR/pids/watchdog.pid (stop ends it).
+start_watchdog() {
+  local dir=$1 owner=$2
+  kill -0 "$owner" 2>/dev/null || die "--owner-pid $owner: no such process"
+  setsid bash -c '
+    while kill -0 "$1" 2>/dev/null && [ -f "$2/pids/mon.pid" ]; do sleep 1; done
+    [ -f "$2/pids/mon.pid" ] && exec "$3" stop "$2" --from-watchdog
+  ' one-node-cluster-watchdog "$owner" "$dir" "$(cd "$(dirname "$0")" && pwd)/$(basename "$0")" \
+    </dev/null >>"$dir/log/watchdog.out" 2>&1 &
+  echo $! >"$dir/pids/watchdog.pid"
+}
+
 cmd_stop() {
-  local dir=$1
+  local dir=$1 watchdog
   [ -d "$dir" ] || return 0
   dir=$(cd "$dir" && pwd)
+  watchdog=$(pid_of "$dir" watchdog)
+  if [ "${2:-}" != --from-watchdog ] && [ -n "$watchdog" ] && [ -d "/proc/$watchdog" ] &&
+    tr '\0' ' ' <"/proc/$watchdog/cmdline" 2>/dev/null | grep -qF one-node-cluster-watchdog; then
+    kill "$watchdog" 2>/dev/null || true
+  fi
+  rm -f "$dir/pids/watchdog.pid"
   # OSD first (a monitor stopped first makes the OSD wait at shutdown), with SIGKILL: the cluster is
   # thrown away, and a graceful memstore shutdown would first write everything it holds to disk.
   stop_daemon "$dir" osd KILL
@@ -328,7 +352,7 @@ dir=$2
 shift 2
 case $command in
   start) cmd_start "$dir" "$@" ;;
-  stop) cmd_stop "$dir" ;;
+  stop) cmd_stop "$dir" "$@" ;;
   stop-osd) cmd_stop_osd "$dir" "$@" ;;
   start-osd) cmd_start_osd "$dir" ;;
   status) cmd_status "$dir" ;;
