@@ -3,25 +3,26 @@
  *
  * Layout (see README.md for the full description):
  * - A chunk of L bytes is stored as ceil(L / S) objects (at least one), where S is the stripe unit
- *   (option max_object_bytes, recorded per chunk). The HEAD object holds bytes [0, min(L, S)) and two
- *   xattrs: `kvh.meta` (a versioned, CRC32C-protected binary record: length, stripe unit, object count,
- *   a CRC32C of the data, the generation, the kvh_chunk_meta and the canonical key) and `kvh.gen` (the
- *   generation as 16 hex digits). STRIPE objects hold the rest, S bytes each.
+ *   (option max_object_bytes, recorded per chunk). The HEAD object holds a 128-byte header record at
+ *   offset 0 (magic, format version, length, stripe unit, object count, a CRC32C of the data, the
+ *   generation, the kvh_chunk_meta, the key's length, CRC32C and FNV-1a-64, and a CRC32C of the record)
+ *   and bytes [0, min(L, S)) of the chunk from offset 4096. STRIPE objects hold the rest, S bytes each.
  * - Object names: <object_prefix><escaped canonical key> for the head, and
  *   <head name>#<generation, 16 hex digits>.<stripe index> for stripe 1, 2, ... The escaping keeps
  *   A-Z a-z 0-9 - _ . @ and writes every other byte as %XX (upper-case hex), so distinct keys get
  *   distinct names and no head name contains '#'. An escaped key longer than KEY_NAME_MAX bytes is
- *   cut and followed by ~<FNV-1a-64 of the canonical key, 16 hex digits>; the key stored in kvh.meta
- *   tells such names apart.
- * - Every put has a fresh random 64-bit generation. Stripes are written first, the head (data and both
- *   xattrs in one atomic write op) LAST, so a chunk is visible only once complete. The head write is a
- *   compare-and-swap: create-exclusive for a new key, else cmpxattr(kvh.gen == the generation read) +
- *   write_full + setxattr. After a successful replacement the old generation's stripes are removed in
- *   the background. Readers read the head (data + xattrs atomically), then the stripes of the generation
- *   it names, which are immutable: a reader sees either the old or the new chunk, never a mix, and a
- *   stripe that vanished (replaced or removed meanwhile, or deleted by hand) makes the read a miss.
- * - remove reads the head's generation, removes the head with cmpxattr(kvh.gen) (head first: invisible
- *   at once), then its stripes.
+ *   cut and followed by ~<FNV-1a-64 of the canonical key, 16 hex digits>; the key's identity in the
+ *   header tells such names apart.
+ * - Every put has a fresh random 64-bit generation. Stripes are written first, the head (data and header
+ *   in one atomic write op) LAST, so a chunk is visible only once complete. The head write is a
+ *   compare-and-swap on the object's version: create-exclusive for a new key, else assert_version(the
+ *   version read) + data + header + truncate. After a successful replacement the old generation's
+ *   stripes are removed in the background. Readers read the head (header + data atomically), then the
+ *   stripes of the generation it names, which are immutable: a reader sees either the old or the new
+ *   chunk, never a mix, and a stripe that vanished (replaced or removed meanwhile, or deleted by hand)
+ *   makes the read a miss.
+ * - remove reads the head's version, removes the head with assert_version (head first: invisible at
+ *   once), then its stripes.
  *
  * Asynchrony: put and get run as state machines over rados_aio_* operations whose completion callbacks
  * (on librados' finisher thread) advance them; the host's completion fires from there, exactly once,
@@ -88,16 +89,13 @@
 #define MAX_PARTS 65536u                /* objects per chunk */
 #define CAS_RETRIES 8                   /* head write attempts when other writers race on the same key */
 #define HEALTH_WAIT_MAX_S 5u            /* health waits at most this long (or op_timeout_s if shorter) */
-#define GEN_TEXT_LEN 16                 /* kvh.gen: 16 lower-case hex digits */
-#define OLD_GEN_MAX 64                  /* longest kvh.gen value accepted on an existing head */
 
-/* kvh.meta, format version 1 (little-endian). */
-#define META_XATTR "kvh.meta"
-#define GEN_XATTR "kvh.gen"
-#define META_MAGIC "KVHRADOS"
-#define META_VERSION 1u
-#define META_FIXED 88u                  /* bytes before the key */
-#define META_FLAG_DATA_CRC 1u           /* data_crc holds a CRC32C of the whole chunk */
+/* The header record at offset 0 of every head object, format version 1 (little-endian; see README). */
+#define HEADER_MAGIC "KVHRADOS"
+#define HEADER_VERSION 1u
+#define HEADER_BYTES 128u               /* the record */
+#define DATA_OFFSET 4096u               /* where the head object's chunk data starts */
+#define HEADER_FLAG_DATA_CRC 1u         /* data_crc holds a CRC32C of the whole chunk */
 
 /* Internal errno values: an operation never sent because the cluster had just timed out, and an
  * operation refused because the backend is being destroyed. */
@@ -300,8 +298,15 @@ static kvh_status null_param(const kvh_backend *backend, const char *operation, 
 /* ------------------------------------------------------------------------------------------------ */
 
 /* Slicing-by-8 tables for the portable path; SSE4.2 (x86-64, detected at run time) or the ARMv8 CRC
- * extension (when compiled for it) otherwise. All paths compute the same standard CRC32C. */
+ * extension (when compiled for it) otherwise. All paths compute the same standard CRC32C.
+ *
+ * The hardware path runs three independent CRC streams over three consecutive CRC_BLOCK-byte blocks
+ * (the instruction's latency is three times its throughput), then joins them: a CRC is linear, so the
+ * CRC of A||B from state s is Z(crc of A from s) ^ (crc of B from 0), where Z is the operator
+ * "append CRC_BLOCK zero bytes", applied through four 256-entry tables (crc_shift). */
+#define CRC_BLOCK 4096u
 static uint32_t crc_table[8][256];
+static uint32_t crc_shift_table[4][256];
 static pthread_once_t crc_once = PTHREAD_ONCE_INIT;
 static int crc_hw;
 
@@ -316,6 +321,26 @@ static void crc_init(void) {
     for (uint32_t n = 0; n < 256; n++) {
         for (int k = 1; k < 8; k++) {
             crc_table[k][n] = (crc_table[k - 1][n] >> 8) ^ crc_table[0][crc_table[k - 1][n] & 0xFFu];
+        }
+    }
+    /* Z applied to each single-bit state, then to every byte value in each byte position. */
+    uint32_t column[32];
+    for (int bit = 0; bit < 32; bit++) {
+        uint32_t c = 1u << bit;
+        for (uint32_t i = 0; i < CRC_BLOCK; i++) {
+            c = (c >> 8) ^ crc_table[0][c & 0xFFu];
+        }
+        column[bit] = c;
+    }
+    for (int pos = 0; pos < 4; pos++) {
+        for (uint32_t v = 0; v < 256; v++) {
+            uint32_t c = 0;
+            for (int bit = 0; bit < 8; bit++) {
+                if (v & (1u << bit)) {
+                    c ^= column[pos * 8 + bit];
+                }
+            }
+            crc_shift_table[pos][v] = c;
         }
     }
 #if defined(RADOS_CRC_X86)
@@ -346,8 +371,33 @@ static uint32_t crc_sw(uint32_t crc, const uint8_t *p, size_t len) {
     return crc;
 }
 
+/* Appends CRC_BLOCK zero bytes to a raw CRC state. */
+static uint32_t crc_shift(uint32_t crc) {
+    return crc_shift_table[0][crc & 0xFF] ^ crc_shift_table[1][(crc >> 8) & 0xFF] ^
+           crc_shift_table[2][(crc >> 16) & 0xFF] ^ crc_shift_table[3][crc >> 24];
+}
+
 #if defined(RADOS_CRC_X86)
 __attribute__((target("sse4.2"))) static uint32_t crc_hw_update(uint32_t crc, const uint8_t *p, size_t len) {
+    while (len >= 3 * CRC_BLOCK) {
+        uint64_t a = crc;
+        uint64_t b = 0;
+        uint64_t c3 = 0;
+        for (uint32_t off = 0; off < CRC_BLOCK; off += 8) {
+            uint64_t va;
+            uint64_t vb;
+            uint64_t vc;
+            memcpy(&va, p + off, 8);
+            memcpy(&vb, p + CRC_BLOCK + off, 8);
+            memcpy(&vc, p + 2 * CRC_BLOCK + off, 8);
+            a = _mm_crc32_u64(a, va);
+            b = _mm_crc32_u64(b, vb);
+            c3 = _mm_crc32_u64(c3, vc);
+        }
+        crc = crc_shift(crc_shift((uint32_t)a) ^ (uint32_t)b) ^ (uint32_t)c3;
+        p += 3 * CRC_BLOCK;
+        len -= 3 * CRC_BLOCK;
+    }
     uint64_t c = crc;
     while (len >= 8) {
         uint64_t v;
@@ -364,6 +414,25 @@ __attribute__((target("sse4.2"))) static uint32_t crc_hw_update(uint32_t crc, co
 }
 #elif defined(RADOS_CRC_ARM)
 static uint32_t crc_hw_update(uint32_t crc, const uint8_t *p, size_t len) {
+    while (len >= 3 * CRC_BLOCK) {
+        uint32_t a = crc;
+        uint32_t b = 0;
+        uint32_t c3 = 0;
+        for (uint32_t off = 0; off < CRC_BLOCK; off += 8) {
+            uint64_t va;
+            uint64_t vb;
+            uint64_t vc;
+            memcpy(&va, p + off, 8);
+            memcpy(&vb, p + CRC_BLOCK + off, 8);
+            memcpy(&vc, p + 2 * CRC_BLOCK + off, 8);
+            a = __crc32cd(a, va);
+            b = __crc32cd(b, vb);
+            c3 = __crc32cd(c3, vc);
+        }
+        crc = crc_shift(crc_shift(a) ^ b) ^ c3;
+        p += 3 * CRC_BLOCK;
+        len -= 3 * CRC_BLOCK;
+    }
     while (len >= 8) {
         uint64_t v;
         memcpy(&v, p, 8);
@@ -460,15 +529,12 @@ static char *stripe_name(const char *head, uint64_t gen, uint32_t index) {
     return name;
 }
 
-static void gen_text(uint64_t gen, char out[GEN_TEXT_LEN + 1]) {
-    snprintf(out, GEN_TEXT_LEN + 1, "%016" PRIx64, gen);
-}
 
 /* ------------------------------------------------------------------------------------------------ */
-/* kvh.meta                                                                                         */
+/* The header record                                                                                */
 /* ------------------------------------------------------------------------------------------------ */
 
-/* What kvh.meta says about a chunk. */
+/* What a head object's header says about its chunk. */
 struct chunk_info {
     uint64_t length;
     uint64_t stripe_unit;
@@ -516,16 +582,20 @@ static uint64_t parts_for(uint64_t length, uint64_t unit) {
     return length == 0 ? 1 : (length - 1) / unit + 1;
 }
 
-static size_t meta_blob_len(size_t key_len) {
-    return META_FIXED + key_len + 4;
+/* Bytes of chunk data in the head object. */
+static uint64_t head_len_of(const struct chunk_info *info) {
+    return info->length < info->stripe_unit ? info->length : info->stripe_unit;
 }
 
-/* Encodes kvh.meta into `out` (meta_blob_len(key_len) bytes). */
-static void meta_encode(uint8_t *out, const struct chunk_info *info, const char *key, size_t key_len) {
-    memset(out, 0, META_FIXED);
-    memcpy(out, META_MAGIC, 8);
-    put_u16(out + 8, META_VERSION);
-    put_u16(out + 10, META_FIXED);
+/* Encodes the header record (HEADER_BYTES). The key is identified by its length, CRC32C and FNV-1a-64:
+ * object names already tell short keys apart exactly, and these tell apart the long keys whose names
+ * share a cut prefix and a hash. */
+static void header_encode(uint8_t out[HEADER_BYTES], const struct chunk_info *info, const char *key,
+                          size_t key_len) {
+    memset(out, 0, HEADER_BYTES);
+    memcpy(out, HEADER_MAGIC, 8);
+    put_u16(out + 8, HEADER_VERSION);
+    put_u16(out + 10, HEADER_BYTES);
     put_u32(out + 12, info->flags);
     put_u64(out + 16, info->length);
     put_u64(out + 24, info->stripe_unit);
@@ -540,103 +610,56 @@ static void meta_encode(uint8_t *out, const struct chunk_info *info, const char 
     }
     put_u32(out + 76, info->meta.reserved);
     put_u32(out + 80, (uint32_t)key_len);
-    /* out + 84: 4 reserved bytes, zero */
-    memcpy(out + META_FIXED, key, key_len);
-    put_u32(out + META_FIXED + key_len, crc32c(out, META_FIXED + key_len));
+    put_u32(out + 84, crc32c(key, key_len));
+    put_u64(out + 88, fnv1a64(key, key_len));
+    /* out + 96 .. 123: reserved, zero */
+    put_u32(out + HEADER_BYTES - 4, crc32c(out, HEADER_BYTES - 4));
 }
 
-enum meta_verdict {
-    META_OK,       /* a valid record for this key */
-    META_FOREIGN,  /* absent, not ours, another key, or a newer format: not served (a miss) */
-    META_CORRUPT,  /* ours, but damaged: KVH_ERR_CORRUPT */
+enum header_verdict {
+    HEADER_OK,      /* a valid record for this key */
+    HEADER_FOREIGN, /* absent, not ours, another key, or a newer format: not served (a miss) */
+    HEADER_CORRUPT, /* ours, but damaged: KVH_ERR_CORRUPT */
 };
 
-/* Decodes and checks kvh.meta against the key that was asked for (key == NULL: any key). */
-static enum meta_verdict meta_decode(const uint8_t *blob, size_t len, const char *key, size_t key_len,
-                                     struct chunk_info *info) {
-    if (blob == NULL || len < 12 || memcmp(blob, META_MAGIC, 8) != 0) {
-        return META_FOREIGN;
+/* Decodes and checks a header record (`len` bytes were read) against the key asked for (key == NULL:
+ * any key). */
+static enum header_verdict header_decode(const uint8_t *h, size_t len, const char *key, size_t key_len,
+                                         struct chunk_info *info) {
+    if (len < 12 || memcmp(h, HEADER_MAGIC, 8) != 0) {
+        return HEADER_FOREIGN;
     }
-    if (get_u16(blob + 8) != META_VERSION) {
-        return META_FOREIGN; /* a format this plugin does not know: never guess */
+    if (get_u16(h + 8) != HEADER_VERSION) {
+        return HEADER_FOREIGN; /* a format this plugin does not know: never guess */
     }
-    if (len < META_FIXED + 4 || get_u16(blob + 10) != META_FIXED) {
-        return META_CORRUPT;
+    if (len < HEADER_BYTES || get_u16(h + 10) != HEADER_BYTES ||
+        crc32c(h, HEADER_BYTES - 4) != get_u32(h + HEADER_BYTES - 4)) {
+        return HEADER_CORRUPT;
     }
-    uint32_t stored_key_len = get_u32(blob + 80);
-    if (stored_key_len > KEY_MAX || len != meta_blob_len(stored_key_len)) {
-        return META_CORRUPT;
-    }
-    if (crc32c(blob, META_FIXED + stored_key_len) != get_u32(blob + META_FIXED + stored_key_len)) {
-        return META_CORRUPT;
-    }
-    if (key != NULL && (stored_key_len != key_len || memcmp(blob + META_FIXED, key, key_len) != 0)) {
-        return META_FOREIGN; /* a hashed name shared with another key */
+    if (key != NULL && (get_u32(h + 80) != key_len || get_u32(h + 84) != crc32c(key, key_len) ||
+                        get_u64(h + 88) != fnv1a64(key, key_len))) {
+        return HEADER_FOREIGN; /* a hashed name shared with another key */
     }
     memset(info, 0, sizeof *info);
-    info->flags = get_u32(blob + 12);
-    info->length = get_u64(blob + 16);
-    info->stripe_unit = get_u64(blob + 24);
-    info->parts = get_u32(blob + 32);
-    info->data_crc = get_u32(blob + 36);
-    info->gen = get_u64(blob + 40);
+    info->flags = get_u32(h + 12);
+    info->length = get_u64(h + 16);
+    info->stripe_unit = get_u64(h + 24);
+    info->parts = get_u32(h + 32);
+    info->data_crc = get_u32(h + 36);
+    info->gen = get_u64(h + 40);
     info->meta.length = info->length;
-    info->meta.fmt = (int32_t)get_u32(blob + 48);
-    info->meta.dtype = (int32_t)get_u32(blob + 52);
-    info->meta.ndim = get_u32(blob + 56);
+    info->meta.fmt = (int32_t)get_u32(h + 48);
+    info->meta.dtype = (int32_t)get_u32(h + 52);
+    info->meta.ndim = get_u32(h + 56);
     for (int i = 0; i < 4; i++) {
-        info->meta.shape[i] = (int32_t)get_u32(blob + 60 + 4 * i);
+        info->meta.shape[i] = (int32_t)get_u32(h + 60 + 4 * i);
     }
-    info->meta.reserved = get_u32(blob + 76);
+    info->meta.reserved = get_u32(h + 76);
     if (info->stripe_unit == 0 || info->parts == 0 || info->parts > MAX_PARTS || info->meta.ndim > 4 ||
         parts_for(info->length, info->stripe_unit) != info->parts) {
-        return META_CORRUPT;
+        return HEADER_CORRUPT;
     }
-    return META_OK;
-}
-
-/* Finds kvh.meta and kvh.gen in a getxattrs result. Copies kvh.gen (if present and at most OLD_GEN_MAX
- * bytes) into gen/gen_len; returns a malloc'd copy of kvh.meta in *meta (NULL when absent). Returns 0,
- * or a negative errno (-ENOMEM, or -EINVAL for an over-long kvh.gen). Frees nothing. */
-static int scan_xattrs(rados_xattrs_iter_t iter, uint8_t **meta, size_t *meta_len, char *gen, size_t *gen_len) {
-    *meta = NULL;
-    *meta_len = 0;
-    *gen_len = 0;
-    int bad_gen = 0;
-    for (;;) {
-        const char *name = NULL;
-        const char *value = NULL;
-        size_t value_len = 0;
-        int rc = rados_getxattrs_next(iter, &name, &value, &value_len);
-        if (rc < 0) {
-            free(*meta);
-            *meta = NULL;
-            return rc;
-        }
-        if (name == NULL) {
-            break;
-        }
-        if (strcmp(name, META_XATTR) == 0 && *meta == NULL) {
-            *meta = malloc(value_len > 0 ? value_len : 1);
-            if (*meta == NULL) {
-                return -ENOMEM;
-            }
-            if (value_len > 0) {
-                memcpy(*meta, value, value_len);
-            }
-            *meta_len = value_len;
-        } else if (strcmp(name, GEN_XATTR) == 0) {
-            if (value_len > OLD_GEN_MAX) {
-                bad_gen = 1;
-            } else {
-                if (value_len > 0) {
-                    memcpy(gen, value, value_len);
-                }
-                *gen_len = value_len;
-            }
-        }
-    }
-    return bad_gen ? -EINVAL : 0;
+    return HEADER_OK;
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -712,13 +735,10 @@ struct ritem {
     int rc;                /* first failure (negative errno), 0 while fine */
     kvh_status fail;       /* a status decided without an errno (CORRUPT, NOT_FOUND...), else KVH_OK */
     struct chunk_info info;
-    char gen[GEN_TEXT_LEN + 1];
+    uint64_t version;      /* the head object's version: put, the one replaced; get, the one read */
     /* put */
     const uint8_t *src;
-    uint8_t *blob;
-    size_t blob_len;
-    char old_gen[OLD_GEN_MAX];
-    size_t old_gen_len;
+    uint8_t header[HEADER_BYTES];
     int old_valid;
     struct chunk_info old;
     /* get */
@@ -730,13 +750,13 @@ struct ritem {
 
 enum rop_kind {
     ROP_STRIPE_WRITE, /* put: write_full of one stripe */
-    ROP_HEAD_CREATE,  /* put: create-exclusive + write_full + xattrs */
-    ROP_HEAD_READ,    /* put: getxattrs of an existing head */
-    ROP_HEAD_CAS,     /* put: cmpxattr(kvh.gen) + write_full + xattrs */
-    ROP_GET_HEAD,     /* get: getxattrs + read of the head */
-    ROP_GET_PART,     /* get: read of a stripe, or of the head's tail (guarded by cmpxattr) */
+    ROP_HEAD_CREATE,  /* put: create-exclusive + data + header */
+    ROP_HEAD_READ,    /* put: the header and version of an existing head */
+    ROP_HEAD_CAS,     /* put: assert_version + data + header + truncate */
+    ROP_GET_HEAD,     /* get: header + data of the head */
+    ROP_GET_PART,     /* get: a stripe, or the rest of the head's data (guarded by assert_version) */
     ROP_REMOVE,       /* background: remove an object (ENOENT is fine) */
-    ROP_REMOVE_IF,    /* background: remove a head if kvh.gen still matches */
+    ROP_REMOVE_IF,    /* background: remove a head if its version is still the one read */
 };
 
 /* One librados operation. */
@@ -750,13 +770,12 @@ struct rop {
     rados_completion_t c;
     rados_write_op_t wop;
     rados_read_op_t rdop;
-    rados_xattrs_iter_t iter;
-    int iter_rval;
-    int read_rval;
-    int cmp_rval;
+    uint64_t version;      /* ROP_REMOVE_IF: the version to match; after completion: the object's version */
+    uint8_t header[HEADER_BYTES];
+    size_t header_read;
+    int header_rval;
     size_t bytes_read;
-    char gen[OLD_GEN_MAX]; /* ROP_REMOVE_IF */
-    size_t gen_len;
+    int read_rval;
     char *oid;             /* owned, except when it is the item's head name */
     int owns_oid;
 };
@@ -840,6 +859,18 @@ static int rop_is_background(const struct rop *r) {
 
 static void rop_callback(rados_completion_t c, void *arg);
 
+/* Adds the writes of a head object to `wop`: its data at DATA_OFFSET first, then the header at 0. In this
+ * order the OSD never computes a whole-object data digest (the first write is not at the object's end,
+ * the second does not cover it): with the header in the same message as the data, that digest would be
+ * a CRC of the whole payload on the OSD for every put. The chunk's own CRC32C covers the data instead. */
+static void add_head_writes(rados_write_op_t wop, const struct ritem *it) {
+    size_t head_len = (size_t)head_len_of(&it->info);
+    if (head_len > 0) {
+        rados_write_op_write(wop, (const char *)it->src, head_len, DATA_OFFSET);
+    }
+    rados_write_op_write(wop, (const char *)it->header, HEADER_BYTES, 0);
+}
+
 /* Builds and sends one operation. Called with no lock held and an in-flight slot taken. On a
  * synchronous failure the slot is given back by the caller (see submit_or_fail). Returns 0 or the
  * negative errno of a submission that failed (no callback will fire). */
@@ -858,8 +889,7 @@ static int submit(struct rop *r) {
         break;
     }
     case ROP_HEAD_CREATE:
-    case ROP_HEAD_CAS: {
-        size_t head_len = (size_t)(it->info.length < it->info.stripe_unit ? it->info.length : it->info.stripe_unit);
+    case ROP_HEAD_CAS:
         r->wop = rados_create_write_op();
         if (r->wop == NULL) {
             rc = -ENOMEM;
@@ -867,15 +897,15 @@ static int submit(struct rop *r) {
         }
         if (r->kind == ROP_HEAD_CREATE) {
             rados_write_op_create(r->wop, LIBRADOS_CREATE_EXCLUSIVE, NULL);
+            add_head_writes(r->wop, it);
         } else {
-            rados_write_op_cmpxattr(r->wop, GEN_XATTR, LIBRADOS_CMPXATTR_OP_EQ, it->old_gen, it->old_gen_len);
+            uint64_t head_len = head_len_of(&it->info);
+            rados_write_op_assert_version(r->wop, it->version);
+            add_head_writes(r->wop, it);
+            rados_write_op_truncate(r->wop, head_len > 0 ? DATA_OFFSET + head_len : HEADER_BYTES);
         }
-        rados_write_op_write_full(r->wop, head_len > 0 ? (const char *)it->src : "", head_len);
-        rados_write_op_setxattr(r->wop, META_XATTR, (const char *)it->blob, it->blob_len);
-        rados_write_op_setxattr(r->wop, GEN_XATTR, it->gen, GEN_TEXT_LEN);
         rc = rados_aio_write_op_operate(r->wop, b->io, r->c, r->oid, NULL, 0);
         break;
-    }
     case ROP_HEAD_READ:
     case ROP_GET_HEAD:
         r->rdop = rados_create_read_op();
@@ -883,23 +913,23 @@ static int submit(struct rop *r) {
             rc = -ENOMEM;
             break;
         }
-        rados_read_op_getxattrs(r->rdop, &r->iter, &r->iter_rval);
+        rados_read_op_read(r->rdop, 0, HEADER_BYTES, (char *)r->header, &r->header_read, &r->header_rval);
         if (r->kind == ROP_GET_HEAD && it->head_read > 0) {
-            rados_read_op_read(r->rdop, 0, it->head_read, (char *)it->dst, &r->bytes_read, &r->read_rval);
+            rados_read_op_read(r->rdop, DATA_OFFSET, it->head_read, (char *)it->dst, &r->bytes_read, &r->read_rval);
         }
         rc = rados_aio_read_op_operate(r->rdop, b->io, r->c, r->oid, 0);
         break;
     case ROP_GET_PART:
         if (r->part == 0) {
-            /* The rest of the head, when its writer used a larger stripe unit than this reader's read. */
-            uint64_t head_len = it->info.length < it->info.stripe_unit ? it->info.length : it->info.stripe_unit;
+            /* The rest of the head's data, when its writer used a larger stripe unit than this reader's
+             * first read: only from the very version read first. */
             r->rdop = rados_create_read_op();
             if (r->rdop == NULL) {
                 rc = -ENOMEM;
                 break;
             }
-            rados_read_op_cmpxattr(r->rdop, GEN_XATTR, LIBRADOS_CMPXATTR_OP_EQ, it->gen, GEN_TEXT_LEN);
-            rados_read_op_read(r->rdop, it->head_read, (size_t)(head_len - it->head_read),
+            rados_read_op_assert_version(r->rdop, it->version);
+            rados_read_op_read(r->rdop, DATA_OFFSET + it->head_read, (size_t)(head_len_of(&it->info) - it->head_read),
                                (char *)it->dst + it->head_read, &r->bytes_read, &r->read_rval);
             rc = rados_aio_read_op_operate(r->rdop, b->io, r->c, r->oid, 0);
         } else {
@@ -917,7 +947,7 @@ static int submit(struct rop *r) {
             rc = -ENOMEM;
             break;
         }
-        rados_write_op_cmpxattr(r->wop, GEN_XATTR, LIBRADOS_CMPXATTR_OP_EQ, r->gen, r->gen_len);
+        rados_write_op_assert_version(r->wop, r->version);
         rados_write_op_remove(r->wop);
         rc = rados_aio_write_op_operate(r->wop, b->io, r->c, r->oid, NULL, 0);
         break;
@@ -926,10 +956,6 @@ static int submit(struct rop *r) {
         /* Nothing was sent: no callback will fire. */
         rados_aio_release(r->c);
         r->c = NULL;
-        if (r->iter != NULL) {
-            rados_getxattrs_end(r->iter);
-            r->iter = NULL;
-        }
         if (r->wop != NULL) {
             rados_release_write_op(r->wop);
             r->wop = NULL;
@@ -1022,6 +1048,7 @@ static void rop_callback(rados_completion_t c, void *arg) {
     struct rop *r = arg;
     kvh_backend *b = r->b;
     int rc = rados_aio_get_return_value(c);
+    r->version = rados_aio_get_version(c);
     rados_aio_release(c);
     r->c = NULL;
     if (r->wop != NULL) {
@@ -1048,7 +1075,6 @@ static void rop_callback(rados_completion_t c, void *arg) {
 static void batch_free(struct rbatch *batch) {
     for (size_t i = 0; i < batch->n; i++) {
         free(batch->items[i].head);
-        free(batch->items[i].blob);
     }
     pthread_mutex_destroy(&batch->mu);
     free(batch->items);
@@ -1234,19 +1260,16 @@ static void put_start(struct rbatch *batch, size_t i) {
     it->info.meta = *meta;
     it->info.meta.length = it->info.length;
     if (b->checksum) {
-        it->info.flags |= META_FLAG_DATA_CRC;
+        it->info.flags |= HEADER_FLAG_DATA_CRC;
         it->info.data_crc = crc32c(it->src, (size_t)it->info.length);
     }
-    gen_text(it->info.gen, it->gen);
     it->head = head_name(b->prefix, b->prefix_len, it->key, it->key_len);
-    it->blob_len = meta_blob_len(it->key_len);
-    it->blob = malloc(it->blob_len);
-    if (it->head == NULL || it->blob == NULL) {
+    if (it->head == NULL) {
         it->rc = -ENOMEM;
         item_finish(it, item_failure(it, "put"));
         return;
     }
-    meta_encode(it->blob, &it->info, it->key, it->key_len);
+    header_encode(it->header, &it->info, it->key, it->key_len);
 
     if (it->info.parts == 1) {
         it->phase = PH_HEAD;
@@ -1326,9 +1349,10 @@ static void put_step(struct rop *r, int rc) {
             item_finish(it, KVH_OK);
             return;
         }
-        if (rc == -EEXIST || rc == -ECANCELED || (rc == -ENOENT && r->kind == ROP_HEAD_CAS)) {
-            /* Another version is there (EEXIST), it changed since we read it (ECANCELED), or it was
-             * removed since (ENOENT): read it (again), or create it afresh. */
+        if (rc == -EEXIST || ((rc == -ERANGE || rc == -EOVERFLOW || rc == -ENOENT) && r->kind == ROP_HEAD_CAS)) {
+            /* Another version is there (EEXIST), it changed since we read it (ERANGE, EOVERFLOW: the
+             * version assertion failed), or it was removed since (ENOENT): read it (again), or create it
+             * afresh. */
             if (++it->retries <= CAS_RETRIES) {
                 put_issue_head(it, rc == -ENOENT ? ROP_HEAD_CREATE : ROP_HEAD_READ);
                 return;
@@ -1351,19 +1375,15 @@ static void put_step(struct rop *r, int rc) {
             it->fail = KVH_ERR_BUSY;
         } else if (rc < 0) {
             it->rc = rc;
+        } else if (r->header_rval < 0) {
+            it->rc = r->header_rval;
         } else {
-            uint8_t *meta = NULL;
-            size_t meta_len = 0;
-            int scan = r->iter_rval < 0 ? r->iter_rval
-                                        : scan_xattrs(r->iter, &meta, &meta_len, it->old_gen, &it->old_gen_len);
-            if (scan == 0) {
-                it->old_valid = meta_decode(meta, meta_len, NULL, 0, &it->old) == META_OK;
-                free(meta);
-                put_issue_head(it, ROP_HEAD_CAS);
-                return;
-            }
-            free(meta);
-            it->rc = scan;
+            /* Whatever is there (an older version, or not ours at all) is replaced if it is still this
+             * version when the write arrives; an older version's stripes are removed afterwards. */
+            it->version = r->version;
+            it->old_valid = header_decode(r->header, r->header_read, NULL, 0, &it->old) == HEADER_OK;
+            put_issue_head(it, ROP_HEAD_CAS);
+            return;
         }
         put_abandon_stripes(it);
         item_finish(it, item_failure(it, "put"));
@@ -1414,17 +1434,16 @@ static void get_conclude(struct ritem *it) {
     kvh_backend *b = it->batch->b;
     if (it->missing && it->rc == 0) {
         /* Stripes never come back under the same generation: the chunk is broken for good. Remove it
-         * (the head only if it still holds this generation), so contains stops reporting it. */
-        log_failure(b, "get of key %.*s (object %s): a stripe of generation %s is missing or short: reported as a miss, "
-                       "removing the broken chunk",
-                    (int)it->key_len, it->key, it->head, it->gen);
+         * (the head only if it is still the version read), so contains stops reporting it. */
+        log_failure(b, "get of key %.*s (object %s): a stripe of generation %016" PRIx64 " is missing or short: "
+                       "reported as a miss, removing the broken chunk",
+                    (int)it->key_len, it->key, it->head, it->info.gen);
         struct rop *r = rop_new(b, NULL, ROP_REMOVE_IF, 0);
         char *oid = strdup(it->head);
         if (r != NULL && oid != NULL) {
             r->oid = oid;
             r->owns_oid = 1;
-            memcpy(r->gen, it->gen, GEN_TEXT_LEN);
-            r->gen_len = GEN_TEXT_LEN;
+            r->version = it->version;
             issue(b, r);
             remove_stripes_later(b, it->head, it->info.gen, it->info.parts);
         } else {
@@ -1438,7 +1457,7 @@ static void get_conclude(struct ritem *it) {
         item_finish(it, item_failure(it, "get"));
         return;
     }
-    if ((it->info.flags & META_FLAG_DATA_CRC) != 0 && b->checksum &&
+    if ((it->info.flags & HEADER_FLAG_DATA_CRC) != 0 && b->checksum &&
         crc32c(it->dst, (size_t)it->info.length) != it->info.data_crc) {
         atomic_fetch_add(&b->corrupt, 1);
         log_failure(b, "get of key %.*s (object %s, %u objects): data CRC32C mismatch: not served", (int)it->key_len,
@@ -1460,33 +1479,26 @@ static void get_step(struct rop *r, int rc) {
             item_finish(it, rc == -ENOENT ? KVH_ERR_NOT_FOUND : item_failure(it, "get"));
             return;
         }
-        uint8_t *meta = NULL;
-        size_t meta_len = 0;
-        char gen[OLD_GEN_MAX];
-        size_t gen_len = 0;
-        int scan = r->iter_rval < 0 ? r->iter_rval : scan_xattrs(r->iter, &meta, &meta_len, gen, &gen_len);
-        if (scan < 0 && scan != -EINVAL) {
-            free(meta);
-            it->rc = scan;
+        if (r->header_rval < 0) {
+            it->rc = r->header_rval;
             item_finish(it, item_failure(it, "get"));
             return;
         }
-        enum meta_verdict verdict = meta_decode(meta, meta_len, it->key, it->key_len, &it->info);
-        free(meta);
-        if (verdict == META_FOREIGN) {
-            host_log(b->host, KVH_LOG_DEBUG, "get of key %.*s: object %s has no kvh.meta of this format for this key: a miss",
+        enum header_verdict verdict = header_decode(r->header, r->header_read, it->key, it->key_len, &it->info);
+        if (verdict == HEADER_FOREIGN) {
+            host_log(b->host, KVH_LOG_DEBUG, "get of key %.*s: object %s has no header of this format for this key: a miss",
                      (int)it->key_len, it->key, it->head);
             item_finish(it, KVH_ERR_NOT_FOUND);
             return;
         }
-        if (verdict == META_CORRUPT) {
+        if (verdict == HEADER_CORRUPT) {
             atomic_fetch_add(&b->corrupt, 1);
-            log_failure(b, "get of key %.*s: object %s has a damaged kvh.meta: not served", (int)it->key_len, it->key,
+            log_failure(b, "get of key %.*s: object %s has a damaged header: not served", (int)it->key_len, it->key,
                         it->head);
             item_finish(it, KVH_ERR_CORRUPT);
             return;
         }
-        gen_text(it->info.gen, it->gen);
+        it->version = r->version;
         if (it->info.length > it->cap) {
             item_finish(it, KVH_ERR_BUFFER_TOO_SMALL);
             return;
@@ -1501,7 +1513,7 @@ static void get_step(struct rop *r, int rc) {
         uint64_t expect = head_len < it->head_read ? head_len : it->head_read;
         if ((uint64_t)got != expect) {
             atomic_fetch_add(&b->corrupt, 1);
-            log_failure(b, "get of key %.*s: object %s holds %zu bytes where kvh.meta says %" PRIu64 ": not served",
+            log_failure(b, "get of key %.*s: object %s holds %zu bytes of data where its header says %" PRIu64 ": not served",
                         (int)it->key_len, it->key, it->head, got, head_len);
             item_finish(it, KVH_ERR_CORRUPT);
             return;
@@ -1561,8 +1573,9 @@ static void get_step(struct rop *r, int rc) {
     }
     int got_rc = r->part == 0 ? (rc < 0 ? rc : (r->read_rval < 0 ? r->read_rval : (int)r->bytes_read)) : rc;
     pthread_mutex_lock(&batch->mu);
-    if (got_rc == -ENOENT || got_rc == -ECANCELED || (got_rc >= 0 && (uint64_t)got_rc != expect)) {
-        /* Absent (removed, replaced, or lost), replaced under us (ECANCELED: kvh.gen changed), or short. */
+    if (got_rc == -ENOENT || got_rc == -ERANGE || got_rc == -EOVERFLOW || (got_rc >= 0 && (uint64_t)got_rc != expect)) {
+        /* Absent (removed, replaced, or lost), replaced under us (ERANGE, EOVERFLOW: the head's version
+         * changed since its first read), or short. */
         it->missing = 1;
     } else if (got_rc < 0 && it->rc == 0) {
         it->rc = got_rc;
@@ -1578,16 +1591,13 @@ static void get_step(struct rop *r, int rc) {
 static void rop_finish(struct rop *r, int rc) {
     kvh_backend *b = r->b;
     if (r->item == NULL) {
-        if (rc < 0 && rc != -ENOENT && rc != -ECANCELED) {
+        if (rc < 0 && rc != -ENOENT && rc != -ERANGE && rc != -EOVERFLOW) {
             host_log(b->host, KVH_LOG_DEBUG, "background removal of object %s: %s", r->oid, rc_text(rc));
         }
     } else if (r->item->batch->is_put) {
         put_step(r, rc);
     } else {
         get_step(r, rc);
-    }
-    if (r->iter != NULL) {
-        rados_getxattrs_end(r->iter);
     }
     rop_free(r);
     pthread_mutex_lock(&b->lock);
@@ -1703,16 +1713,15 @@ struct sop {
     rados_completion_t c;
     rados_read_op_t rdop;
     rados_write_op_t wop;
-    rados_xattrs_iter_t iter;
-    int iter_rval;
+    uint8_t header[HEADER_BYTES];
+    size_t header_read;
+    int header_rval;
+    uint64_t version; /* the object's version, after sop_wait */
     int rc;
     int sent;
 };
 
 static void sop_reset(struct sop *s) {
-    if (s->iter != NULL) {
-        rados_getxattrs_end(s->iter);
-    }
     if (s->rdop != NULL) {
         rados_release_read_op(s->rdop);
     }
@@ -1725,8 +1734,8 @@ static void sop_reset(struct sop *s) {
     memset(s, 0, sizeof *s);
 }
 
-/* Sends a getxattrs read of `oid`. */
-static void sop_read_xattrs(kvh_backend *b, struct sop *s, const char *oid) {
+/* Sends a read of the header record of head object `oid`. */
+static void sop_read_header(kvh_backend *b, struct sop *s, const char *oid) {
     sop_reset(s);
     s->rc = rados_aio_create_completion2(NULL, NULL, &s->c);
     if (s->rc < 0) {
@@ -1737,19 +1746,19 @@ static void sop_read_xattrs(kvh_backend *b, struct sop *s, const char *oid) {
         s->rc = -ENOMEM;
         return;
     }
-    rados_read_op_getxattrs(s->rdop, &s->iter, &s->iter_rval);
+    rados_read_op_read(s->rdop, 0, HEADER_BYTES, (char *)s->header, &s->header_read, &s->header_rval);
     s->rc = rados_aio_read_op_operate(s->rdop, b->io, s->c, oid, 0);
     s->sent = s->rc == 0;
 }
 
-/* Sends a removal of `oid`, conditional on kvh.gen == gen when gen != NULL. */
-static void sop_remove(kvh_backend *b, struct sop *s, const char *oid, const char *gen, size_t gen_len) {
+/* Sends a removal of `oid`, conditional on its version being `version` unless that is 0. */
+static void sop_remove(kvh_backend *b, struct sop *s, const char *oid, uint64_t version) {
     sop_reset(s);
     s->rc = rados_aio_create_completion2(NULL, NULL, &s->c);
     if (s->rc < 0) {
         return;
     }
-    if (gen == NULL) {
+    if (version == 0) {
         s->rc = rados_aio_remove(b->io, oid, s->c);
     } else {
         s->wop = rados_create_write_op();
@@ -1757,19 +1766,23 @@ static void sop_remove(kvh_backend *b, struct sop *s, const char *oid, const cha
             s->rc = -ENOMEM;
             return;
         }
-        rados_write_op_cmpxattr(s->wop, GEN_XATTR, LIBRADOS_CMPXATTR_OP_EQ, gen, gen_len);
+        rados_write_op_assert_version(s->wop, version);
         rados_write_op_remove(s->wop);
         s->rc = rados_aio_write_op_operate(s->wop, b->io, s->c, oid, NULL, 0);
     }
     s->sent = s->rc == 0;
 }
 
-/* Waits for a sent operation; returns its result. */
+/* Waits for a sent operation; returns its result (a read's header_rval folded in). */
 static int sop_wait(kvh_backend *b, struct sop *s) {
     if (s->sent) {
         rados_aio_wait_for_complete(s->c);
         s->rc = rados_aio_get_return_value(s->c);
+        s->version = rados_aio_get_version(s->c);
         s->sent = 0;
+        if (s->rc == 0 && s->rdop != NULL && s->header_rval < 0) {
+            s->rc = s->header_rval;
+        }
         if (s->rc == -ETIMEDOUT) {
             pthread_mutex_lock(&b->lock);
             b->timeout_epoch++;
@@ -1825,7 +1838,7 @@ static kvh_status kr_contains(kvh_backend *b, const kvh_contains_batch *batch) {
                 batch->item_status[i] = KVH_ERR_INTERNAL;
                 continue;
             }
-            sop_read_xattrs(b, &sops[k], names[k]);
+            sop_read_header(b, &sops[k], names[k]);
         }
         for (size_t k = 0; k < w; k++) {
             size_t i = start + k;
@@ -1837,8 +1850,8 @@ static kvh_status kr_contains(kvh_backend *b, const kvh_contains_batch *batch) {
             kvh_status status;
             if (rc == -ENOENT) {
                 status = KVH_ERR_NOT_FOUND;
-            } else if (rc < 0 || sops[k].iter_rval < 0) {
-                int err = rc < 0 ? rc : sops[k].iter_rval;
+            } else if (rc < 0) {
+                int err = rc;
                 status = status_of(err);
                 log_failure(b, "contains of key %.*s (object %s in pool %s): %s -> %s", str_precision(key->canonical),
                             str_chars(key->canonical), names[k], b->pool, rc_text(err), status_name(status));
@@ -1847,26 +1860,19 @@ static kvh_status kr_contains(kvh_backend *b, const kvh_contains_batch *batch) {
                     outage_status = status;
                 }
             } else {
-                uint8_t *meta = NULL;
-                size_t meta_len = 0;
-                char gen[OLD_GEN_MAX];
-                size_t gen_len = 0;
                 struct chunk_info info;
-                int scan = scan_xattrs(sops[k].iter, &meta, &meta_len, gen, &gen_len);
-                enum meta_verdict verdict = scan < 0 && scan != -EINVAL
-                                                ? META_CORRUPT
-                                                : meta_decode(meta, meta_len, key->canonical.ptr, key->canonical.len, &info);
-                free(meta);
-                if (verdict == META_OK) {
+                enum header_verdict verdict = header_decode(sops[k].header, sops[k].header_read, key->canonical.ptr,
+                                                            key->canonical.len, &info);
+                if (verdict == HEADER_OK) {
                     batch->out_meta[i] = info.meta;
                     status = KVH_OK;
                     present++;
-                } else if (verdict == META_FOREIGN) {
+                } else if (verdict == HEADER_FOREIGN) {
                     status = KVH_ERR_NOT_FOUND;
                 } else {
                     status = KVH_ERR_CORRUPT;
                     atomic_fetch_add(&b->corrupt, 1);
-                    log_failure(b, "contains of key %.*s: object %s has a damaged kvh.meta",
+                    log_failure(b, "contains of key %.*s: object %s has a damaged header",
                                 str_precision(key->canonical), str_chars(key->canonical), names[k]);
                 }
             }
@@ -1899,7 +1905,7 @@ static size_t remove_objects_sync(kvh_backend *b, char **names, size_t count) {
     for (size_t start = 0; start < count; start += window_of(b, count - start)) {
         size_t w = window_of(b, count - start);
         for (size_t k = 0; k < w; k++) {
-            sop_remove(b, &sops[k], names[start + k], NULL, 0);
+            sop_remove(b, &sops[k], names[start + k], 0);
         }
         for (size_t k = 0; k < w; k++) {
             int rc = sop_wait(b, &sops[k]);
@@ -1918,9 +1924,7 @@ static size_t remove_objects_sync(kvh_backend *b, char **names, size_t count) {
 /* State of one key during remove. */
 struct rm_state {
     char *head;
-    char gen[OLD_GEN_MAX];
-    size_t gen_len;
-    int gen_unmatchable; /* kvh.gen longer than OLD_GEN_MAX: the head is removed unconditionally */
+    uint64_t version; /* of the head, when read */
     struct chunk_info info;
     int valid;
     int stage; /* RM_READ, RM_REMOVE, RM_DONE */
@@ -1930,7 +1934,7 @@ struct rm_state {
 
 enum { RM_READ, RM_REMOVE, RM_DONE };
 
-/* Reads each head's generation, removes the head if it still holds that generation (so a concurrent
+/* Reads each head's header and version, removes the head if it is still that version (so a concurrent
  * put's newer version is never half-removed), then removes the stripes of the removed generation. */
 static kvh_status kr_remove(kvh_backend *b, const kvh_key_batch *batch, bool force) {
     (void)force; /* no pins: nothing to force */
@@ -1977,9 +1981,9 @@ static kvh_status kr_remove(kvh_backend *b, const kvh_key_batch *batch, bool for
             busy = 0;
             for (size_t k = 0; k < w; k++) {
                 if (st[k].stage == RM_READ) {
-                    sop_read_xattrs(b, &sops[k], st[k].head);
+                    sop_read_header(b, &sops[k], st[k].head);
                 } else if (st[k].stage == RM_REMOVE) {
-                    sop_remove(b, &sops[k], st[k].head, st[k].gen_unmatchable ? NULL : st[k].gen, st[k].gen_len);
+                    sop_remove(b, &sops[k], st[k].head, st[k].version);
                 }
             }
             for (size_t k = 0; k < w; k++) {
@@ -1989,36 +1993,26 @@ static kvh_status kr_remove(kvh_backend *b, const kvh_key_batch *batch, bool for
                     continue;
                 }
                 int rc = sop_wait(b, &sops[k]);
-                if (stage == RM_READ && rc == 0 && sops[k].iter_rval < 0) {
-                    rc = sops[k].iter_rval;
-                }
+                int changed = rc == -ERANGE || rc == -EOVERFLOW; /* the version assertion failed */
                 if (stage == RM_READ && rc == 0) {
-                    uint8_t *meta = NULL;
-                    size_t meta_len = 0;
-                    int scan = scan_xattrs(sops[k].iter, &meta, &meta_len, st[k].gen, &st[k].gen_len);
-                    st[k].valid = (scan == 0 || scan == -EINVAL) && meta_decode(meta, meta_len, NULL, 0, &st[k].info) == META_OK;
-                    st[k].gen_unmatchable = scan == -EINVAL;
-                    free(meta);
-                    if (scan < 0 && scan != -EINVAL) {
-                        st[k].status = status_of(scan);
-                        st[k].stage = RM_DONE;
-                    } else {
-                        st[k].stage = RM_REMOVE;
-                    }
+                    /* Not ours (no valid header): still removed, it is under this backend's name. */
+                    st[k].valid = header_decode(sops[k].header, sops[k].header_read, NULL, 0, &st[k].info) == HEADER_OK;
+                    st[k].version = sops[k].version;
+                    st[k].stage = RM_REMOVE;
                 } else if (stage == RM_REMOVE && rc == 0) {
                     st[k].status = KVH_OK;
                     st[k].stage = RM_DONE;
-                } else if (stage == RM_REMOVE && rc == -ECANCELED && ++st[k].retries <= CAS_RETRIES) {
+                } else if (stage == RM_REMOVE && changed && ++st[k].retries <= CAS_RETRIES) {
                     st[k].stage = RM_READ; /* replaced since it was read: read it again */
                 } else if (rc == -ENOENT) {
                     st[k].status = KVH_ERR_NOT_FOUND; /* not there, or removed by someone else meanwhile */
                     st[k].stage = RM_DONE;
                 } else {
-                    st[k].status = rc == -ECANCELED ? KVH_ERR_BUSY : status_of(rc);
+                    st[k].status = changed ? KVH_ERR_BUSY : status_of(rc);
                     st[k].stage = RM_DONE;
                     log_failure(b, "remove of key %.*s (object %s): %s -> %s", str_precision(key->canonical),
                                 str_chars(key->canonical), st[k].head,
-                                rc == -ECANCELED ? "replaced by other writers on every attempt" : rc_text(rc),
+                                changed ? "replaced by other writers on every attempt" : rc_text(rc),
                                 status_name(st[k].status));
                     if (rc_is_outage(rc) && !outage) {
                         outage = 1;
@@ -2113,7 +2107,7 @@ static kvh_status kr_clear(kvh_backend *b) {
                     list_rc = -ENOMEM;
                     listing = 0;
                 } else {
-                    sop_remove(b, &sops[used], names[used], NULL, 0);
+                    sop_remove(b, &sops[used], names[used], 0);
                     used++;
                 }
             }
