@@ -1098,6 +1098,48 @@ fn a_cephx_user_with_pool_caps_works_and_is_refused_elsewhere() {
         e.contains("Operation not permitted") && e.contains("caps"),
         "{e}"
     );
+    // A user confined to one namespace of the pool, as the README suggests for host groups: it works
+    // there (put, get, remove, clear's listing) and is refused in any other namespace.
+    let tenant_keyring = cluster.dir().join("client.kvhost-tenant.keyring");
+    cluster.ceph(&[
+        "auth",
+        "get-or-create",
+        "client.kvhost-tenant",
+        "mon",
+        "allow r",
+        "osd",
+        &format!("allow rw pool={POOL} namespace=tenant-a"),
+        "-o",
+        tenant_keyring.to_str().unwrap(),
+    ]);
+    let tenant = [
+        ("user", "kvhost-tenant"),
+        ("keyring", tenant_keyring.to_str().unwrap()),
+    ];
+    let p = must_load(
+        "rados",
+        MODULE,
+        CLASS,
+        &options(cluster, "tenant-a", &tenant),
+    );
+    put(&p, &items[..2]);
+    assert_chunk(&p, &items[1].0, 1, 3 * MIB + 5);
+    assert_eq!(
+        p.remove(std::slice::from_ref(&items[0].0), false).unwrap(),
+        vec![Status::OK]
+    );
+    p.clear().unwrap();
+    assert_absent(&p, &items[1].0);
+    drop(p);
+    let e = load(
+        "rados",
+        MODULE,
+        CLASS,
+        &options(cluster, "tenant-b", &tenant),
+    )
+    .expect_err("no caps in another namespace");
+    assert!(e.contains("Operation not permitted"), "{e}");
+
     // The secret itself as the (secret) `key` option instead of a keyring file; it is never logged.
     let text = std::fs::read_to_string(&keyring).unwrap();
     let secret = text
