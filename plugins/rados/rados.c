@@ -871,9 +871,9 @@ static void add_head_writes(rados_write_op_t wop, const struct ritem *it) {
     rados_write_op_write(wop, (const char *)it->header, HEADER_BYTES, 0);
 }
 
-/* Builds and sends one operation. Called with no lock held and an in-flight slot taken. On a
- * synchronous failure the slot is given back by the caller (see submit_or_fail). Returns 0 or the
- * negative errno of a submission that failed (no callback will fire). */
+/* Builds and sends one operation. Called with no lock held and an in-flight slot taken. Returns 0, or
+ * the negative errno of a submission that failed synchronously: then no callback will fire, and the
+ * caller gives the slot back and finishes the operation itself. */
 static int submit(struct rop *r) {
     kvh_backend *b = r->b;
     struct ritem *it = r->item;
@@ -1185,6 +1185,9 @@ static kvh_status item_failure(struct ritem *it, const char *what) {
         return it->fail;
     }
     kvh_status status = status_of(it->rc);
+    if (status == KVH_ERR_NOT_FOUND && it->batch->is_put) {
+        status = KVH_ERR_IO; /* a put's object (or pool) vanished under it: not a miss */
+    }
     if (it->rc == ERR_SKIPPED) {
         atomic_fetch_add(&b->skipped, 1);
     }
