@@ -7,6 +7,47 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// Whether a C program that includes `header` and calls `symbol` compiles and links with `-l<lib>`, using
+/// the C compiler [`SharedLib`] uses. `Ok(())`, or `Err` with the compiler's output.
+///
+/// A plugin that needs a system library calls this from its build script and, on `Err`, skips itself
+/// with a `cargo:warning` naming the package to install, so that building the whole workspace still
+/// works on a machine without that library's development files.
+pub fn c_library_available(header: &str, symbol: &str, lib: &str) -> Result<(), String> {
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR is set by cargo"));
+    let stem: String = lib
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let source = out_dir.join(format!("probe_{stem}.c"));
+    let program = out_dir.join(format!("probe_{stem}"));
+    std::fs::write(
+        &source,
+        format!(
+            "#include <{header}>\nint main(void) {{ void *volatile p = (void *)&{symbol}; return p == 0; }}\n"
+        ),
+    )
+    .map_err(|e| format!("writing {}: {e}", source.display()))?;
+    let compiler = cc::Build::new().cargo_metadata(false).get_compiler();
+    let output = Command::new(compiler.path())
+        .arg(&source)
+        .arg("-o")
+        .arg(&program)
+        .arg(format!("-l{lib}"))
+        .output()
+        .map_err(|e| format!("running {:?}: {e}", compiler.path()))?;
+    let _ = std::fs::remove_file(&program);
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+}
+
 /// Source language of a plugin.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lang {

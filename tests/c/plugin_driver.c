@@ -1543,10 +1543,12 @@ static void *open_gate_later(void *arg) {
     return NULL;
 }
 
-/* Submits N_IN_FLIGHT operations without waiting, then destroys the backend. The first operation's
- * completion blocks until a helper thread opens a gate 50 ms after destroy started, so on a plugin with
- * a worker thread every operation is still queued when destroy is called. The ABI: destroy finishes or
- * cancels every pending operation, their callbacks fire before it returns, and none fires after. */
+/* Submits N_IN_FLIGHT operations without waiting, then destroys the backend. Every completion that runs
+ * on a plugin thread blocks until a helper thread opens a gate 50 ms after destroy started, so no
+ * operation can count as finished before destroy is called: neither on a plugin with a worker thread
+ * (the first completion holds up the worker, the rest stay queued) nor on one completing from its I/O
+ * library's callbacks (rados). The ABI: destroy finishes or cancels every pending operation, their
+ * callbacks fire before it returns, and none fires after. */
 static void phase_destroy(void) {
     phase_begin("destroy in flight");
     struct {
@@ -1569,7 +1571,7 @@ static void phase_destroy(void) {
             for (int j = 0; j < 4; j++) {
                 put_add(r, 200000 + i * 4 + j, 1, 16384);
             }
-            r->op.wait_for_gate = i == 0;
+            r->op.wait_for_gate = true;
             ops[i].req = r;
             ops[i].op = &r->op;
             ops[i].rc = put_submit(r);
@@ -1578,6 +1580,7 @@ static void phase_destroy(void) {
             get_add(r, 3, 256);                      /* stored in the put phase */
             get_add(r, 200000 + (i - 1) * 4, 16384); /* put just before: may or may not be stored yet */
             get_add(r, MISSING_ID_B, 64);
+            r->op.wait_for_gate = true;
             ops[i].req = r;
             ops[i].op = &r->op;
             ops[i].rc = get_submit(r);
@@ -1585,6 +1588,7 @@ static void phase_destroy(void) {
             struct key_req *r = xcalloc(sizeof *r);
             keys_add(&r->keys, 5);
             keys_add(&r->keys, MISSING_ID_B);
+            r->op.wait_for_gate = true;
             ops[i].req = r;
             ops[i].op = &r->op;
             ops[i].rc = key_submit(r, CALL_PREFETCH);

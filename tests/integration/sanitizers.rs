@@ -10,6 +10,10 @@
 //!
 //! LeakSanitizer does not work in the sandbox the tests run in (it needs ptrace), so the ASan run sets
 //! `detect_leaks=0`; leaks are valgrind's job.
+//!
+//! The C `rados` plugin is driven the same way against a real one-node Ceph cluster (see `rados.rs`),
+//! once with one object per chunk and once striped over 4 KiB objects; those two tests say NOT RUN
+//! without Ceph, like the other Ceph tests.
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -36,27 +40,39 @@ struct Plugin {
     class: &'static str,
     /// Source file, relative to the repository root.
     source: &'static str,
+    /// Libraries to link (`-l<lib>`).
+    libs: &'static [&'static str],
 }
 
 const LOG: Plugin = Plugin {
     class: "log",
     source: "plugins/log/log.c",
+    libs: &[],
 };
 const MEM: Plugin = Plugin {
     class: "mem",
     source: "plugins/mem/mem.c",
+    libs: &[],
 };
 const THROWS: Plugin = Plugin {
     class: "throws",
     source: "tests/fixtures/cpp/fx_throws.cpp",
+    libs: &[],
 };
 const HANG: Plugin = Plugin {
     class: "hang",
     source: "tests/fixtures/c/fx_hang.c",
+    libs: &[],
 };
 const LOGSTORE: Plugin = Plugin {
     class: "logstore",
     source: "plugins/logstore/logstore.cpp",
+    libs: &[],
+};
+const RADOS: Plugin = Plugin {
+    class: "rados",
+    source: "plugins/rados/rados.c",
+    libs: &["rados"],
 };
 
 /// Options every run of `plugin` gets, for a run whose files go to `dir` (logstore needs a file).
@@ -127,6 +143,7 @@ fn build_plugin(dir: &Path, plugin: &Plugin, flags: &[&str]) -> PathBuf {
     args.push(format!("-I{}", path_arg(&root.join("include"))));
     args.push(path_arg(&root.join(plugin.source)));
     args.extend(["-o".into(), path_arg(&out)]);
+    args.extend(plugin.libs.iter().map(|lib| format!("-l{lib}")));
     compile(if cpp { "c++" } else { "cc" }, args);
     out
 }
@@ -318,6 +335,108 @@ fn c_plugins_are_clean_under_valgrind() {
         .chain(options_for(plugin, &dir))
         .collect();
         let run = run(&dir, plugin.class, "valgrind", &args, &[]);
+        assert_driver_passed(&run);
+    }
+    let _ = fs::remove_dir_all(&dir);
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* The rados plugin, against a real cluster                                                       */
+/* ---------------------------------------------------------------------------------------------- */
+
+/// Driver options for the rados plugin on the shared cluster: one run per chunk layout.
+fn rados_runs(conf: &str, ns: &str, op_timeout_s: &str) -> Vec<Vec<String>> {
+    let base = vec![
+        format!("pool={}", crate::rados::POOL),
+        format!("conf={conf}"),
+        format!("op_timeout_s={op_timeout_s}"),
+    ];
+    let mut one = base.clone();
+    one.push(format!("namespace={ns}-whole"));
+    let mut striped = base;
+    striped.extend([
+        format!("namespace={ns}-striped"),
+        "max_object_bytes=4096".to_string(),
+        "max_in_flight=4".to_string(),
+    ]);
+    vec![one, striped]
+}
+
+#[test]
+fn rados_plugin_is_clean_under_asan_and_ubsan_against_a_real_cluster() {
+    if !crate::rados::ceph_available("rados under ASan+UBSan") {
+        return;
+    }
+    let cluster = crate::rados::shared_cluster();
+    let dir = build_dir("asan-rados");
+    let driver = build_driver(&dir, SANITIZE);
+    let library = build_plugin(&dir, &RADOS, SANITIZE);
+    let env = [
+        (
+            "ASAN_OPTIONS",
+            "detect_leaks=0:abort_on_error=1:halt_on_error=1",
+        ),
+        ("UBSAN_OPTIONS", "halt_on_error=1:print_stacktrace=1"),
+    ];
+    let ns = crate::rados::namespace("asan");
+    for (i, options) in rados_runs(cluster.conf(), &ns, "30")
+        .into_iter()
+        .enumerate()
+    {
+        let mut args = vec![path_arg(&library), RADOS.class.to_string()];
+        args.extend(options);
+        let run = run(&dir, &format!("rados-{i}"), &path_arg(&driver), &args, &env);
+        for marker in ["ERROR: AddressSanitizer", "runtime error:"] {
+            assert!(
+                !run.stderr.contains(marker),
+                "sanitizer report (`{marker}`):\n{}",
+                run.report()
+            );
+        }
+        assert_driver_passed(&run);
+    }
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn rados_plugin_is_clean_under_valgrind_against_a_real_cluster() {
+    if !crate::rados::ceph_available("rados under valgrind") {
+        return;
+    }
+    if !Command::new("valgrind")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        panic!("valgrind is not installed (apt-get install valgrind; .ci/run installs it)");
+    }
+    let cluster = crate::rados::shared_cluster();
+    let dir = build_dir("valgrind-rados");
+    let driver = build_driver(&dir, PLAIN);
+    let library = build_plugin(&dir, &RADOS, PLAIN);
+    let ns = crate::rados::namespace("valgrind");
+    // Everything runs 20-50 times slower under valgrind: a generous operation timeout.
+    for (i, options) in rados_runs(cluster.conf(), &ns, "120")
+        .into_iter()
+        .enumerate()
+    {
+        let args: Vec<String> = [
+            "--error-exitcode=99",
+            "--leak-check=full",
+            "--errors-for-leak-kinds=definite,indirect",
+            "--show-leak-kinds=definite,indirect",
+            "-q",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([
+            path_arg(&driver),
+            path_arg(&library),
+            RADOS.class.to_string(),
+        ])
+        .chain(options)
+        .collect();
+        let run = run(&dir, &format!("rados-{i}"), "valgrind", &args, &[]);
         assert_driver_passed(&run);
     }
     let _ = fs::remove_dir_all(&dir);
