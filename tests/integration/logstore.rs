@@ -8,9 +8,9 @@
 use crate::util::*;
 use kvhost::chain::{Chain, PutOutcome};
 use kvhost::config::Config;
-use kvhost::plugin::{GetItem, GetRequest, PluginBackend, Presence, PutRequest};
+use kvhost::plugin::{GetItem, PluginBackend, Presence, PutRequest};
 use kvhost::ChunkKey;
-use kvhost_plugin_sdk::{ChunkMeta, Status};
+use kvhost_plugin_sdk::Status;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -67,23 +67,11 @@ fn try_open(file: &Path, size_gib: &str, extra: &[(&str, &str)]) -> Result<Plugi
     load("ls", MODULE, CLASS, &options(file, size_gib, extra))
 }
 
-/// Metadata that differs per seed, so a plugin mixing up records is caught.
-fn meta(seed: u64, len: usize) -> ChunkMeta {
-    ChunkMeta {
-        length: len as u64,
-        fmt: 1 + (seed % 6) as i32,
-        dtype: 1 + (seed % 8) as i32,
-        ndim: 3,
-        shape: [2, seed as i32, (len % 977) as i32, 0],
-        reserved: 0,
-    }
-}
-
 fn put(p: &PluginBackend, items: &[(ChunkKey, u64, usize)]) {
     let request = PutRequest {
         keys: items.iter().map(|(k, _, _)| k.clone()).collect(),
         bufs: items.iter().map(|&(_, s, n)| bytes(s, n)).collect(),
-        metas: items.iter().map(|&(_, s, n)| meta(s, n)).collect(),
+        metas: items.iter().map(|&(_, s, n)| chunk_meta(s, n)).collect(),
     };
     let done = p.put_wait(request, WAIT).expect("put completes");
     assert!(done.error.is_none(), "put failed: {:?}", done.error);
@@ -91,49 +79,6 @@ fn put(p: &PluginBackend, items: &[(ChunkKey, u64, usize)]) {
         done.items.iter().all(|s| *s == Status::OK),
         "put items: {:?}",
         done.items
-    );
-}
-
-fn get(p: &PluginBackend, keys: &[ChunkKey], cap: usize) -> Vec<(GetItem, Vec<u8>)> {
-    let request = GetRequest {
-        keys: keys.to_vec(),
-        bufs: vec![vec![0u8; cap]; keys.len()],
-    };
-    let done = p.get_wait(request, WAIT).expect("get completes");
-    assert!(done.error.is_none(), "get failed: {:?}", done.error);
-    done.items.into_iter().zip(done.request.bufs).collect()
-}
-
-/// Asserts `key` reads back as chunk (seed, len): bytes and metadata.
-fn assert_chunk(p: &PluginBackend, key: &ChunkKey, seed: u64, len: usize) {
-    let presence = p.contains(std::slice::from_ref(key), false).unwrap();
-    assert_eq!(
-        presence[0],
-        Presence::Present(meta(seed, len)),
-        "contains {key}"
-    );
-    let (item, buf) = get(p, std::slice::from_ref(key), len.max(1)).remove(0);
-    assert_eq!(
-        item,
-        GetItem::Hit {
-            len,
-            meta: meta(seed, len)
-        },
-        "get {key}"
-    );
-    assert!(buf[..len] == bytes(seed, len)[..], "bytes of {key}");
-}
-
-fn assert_absent(p: &PluginBackend, key: &ChunkKey) {
-    assert_eq!(
-        p.contains(std::slice::from_ref(key), false).unwrap()[0],
-        Presence::Absent,
-        "contains {key}"
-    );
-    assert_eq!(
-        get(p, std::slice::from_ref(key), 16).remove(0).0,
-        GetItem::Miss,
-        "get {key}"
     );
 }
 
@@ -213,7 +158,7 @@ fn chain_promotes_from_logstore_into_the_hot_cache_also_after_a_restart() {
         let chain = chain_on(&file);
         for (k, d) in keys.iter().zip(&data) {
             let outcome = chain
-                .put(std::slice::from_ref(k), &[d], &[meta(1, d.len())])
+                .put(std::slice::from_ref(k), &[d], &[chunk_meta(1, d.len())])
                 .remove(0);
             assert_eq!(outcome, PutOutcome::Stored);
         }
@@ -222,7 +167,7 @@ fn chain_promotes_from_logstore_into_the_hot_cache_also_after_a_restart() {
         assert!(chain.hot().remove(&keys[0]));
         let h = chain.get(&keys[..1]).remove(0).expect("logstore has it");
         assert_eq!(h.bytes(), &data[0][..]);
-        assert_eq!(h.meta(), meta(1, data[0].len()));
+        assert_eq!(h.meta(), chunk_meta(1, data[0].len()));
         let stats = chain.stats();
         let ls = stats
             .tiers
@@ -368,7 +313,7 @@ fn removes_and_clears_outrank_puts_queued_before_them() {
             PutRequest {
                 keys: items.iter().map(|(k, _, _)| k.clone()).collect(),
                 bufs: items.iter().map(|&(_, s, n)| bytes(s, n)).collect(),
-                metas: items.iter().map(|&(_, s, n)| meta(s, n)).collect(),
+                metas: items.iter().map(|&(_, s, n)| chunk_meta(s, n)).collect(),
             },
             move |d| {
                 tx.send(d.error.is_none() && d.items.iter().all(|s| *s == Status::OK))
@@ -415,10 +360,10 @@ fn removes_and_clears_outrank_puts_queued_before_them() {
 fn present(p: &PluginBackend, keys: &[(ChunkKey, u64, usize)]) -> Vec<bool> {
     keys.iter()
         .map(|(k, seed, len)| {
-            let (item, buf) = get(p, std::slice::from_ref(k), *len).remove(0);
+            let (item, buf) = get_chunks(p, std::slice::from_ref(k), *len).remove(0);
             match item {
                 GetItem::Hit { len: got, meta: m } => {
-                    assert_eq!((got, m), (*len, meta(*seed, *len)), "metadata of {k}");
+                    assert_eq!((got, m), (*len, chunk_meta(*seed, *len)), "metadata of {k}");
                     assert!(
                         buf == bytes(*seed, *len),
                         "bytes of {k}: the ring served another record's data"
@@ -583,12 +528,12 @@ fn corrupted_records_are_not_served_after_a_restart() {
         p.contains(std::slice::from_ref(&b), false).unwrap()[0],
         Presence::Present(_)
     ));
-    match get(&p, std::slice::from_ref(&b), 70_000).remove(0).0 {
+    match get_chunks(&p, std::slice::from_ref(&b), 70_000).remove(0).0 {
         GetItem::Failed(status, _) => assert_eq!(status, Status::CORRUPT),
         other => panic!("corrupted b was served: {other:?}"),
     }
     assert_absent(&p, &b);
-    match get(&p, std::slice::from_ref(&d), 9000).remove(0).0 {
+    match get_chunks(&p, std::slice::from_ref(&d), 9000).remove(0).0 {
         GetItem::Failed(status, _) => assert_eq!(status, Status::CORRUPT),
         other => panic!("corrupted d was served: {other:?}"),
     }

@@ -13,9 +13,9 @@
 use crate::util::*;
 use kvhost::chain::{Chain, PutOutcome};
 use kvhost::config::Config;
-use kvhost::plugin::{GetItem, GetRequest, PluginBackend, Presence, PutRequest};
+use kvhost::plugin::{GetItem, PluginBackend, Presence, PutRequest};
 use kvhost::ChunkKey;
-use kvhost_plugin_sdk::{ChunkMeta, Status};
+use kvhost_plugin_sdk::Status;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -314,23 +314,11 @@ fn open(cluster: &Cluster, ns: &str, extra: &[(&str, &str)]) -> PluginBackend {
 /* Data helpers                                                                                   */
 /* ---------------------------------------------------------------------------------------------- */
 
-/// Metadata that differs per seed, so a plugin mixing up chunks is caught.
-fn meta(seed: u64, len: usize) -> ChunkMeta {
-    ChunkMeta {
-        length: len as u64,
-        fmt: 1 + (seed % 6) as i32,
-        dtype: 1 + (seed % 8) as i32,
-        ndim: 4,
-        shape: [2, seed as i32, (len % 977) as i32, -7],
-        reserved: 0,
-    }
-}
-
 fn put_items(p: &PluginBackend, items: &[(ChunkKey, u64, usize)]) -> Vec<Status> {
     let request = PutRequest {
         keys: items.iter().map(|(k, _, _)| k.clone()).collect(),
         bufs: items.iter().map(|&(_, s, n)| bytes(s, n)).collect(),
-        metas: items.iter().map(|&(_, s, n)| meta(s, n)).collect(),
+        metas: items.iter().map(|&(_, s, n)| chunk_meta(s, n)).collect(),
     };
     let done = p.put_wait(request, WAIT).expect("put completes");
     assert!(done.error.is_none(), "put failed: {:?}", done.error);
@@ -342,49 +330,6 @@ fn put(p: &PluginBackend, items: &[(ChunkKey, u64, usize)]) {
     assert!(
         statuses.iter().all(|s| *s == Status::OK),
         "put items: {statuses:?}"
-    );
-}
-
-fn get(p: &PluginBackend, keys: &[ChunkKey], cap: usize) -> Vec<(GetItem, Vec<u8>)> {
-    let request = GetRequest {
-        keys: keys.to_vec(),
-        bufs: vec![vec![0u8; cap]; keys.len()],
-    };
-    let done = p.get_wait(request, WAIT).expect("get completes");
-    assert!(done.error.is_none(), "get failed: {:?}", done.error);
-    done.items.into_iter().zip(done.request.bufs).collect()
-}
-
-/// Asserts `key` reads back as chunk (seed, len): contains' metadata, get's bytes and metadata.
-fn assert_chunk(p: &PluginBackend, key: &ChunkKey, seed: u64, len: usize) {
-    let presence = p.contains(std::slice::from_ref(key), false).unwrap();
-    assert_eq!(
-        presence[0],
-        Presence::Present(meta(seed, len)),
-        "contains {key}"
-    );
-    let (item, buf) = get(p, std::slice::from_ref(key), len.max(1)).remove(0);
-    assert_eq!(
-        item,
-        GetItem::Hit {
-            len,
-            meta: meta(seed, len)
-        },
-        "get {key}"
-    );
-    assert!(buf[..len] == bytes(seed, len)[..], "bytes of {key}");
-}
-
-fn assert_absent(p: &PluginBackend, key: &ChunkKey) {
-    assert_eq!(
-        p.contains(std::slice::from_ref(key), false).unwrap()[0],
-        Presence::Absent,
-        "contains {key}"
-    );
-    assert_eq!(
-        get(p, std::slice::from_ref(key), 16).remove(0).0,
-        GetItem::Miss,
-        "get {key}"
     );
 }
 
@@ -554,21 +499,21 @@ fn striped_chunks_round_trip_with_their_metadata_and_documented_object_names() {
     }
     // One get of everything at once, into buffers larger than needed.
     let keys: Vec<ChunkKey> = items.iter().map(|(k, _, _)| k.clone()).collect();
-    for ((item, buf), (k, seed, n)) in get(&p, &keys, 1_100_000).into_iter().zip(&items) {
+    for ((item, buf), (k, seed, n)) in get_chunks(&p, &keys, 1_100_000).into_iter().zip(&items) {
         assert_eq!(
             item,
             GetItem::Hit {
                 len: *n,
-                meta: meta(*seed, *n)
+                meta: chunk_meta(*seed, *n)
             },
             "{k}"
         );
         assert!(buf[..*n] == bytes(*seed, *n)[..], "bytes of {k}");
     }
     // Too small, also for a striped chunk: the exact size needed, whatever the buffer.
-    let (item, _) = get(&p, &keys[7..8], 1_000_002).remove(0);
+    let (item, _) = get_chunks(&p, &keys[7..8], 1_000_002).remove(0);
     assert_eq!(item, GetItem::TooSmall { needed: 1_000_003 });
-    let (item, _) = get(&p, &keys[5..6], 0).remove(0);
+    let (item, _) = get_chunks(&p, &keys[5..6], 0).remove(0);
     assert_eq!(
         item,
         GetItem::TooSmall {
@@ -736,12 +681,12 @@ fn overwrites_never_mix_generations_and_collect_the_old_stripes() {
             let (hits, misses) = (hits.clone(), misses.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    let (item, buf) = get(&reader, std::slice::from_ref(&k), 8 * 16_384).remove(0);
+                    let (item, buf) = get_chunks(&reader, std::slice::from_ref(&k), 8 * 16_384).remove(0);
                     match item {
                         GetItem::Hit { len, meta: m } => {
                             let (seed, n) = *versions
                                 .iter()
-                                .find(|(s, n)| *n == len && m == meta(*s, *n))
+                                .find(|(s, n)| *n == len && m == chunk_meta(*s, *n))
                                 .unwrap_or_else(|| panic!("a hit of {len} bytes with metadata {m:?} that no put wrote"));
                             assert!(buf[..len] == bytes(seed, n)[..], "a hit mixing two versions");
                             hits.fetch_add(1, Ordering::Relaxed);
@@ -821,7 +766,7 @@ fn missing_short_or_damaged_objects_are_misses_or_corrupt_never_wrong_data() {
     // A stripe deleted behind the plugin's back: a miss, and the broken chunk is removed altogether.
     cluster.rados(&ns, &["rm", &stripe(&gone, 2)]);
     assert_eq!(
-        get(&p, std::slice::from_ref(&gone), n).remove(0).0,
+        get_chunks(&p, std::slice::from_ref(&gone), n).remove(0).0,
         GetItem::Miss
     );
     assert!(
@@ -839,7 +784,7 @@ fn missing_short_or_damaged_objects_are_misses_or_corrupt_never_wrong_data() {
     // A stripe cut short: a miss too, and removed as broken.
     cluster.rados(&ns, &["truncate", &stripe(&short, 5), "10"]);
     assert_eq!(
-        get(&p, std::slice::from_ref(&short), n).remove(0).0,
+        get_chunks(&p, std::slice::from_ref(&short), n).remove(0).0,
         GetItem::Miss
     );
     assert!(
@@ -858,7 +803,10 @@ fn missing_short_or_damaged_objects_are_misses_or_corrupt_never_wrong_data() {
     std::fs::write(&file, &data).unwrap();
     cluster.rados(&ns, &["put", &name, file.to_str().unwrap()]);
     let _ = std::fs::remove_file(&file);
-    match get(&p, std::slice::from_ref(&flipped), n).remove(0).0 {
+    match get_chunks(&p, std::slice::from_ref(&flipped), n)
+        .remove(0)
+        .0
+    {
         GetItem::Failed(status, _) => assert_eq!(status, Status::CORRUPT),
         other => panic!("a chunk with a changed byte was served: {other:?}"),
     }
@@ -872,7 +820,10 @@ fn missing_short_or_damaged_objects_are_misses_or_corrupt_never_wrong_data() {
         p.contains(std::slice::from_ref(&bad_meta), false).unwrap()[0],
         Presence::Failed(Status::CORRUPT, _)
     ));
-    match get(&p, std::slice::from_ref(&bad_meta), n).remove(0).0 {
+    match get_chunks(&p, std::slice::from_ref(&bad_meta), n)
+        .remove(0)
+        .0
+    {
         GetItem::Failed(status, _) => assert_eq!(status, Status::CORRUPT),
         other => panic!("a chunk with damaged metadata was served: {other:?}"),
     }
@@ -1218,7 +1169,7 @@ fn chain_writes_through_to_rados_and_promotes_its_hits_also_striped() {
             .put(
                 std::slice::from_ref(k),
                 &[d],
-                &[meta(i as u64 + 70, d.len())],
+                &[chunk_meta(i as u64 + 70, d.len())],
             )
             .remove(0);
         assert_eq!(outcome, PutOutcome::Stored);
@@ -1238,7 +1189,7 @@ fn chain_writes_through_to_rados_and_promotes_its_hits_also_striped() {
             .remove(0)
             .expect("rados has it");
         assert_eq!(h.bytes(), &data[i][..]);
-        assert_eq!(h.meta(), meta(i as u64 + 70, data[i].len()));
+        assert_eq!(h.meta(), chunk_meta(i as u64 + 70, data[i].len()));
         assert!(chain.hot().contains(k), "promoted");
     }
     let stats = tier_stats(&chain);
@@ -1311,7 +1262,7 @@ fn an_osd_outage_fails_calls_in_time_the_chain_keeps_serving_and_the_plugin_reco
             .put(
                 std::slice::from_ref(&hot_key),
                 &[&hot_data],
-                &[meta(100, hot_data.len())]
+                &[chunk_meta(100, hot_data.len())]
             )
             .remove(0),
         PutOutcome::Stored
@@ -1342,7 +1293,7 @@ fn an_osd_outage_fails_calls_in_time_the_chain_keeps_serving_and_the_plugin_reco
     // get, contains, remove, health: the same.
     let keys: Vec<ChunkKey> = before.iter().map(|(k, _, _)| k.clone()).collect();
     let started = Instant::now();
-    for (item, _) in get(&p, &keys, 300_000) {
+    for (item, _) in get_chunks(&p, &keys, 300_000) {
         assert!(
             matches!(item, GetItem::Failed(s, _) if is_outage(s)),
             "get during the outage: {item:?}"
@@ -1419,7 +1370,7 @@ fn an_osd_outage_fails_calls_in_time_the_chain_keeps_serving_and_the_plugin_reco
             .put(
                 std::slice::from_ref(&new_key),
                 &[&new_data],
-                &[meta(101, new_data.len())]
+                &[chunk_meta(101, new_data.len())]
             )
             .remove(0),
         PutOutcome::Stored
@@ -1472,7 +1423,7 @@ fn an_osd_outage_fails_calls_in_time_the_chain_keeps_serving_and_the_plugin_reco
                 PutRequest {
                     keys: vec![key(400 + i)],
                     bufs: vec![bytes(400 + i as u64, 100_000)],
-                    metas: vec![meta(400 + i as u64, 100_000)],
+                    metas: vec![chunk_meta(400 + i as u64, 100_000)],
                 },
                 move |_| {
                     f.fetch_add(1, Ordering::AcqRel);
@@ -1519,11 +1470,14 @@ fn an_osd_outage_fails_calls_in_time_the_chain_keeps_serving_and_the_plugin_reco
     // Puts that failed during the outage are absent, or (if the OSD applied them before answering)
     // complete: never partial or wrong.
     let during_keys: Vec<ChunkKey> = during.iter().map(|(k, _, _)| k.clone()).collect();
-    for ((item, buf), (k, seed, n)) in get(&p, &during_keys, 70_000).into_iter().zip(&during) {
+    for ((item, buf), (k, seed, n)) in get_chunks(&p, &during_keys, 70_000)
+        .into_iter()
+        .zip(&during)
+    {
         match item {
             GetItem::Miss => {}
             GetItem::Hit { len, meta: m } => {
-                assert_eq!((len, m), (*n, meta(*seed, *n)), "{k}");
+                assert_eq!((len, m), (*n, chunk_meta(*seed, *n)), "{k}");
                 assert!(buf == bytes(*seed, *n), "{k}: wrong bytes after the outage");
             }
             other => panic!("{k} after the outage: {other:?}"),
@@ -1536,7 +1490,11 @@ fn an_osd_outage_fails_calls_in_time_the_chain_keeps_serving_and_the_plugin_reco
     let (k2, d2) = (key(102), bytes(102, 90_000));
     assert_eq!(
         chain
-            .put(std::slice::from_ref(&k2), &[&d2], &[meta(102, d2.len())])
+            .put(
+                std::slice::from_ref(&k2),
+                &[&d2],
+                &[chunk_meta(102, d2.len())]
+            )
             .remove(0),
         PutOutcome::Stored
     );
@@ -1604,7 +1562,7 @@ fn a_full_store_answers_no_space_or_timeout_never_hangs() {
     // What was stored reads back intact.
     let (k, seed, n) = &stored[stored.len() / 2];
     let started = Instant::now();
-    let (item, buf) = get(&p, std::slice::from_ref(k), *n).remove(0);
+    let (item, buf) = get_chunks(&p, std::slice::from_ref(k), *n).remove(0);
     assert!(started.elapsed() < within_timeout(t));
     match item {
         GetItem::Hit { len, .. } => assert!(len == *n && buf == bytes(*seed, *n), "{k}"),

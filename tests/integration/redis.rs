@@ -9,9 +9,9 @@
 use crate::util::*;
 use kvhost::chain::{Chain, PutOutcome};
 use kvhost::config::Config;
-use kvhost::plugin::{GetItem, GetRequest, PluginBackend, Presence, PutRequest};
+use kvhost::plugin::{GetItem, PluginBackend, PutRequest};
 use kvhost::ChunkKey;
-use kvhost_plugin_sdk::{ChunkMeta, Status};
+use kvhost_plugin_sdk::Status;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -247,23 +247,11 @@ fn load_cluster(c: &Cluster, extra: &[(&str, &str)]) -> PluginBackend {
     load("rc", &redis_so(), "redis", &o).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Metadata that differs per seed.
-fn meta(seed: u64, len: usize) -> ChunkMeta {
-    ChunkMeta {
-        length: len as u64,
-        fmt: 1 + (seed % 6) as i32,
-        dtype: 1 + (seed % 8) as i32,
-        ndim: 3,
-        shape: [2, seed as i32, (len % 977) as i32, 0],
-        reserved: 0,
-    }
-}
-
 fn put(p: &PluginBackend, items: &[(ChunkKey, u64, usize)]) -> (Vec<Status>, Option<String>) {
     let request = PutRequest {
         keys: items.iter().map(|(k, _, _)| k.clone()).collect(),
         bufs: items.iter().map(|&(_, s, n)| bytes(s, n)).collect(),
-        metas: items.iter().map(|&(_, s, n)| meta(s, n)).collect(),
+        metas: items.iter().map(|&(_, s, n)| chunk_meta(s, n)).collect(),
     };
     let done = p.put_wait(request, WAIT).expect("put completes");
     (done.items, done.error.map(|e| e.to_string()))
@@ -274,47 +262,6 @@ fn put_ok(p: &PluginBackend, items: &[(ChunkKey, u64, usize)]) {
     assert!(
         err.is_none() && st.iter().all(|s| *s == Status::OK),
         "put: {st:?} {err:?}"
-    );
-}
-
-fn get(p: &PluginBackend, keys: &[ChunkKey], cap: usize) -> Vec<(GetItem, Vec<u8>)> {
-    let request = GetRequest {
-        keys: keys.to_vec(),
-        bufs: vec![vec![0u8; cap]; keys.len()],
-    };
-    let done = p.get_wait(request, WAIT).expect("get completes");
-    done.items.into_iter().zip(done.request.bufs).collect()
-}
-
-fn assert_chunk(p: &PluginBackend, key: &ChunkKey, seed: u64, len: usize) {
-    let presence = p.contains(std::slice::from_ref(key), false).unwrap();
-    assert_eq!(
-        presence[0],
-        Presence::Present(meta(seed, len)),
-        "contains {key}"
-    );
-    let (item, buf) = get(p, std::slice::from_ref(key), len.max(1)).remove(0);
-    assert_eq!(
-        item,
-        GetItem::Hit {
-            len,
-            meta: meta(seed, len)
-        },
-        "get {key}"
-    );
-    assert!(buf[..len] == bytes(seed, len)[..], "bytes of {key}");
-}
-
-fn assert_absent(p: &PluginBackend, key: &ChunkKey) {
-    assert_eq!(
-        p.contains(std::slice::from_ref(key), false).unwrap()[0],
-        Presence::Absent,
-        "contains {key}"
-    );
-    assert_eq!(
-        get(p, std::slice::from_ref(key), 16).remove(0).0,
-        GetItem::Miss,
-        "get {key}"
     );
 }
 
@@ -444,7 +391,7 @@ fn large_chunks_are_split_into_parts_on_one_slot_and_a_missing_part_is_a_miss() 
             .starts_with(":1"),
         "DEL {victim}"
     );
-    let (item, _) = get(&p, &keys[..1], sizes[0]).remove(0);
+    let (item, _) = get_chunks(&p, &keys[..1], sizes[0]).remove(0);
     assert_eq!(item, GetItem::Miss);
     // The others are untouched; remove takes a split chunk's parts with it.
     assert_chunk(&p, &keys[2], 2, sizes[2]);
@@ -458,7 +405,7 @@ fn large_chunks_are_split_into_parts_on_one_slot_and_a_missing_part_is_a_miss() 
     assert_eq!(left, 0, "remove left parts behind");
     // A buffer too small for a split chunk says how much is needed.
     put_ok(&p, &items[2..]);
-    let (item, _) = get(&p, &keys[2..], 1 << 20).remove(0);
+    let (item, _) = get_chunks(&p, &keys[2..], 1 << 20).remove(0);
     assert_eq!(
         item,
         GetItem::TooSmall {
@@ -508,7 +455,7 @@ fn concurrent_writers_and_a_reader_never_see_a_mix_of_parts_and_leave_no_garbage
             GetItem::Hit { len: n, meta: m } => {
                 assert_eq!(n, len);
                 let v = u64::from_le_bytes(buf[..8].try_into().unwrap());
-                assert_eq!(m, meta(v, len), "metadata of another version");
+                assert_eq!(m, chunk_meta(v, len), "metadata of another version");
                 assert!(
                     buf.chunks(8).all(|w| w == v.to_le_bytes()),
                     "a hit mixed versions (first word {v})"
@@ -530,7 +477,7 @@ fn concurrent_writers_and_a_reader_never_see_a_mix_of_parts_and_leave_no_garbage
                             PutRequest {
                                 keys: vec![k.clone()],
                                 bufs: vec![version_buf(v)],
-                                metas: vec![meta(v, len)],
+                                metas: vec![chunk_meta(v, len)],
                             },
                             WAIT,
                         )
@@ -542,7 +489,7 @@ fn concurrent_writers_and_a_reader_never_see_a_mix_of_parts_and_leave_no_garbage
         }
         let (mut hits, mut misses) = (0, 0);
         while writing.load(Ordering::Acquire) > 0 {
-            let (item, buf) = get(&hosts[0], std::slice::from_ref(&k), len).remove(0);
+            let (item, buf) = get_chunks(&hosts[0], std::slice::from_ref(&k), len).remove(0);
             if check(item, &buf) {
                 hits += 1
             } else {
@@ -555,7 +502,7 @@ fn concurrent_writers_and_a_reader_never_see_a_mix_of_parts_and_leave_no_garbage
     // Whichever manifest landed last names a complete set of parts: the chunk reads back whole from
     // both hosts, and the parts of every replaced write are gone.
     for p in &hosts {
-        let (item, buf) = get(p, std::slice::from_ref(&k), len).remove(0);
+        let (item, buf) = get_chunks(p, std::slice::from_ref(&k), len).remove(0);
         assert!(check(item, &buf), "the final chunk is not readable");
     }
     let canonical = k.to_string();
@@ -588,7 +535,7 @@ fn the_chain_promotes_redis_hits_into_the_hot_cache() {
         let chain = Chain::from_config(&config).unwrap_or_else(|e| panic!("{e}"));
         for (k, d) in keys.iter().zip(&data) {
             let outcome = chain
-                .put(std::slice::from_ref(k), &[d], &[meta(1, d.len())])
+                .put(std::slice::from_ref(k), &[d], &[chunk_meta(1, d.len())])
                 .remove(0);
             assert_eq!(outcome, PutOutcome::Stored);
         }
@@ -596,7 +543,7 @@ fn the_chain_promotes_redis_hits_into_the_hot_cache() {
         assert!(chain.hot().remove(&keys[3]));
         let h = chain.get(&keys[3..]).remove(0).expect("redis has it");
         assert_eq!(h.bytes(), &data[3][..]);
-        assert_eq!(h.meta(), meta(1, data[3].len()));
+        assert_eq!(h.meta(), chunk_meta(1, data[3].len()));
         let stats = chain.stats();
         let rd = stats
             .tiers
@@ -645,7 +592,7 @@ fn a_server_restart_fails_fast_while_down_keeps_the_host_serving_and_reconnects(
     let da = bytes(1, 200_000);
     assert_eq!(
         chain
-            .put(std::slice::from_ref(&a), &[&da], &[meta(1, da.len())])
+            .put(std::slice::from_ref(&a), &[&da], &[chunk_meta(1, da.len())])
             .remove(0),
         PutOutcome::Stored
     );
@@ -665,10 +612,10 @@ fn a_server_restart_fails_fast_while_down_keeps_the_host_serving_and_reconnects(
         let (st, _) = put(&p, &[(key(3), 3, 1000)]);
         assert_eq!(st, vec![Status::UNAVAILABLE]);
         assert_ne!(
-            get(&p, &[key(2)], 70_000).remove(0).0,
+            get_chunks_unchecked(&p, &[key(2)], 70_000).0.remove(0).0,
             GetItem::Hit {
                 len: 70_000,
-                meta: meta(2, 70_000)
+                meta: chunk_meta(2, 70_000)
             }
         );
     }
@@ -740,7 +687,7 @@ fn a_cluster_node_restart_fails_its_keys_fast_and_recovers() {
     cluster.nodes[1].stop();
     let keys: Vec<ChunkKey> = items.iter().map(|(k, _, _)| k.clone()).collect();
     let t = Instant::now();
-    let got = get(&p, &keys, 5000);
+    let got = get_chunks_unchecked(&p, &keys, 5000).0;
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     for (i, (item, buf)) in got.iter().enumerate() {
         if on_victim.contains(&i) {
@@ -753,7 +700,7 @@ fn a_cluster_node_restart_fails_its_keys_fast_and_recovers() {
                 *item,
                 GetItem::Hit {
                     len: 5000,
-                    meta: meta(i as u64, 5000)
+                    meta: chunk_meta(i as u64, 5000)
                 },
                 "{i}"
             );

@@ -2,8 +2,9 @@
 
 use kvhost::config::Config;
 use kvhost::loader;
-use kvhost::plugin::PluginBackend;
+use kvhost::plugin::{GetItem, GetRequest, PluginBackend, PluginError, Presence};
 use kvhost::ChunkKey;
+use kvhost_plugin_sdk::ChunkMeta;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -127,4 +128,77 @@ pub fn wait_drained(chain: &kvhost::chain::Chain) {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     assert_eq!(chain.stats().puts_in_flight, 0, "puts drained");
+}
+
+/// Metadata that differs per seed (a negative dimension included), so a plugin that mixes up records
+/// or mangles metadata is caught.
+pub fn chunk_meta(seed: u64, len: usize) -> ChunkMeta {
+    ChunkMeta {
+        length: len as u64,
+        fmt: 1 + (seed % 6) as i32,
+        dtype: 1 + (seed % 8) as i32,
+        ndim: 4,
+        shape: [2, seed as i32, (len % 977) as i32, -7],
+        reserved: 0,
+    }
+}
+
+/// Get `keys` into buffers of `cap` bytes: each item with its buffer, and the request's error.
+pub fn get_chunks_unchecked(
+    p: &PluginBackend,
+    keys: &[ChunkKey],
+    cap: usize,
+) -> (Vec<(GetItem, Vec<u8>)>, Option<PluginError>) {
+    let request = GetRequest {
+        keys: keys.to_vec(),
+        bufs: vec![vec![0u8; cap]; keys.len()],
+    };
+    let done = p
+        .get_wait(request, std::time::Duration::from_secs(60))
+        .expect("get completes");
+    (
+        done.items.into_iter().zip(done.request.bufs).collect(),
+        done.error,
+    )
+}
+
+/// [`get_chunks_unchecked`], asserting the request as a whole did not fail.
+pub fn get_chunks(p: &PluginBackend, keys: &[ChunkKey], cap: usize) -> Vec<(GetItem, Vec<u8>)> {
+    let (items, error) = get_chunks_unchecked(p, keys, cap);
+    assert!(error.is_none(), "get failed: {error:?}");
+    items
+}
+
+/// Asserts `key` reads back as chunk (seed, len): contains' metadata, get's bytes and metadata.
+pub fn assert_chunk(p: &PluginBackend, key: &ChunkKey, seed: u64, len: usize) {
+    let presence = p.contains(std::slice::from_ref(key), false).unwrap();
+    assert_eq!(
+        presence[0],
+        Presence::Present(chunk_meta(seed, len)),
+        "contains {key}"
+    );
+    let (item, buf) = get_chunks(p, std::slice::from_ref(key), len.max(1)).remove(0);
+    assert_eq!(
+        item,
+        GetItem::Hit {
+            len,
+            meta: chunk_meta(seed, len)
+        },
+        "get {key}"
+    );
+    assert!(buf[..len] == bytes(seed, len)[..], "bytes of {key}");
+}
+
+/// Asserts `key` is absent: contains says so and get misses.
+pub fn assert_absent(p: &PluginBackend, key: &ChunkKey) {
+    assert_eq!(
+        p.contains(std::slice::from_ref(key), false).unwrap()[0],
+        Presence::Absent,
+        "contains {key}"
+    );
+    assert_eq!(
+        get_chunks(p, std::slice::from_ref(key), 16).remove(0).0,
+        GetItem::Miss,
+        "get {key}"
+    );
 }

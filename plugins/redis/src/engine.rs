@@ -486,23 +486,21 @@ impl Engine {
                 });
             }
             // Split chunks: every part straight into its place in the host's buffer.
-            let gens: std::collections::HashMap<usize, u64> =
-                split.iter().map(|(i, h)| (*i, h.gen)).collect();
-            let all_parts: Vec<(usize, u32)> = split
+            let part_keys: Vec<Vec<u8>> = split
                 .iter()
-                .flat_map(|(i, h)| (0..h.parts).map(move |part| (*i, part)))
+                .flat_map(|(i, h)| (0..h.parts).map(|part| names[*i].part(h.gen, part)))
                 .collect();
-            for (i, part) in all_parts.iter().take(window) {
-                c.push(&[b"GET", &names[*i].part(gens[i], *part)]);
+            for key in part_keys.iter().take(window) {
+                c.push(&[b"GET", key]);
             }
             c.flush()?;
             let mut ph = [0u8; PART_HEAD_LEN];
-            let mut sent = window.min(all_parts.len());
+            let mut sent = window.min(part_keys.len());
             for (i, h) in &split {
                 let mut whole = true;
                 for part in 0..h.parts {
-                    if let Some((ni, np)) = all_parts.get(sent) {
-                        c.push(&[b"GET", &names[*ni].part(gens[ni], *np)]);
+                    if let Some(key) = part_keys.get(sent) {
+                        c.push(&[b"GET", key]);
                         c.flush()?;
                         sent += 1;
                     }
