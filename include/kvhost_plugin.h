@@ -62,7 +62,7 @@ typedef struct kvh_backend kvh_backend;
  * Minor version of this ABI. Additive changes only: new trailing fields, new capability bits, new
  * status codes. A host accepts a plugin with any minor; fields the plugin did not know are absent.
  */
-#define KVH_ABI_MINOR 1
+#define KVH_ABI_MINOR 2
 
 /**
  * Capability: `pin` and `unpin` are implemented (non-NULL) and pins are honoured.
@@ -105,6 +105,19 @@ typedef struct kvh_backend kvh_backend;
  * `KVH_VTABLE_V1_1_SIZE` bytes).
  */
 #define KVH_CAP_CLEAR (1 << 7)
+
+/**
+ * Capability: `contains_async` is implemented (since ABI 1.2; needs a vtable of at least
+ * `KVH_VTABLE_V1_2_SIZE` bytes). Set it when answering `contains` needs I/O (a network or disk round
+ * trip): the host then never blocks one of its threads inside the plugin to look keys up.
+ */
+#define KVH_CAP_ASYNC_CONTAINS (1 << 8)
+
+/**
+ * Capability: `remove_async` is implemented (since ABI 1.2; vtable of at least `KVH_VTABLE_V1_2_SIZE`
+ * bytes). Set it when removing needs I/O.
+ */
+#define KVH_CAP_ASYNC_REMOVE (1 << 9)
 
 /**
  * Log level: error.
@@ -240,6 +253,11 @@ typedef struct kvh_backend kvh_backend;
  * `sizeof(kvh_backend_vtable)` in ABI 1.1 (adds `clear`).
  */
 #define KVH_VTABLE_V1_1_SIZE 112
+
+/**
+ * `sizeof(kvh_backend_vtable)` in ABI 1.2 (adds `contains_async` and `remove_async`).
+ */
+#define KVH_VTABLE_V1_2_SIZE 128
 
 /**
  * `sizeof(kvh_host_api)` in ABI 1.0.
@@ -720,9 +738,10 @@ typedef struct kvh_backend_vtable {
    */
   void (*destroy)(kvh_backend *backend);
   /**
-   * `[any-thread]` Which keys are stored, with their metadata; pins them if `batch->pin`. Synchronous;
-   * may block on I/O. Returns `KVH_OK` when per-item results are valid, or an error for the whole call
-   * (then the host ignores `item_status`; the same holds for every batch operation).
+   * `[any-thread]` Which keys are stored, with their metadata; pins them if `batch->pin`. Synchronous:
+   * the calling host thread waits, so a plugin that needs I/O to answer should also implement
+   * `contains_async`. Returns `KVH_OK` when per-item results are valid, or an error for the whole
+   * call (then the host ignores `item_status`; the same holds for every batch operation).
    */
   kvh_status (*contains)(kvh_backend *backend,
                          const struct kvh_contains_batch *batch);
@@ -743,7 +762,8 @@ typedef struct kvh_backend_vtable {
   /**
    * `[any-thread]` Remove keys. `force` non-zero: remove even if pinned. Synchronous: once it returns,
    * the keys are no longer served; a persistent plugin may make the removal durable lazily, by the
-   * next `flush` or `destroy` at the latest (the same holds for `clear`).
+   * next `flush` or `destroy` at the latest (the same holds for `clear` and `remove_async`). A plugin
+   * that needs I/O to remove should also implement `remove_async`.
    */
   kvh_status (*remove)(kvh_backend *backend,
                        const struct kvh_key_batch *batch,
@@ -789,6 +809,26 @@ typedef struct kvh_backend_vtable {
    * instance (pinned ones too). Synchronous; may take long.
    */
   kvh_status (*clear)(kvh_backend *backend);
+  /**
+   * `[any-thread]` `KVH_CAP_ASYNC_CONTAINS`, since ABI 1.2. `contains` with a completion: the same
+   * results in the same arrays, and the same PENDING rule as `put` (the batch stays valid until the
+   * callback has returned). A host that knows ABI 1.2 calls it instead of `contains` when the bit is
+   * set; `contains` stays required and must give the same answers (older hosts and the conformance
+   * suite call it). Keys pinned by an operation that completed after the host stopped waiting for it
+   * are unpinned by the host.
+   */
+  kvh_status (*contains_async)(kvh_backend *backend,
+                               const struct kvh_contains_batch *batch,
+                               struct kvh_completion done);
+  /**
+   * `[any-thread]` `KVH_CAP_ASYNC_REMOVE`, since ABI 1.2. `remove` with a completion, same PENDING
+   * rule as `put`: once the callback has fired (or the call returned a final status), the keys are
+   * no longer served. `remove` stays required, as for `contains_async`.
+   */
+  kvh_status (*remove_async)(kvh_backend *backend,
+                             const struct kvh_key_batch *batch,
+                             bool force,
+                             struct kvh_completion done);
 } kvh_backend_vtable;
 
 /**
@@ -973,7 +1013,7 @@ typedef void (*kvh_complete_fn)(void *user_data,
 #define KVH_STATIC_ASSERT(cond, msg) _Static_assert(cond, msg)
 #endif
 KVH_STATIC_ASSERT(sizeof(kvh_plugin_descriptor) == KVH_DESCRIPTOR_V1_0_SIZE, "kvh_plugin_descriptor size");
-KVH_STATIC_ASSERT(sizeof(kvh_backend_vtable) == KVH_VTABLE_V1_1_SIZE, "kvh_backend_vtable size");
+KVH_STATIC_ASSERT(sizeof(kvh_backend_vtable) == KVH_VTABLE_V1_2_SIZE, "kvh_backend_vtable size");
 KVH_STATIC_ASSERT(sizeof(kvh_host_api) == KVH_HOST_API_V1_0_SIZE, "kvh_host_api size");
 KVH_STATIC_ASSERT(sizeof(kvh_model_metadata) == KVH_MODEL_METADATA_V1_0_SIZE, "kvh_model_metadata size");
 KVH_STATIC_ASSERT(sizeof(kvh_key) == 96, "kvh_key size");
@@ -982,6 +1022,8 @@ KVH_STATIC_ASSERT(sizeof(kvh_option_spec) == 32, "kvh_option_spec size");
 KVH_STATIC_ASSERT(offsetof(kvh_backend_vtable, create) == 8, "vtable.create offset");
 KVH_STATIC_ASSERT(offsetof(kvh_backend_vtable, health) == 96, "vtable.health offset");
 KVH_STATIC_ASSERT(offsetof(kvh_backend_vtable, clear) == 104, "vtable.clear offset");
+KVH_STATIC_ASSERT(offsetof(kvh_backend_vtable, contains_async) == 112, "vtable.contains_async offset");
+KVH_STATIC_ASSERT(offsetof(kvh_backend_vtable, remove_async) == 120, "vtable.remove_async offset");
 KVH_STATIC_ASSERT(offsetof(kvh_plugin_descriptor, vtable) == 56, "descriptor.vtable offset");
 KVH_STATIC_ASSERT(offsetof(kvh_key, chunk_hash) == 64, "key.chunk_hash offset");
 KVH_STATIC_ASSERT(offsetof(kvh_chunk_meta, shape) == 20, "chunk_meta.shape offset");

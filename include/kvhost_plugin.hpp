@@ -41,8 +41,8 @@
  * object is owned by the host through the opaque kvh_backend pointer: created by the `create`
  * trampoline, deleted by the `destroy` trampoline.
  *
- * Async operations (put, get, prefetch): either finish synchronously (write every item status and return
- * a status other than KVH_PENDING; the completion never fires), or call `req.defer()` to take a
+ * Async operations (put, get, prefetch, contains_async, remove_async): either finish synchronously
+ * (write every item status and return a status other than KVH_PENDING; the completion never fires), or call `req.defer()` to take a
  * move-only kvh::Pending, hand it to another thread, and return KVH_PENDING. The Pending completes the
  * operation exactly once: explicitly with complete(status), or with KVH_ERR_CANCELED when it is
  * destroyed without having been completed. Once defer() was called the trampoline returns KVH_PENDING
@@ -474,7 +474,8 @@ class KeyBatch {
 /* ================================================================================================ */
 
 /**
- * The completion of one deferred operation (put, get or prefetch), taken with Request::defer(). Move-only.
+ * The completion of one deferred operation (put, get, prefetch, contains_async or remove_async), taken with
+ * Request::defer(). Move-only.
  *
  * It completes the operation exactly once: with complete(status), or, if it is destroyed (or assigned
  * over) while still pending, with KVH_ERR_CANCELED. An empty Pending (default-constructed, moved from, or
@@ -540,8 +541,8 @@ class Pending {
 };
 
 /**
- * One asynchronous call (put, get or prefetch) as the backend method sees it. Lives on the trampoline's
- * stack: valid for the method call only. Either finish it now (write the item statuses through batch()
+ * One asynchronous call (put, get, prefetch, contains_async or remove_async) as the backend method sees
+ * it. Lives on the trampoline's stack: valid for the method call only. Either finish it now (write the item statuses through batch()
  * and return a final status; the completion never fires) or take a Pending with defer() and return
  * KVH_PENDING.
  */
@@ -707,7 +708,7 @@ class CreateArgs {
  *     static std::unique_ptr<T> create(const kvh::CreateArgs &args, kvh::CreateError &error);
  * returning nullptr after filling `error` (used instead of the constructor when it exists).
  *
- * Threads: every data-path method (`contains` ... `clear`) may be called from any host thread,
+ * Threads: every data-path method (`contains` ... `remove_async`) may be called from any host thread,
  * concurrently; make them thread-safe. The constructor, `shutdown()` and the destructor run on a
  * [control] thread with no other call in progress on this backend.
  *
@@ -755,6 +756,13 @@ class Backend {
     }
     /** [any-thread] KVH_CAP_CLEAR. Remove every chunk of this instance, pinned ones too. */
     virtual Status clear() { return KVH_ERR_UNSUPPORTED; }
+    /** [any-thread] KVH_CAP_ASYNC_CONTAINS (ABI 1.2). contains() with a completion, for a backend that
+     *  needs I/O to answer: req.defer(), answer every key from your own thread, complete. Same PENDING
+     *  rule as put. contains() stays required and must give the same answers. */
+    virtual Status contains_async(Request<ContainsBatch> &) { return KVH_ERR_UNSUPPORTED; }
+    /** [any-thread] KVH_CAP_ASYNC_REMOVE (ABI 1.2). remove() with a completion; once it completes the
+     *  keys are no longer served. remove() stays required. */
+    virtual Status remove_async(Request<KeyBatch> &, bool /*force*/) { return KVH_ERR_UNSUPPORTED; }
 
     /** [control] Called by destroy right before the object is deleted: finish or cancel every pending
      *  operation (their completions must have fired when it returns) and join your threads here, while
@@ -845,7 +853,8 @@ struct Exporter {
 
     static constexpr uint64_t caps = T::capabilities;
     static constexpr uint64_t known_caps = KVH_CAP_PIN | KVH_CAP_PREFETCH | KVH_CAP_FLUSH | KVH_CAP_HEALTH | KVH_CAP_PERSISTENT |
-                                           KVH_CAP_SHARED | KVH_CAP_DISCARDS | KVH_CAP_CLEAR;
+                                           KVH_CAP_SHARED | KVH_CAP_DISCARDS | KVH_CAP_CLEAR | KVH_CAP_ASYNC_CONTAINS |
+                                           KVH_CAP_ASYNC_REMOVE;
     static_assert((caps & ~known_caps) == 0, "capabilities has a bit this header does not know");
     static_assert(((caps & KVH_CAP_PIN) != 0) == KVH_DETAIL_OVERRIDES(T, pin, Status(KeyBatch)),
                   "KVH_CAP_PIN must be set exactly when pin() is overridden");
@@ -859,6 +868,11 @@ struct Exporter {
                   "KVH_CAP_HEALTH must be set exactly when health() is overridden");
     static_assert(((caps & KVH_CAP_CLEAR) != 0) == KVH_DETAIL_OVERRIDES(T, clear, Status()),
                   "KVH_CAP_CLEAR must be set exactly when clear() is overridden");
+    static_assert(((caps & KVH_CAP_ASYNC_CONTAINS) != 0) ==
+                      KVH_DETAIL_OVERRIDES(T, contains_async, Status(Request<ContainsBatch> &)),
+                  "KVH_CAP_ASYNC_CONTAINS must be set exactly when contains_async() is overridden");
+    static_assert(((caps & KVH_CAP_ASYNC_REMOVE) != 0) == KVH_DETAIL_OVERRIDES(T, remove_async, Status(Request<KeyBatch> &, bool)),
+                  "KVH_CAP_ASYNC_REMOVE must be set exactly when remove_async() is overridden");
 
     static T *self(kvh_backend *b) noexcept { return reinterpret_cast<T *>(b); }
     /** The identity last_error is keyed by: the Backend subobject (what Backend::fail uses as `this`). */
@@ -903,7 +917,7 @@ struct Exporter {
         return status;
     }
 
-    /** After an async call (put, get, prefetch). */
+    /** After an async call (put, get, prefetch, contains_async, remove_async). */
     static Status finish_async(const T *backend, const char *op, bool deferred, Status status, uint64_t serial_before) noexcept {
         if (deferred) {
             if (status != KVH_PENDING) {
@@ -1095,6 +1109,44 @@ struct Exporter {
                                    [backend](Request<KeyBatch> &req) { return static_cast<Backend *>(backend)->prefetch(req); });
     }
 
+    static kvh_status tr_contains_async(kvh_backend *b, const kvh_contains_batch *batch, kvh_completion done) noexcept {
+        if (b == nullptr) {
+            return KVH_ERR_NULL_PARAM;
+        }
+        T *backend = self(b);
+        if (batch == nullptr) {
+            return null_param(backend, "contains_async", "batch");
+        }
+        if (done.complete == nullptr) {
+            return null_param(backend, "contains_async", "done.complete");
+        }
+        if (batch->len > 0 && (batch->keys == nullptr || batch->out_meta == nullptr || batch->item_status == nullptr)) {
+            return null_param(backend, "contains_async", "keys, out_meta or item_status");
+        }
+        return run_async<ContainsBatch>(backend, "contains_async", batch, done, [backend](Request<ContainsBatch> &req) {
+            return static_cast<Backend *>(backend)->contains_async(req);
+        });
+    }
+
+    static kvh_status tr_remove_async(kvh_backend *b, const kvh_key_batch *batch, bool force, kvh_completion done) noexcept {
+        if (b == nullptr) {
+            return KVH_ERR_NULL_PARAM;
+        }
+        T *backend = self(b);
+        if (batch == nullptr) {
+            return null_param(backend, "remove_async", "batch");
+        }
+        if (done.complete == nullptr) {
+            return null_param(backend, "remove_async", "done.complete");
+        }
+        if (batch->len > 0 && (batch->keys == nullptr || batch->item_status == nullptr)) {
+            return null_param(backend, "remove_async", "keys or item_status");
+        }
+        return run_async<KeyBatch>(backend, "remove_async", batch, done, [backend, force](Request<KeyBatch> &req) {
+            return static_cast<Backend *>(backend)->remove_async(req, force);
+        });
+    }
+
     template <class Call>
     static kvh_status run_key_op(kvh_backend *b, const char *op, const kvh_key_batch *batch, Call call) noexcept {
         if (b == nullptr) {
@@ -1223,6 +1275,12 @@ struct Exporter {
         }
         if (caps & KVH_CAP_CLEAR) {
             vt.clear = tr_clear;
+        }
+        if (caps & KVH_CAP_ASYNC_CONTAINS) {
+            vt.contains_async = tr_contains_async;
+        }
+        if (caps & KVH_CAP_ASYNC_REMOVE) {
+            vt.remove_async = tr_remove_async;
         }
         return vt;
     }

@@ -15,6 +15,7 @@ const C_FIXTURES: &[&str] = &[
     "fx_short_vtable",
     "fx_null_fn",
     "fx_cap_no_fn",
+    "fx_cap_past_vtable",
     "fx_create_fails",
     "fx_null_desc",
     "fx_wrong_class",

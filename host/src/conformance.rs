@@ -140,6 +140,16 @@ pub fn run(factory: &Factory<'_>) -> Report {
         ("flush", Some(abi::KVH_CAP_FLUSH), flush),
         ("health", Some(abi::KVH_CAP_HEALTH), health),
         ("clear", Some(abi::KVH_CAP_CLEAR), clear),
+        (
+            "contains_async",
+            Some(abi::KVH_CAP_ASYNC_CONTAINS),
+            contains_async,
+        ),
+        (
+            "remove_async",
+            Some(abi::KVH_CAP_ASYNC_REMOVE),
+            remove_async,
+        ),
         ("destroy_in_flight", None, destroy_in_flight),
     ];
     for &(name, cap, check) in checks {
@@ -598,6 +608,122 @@ fn clear(c: &Ctx<'_>) -> Result<String, String> {
     Ok("clear removes everything".to_string())
 }
 
+/// `contains_async` answers exactly what `contains` answers, for many lookups in flight at once.
+fn contains_async(c: &Ctx<'_>) -> Result<String, String> {
+    let sizes = [1usize, 4096 + 3, 256 * 1024];
+    let stored: Vec<_> = sizes.iter().map(|_| c.key()).collect();
+    let bufs = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| pattern(i as u64 + 11, n))
+        .collect();
+    c.expect_put_ok(stored.clone(), bufs)?;
+    // Stored and absent keys interleaved.
+    let mut keys = Vec::new();
+    for k in &stored {
+        keys.push(k.clone());
+        keys.push(c.key());
+    }
+    let sync = c.plugin.contains(&keys, false).map_err(|e| e.to_string())?;
+    let lookups = 16;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    for i in 0..lookups {
+        let tx = tx.clone();
+        c.plugin.contains_async(keys.clone(), false, move |d| {
+            let _ = tx.send((i, d));
+        });
+    }
+    for _ in 0..lookups {
+        let (i, d) = rx
+            .recv_timeout(WAIT)
+            .map_err(|_| format!("a lookup did not complete within {WAIT:?}"))?;
+        if let Some(e) = d.error {
+            return Err(format!("lookup {i}: {e}"));
+        }
+        if d.items != sync {
+            return Err(format!(
+                "lookup {i}: contains_async says {:?}, contains says {sync:?}",
+                d.items
+            ));
+        }
+    }
+    if rx.recv_timeout(Duration::from_millis(200)).is_ok() {
+        return Err("a lookup completed twice".to_string());
+    }
+    for (i, p) in sync.iter().enumerate() {
+        let want = if i % 2 == 1 || c.discards {
+            Presence::Absent
+        } else {
+            Presence::Present(meta_for(sizes[i / 2]))
+        };
+        if *p != want {
+            return Err(format!("key {i}: expected {want:?}, got {p:?}"));
+        }
+    }
+    let empty = c
+        .plugin
+        .contains_wait(Vec::new(), false, WAIT)
+        .map_err(|e| format!("empty batch: {e}"))?;
+    if !empty.is_empty() {
+        return Err("an empty lookup returned items".to_string());
+    }
+    if c.plugin.has(abi::KVH_CAP_PIN) && !c.discards {
+        let pinned = c
+            .plugin
+            .contains_wait(stored.clone(), true, WAIT)
+            .map_err(|e| format!("pinning lookup: {e}"))?;
+        if pinned.iter().any(|p| !matches!(p, Presence::Present(_))) {
+            return Err(format!("pinning lookup: {pinned:?}"));
+        }
+        let unpinned = c.plugin.unpin(&stored).map_err(|e| e.to_string())?;
+        if unpinned.iter().any(|s| *s != Status::OK) {
+            return Err(format!("unpin after a pinning async lookup: {unpinned:?}"));
+        }
+    }
+    c.plugin.remove(&stored, true).map_err(|e| e.to_string())?;
+    Ok(format!(
+        "{lookups} lookups of {} keys in flight at once agree with contains",
+        keys.len()
+    ))
+}
+
+/// `remove_async` removes: afterwards both lookups and gets miss, and a second remove finds nothing.
+fn remove_async(c: &Ctx<'_>) -> Result<String, String> {
+    let keys: Vec<_> = (0..3).map(|_| c.key()).collect();
+    c.expect_put_ok(keys.clone(), vec![pattern(5, 4096 + 1); 3])?;
+    let removed = c
+        .plugin
+        .remove_wait(keys.clone(), false, WAIT)
+        .map_err(|e| e.to_string())?;
+    // A discarding plugin may answer either; any other must have removed every key.
+    let fine = |s: &Status| *s == Status::OK || (c.discards && *s == Status::NOT_FOUND);
+    if !removed.iter().all(fine) {
+        return Err(format!("remove_async of stored keys: {removed:?}"));
+    }
+    let after = c.plugin.contains(&keys, false).map_err(|e| e.to_string())?;
+    if after.iter().any(|p| *p != Presence::Absent) {
+        return Err(format!("contains after remove_async: {after:?}"));
+    }
+    let (items, _) = c.get(keys.clone(), vec![8192; 3])?;
+    if items.iter().any(|i| *i != GetItem::Miss) {
+        return Err(format!("get after remove_async: {items:?}"));
+    }
+    let again = c
+        .plugin
+        .remove_wait(keys[..1].to_vec(), true, WAIT)
+        .map_err(|e| e.to_string())?;
+    if again[0] != Status::NOT_FOUND {
+        return Err(format!(
+            "second remove_async: expected NOT_FOUND, got {}",
+            again[0]
+        ));
+    }
+    c.plugin
+        .remove_wait(Vec::new(), true, WAIT)
+        .map_err(|e| format!("empty batch: {e}"))?;
+    Ok("removed keys are gone from contains and get; a second remove finds nothing".to_string())
+}
+
 fn health(c: &Ctx<'_>) -> Result<String, String> {
     match c.plugin.health() {
         Some(Ok(text)) => Ok(format!("healthy: {text}")),
@@ -636,16 +762,32 @@ fn destroy_in_flight(c: &Ctx<'_>) -> Result<String, String> {
             },
         );
     }
+    // The ABI 1.2 entries, when present, are pending operations too.
+    let mut submitted = 2 * n as usize;
+    for _ in 0..n {
+        if plugin.has(abi::KVH_CAP_ASYNC_CONTAINS) {
+            let f = fired.clone();
+            plugin.contains_async(vec![c.key()], false, move |_| {
+                f.fetch_add(1, Ordering::AcqRel);
+            });
+            submitted += 1;
+        }
+        if plugin.has(abi::KVH_CAP_ASYNC_REMOVE) {
+            let f = fired.clone();
+            plugin.remove_async(vec![c.key()], true, move |_| {
+                f.fetch_add(1, Ordering::AcqRel);
+            });
+            submitted += 1;
+        }
+    }
     drop(plugin); // destroy while operations may still be queued
     let total = fired.load(Ordering::Acquire);
-    if total != 2 * n as usize {
+    if total != submitted {
         return Err(format!(
-            "destroy returned after {total} of {} completions",
-            2 * n
+            "destroy returned after {total} of {submitted} completions"
         ));
     }
     Ok(format!(
-        "destroy with {} operations submitted completed all of them before returning",
-        2 * n
+        "destroy with {submitted} operations submitted completed all of them before returning"
     ))
 }

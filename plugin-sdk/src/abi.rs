@@ -26,7 +26,7 @@ use core::ffi::{c_char, c_void};
 pub const KVH_ABI_MAJOR: u16 = 1;
 /// Minor version of this ABI. Additive changes only: new trailing fields, new capability bits, new
 /// status codes. A host accepts a plugin with any minor; fields the plugin did not know are absent.
-pub const KVH_ABI_MINOR: u16 = 1;
+pub const KVH_ABI_MINOR: u16 = 2;
 
 /// Result of an operation. One of the `KVH_OK`, `KVH_PENDING` or `KVH_ERR_*` codes. Readers must treat
 /// unknown values as errors (a future minor may add codes).
@@ -92,6 +92,13 @@ pub const KVH_CAP_DISCARDS: u64 = 1 << 6;
 /// Capability: `clear` is implemented (since ABI 1.1; needs a vtable of at least
 /// `KVH_VTABLE_V1_1_SIZE` bytes).
 pub const KVH_CAP_CLEAR: u64 = 1 << 7;
+/// Capability: `contains_async` is implemented (since ABI 1.2; needs a vtable of at least
+/// `KVH_VTABLE_V1_2_SIZE` bytes). Set it when answering `contains` needs I/O (a network or disk round
+/// trip): the host then never blocks one of its threads inside the plugin to look keys up.
+pub const KVH_CAP_ASYNC_CONTAINS: u64 = 1 << 8;
+/// Capability: `remove_async` is implemented (since ABI 1.2; vtable of at least `KVH_VTABLE_V1_2_SIZE`
+/// bytes). Set it when removing needs I/O.
+pub const KVH_CAP_ASYNC_REMOVE: u64 = 1 << 9;
 
 /// Log level: error.
 pub const KVH_LOG_ERROR: i32 = 1;
@@ -152,6 +159,8 @@ pub const KVH_DESCRIPTOR_V1_0_SIZE: u32 = 64;
 pub const KVH_VTABLE_V1_0_SIZE: u32 = 104;
 /// `sizeof(kvh_backend_vtable)` in ABI 1.1 (adds `clear`).
 pub const KVH_VTABLE_V1_1_SIZE: u32 = 112;
+/// `sizeof(kvh_backend_vtable)` in ABI 1.2 (adds `contains_async` and `remove_async`).
+pub const KVH_VTABLE_V1_2_SIZE: u32 = 128;
 /// `sizeof(kvh_host_api)` in ABI 1.0.
 pub const KVH_HOST_API_V1_0_SIZE: u32 = 48;
 /// `sizeof(kvh_model_metadata)` in ABI 1.0.
@@ -467,9 +476,10 @@ pub struct kvh_backend_vtable {
     /// From the moment the host calls it, the host makes no other call on this backend, not even from
     /// the completion callbacks that fire while it drains.
     pub destroy: Option<unsafe extern "C" fn(backend: *mut kvh_backend)>,
-    /// `[any-thread]` Which keys are stored, with their metadata; pins them if `batch->pin`. Synchronous;
-    /// may block on I/O. Returns `KVH_OK` when per-item results are valid, or an error for the whole call
-    /// (then the host ignores `item_status`; the same holds for every batch operation).
+    /// `[any-thread]` Which keys are stored, with their metadata; pins them if `batch->pin`. Synchronous:
+    /// the calling host thread waits, so a plugin that needs I/O to answer should also implement
+    /// `contains_async`. Returns `KVH_OK` when per-item results are valid, or an error for the whole
+    /// call (then the host ignores `item_status`; the same holds for every batch operation).
     pub contains: Option<
         unsafe extern "C" fn(
             backend: *mut kvh_backend,
@@ -496,7 +506,8 @@ pub struct kvh_backend_vtable {
     >,
     /// `[any-thread]` Remove keys. `force` non-zero: remove even if pinned. Synchronous: once it returns,
     /// the keys are no longer served; a persistent plugin may make the removal durable lazily, by the
-    /// next `flush` or `destroy` at the latest (the same holds for `clear`).
+    /// next `flush` or `destroy` at the latest (the same holds for `clear` and `remove_async`). A plugin
+    /// that needs I/O to remove should also implement `remove_async`.
     pub remove: Option<
         unsafe extern "C" fn(
             backend: *mut kvh_backend,
@@ -538,6 +549,30 @@ pub struct kvh_backend_vtable {
     /// `[any-thread]` `KVH_CAP_CLEAR`, since ABI 1.1. Remove every chunk this backend stores for this
     /// instance (pinned ones too). Synchronous; may take long.
     pub clear: Option<unsafe extern "C" fn(backend: *mut kvh_backend) -> kvh_status>,
+    /// `[any-thread]` `KVH_CAP_ASYNC_CONTAINS`, since ABI 1.2. `contains` with a completion: the same
+    /// results in the same arrays, and the same PENDING rule as `put` (the batch stays valid until the
+    /// callback has returned). A host that knows ABI 1.2 calls it instead of `contains` when the bit is
+    /// set; `contains` stays required and must give the same answers (older hosts and the conformance
+    /// suite call it). Keys pinned by an operation that completed after the host stopped waiting for it
+    /// are unpinned by the host.
+    pub contains_async: Option<
+        unsafe extern "C" fn(
+            backend: *mut kvh_backend,
+            batch: *const kvh_contains_batch,
+            done: kvh_completion,
+        ) -> kvh_status,
+    >,
+    /// `[any-thread]` `KVH_CAP_ASYNC_REMOVE`, since ABI 1.2. `remove` with a completion, same PENDING
+    /// rule as `put`: once the callback has fired (or the call returned a final status), the keys are
+    /// no longer served. `remove` stays required, as for `contains_async`.
+    pub remove_async: Option<
+        unsafe extern "C" fn(
+            backend: *mut kvh_backend,
+            batch: *const kvh_key_batch,
+            force: bool,
+            done: kvh_completion,
+        ) -> kvh_status,
+    >,
 }
 
 /// What an entry point returns: one backend class. Static, owned by the plugin. Grows only at the end.
@@ -592,7 +627,7 @@ pub type kvh_plugin_entry_fn =
 const _: () = {
     use core::mem::size_of;
     assert!(size_of::<kvh_plugin_descriptor>() == KVH_DESCRIPTOR_V1_0_SIZE as usize);
-    assert!(size_of::<kvh_backend_vtable>() == KVH_VTABLE_V1_1_SIZE as usize);
+    assert!(size_of::<kvh_backend_vtable>() == KVH_VTABLE_V1_2_SIZE as usize);
     assert!(size_of::<kvh_host_api>() == KVH_HOST_API_V1_0_SIZE as usize);
     assert!(size_of::<kvh_model_metadata>() == KVH_MODEL_METADATA_V1_0_SIZE as usize);
     assert!(size_of::<kvh_chunk_meta>() == 40);
@@ -602,6 +637,8 @@ const _: () = {
     assert!(core::mem::offset_of!(kvh_backend_vtable, create) == 8);
     assert!(core::mem::offset_of!(kvh_backend_vtable, health) == 96);
     assert!(core::mem::offset_of!(kvh_backend_vtable, clear) == 104);
+    assert!(core::mem::offset_of!(kvh_backend_vtable, contains_async) == 112);
+    assert!(core::mem::offset_of!(kvh_backend_vtable, remove_async) == 120);
     assert!(core::mem::offset_of!(kvh_plugin_descriptor, vtable) == 56);
     assert!(core::mem::offset_of!(kvh_key, chunk_hash) == 64);
     assert!(core::mem::offset_of!(kvh_chunk_meta, shape) == 20);

@@ -1,7 +1,9 @@
 //! The trait a Rust plugin implements, and what `create` receives.
 
 use crate::logging::Host;
-use crate::request::{ContainsBatch, Get, KeyBatch, Prefetch, Put, Request, Submit};
+use crate::request::{
+    Contains, ContainsBatch, Get, KeyBatch, Prefetch, Put, Remove, Request, Submit,
+};
 use crate::status::{Error, Status};
 use std::ffi::CStr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -191,6 +193,21 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// `KVH_CAP_CLEAR`: remove everything this instance stores.
     fn clear(&self) -> Result<(), Error> {
         Err(Error::new(Status::UNSUPPORTED, "clear is not supported"))
+    }
+
+    /// `KVH_CAP_ASYNC_CONTAINS` (ABI 1.2): [`contains`](Self::contains) with a completion, for a
+    /// backend that needs a network or disk round trip to answer. `defer` the request to a worker, which
+    /// answers every key (`set_present`, `set_absent` or `set_status`) and completes it. A host that knows
+    /// ABI 1.2 calls this instead of `contains` when the bit is set; `contains` must still give the same
+    /// answers.
+    fn contains_async(&self, req: Request<Contains>) -> Submit {
+        req.finish(Status::UNSUPPORTED)
+    }
+
+    /// `KVH_CAP_ASYNC_REMOVE` (ABI 1.2): [`remove`](Self::remove) with a completion. Once it completes,
+    /// the keys are no longer served.
+    fn remove_async(&self, req: Request<Remove>, _force: bool) -> Submit {
+        req.finish(Status::UNSUPPORTED)
     }
 
     /// `KVH_CAP_HEALTH`: a one-line state on success.

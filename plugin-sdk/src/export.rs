@@ -4,7 +4,7 @@
 
 use crate::backend::{Backend, CreateContext, ModelMetadata, OptionSpec};
 use crate::logging::Host;
-use crate::request::{ContainsBatch, KeyBatch, Request, DEFERRED};
+use crate::request::{ContainsBatch, KeyBatch, Request, Submit, DEFERRED};
 use crate::status::{Error, Status};
 use crate::{abi, ffi};
 use std::cell::RefCell;
@@ -116,6 +116,16 @@ pub const fn vtable<B: Backend>() -> abi::kvh_backend_vtable {
         } else {
             None
         },
+        contains_async: if caps & abi::KVH_CAP_ASYNC_CONTAINS != 0 {
+            Some(contains_async::<B>)
+        } else {
+            None
+        },
+        remove_async: if caps & abi::KVH_CAP_ASYNC_REMOVE != 0 {
+            Some(remove_async::<B>)
+        } else {
+            None
+        },
     }
 }
 
@@ -160,7 +170,7 @@ thread_local! {
     static LAST_ERROR: RefCell<String> = const { RefCell::new(String::new()) };
 }
 
-fn set_last_error(msg: &str) {
+pub(crate) fn set_last_error(msg: &str) {
     LAST_ERROR.with(|e| {
         let mut e = e.borrow_mut();
         e.clear();
@@ -362,7 +372,7 @@ pub unsafe extern "C" fn remove<B: Backend>(
     let (Some(inst), Some(raw)) = (unsafe { instance::<B>(be) }, unsafe { batch.as_ref() }) else {
         return abi::KVH_ERR_NULL_PARAM;
     };
-    if !arrays_ok(raw.len, &[!raw.keys.is_null(), !raw.item_status.is_null()]) {
+    if !key_arrays(raw) {
         return abi::KVH_ERR_NULL_PARAM;
     }
     guarded(inst, "remove", |b| {
@@ -382,7 +392,7 @@ pub unsafe extern "C" fn pin<B: Backend>(
     let (Some(inst), Some(raw)) = (unsafe { instance::<B>(be) }, unsafe { batch.as_ref() }) else {
         return abi::KVH_ERR_NULL_PARAM;
     };
-    if !arrays_ok(raw.len, &[!raw.keys.is_null(), !raw.item_status.is_null()]) {
+    if !key_arrays(raw) {
         return abi::KVH_ERR_NULL_PARAM;
     }
     guarded(inst, "pin", |b| sync_result(b.pin(&mut KeyBatch::new(raw))))
@@ -400,12 +410,40 @@ pub unsafe extern "C" fn unpin<B: Backend>(
     let (Some(inst), Some(raw)) = (unsafe { instance::<B>(be) }, unsafe { batch.as_ref() }) else {
         return abi::KVH_ERR_NULL_PARAM;
     };
-    if !arrays_ok(raw.len, &[!raw.keys.is_null(), !raw.item_status.is_null()]) {
+    if !key_arrays(raw) {
         return abi::KVH_ERR_NULL_PARAM;
     }
     guarded(inst, "unpin", |b| {
         sync_result(b.unpin(&mut KeyBatch::new(raw)))
     })
+}
+
+/// The common body of every asynchronous trampoline: NULL checks, then the call behind the panic
+/// boundary with a [`Request`] the backend finishes or defers.
+///
+/// # Safety
+/// `be` and `batch` come from the host per the ABI; `batch` stays valid until completion.
+unsafe fn submit_async<B: Backend, O: crate::request::Op>(
+    be: *mut abi::kvh_backend,
+    batch: *const O::Raw,
+    done: abi::kvh_completion,
+    op: &str,
+    arrays_present: impl FnOnce(&O::Raw) -> bool,
+    call: impl FnOnce(&B, Request<O>) -> Submit,
+) -> abi::kvh_status {
+    // SAFETY: host contract.
+    let (Some(inst), Some(raw)) = (unsafe { instance::<B>(be) }, NonNull::new(batch.cast_mut()))
+    else {
+        return abi::KVH_ERR_NULL_PARAM;
+    };
+    // SAFETY: non-null batch, valid until completion.
+    if done.complete.is_none() || !arrays_present(unsafe { raw.as_ref() }) {
+        return abi::KVH_ERR_NULL_PARAM;
+    }
+    // SAFETY: the batch stays valid until completion; the poison flag lives in the instance, which
+    // outlives its pending requests. A request dropped unused (poisoned backend) fires nothing.
+    let req = unsafe { Request::new(raw, done, &*inst.poisoned) };
+    guarded(inst, op, |b| call(b, req).0)
 }
 
 /// `put` trampoline.
@@ -417,30 +455,17 @@ pub unsafe extern "C" fn put<B: Backend>(
     batch: *const abi::kvh_put_batch,
     done: abi::kvh_completion,
 ) -> abi::kvh_status {
-    // SAFETY: host contract.
-    let (Some(inst), Some(raw)) = (unsafe { instance::<B>(be) }, NonNull::new(batch.cast_mut()))
-    else {
-        return abi::KVH_ERR_NULL_PARAM;
+    let arrays = |r: &abi::kvh_put_batch| {
+        let ptrs = [
+            !r.keys.is_null(),
+            !r.src.is_null(),
+            !r.meta.is_null(),
+            !r.item_status.is_null(),
+        ];
+        arrays_ok(r.len, &ptrs)
     };
-    // SAFETY: non-null batch, valid until completion.
-    let r = unsafe { raw.as_ref() };
-    if done.complete.is_none()
-        || !arrays_ok(
-            r.len,
-            &[
-                !r.keys.is_null(),
-                !r.src.is_null(),
-                !r.meta.is_null(),
-                !r.item_status.is_null(),
-            ],
-        )
-    {
-        return abi::KVH_ERR_NULL_PARAM;
-    }
-    // SAFETY: the batch stays valid until completion; the poison flag lives in the instance, which
-    // outlives its pending requests. A request dropped unused (poisoned backend) fires nothing.
-    let req = unsafe { Request::new(raw, done, &*inst.poisoned) };
-    guarded(inst, "put", |b| b.put(req).0)
+    // SAFETY: forwarded host contract.
+    unsafe { submit_async(be, batch, done, "put", arrays, |b: &B, req| b.put(req)) }
 }
 
 /// `get` trampoline.
@@ -452,30 +477,22 @@ pub unsafe extern "C" fn get<B: Backend>(
     batch: *const abi::kvh_get_batch,
     done: abi::kvh_completion,
 ) -> abi::kvh_status {
-    // SAFETY: host contract.
-    let (Some(inst), Some(raw)) = (unsafe { instance::<B>(be) }, NonNull::new(batch.cast_mut()))
-    else {
-        return abi::KVH_ERR_NULL_PARAM;
+    let arrays = |r: &abi::kvh_get_batch| {
+        let ptrs = [
+            !r.keys.is_null(),
+            !r.dst.is_null(),
+            !r.out_len.is_null(),
+            !r.out_meta.is_null(),
+            !r.item_status.is_null(),
+        ];
+        arrays_ok(r.len, &ptrs)
     };
-    // SAFETY: non-null batch, valid until completion.
-    let r = unsafe { raw.as_ref() };
-    if done.complete.is_none()
-        || !arrays_ok(
-            r.len,
-            &[
-                !r.keys.is_null(),
-                !r.dst.is_null(),
-                !r.out_len.is_null(),
-                !r.out_meta.is_null(),
-                !r.item_status.is_null(),
-            ],
-        )
-    {
-        return abi::KVH_ERR_NULL_PARAM;
-    }
-    // SAFETY: as in `put`.
-    let req = unsafe { Request::new(raw, done, &*inst.poisoned) };
-    guarded(inst, "get", |b| b.get(req).0)
+    // SAFETY: forwarded host contract.
+    unsafe { submit_async(be, batch, done, "get", arrays, |b: &B, req| b.get(req)) }
+}
+
+fn key_arrays(r: &abi::kvh_key_batch) -> bool {
+    arrays_ok(r.len, &[!r.keys.is_null(), !r.item_status.is_null()])
 }
 
 /// `prefetch` trampoline.
@@ -487,20 +504,55 @@ pub unsafe extern "C" fn prefetch<B: Backend>(
     batch: *const abi::kvh_key_batch,
     done: abi::kvh_completion,
 ) -> abi::kvh_status {
-    // SAFETY: host contract.
-    let (Some(inst), Some(raw)) = (unsafe { instance::<B>(be) }, NonNull::new(batch.cast_mut()))
-    else {
-        return abi::KVH_ERR_NULL_PARAM;
-    };
-    // SAFETY: non-null batch, valid until completion.
-    let r = unsafe { raw.as_ref() };
-    if done.complete.is_none() || !arrays_ok(r.len, &[!r.keys.is_null(), !r.item_status.is_null()])
-    {
-        return abi::KVH_ERR_NULL_PARAM;
+    // SAFETY: forwarded host contract.
+    unsafe {
+        submit_async(be, batch, done, "prefetch", key_arrays, |b: &B, req| {
+            b.prefetch(req)
+        })
     }
-    // SAFETY: as in `put`.
-    let req = unsafe { Request::new(raw, done, &*inst.poisoned) };
-    guarded(inst, "prefetch", |b| b.prefetch(req).0)
+}
+
+/// `contains_async` trampoline (ABI 1.2).
+///
+/// # Safety
+/// Called by the host per the ABI.
+pub unsafe extern "C" fn contains_async<B: Backend>(
+    be: *mut abi::kvh_backend,
+    batch: *const abi::kvh_contains_batch,
+    done: abi::kvh_completion,
+) -> abi::kvh_status {
+    let arrays = |r: &abi::kvh_contains_batch| {
+        let ptrs = [
+            !r.keys.is_null(),
+            !r.out_meta.is_null(),
+            !r.item_status.is_null(),
+        ];
+        arrays_ok(r.len, &ptrs)
+    };
+    // SAFETY: forwarded host contract.
+    unsafe {
+        submit_async(be, batch, done, "contains_async", arrays, |b: &B, req| {
+            b.contains_async(req)
+        })
+    }
+}
+
+/// `remove_async` trampoline (ABI 1.2).
+///
+/// # Safety
+/// Called by the host per the ABI.
+pub unsafe extern "C" fn remove_async<B: Backend>(
+    be: *mut abi::kvh_backend,
+    batch: *const abi::kvh_key_batch,
+    force: bool,
+    done: abi::kvh_completion,
+) -> abi::kvh_status {
+    // SAFETY: forwarded host contract.
+    unsafe {
+        submit_async(be, batch, done, "remove_async", key_arrays, |b: &B, req| {
+            b.remove_async(req, force)
+        })
+    }
 }
 
 /// `flush` trampoline.

@@ -48,7 +48,8 @@ pub use backend::{Backend, CreateContext, ModelMetadata, OptionSpec};
 pub use key::{ChunkMeta, Key};
 pub use logging::Host;
 pub use request::{
-    Batch, ContainsBatch, Get, KeyBatch, Op, Pending, Prefetch, Put, Request, Submit,
+    Batch, Contains, ContainsBatch, Get, KeyBatch, Op, Pending, Prefetch, Put, Remove, Request,
+    Submit,
 };
 pub use status::{Error, Status};
 

@@ -1,6 +1,6 @@
 //! Safe views of the batches the host passes, and the completion model of asynchronous operations.
 //!
-//! `put`, `get` and `prefetch` receive a [`Request`]. The backend answers with a [`Submit`], which it can
+//! `put`, `get`, `prefetch`, `contains_async` and `remove_async` receive a [`Request`]. The backend answers with a [`Submit`], which it can
 //! only make by consuming the request:
 //! - [`Request::finish`] ends the operation now (the host's callback never fires);
 //! - [`Request::defer`] turns it into a [`Pending`] that may move to another thread and must be
@@ -25,7 +25,7 @@ mod sealed {
     pub trait Sealed {}
 }
 
-/// The kind of an asynchronous operation: [`Put`], [`Get`] or [`Prefetch`].
+/// The kind of an asynchronous operation: [`Put`], [`Get`], [`Prefetch`], [`Contains`] or [`Remove`].
 pub trait Op: sealed::Sealed {
     /// The ABI batch struct of this operation.
     type Raw;
@@ -40,10 +40,24 @@ pub enum Get {}
 /// Marker for `prefetch` requests.
 #[derive(Debug)]
 pub enum Prefetch {}
+/// Marker for `contains_async` requests (ABI 1.2).
+#[derive(Debug)]
+pub enum Contains {}
+/// Marker for `remove_async` requests (ABI 1.2).
+#[derive(Debug)]
+pub enum Remove {}
 
 impl sealed::Sealed for Put {}
 impl sealed::Sealed for Get {}
 impl sealed::Sealed for Prefetch {}
+impl sealed::Sealed for Contains {}
+impl sealed::Sealed for Remove {}
+impl Op for Contains {
+    type Raw = abi::kvh_contains_batch;
+}
+impl Op for Remove {
+    type Raw = abi::kvh_key_batch;
+}
 impl Op for Put {
     type Raw = abi::kvh_put_batch;
 }
@@ -59,7 +73,7 @@ pub struct Batch<O: Op> {
     raw: NonNull<O::Raw>,
 }
 
-/// What a backend returns from `put`, `get` and `prefetch`. Made only by consuming the request.
+/// What a backend returns from an asynchronous operation. Made only by consuming the request.
 #[must_use]
 #[derive(Debug)]
 pub struct Submit(pub(crate) abi::kvh_status);
@@ -112,6 +126,13 @@ impl<O: Op> Request<O> {
             status
         };
         Submit(status.0)
+    }
+
+    /// End the operation now with `err` for the whole request; its message reaches the host (as the
+    /// call's `last_error`).
+    pub fn fail(self, err: &Error) -> Submit {
+        crate::export::set_last_error(&err.message);
+        self.finish(err.status)
     }
 
     /// Defer the operation: the returned [`Pending`] must be completed later (or dropped).
@@ -328,7 +349,33 @@ impl Batch<Get> {
     }
 }
 
-impl Batch<Prefetch> {
+/// The methods of a batch over `kvh_key_batch` (`prefetch`, `remove_async`).
+macro_rules! key_batch_methods {
+    ($op:ty) => {
+        impl Batch<$op> {
+            /// Number of keys.
+            pub fn len(&self) -> usize {
+                self.raw().len
+            }
+            /// True for an empty batch.
+            pub fn is_empty(&self) -> bool {
+                self.len() == 0
+            }
+            /// Key `i`.
+            pub fn key(&self, i: usize) -> Key<'_> {
+                key_at(self.raw().keys, self.len(), i)
+            }
+            /// Report the outcome for key `i` (`OK`, `NOT_FOUND` or an error).
+            pub fn set_status(&self, i: usize, status: Status) {
+                write_status(self.raw().item_status, self.len(), i, status);
+            }
+        }
+    };
+}
+key_batch_methods!(Prefetch);
+key_batch_methods!(Remove);
+
+impl Batch<Contains> {
     /// Number of keys.
     pub fn len(&self) -> usize {
         self.raw().len
@@ -341,7 +388,23 @@ impl Batch<Prefetch> {
     pub fn key(&self, i: usize) -> Key<'_> {
         key_at(self.raw().keys, self.len(), i)
     }
-    /// Report the outcome for key `i`.
+    /// Whether present keys should be pinned.
+    pub fn pin(&self) -> bool {
+        self.raw().pin != 0
+    }
+    /// Report key `i` as present with `meta`.
+    pub fn set_present(&self, i: usize, meta: ChunkMeta) {
+        assert!(i < self.len());
+        // SAFETY: `out_meta` has `len` entries, checked non-null by the trampoline; the host does not
+        // touch it until completion.
+        unsafe { *self.raw().out_meta.add(i) = meta };
+        write_status(self.raw().item_status, self.len(), i, Status::OK);
+    }
+    /// Report key `i` as absent.
+    pub fn set_absent(&self, i: usize) {
+        write_status(self.raw().item_status, self.len(), i, Status::NOT_FOUND);
+    }
+    /// Report an error for key `i`.
     pub fn set_status(&self, i: usize, status: Status) {
         write_status(self.raw().item_status, self.len(), i, status);
     }

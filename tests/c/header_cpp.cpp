@@ -7,5 +7,5 @@ int header_cpp_b(void);
 int main() {
     kvh_backend_vtable vt{};
     vt.struct_size = sizeof vt;
-    return (vt.struct_size == KVH_VTABLE_V1_1_SIZE && header_cpp_b() == 0) ? 0 : 1;
+    return (vt.struct_size == KVH_VTABLE_V1_2_SIZE && header_cpp_b() == 0) ? 0 : 1;
 }

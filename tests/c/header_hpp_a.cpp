@@ -28,7 +28,8 @@ int g_failures = 0;
 
 class Probe final : public kvh::Backend {
   public:
-    static constexpr uint64_t capabilities = KVH_CAP_FLUSH | KVH_CAP_HEALTH | KVH_CAP_CLEAR;
+    static constexpr uint64_t capabilities =
+        KVH_CAP_FLUSH | KVH_CAP_HEALTH | KVH_CAP_CLEAR | KVH_CAP_ASYNC_CONTAINS | KVH_CAP_ASYNC_REMOVE;
     static constexpr kvh_option_spec options[] = {
         kvh::option("mode", "normal", "normal or refuse"),
         kvh::option("limit", "10", "a number"),
@@ -120,6 +121,39 @@ class Probe final : public kvh::Backend {
         return KVH_OK;
     }
 
+    // Answered from a thread (as a network backend would), except a key "now": answered in the call.
+    kvh::Status contains_async(kvh::Request<kvh::ContainsBatch> &req) override {
+        if (req.batch().size() > 0 && req.batch().key(0).canonical() == "now") {
+            return contains(req.batch());
+        }
+        kvh::Pending<kvh::ContainsBatch> p = req.defer();
+        if (req.batch().size() > 0 && req.batch().key(0).canonical() == "throw") {
+            throw std::runtime_error("contains_async threw after defer"); // p cancels while unwinding
+        }
+        if (lookup_.joinable()) {
+            lookup_.join();
+        }
+        lookup_ = std::thread([this, p = std::move(p)]() mutable {
+            contains(p.batch());
+            p.complete(KVH_OK);
+        });
+        return KVH_PENDING;
+    }
+    kvh::Status remove_async(kvh::Request<kvh::KeyBatch> &req, bool force) override {
+        if (!force) {
+            throw kvh::Error(KVH_ERR_INVALID_ARG, "only forced removes here");
+        }
+        kvh::Pending<kvh::KeyBatch> p = req.defer();
+        if (remover_.joinable()) {
+            remover_.join();
+        }
+        remover_ = std::thread([this, p = std::move(p)]() mutable {
+            remove(p.batch(), true);
+            p.complete(KVH_OK);
+        });
+        return KVH_PENDING;
+    }
+
     kvh::Status flush() override { return KVH_OK; }
     kvh::Status health(std::string &detail) override {
         detail = "probe: ok, limit " + std::to_string(limit_);
@@ -130,8 +164,10 @@ class Probe final : public kvh::Backend {
         return KVH_OK;
     }
     bool shutdown() noexcept override {
-        if (worker_.joinable()) {
-            worker_.join();
+        for (std::thread *t : {&worker_, &lookup_, &remover_}) {
+            if (t->joinable()) {
+                t->join();
+            }
         }
         return true;
     }
@@ -145,6 +181,8 @@ class Probe final : public kvh::Backend {
         b.set_status(i, KVH_OK);
     }
     std::thread worker_;
+    std::thread lookup_;
+    std::thread remover_;
     std::string key_;
     std::vector<uint8_t> data_;
     kvh_chunk_meta meta_{};
@@ -267,11 +305,12 @@ int main() {
     const kvh_plugin_descriptor *d = KVH_PLUGIN_SYMBOL(probe)(&g_host);
     EXPECT(d == KVH_PLUGIN_SYMBOL(probe)(&g_host));
     EXPECT(std::strcmp(d->class_name, "probe") == 0 && std::strcmp(d->plugin_version, "1.2.3") == 0);
-    EXPECT(d->capabilities == (KVH_CAP_FLUSH | KVH_CAP_HEALTH | KVH_CAP_CLEAR));
+    EXPECT(d->capabilities == (KVH_CAP_FLUSH | KVH_CAP_HEALTH | KVH_CAP_CLEAR | KVH_CAP_ASYNC_CONTAINS | KVH_CAP_ASYNC_REMOVE));
     EXPECT(d->options_len == 2 && std::strcmp(d->options[1].key, "limit") == 0);
     const kvh_backend_vtable *vt = d->vtable;
     EXPECT(vt->struct_size == sizeof(kvh_backend_vtable));
     EXPECT(vt->flush && vt->health && vt->clear && vt->last_error && !vt->pin && !vt->unpin && !vt->prefetch);
+    EXPECT(vt->contains_async && vt->remove_async);
 
     // create: options, a kvh::Error, an unexpected exception.
     kvh_option opts[2] = {{{"mode", 4}, {"normal", 6}}, {{"limit", 5}, {"42", 2}}};
@@ -364,6 +403,45 @@ int main() {
     errors = g_errors_logged;
     EXPECT(vt->remove(b, &kb, false) == KVH_ERR_UNAVAILABLE && g_errors_logged == errors);
     EXPECT(last_error(vt, b) == "probe: remove: server gone");
+
+    // contains_async: deferred to a thread (same answers as contains), answered in the call, an
+    // exception after defer (PENDING, completion CANCELED once), a NULL completion.
+    {
+        kvh_status ast[2] = {KVH_ERR_NO_RESULT, KVH_ERR_NO_RESULT};
+        kvh_chunk_meta ameta[2];
+        kvh_contains_batch acb{keys, ameta, ast, 2, 0, 0};
+        Done adone;
+        EXPECT(vt->contains_async(b, &acb, kvh_completion{on_done, &adone}) == KVH_PENDING);
+        while (adone.fired == 0) std::this_thread::yield();
+        EXPECT(adone.fired == 1 && adone.status == KVH_OK && ast[0] == KVH_OK && ameta[0].length == 4 && ast[1] == KVH_ERR_NOT_FOUND);
+        kvh_key now = make_key("now");
+        kvh_contains_batch ncb{&now, ameta, ast, 1, 0, 0};
+        Done ndone;
+        EXPECT(vt->contains_async(b, &ncb, kvh_completion{on_done, &ndone}) == KVH_OK && ndone.fired == 0 && ast[0] == KVH_ERR_NOT_FOUND);
+        kvh_contains_batch tcb{&bad, ameta, ast, 1, 0, 0};
+        Done tdone;
+        errors = g_errors_logged;
+        EXPECT(vt->contains_async(b, &tcb, kvh_completion{on_done, &tdone}) == KVH_PENDING);
+        EXPECT(tdone.fired == 1 && tdone.status == KVH_ERR_CANCELED && g_errors_logged == errors + 1);
+        EXPECT(vt->contains_async(b, &ncb, kvh_completion{nullptr, nullptr}) == KVH_ERR_NULL_PARAM);
+    }
+    // remove_async: deferred, then the key is gone; a kvh::Error before defer is the call's status.
+    {
+        kvh_key sk = make_key("sync");
+        kvh_status s1 = KVH_ERR_NO_RESULT;
+        kvh_key_batch rkb{&sk, &s1, 1};
+        Done rdone;
+        EXPECT(vt->remove_async(b, &rkb, false, kvh_completion{on_done, &rdone}) == KVH_ERR_INVALID_ARG && rdone.fired == 0);
+        EXPECT(last_error(vt, b) == "probe: remove_async: only forced removes here");
+        EXPECT(vt->remove_async(b, &rkb, true, kvh_completion{on_done, &rdone}) == KVH_PENDING);
+        while (rdone.fired == 0) std::this_thread::yield();
+        EXPECT(rdone.fired == 1 && rdone.status == KVH_OK && s1 == KVH_OK);
+        kvh_status after = KVH_ERR_NO_RESULT;
+        kvh_chunk_meta am;
+        kvh_contains_batch after_b{&sk, &am, &after, 1, 0, 0};
+        EXPECT(vt->contains(b, &after_b) == KVH_OK && after == KVH_ERR_NOT_FOUND);
+        EXPECT(put1(vt, b, "sync", sync) == KVH_OK); // back, for the checks below
+    }
 
     // health truncates into the host buffer.
     char hm[8];

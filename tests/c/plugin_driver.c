@@ -677,7 +677,16 @@ static void get_free(struct get_req *r) {
     free(r);
 }
 
-/* remove, pin, unpin and prefetch. */
+/* A contains_async request that may outlive the call (destroy phase). */
+struct contains_req {
+    struct op op;
+    struct keys keys;
+    kvh_chunk_meta meta[MAX_BATCH];
+    kvh_status status[MAX_BATCH];
+    kvh_contains_batch batch;
+};
+
+/* remove, pin, unpin, prefetch and remove_async. */
 struct key_req {
     struct op op;
     struct keys keys;
@@ -685,10 +694,14 @@ struct key_req {
     kvh_key_batch batch;
 };
 
-enum key_call { CALL_REMOVE, CALL_FORCE_REMOVE, CALL_PIN, CALL_UNPIN, CALL_PREFETCH };
-static const char *const KEY_CALL_NAMES[] = { "remove", "remove(force)", "pin", "unpin", "prefetch" };
+enum key_call { CALL_REMOVE, CALL_FORCE_REMOVE, CALL_PIN, CALL_UNPIN, CALL_PREFETCH, CALL_REMOVE_ASYNC };
+static const char *const KEY_CALL_NAMES[] = { "remove", "remove(force)", "pin", "unpin", "prefetch", "remove_async" };
 
-/* Submits a key batch call. prefetch may return PENDING; the others are synchronous. */
+static bool key_call_is_async(enum key_call call) {
+    return call == CALL_PREFETCH || call == CALL_REMOVE_ASYNC;
+}
+
+/* Submits a key batch call. prefetch and remove_async may return PENDING; the others are synchronous. */
 static kvh_status key_submit(struct key_req *r, enum key_call call) {
     for (size_t i = 0; i < MAX_BATCH; i++) {
         r->status[i] = KVH_ERR_NO_RESULT;
@@ -701,6 +714,7 @@ static kvh_status key_submit(struct key_req *r, enum key_call call) {
     case CALL_PIN: return g.vt.pin(g.backend, &r->batch);
     case CALL_UNPIN: return g.vt.unpin(g.backend, &r->batch);
     case CALL_PREFETCH: return g.vt.prefetch(g.backend, &r->batch, completion_for(&r->op));
+    case CALL_REMOVE_ASYNC: return g.vt.remove_async(g.backend, &r->batch, true, completion_for(&r->op));
     }
     return KVH_ERR_INTERNAL;
 }
@@ -709,8 +723,8 @@ static kvh_status key_submit(struct key_req *r, enum key_call call) {
 static void key_sync(struct key_req *r, enum key_call call) {
     const char *what = KEY_CALL_NAMES[call];
     kvh_status rc = key_submit(r, call);
-    kvh_status status = call == CALL_PREFETCH ? op_finish(&r->op, rc, what) : rc;
-    if (call != CALL_PREFETCH) {
+    kvh_status status = key_call_is_async(call) ? op_finish(&r->op, rc, what) : rc;
+    if (!key_call_is_async(call)) {
         CHECK(rc != KVH_PENDING, "%s is synchronous but returned PENDING", what);
     }
     if (rc != KVH_PENDING && rc != KVH_OK) {
@@ -751,6 +765,29 @@ static void contains_ids(const int64_t *ids, size_t len, uint32_t pin, kvh_statu
     free(ks);
 }
 
+/* contains_async of `len` ids, waited for; same contract as contains_ids. */
+static void contains_ids_async(const int64_t *ids, size_t len, kvh_status *status, kvh_chunk_meta *meta) {
+    struct keys *ks = xcalloc(sizeof *ks);
+    for (size_t i = 0; i < len; i++) {
+        keys_add(ks, ids[i]);
+        status[i] = KVH_ERR_NO_RESULT;
+    }
+    struct op *op = xcalloc(sizeof *op);
+    op_init(op, status, len);
+    kvh_contains_batch batch = { ks->k, meta, status, len, 0, 0 };
+    kvh_status rc = g.vt.contains_async(g.backend, &batch, completion_for(op));
+    if (rc != KVH_PENDING && rc != KVH_OK) {
+        check_last_error("contains_async");
+    }
+    kvh_status whole = op_finish(op, rc, "contains_async");
+    CHECK(whole == KVH_OK, "contains_async failed: %s", status_name(whole));
+    for (size_t i = 0; i < len && whole == KVH_OK; i++) {
+        CHECK(status[i] != KVH_ERR_NO_RESULT, "contains_async: item %zu not answered", i);
+    }
+    free(op);
+    free(ks);
+}
+
 static kvh_status contains1(int64_t id, uint32_t pin) {
     kvh_status status;
     kvh_chunk_meta meta;
@@ -785,7 +822,8 @@ static bool option_key_valid(const char *key) {
 }
 
 static void caps_text(uint64_t caps, char *out, size_t cap) {
-    static const char *const NAMES[] = { "PIN", "PREFETCH", "FLUSH", "HEALTH", "PERSISTENT", "SHARED", "DISCARDS", "CLEAR" };
+    static const char *const NAMES[] = { "PIN",      "PREFETCH", "FLUSH", "HEALTH",         "PERSISTENT",
+                                         "SHARED",   "DISCARDS", "CLEAR", "ASYNC_CONTAINS", "ASYNC_REMOVE" };
     const unsigned n_names = sizeof NAMES / sizeof NAMES[0];
     size_t used = 0;
     out[0] = '\0';
@@ -861,10 +899,14 @@ static void phase_load(void) {
     CHECK(has_cap(KVH_CAP_FLUSH) == (g.vt.flush != NULL), "KVH_CAP_FLUSH disagrees with flush");
     CHECK(has_cap(KVH_CAP_HEALTH) == (g.vt.health != NULL), "KVH_CAP_HEALTH disagrees with health");
     CHECK(has_cap(KVH_CAP_CLEAR) == (g.vt.clear != NULL), "KVH_CAP_CLEAR disagrees with clear");
+    CHECK(has_cap(KVH_CAP_ASYNC_CONTAINS) == (g.vt.contains_async != NULL),
+          "KVH_CAP_ASYNC_CONTAINS disagrees with contains_async");
+    CHECK(has_cap(KVH_CAP_ASYNC_REMOVE) == (g.vt.remove_async != NULL), "KVH_CAP_ASYNC_REMOVE disagrees with remove_async");
     /* From here on, trust the function pointers, not the bits. */
     g.caps &= ~(uint64_t)((g.vt.pin && g.vt.unpin ? 0 : KVH_CAP_PIN) | (g.vt.prefetch ? 0 : KVH_CAP_PREFETCH) |
                           (g.vt.flush ? 0 : KVH_CAP_FLUSH) | (g.vt.health ? 0 : KVH_CAP_HEALTH) |
-                          (g.vt.clear ? 0 : KVH_CAP_CLEAR));
+                          (g.vt.clear ? 0 : KVH_CAP_CLEAR) | (g.vt.contains_async ? 0 : KVH_CAP_ASYNC_CONTAINS) |
+                          (g.vt.remove_async ? 0 : KVH_CAP_ASYNC_REMOVE));
 
     /* The option schema. */
     CHECK(g.desc.options_len == 0 || g.desc.options != NULL, "options is NULL but options_len is %zu",
@@ -1109,7 +1151,25 @@ static void phase_contains(void) {
     kvh_status none[1];
     kvh_chunk_meta none_meta[1];
     contains_ids(NULL, 0, 0, none, none_meta);
-    phase_end("%zu keys, %zu hits", n, hits);
+    /* contains_async (ABI 1.2) answers what contains answers. */
+    bool async = has_cap(KVH_CAP_ASYNC_CONTAINS) && g.quirk != QUIRK_NEVER_COMPLETES;
+    if (async) {
+        kvh_status astatus[N_STORED_IDS + 2];
+        kvh_chunk_meta ameta[N_STORED_IDS + 2];
+        for (size_t start = 0; start < n; start += MAX_BATCH) {
+            size_t len = n - start < MAX_BATCH ? n - start : MAX_BATCH;
+            contains_ids_async(ids + start, len, astatus + start, ameta + start);
+        }
+        for (size_t i = 0; i < n; i++) {
+            CHECK(astatus[i] == status[i], "contains_async key %" PRId64 ": %s, contains said %s", ids[i],
+                  status_name(astatus[i]), status_name(status[i]));
+            if (astatus[i] == KVH_OK && status[i] == KVH_OK) {
+                CHECK(meta_equal(&ameta[i], &meta[i]), "contains_async key %" PRId64 ": other metadata", ids[i]);
+            }
+        }
+        contains_ids_async(NULL, 0, none, none_meta);
+    }
+    phase_end("%zu keys, %zu hits%s", n, hits, async ? "; contains_async agrees" : "");
 }
 
 /* ================================================================================================ */
@@ -1280,7 +1340,28 @@ static void phase_remove(void) {
     r = xcalloc(sizeof *r);
     key_sync(r, CALL_REMOVE); /* empty batch */
     free(r);
-    phase_end("plain, forced, missing key, empty batch");
+    /* remove_async (ABI 1.2), on a key put for it. */
+    bool async = has_cap(KVH_CAP_ASYNC_REMOVE) && g.quirk != QUIRK_NEVER_COMPLETES;
+    if (async) {
+        struct put_req *pr = xcalloc(sizeof *pr);
+        put_add(pr, 300001, 1, 5000);
+        put_sync(pr, "put for remove_async");
+        put_free(pr);
+        kvh_status first = key_call1(CALL_REMOVE_ASYNC, 300001);
+        kvh_status second = key_call1(CALL_REMOVE_ASYNC, 300001);
+        if (g.hits) {
+            CHECK(first == KVH_OK && second == KVH_ERR_NOT_FOUND, "remove_async twice: %s, %s", status_name(first),
+                  status_name(second));
+        } else {
+            CHECK(ok_or_missing(first) && ok_or_missing(second), "remove_async: %s %s", status_name(first),
+                  status_name(second));
+        }
+        CHECK(contains1(300001, 0) == KVH_ERR_NOT_FOUND, "key still there after remove_async");
+        r = xcalloc(sizeof *r);
+        key_sync(r, CALL_REMOVE_ASYNC); /* empty batch */
+        free(r);
+    }
+    phase_end("plain, forced, missing key, empty batch%s", async ? "; remove_async" : "");
 }
 
 /* ================================================================================================ */
@@ -1552,7 +1633,7 @@ static void *open_gate_later(void *arg) {
 static void phase_destroy(void) {
     phase_begin("destroy in flight");
     struct {
-        enum { OP_PUT, OP_GET, OP_PREFETCH } kind;
+        enum { OP_PUT, OP_GET, OP_PREFETCH, OP_CONTAINS } kind;
         void *req;
         struct op *op;
         kvh_status rc;
@@ -1563,7 +1644,7 @@ static void phase_destroy(void) {
     for (int i = 0; i < N_IN_FLIGHT; i++) {
         int kind = i % 3;
         if (kind == OP_PREFETCH && !has_cap(KVH_CAP_PREFETCH)) {
-            kind = OP_GET;
+            kind = has_cap(KVH_CAP_ASYNC_CONTAINS) ? OP_CONTAINS : OP_GET;
         }
         ops[i].kind = kind;
         if (kind == OP_PUT) {
@@ -1584,6 +1665,17 @@ static void phase_destroy(void) {
             ops[i].req = r;
             ops[i].op = &r->op;
             ops[i].rc = get_submit(r);
+        } else if (kind == OP_CONTAINS) {
+            struct contains_req *r = xcalloc(sizeof *r);
+            keys_add(&r->keys, 3);
+            keys_add(&r->keys, MISSING_ID_B);
+            r->batch = (kvh_contains_batch){ r->keys.k, r->meta, r->status, r->keys.len, 0, 0 };
+            r->status[0] = r->status[1] = KVH_ERR_NO_RESULT;
+            op_init(&r->op, r->status, r->keys.len);
+            r->op.wait_for_gate = true;
+            ops[i].req = r;
+            ops[i].op = &r->op;
+            ops[i].rc = g.vt.contains_async(g.backend, &r->batch, completion_for(&r->op));
         } else {
             struct key_req *r = xcalloc(sizeof *r);
             keys_add(&r->keys, 5);
@@ -1657,6 +1749,7 @@ static void phase_destroy(void) {
         case OP_PUT: put_free(ops[i].req); break;
         case OP_GET: get_free(ops[i].req); break;
         case OP_PREFETCH: free(ops[i].req); break;
+        case OP_CONTAINS: free(ops[i].req); break;
         }
     }
     if (pending == 0) {
@@ -1716,10 +1809,10 @@ int main(int argc, char **argv) {
     } else {
         phase_skip("get", "the fixture completes gets only at destroy");
     }
-    if (has_cap(KVH_CAP_PIN)) {
+    if (has_cap(KVH_CAP_PIN) && async_works) {
         phase_pin();
     } else {
-        phase_skip("pin", "no KVH_CAP_PIN");
+        phase_skip("pin", has_cap(KVH_CAP_PIN) ? "the fixture completes puts only at destroy" : "no KVH_CAP_PIN");
     }
     phase_remove();
     if (has_cap(KVH_CAP_PREFETCH)) {
@@ -1727,10 +1820,10 @@ int main(int argc, char **argv) {
     } else {
         phase_skip("prefetch", "no KVH_CAP_PREFETCH");
     }
-    if (has_cap(KVH_CAP_FLUSH)) {
+    if (has_cap(KVH_CAP_FLUSH) && async_works) {
         phase_flush();
     } else {
-        phase_skip("flush", "no KVH_CAP_FLUSH");
+        phase_skip("flush", has_cap(KVH_CAP_FLUSH) ? "the fixture completes puts only at destroy" : "no KVH_CAP_FLUSH");
     }
     if (has_cap(KVH_CAP_HEALTH)) {
         phase_health();

@@ -52,6 +52,7 @@ fn header_constants_match_rust() {
         ("KVH_ERR_BUFFER_TOO_SMALL", KVH_ERR_BUFFER_TOO_SMALL as i64),
         ("KVH_VTABLE_V1_0_SIZE", KVH_VTABLE_V1_0_SIZE as i64),
         ("KVH_VTABLE_V1_1_SIZE", KVH_VTABLE_V1_1_SIZE as i64),
+        ("KVH_VTABLE_V1_2_SIZE", KVH_VTABLE_V1_2_SIZE as i64),
     ] {
         let line = header
             .lines()

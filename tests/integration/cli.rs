@@ -109,7 +109,7 @@ fn plugins_lists_classes_and_names_non_plugins() {
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     assert!(
-        t.contains("class mem v0.1.0 (ABI 1.1)") && t.contains("option capacity_bytes"),
+        t.contains("class mem v0.1.0 (ABI 1.2)") && t.contains("option capacity_bytes"),
         "{t}"
     );
     assert!(

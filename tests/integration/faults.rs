@@ -275,6 +275,102 @@ fn hung_operations_time_out_and_destroy_cancels_them() {
 }
 
 #[test]
+fn hung_async_lookups_and_removes_time_out_and_late_pins_are_released() {
+    let p = must_load("hang", fixture("fx_hang").to_str().unwrap(), "hang", &[]);
+    let health = |p: &kvhost::plugin::PluginBackend| p.health().unwrap().unwrap();
+    let started = Instant::now();
+    let e = p
+        .contains_wait(vec![key(1), key(2)], true, Duration::from_millis(200))
+        .unwrap_err();
+    assert_eq!(e.status, Status::TIMEOUT);
+    assert!(
+        e.to_string()
+            .contains("plugin `hang`: contains failed: TIMEOUT"),
+        "{e}"
+    );
+    let e = p
+        .remove_wait(vec![key(3)], true, Duration::from_millis(200))
+        .unwrap_err();
+    assert_eq!(e.status, Status::TIMEOUT);
+    assert!(
+        started.elapsed() < WAIT,
+        "the calling thread was held {:?}",
+        started.elapsed()
+    );
+    assert_eq!(p.in_flight(), 2, "both stay pending with their arrays");
+    // The lookup completes after the host gave up, pinning both keys: the host owes two unpins.
+    p.flush().unwrap();
+    assert_eq!(health(&p), "pins=2");
+    assert_eq!(p.in_flight(), 1);
+    // The next lookup releases them first (then hangs itself).
+    let e = p
+        .contains_wait(vec![key(4)], false, Duration::from_millis(50))
+        .unwrap_err();
+    assert_eq!(e.status, Status::TIMEOUT);
+    assert_eq!(health(&p), "pins=0", "the late pins were released");
+    // An unpinned late lookup leaves nothing to release.
+    p.flush().unwrap();
+    assert_eq!(health(&p), "pins=0");
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    p.contains_async(vec![key(5)], false, move |d| {
+        let _ = tx.send(d);
+    });
+    drop(p); // destroy cancels the parked remove and lookup
+    let d = rx.recv_timeout(WAIT).expect("destroy completed the lookup");
+    assert_eq!(d.error.map(|e| e.status), Some(Status::CANCELED));
+    assert!(matches!(d.items[0], Presence::Failed(Status::CANCELED, _)));
+}
+
+#[test]
+fn a_hung_tier_never_holds_a_lookup_or_remove_past_the_read_timeout() {
+    let hang = fixture("fx_hang");
+    let y = format!(
+        "chunk_size: 16\nmax_local_cpu_size: 0.0625\nlocal_cpu_prefault: false\n\
+         blocking_timeout_secs: 0.3\nstorage_plugins: [hang, mem]\nextra_config:\n  \
+         storage_plugin.hang.module_path: {}\n  storage_plugin.hang.class_name: hang\n  \
+         storage_plugin.mem.module_path: kvhost_mem\n  storage_plugin.mem.class_name: mem\n",
+        hang.display()
+    );
+    let config = kvhost::config::Config::from_yaml(&y, None).unwrap();
+    let chain = kvhost::chain::Chain::from_config(&config).unwrap();
+    // Stored in the second tier only, behind the hung one.
+    let k = key(42);
+    let mem = chain.plugins()[1].clone();
+    let done = mem
+        .put_wait(
+            PutRequest {
+                keys: vec![k.clone()],
+                bufs: vec![vec![9u8; 4096]],
+                metas: vec![meta(4096)],
+            },
+            WAIT,
+        )
+        .unwrap();
+    assert!(done.error.is_none() && done.items == [Status::OK]);
+    let started = Instant::now();
+    let lookup = chain.lookup(std::slice::from_ref(&k), None);
+    let took = started.elapsed();
+    assert_eq!(lookup.hit_chunks, 1, "the tier behind the hung one answers");
+    assert_eq!(lookup.by_tier[0].0, "mem");
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(5),
+        "the hung tier is waited for the read timeout only: {took:?}"
+    );
+    let got = chain.get(std::slice::from_ref(&k));
+    assert!(got[0].is_some(), "promoted from mem past the hung tier");
+    let started = Instant::now();
+    chain.remove(std::slice::from_ref(&k));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "remove was held {:?}",
+        started.elapsed()
+    );
+    let after = mem.contains(std::slice::from_ref(&k), false).unwrap();
+    assert_eq!(after, [Presence::Absent], "the healthy tier removed it");
+    assert_eq!(chain.plugins()[0].in_flight(), 3, "lookup x2 and remove");
+}
+
+#[test]
 fn rust_plugin_log_and_tracing_events_reach_the_host_under_its_name() {
     logs();
     let _p = must_load("chatty", rust_fixture().to_str().unwrap(), "rust_mem", &[]);

@@ -77,6 +77,15 @@ fn capability_without_function_is_refused() {
 }
 
 #[test]
+fn capability_past_the_plugins_vtable_is_refused() {
+    let e = load_fixture("fx_cap_past_vtable", "cap_past_vtable", &[]);
+    assert_has(
+        &e,
+        &["capability `async_contains` is advertised but the vtable (112 bytes) predates it (ABI 1.2, 128 bytes)"],
+    );
+}
+
+#[test]
 fn create_failure_carries_the_plugins_message() {
     let e = load_fixture(
         "fx_create_fails",

@@ -571,6 +571,83 @@ fn the_chain_promotes_redis_hits_into_the_hot_cache() {
     chain.close(Duration::from_secs(10));
 }
 
+/// Send `signal` (`STOP`, `CONT`) to the server process.
+fn signal(server: &Server, signal: &str) {
+    let pid = server.child.as_ref().expect("running").id().to_string();
+    let ok = Command::new("kill")
+        .args([&format!("-{signal}"), &pid])
+        .status()
+        .expect("kill");
+    assert!(ok.success(), "kill -{signal} {pid}");
+}
+
+#[test]
+fn a_stalled_server_never_holds_a_host_thread_past_the_read_timeout() {
+    if !have_redis("stall") {
+        return;
+    }
+    let server = Server::start(&[]);
+    // The plugin would wait 4 s for a reply; the host waits 0.4 s.
+    let y = format!(
+        "chunk_size: 16\nmax_local_cpu_size: 0.0625\nlocal_cpu_prefault: false\nblocking_timeout_secs: 0.4\n\
+         storage_plugins: [rd]\nextra_config:\n  storage_plugin.rd.module_path: \"{}\"\n  \
+         storage_plugin.rd.class_name: redis\n  storage_plugin.rd.url: \"{}\"\n  \
+         storage_plugin.rd.command_timeout_ms: 4000\n  storage_plugin.rd.pool_size: 2\n",
+        redis_so(),
+        server.url()
+    );
+    let config = Config::from_yaml(&y, None).unwrap();
+    let chain = Chain::from_config(&config).unwrap_or_else(|e| panic!("{e}"));
+    let (a, b, c) = (key(801), key(802), key(803));
+    let data = bytes(8, 100_000);
+    for k in [&a, &b, &c] {
+        let stored = chain.put(
+            std::slice::from_ref(k),
+            &[&data],
+            &[chunk_meta(8, data.len())],
+        );
+        assert_eq!(stored, [PutOutcome::Stored]);
+    }
+    wait_drained(&chain);
+    // a and c only in redis; b also in the hot cache.
+    assert!(chain.hot().remove(&a) && chain.hot().remove(&c));
+
+    signal(&server, "STOP");
+    let t = Instant::now();
+    let lookup = chain.lookup(std::slice::from_ref(&a), None);
+    let took = t.elapsed();
+    assert_eq!(lookup.hit_chunks, 0, "a stalled tier reports nothing");
+    assert!(
+        took < Duration::from_secs(2),
+        "lookup held the host thread {took:?} (the plugin's own timeout is 4 s)"
+    );
+    let h = chain.get(std::slice::from_ref(&b)).remove(0);
+    assert_eq!(h.expect("the hot cache serves").bytes(), &data[..]);
+    let t = Instant::now();
+    chain.remove(std::slice::from_ref(&c));
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "remove held the host thread {:?}",
+        t.elapsed()
+    );
+    signal(&server, "CONT");
+
+    // The stalled requests finish in the background: the remove lands, a is found again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = chain.lookup(std::slice::from_ref(&a), None).hit_chunks == 1
+            && chain.lookup(std::slice::from_ref(&c), None).hit_chunks == 0;
+        if found {
+            break;
+        }
+        assert!(Instant::now() < deadline, "redis did not recover");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let h = chain.get(std::slice::from_ref(&a)).remove(0);
+    assert_eq!(h.expect("a from redis").bytes(), &data[..]);
+    assert!(chain.close(Duration::from_secs(10)).unfinished.is_empty());
+}
+
 #[test]
 fn a_server_restart_fails_fast_while_down_keeps_the_host_serving_and_reconnects() {
     if !have_redis("restart") {

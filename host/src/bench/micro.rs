@@ -122,6 +122,7 @@ fn hot_only_chain(capacity: usize, prefault: bool) -> Chain {
             max_batch_bytes: 64 << 20,
             max_inflight_batches: 4,
             skip_existing: false,
+            lookup_timeout: Duration::from_secs(10),
         },
         read_timeout: Duration::from_secs(10),
         promotion_wait: Duration::from_millis(100),

@@ -92,6 +92,7 @@ impl ChainSettings {
                 max_batch_bytes: config.put_batch_bytes,
                 max_inflight_batches: config.tier_max_inflight_batches,
                 skip_existing: config.skip_existing_in_tiers,
+                lookup_timeout: Duration::from_secs_f64(config.blocking_timeout_secs),
             },
             read_timeout: Duration::from_secs_f64(config.blocking_timeout_secs),
             promotion_wait: Duration::from_millis(config.promotion_wait_ms),
@@ -458,7 +459,8 @@ impl Chain {
             return Vec::new();
         };
         let started = Instant::now();
-        let presence = match plugin.contains(keys, false) {
+        let presence = match plugin.contains_wait(keys.to_vec(), false, inner.settings.read_timeout)
+        {
             Ok(p) => p,
             Err(e) => {
                 inc(&m.errors);
@@ -622,7 +624,8 @@ impl Chain {
         };
         let started = Instant::now();
         let want_pin = pin && tier.has(abi::KVH_CAP_PIN);
-        let presence = match plugin.contains(keys, want_pin) {
+        let timeout = self.inner.settings.read_timeout;
+        let presence = match plugin.contains_wait(keys.to_vec(), want_pin, timeout) {
             Ok(p) => p,
             Err(e) => {
                 inc(&tier.metrics.errors);
@@ -712,13 +715,37 @@ impl Chain {
             }
         }
         let removed = keys.iter().filter(|k| self.inner.hot.remove(k)).count();
-        for tier in &self.inner.tiers {
+        // Every tier at once; plugins with `remove_async` are waited for up to the read timeout.
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut asked = 0;
+        for (t, tier) in self.inner.tiers.iter().enumerate() {
             let Some(plugin) = tier.plugin() else {
                 continue;
             };
-            if let Err(e) = plugin.remove(keys, true) {
-                inc(&tier.metrics.errors);
-                tracing::warn!(target: "kvhost::chain", tier = %tier.name, "{e}");
+            let tx = tx.clone();
+            asked += 1;
+            plugin.remove_async(keys.to_vec(), true, move |d| {
+                let _ = tx.send((t, d));
+            });
+        }
+        let deadline = Instant::now() + self.inner.settings.read_timeout;
+        for _ in 0..asked {
+            match rx.recv_deadline(deadline) {
+                Ok((t, done)) => {
+                    if let Some(e) = done.error {
+                        let tier = &self.inner.tiers[t];
+                        inc(&tier.metrics.errors);
+                        tracing::warn!(target: "kvhost::chain", tier = %tier.name, "{e}");
+                    }
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        target: "kvhost::chain",
+                        "remove: a tier did not finish within {:?}; it completes in the background",
+                        self.inner.settings.read_timeout
+                    );
+                    break;
+                }
             }
         }
         removed

@@ -46,6 +46,8 @@ pub struct TierSettings {
     pub max_inflight_batches: usize,
     /// Ask the plugin which keys it already holds before storing (skip those).
     pub skip_existing: bool,
+    /// How long the skip-existing lookup may take before the batch is stored anyway.
+    pub lookup_timeout: Duration,
 }
 
 /// Counts outstanding put batches; waiting is bounded so a hung plugin cannot wedge close.
@@ -236,7 +238,8 @@ impl Worker {
         if self.settings.skip_existing && !discards {
             let keys: Vec<ChunkKey> = batch.iter().map(|j| j.key.clone()).collect();
             let started = Instant::now();
-            if let Ok(presence) = self.plugin.contains(&keys, false) {
+            let timeout = self.settings.lookup_timeout;
+            if let Ok(presence) = self.plugin.contains_wait(keys, false, timeout) {
                 self.metrics.lookup_latency.record(started.elapsed());
                 let mut i = 0;
                 batch.retain(|job| {

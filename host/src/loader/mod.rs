@@ -355,7 +355,9 @@ const KNOWN_CAPS: u64 = abi::KVH_CAP_PIN
     | abi::KVH_CAP_PERSISTENT
     | abi::KVH_CAP_SHARED
     | abi::KVH_CAP_DISCARDS
-    | abi::KVH_CAP_CLEAR;
+    | abi::KVH_CAP_CLEAR
+    | abi::KVH_CAP_ASYNC_CONTAINS
+    | abi::KVH_CAP_ASYNC_REMOVE;
 
 /// The type of an entry point.
 pub type EntryFn =
@@ -505,11 +507,17 @@ fn inspect_entry(
     }
     // Fields past the plugin's `struct_size` were zero-filled when it was read: an older plugin simply
     // lacks them. A capability whose function lies past the plugin's vtable is a contradiction.
-    if desc.capabilities & abi::KVH_CAP_CLEAR != 0 && vt_size < abi::KVH_VTABLE_V1_1_SIZE {
-        return Err(abi_err(format!(
-            "capability `clear` is advertised but the vtable ({vt_size} bytes) predates it (ABI 1.1, {} bytes)",
-            abi::KVH_VTABLE_V1_1_SIZE
-        )));
+    for (bit, minor, size) in [
+        (abi::KVH_CAP_CLEAR, 1, abi::KVH_VTABLE_V1_1_SIZE),
+        (abi::KVH_CAP_ASYNC_CONTAINS, 2, abi::KVH_VTABLE_V1_2_SIZE),
+        (abi::KVH_CAP_ASYNC_REMOVE, 2, abi::KVH_VTABLE_V1_2_SIZE),
+    ] {
+        if desc.capabilities & bit != 0 && vt_size < size {
+            let cap = crate::plugin::capability_names(bit).join("");
+            return Err(abi_err(format!(
+                "capability `{cap}` is advertised but the vtable ({vt_size} bytes) predates it (ABI 1.{minor}, {size} bytes)"
+            )));
+        }
     }
     let missing: Vec<&str> = [
         ("create", vt.create.is_none()),
@@ -531,7 +539,7 @@ fn inspect_entry(
     }
     // 6. Capabilities against functions.
     let caps = desc.capabilities;
-    let cap_fns: [(u64, &str, bool); 5] = [
+    let cap_fns: [(u64, &str, bool); 7] = [
         (
             abi::KVH_CAP_PIN,
             "pin/unpin",
@@ -541,6 +549,16 @@ fn inspect_entry(
         (abi::KVH_CAP_FLUSH, "flush", vt.flush.is_some()),
         (abi::KVH_CAP_HEALTH, "health", vt.health.is_some()),
         (abi::KVH_CAP_CLEAR, "clear", vt.clear.is_some()),
+        (
+            abi::KVH_CAP_ASYNC_CONTAINS,
+            "contains_async",
+            vt.contains_async.is_some(),
+        ),
+        (
+            abi::KVH_CAP_ASYNC_REMOVE,
+            "remove_async",
+            vt.remove_async.is_some(),
+        ),
     ];
     let mut vt = vt;
     for (bit, name, present) in cap_fns {
@@ -557,6 +575,8 @@ fn inspect_entry(
                 abi::KVH_CAP_PREFETCH => vt.prefetch = None,
                 abi::KVH_CAP_FLUSH => vt.flush = None,
                 abi::KVH_CAP_CLEAR => vt.clear = None,
+                abi::KVH_CAP_ASYNC_CONTAINS => vt.contains_async = None,
+                abi::KVH_CAP_ASYNC_REMOVE => vt.remove_async = None,
                 _ => vt.health = None,
             }
         }

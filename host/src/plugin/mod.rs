@@ -13,7 +13,10 @@ pub use ffi::unknown_completions;
 pub(crate) use ffi::{
     c_string as ffi_c_string, host_log, host_log_enabled, register_instance, OpTable,
 };
-pub use ops::{DstBuf, GetDone, GetItem, GetRequest, PrefetchDone, PutDone, PutRequest, SrcBuf};
+pub use ops::{
+    ContainsDone, DstBuf, GetDone, GetItem, GetRequest, PrefetchDone, PutDone, PutRequest,
+    RemoveDone, SrcBuf,
+};
 
 use kvhost_plugin_sdk::abi;
 pub use kvhost_plugin_sdk::{ChunkMeta, Status};
@@ -95,6 +98,8 @@ pub fn capability_names(caps: u64) -> Vec<&'static str> {
         (abi::KVH_CAP_SHARED, "shared"),
         (abi::KVH_CAP_DISCARDS, "discards"),
         (abi::KVH_CAP_CLEAR, "clear"),
+        (abi::KVH_CAP_ASYNC_CONTAINS, "async_contains"),
+        (abi::KVH_CAP_ASYNC_REMOVE, "async_remove"),
     ]
     .iter()
     .filter(|(bit, _)| caps & bit != 0)
@@ -120,6 +125,9 @@ pub struct PluginBackend {
     vt: abi::kvh_backend_vtable,
     backend: *mut abi::kvh_backend,
     ctx: &'static HostCtx,
+    /// Keys pinned by lookups that completed after their caller stopped waiting; unpinned on the next
+    /// lookup (never from the plugin's completion thread).
+    orphan_pins: Arc<parking_lot::Mutex<Vec<crate::ChunkKey>>>,
 }
 
 // SAFETY: the ABI makes every data-path function `[any-thread]` and concurrent-safe; `destroy` runs
@@ -150,6 +158,7 @@ impl PluginBackend {
             vt,
             backend,
             ctx,
+            orphan_pins: Arc::default(),
         }
     }
 
@@ -212,7 +221,8 @@ impl PluginBackend {
     }
 
     /// Which keys are stored, with their metadata; pins present keys if `pin` (ignored without
-    /// `KVH_CAP_PIN`).
+    /// `KVH_CAP_PIN`). Always the synchronous entry: the calling thread waits inside the plugin. The
+    /// chain uses [`contains_wait`](Self::contains_wait), which prefers `contains_async`.
     pub fn contains(
         &self,
         keys: &[crate::ChunkKey],
@@ -236,21 +246,7 @@ impl PluginBackend {
         if rc != abi::KVH_OK {
             return Err(self.sync_error("contains", rc));
         }
-        Ok(status
-            .into_iter()
-            .zip(meta)
-            .map(|(s, m)| match s {
-                abi::KVH_OK => match ops::check_meta(&m) {
-                    Ok(()) => Presence::Present(m),
-                    Err(why) => Presence::Failed(Status::INTERNAL, why),
-                },
-                abi::KVH_ERR_NOT_FOUND => Presence::Absent,
-                abi::KVH_ERR_NO_RESULT => {
-                    Presence::Failed(Status(s), "the plugin did not report this key".into())
-                }
-                other => Presence::Failed(Status(other), String::new()),
-            })
-            .collect())
+        Ok(ops::presence_items(rc, &status, &meta))
     }
 
     fn key_op(
@@ -274,7 +270,8 @@ impl PluginBackend {
         Ok(status.into_iter().map(Status).collect())
     }
 
-    /// Remove keys: per key `OK`, `NOT_FOUND` or an error.
+    /// Remove keys: per key `OK`, `NOT_FOUND` or an error. Always the synchronous entry (see
+    /// [`remove_wait`](Self::remove_wait)).
     pub fn remove(
         &self,
         keys: &[crate::ChunkKey],

@@ -1,4 +1,5 @@
-//! Asynchronous operations: `put`, `get` and `prefetch`.
+//! Asynchronous operations: `put`, `get`, `prefetch`, and `contains`/`remove` through their ABI 1.2
+//! asynchronous entries.
 //!
 //! Each call moves its keys, buffers and per-item arrays into one boxed operation state whose address
 //! never changes, registers it in the completion table, and only then derives the raw pointers the
@@ -6,7 +7,7 @@
 //! once: from the completion callback for PENDING, or right away for any other status.
 
 use super::ffi::{self, FfiKeys, PendingOp};
-use super::{PluginBackend, PluginError};
+use super::{PluginBackend, PluginError, Presence};
 use crate::key::ChunkKey;
 use kvhost_plugin_sdk::abi;
 use kvhost_plugin_sdk::{ChunkMeta, Status};
@@ -123,6 +124,51 @@ pub struct PrefetchDone {
     pub items: Vec<Status>,
     /// The whole call's error, if it failed.
     pub error: Option<PluginError>,
+}
+
+/// The end of a contains.
+#[derive(Debug)]
+pub struct ContainsDone {
+    /// The keys.
+    pub keys: Vec<ChunkKey>,
+    /// Per key. When the whole call failed, every key carries that error.
+    pub items: Vec<Presence>,
+    /// The whole call's error, if it failed.
+    pub error: Option<PluginError>,
+}
+
+/// The end of a remove.
+#[derive(Debug)]
+pub struct RemoveDone {
+    /// The keys.
+    pub keys: Vec<ChunkKey>,
+    /// Per key: `OK`, `NOT_FOUND` or an error.
+    pub items: Vec<Status>,
+    /// The whole call's error, if it failed.
+    pub error: Option<PluginError>,
+}
+
+/// Per-key presence from the raw arrays of a finished contains.
+pub(crate) fn presence_items(
+    aggregate: abi::kvh_status,
+    status: &[abi::kvh_status],
+    meta: &[ChunkMeta],
+) -> Vec<Presence> {
+    item_statuses(aggregate, status)
+        .into_iter()
+        .zip(meta)
+        .map(|(s, m)| match s.0 {
+            abi::KVH_OK => match check_meta(m) {
+                Ok(()) => Presence::Present(*m),
+                Err(why) => Presence::Failed(Status::INTERNAL, why),
+            },
+            abi::KVH_ERR_NOT_FOUND => Presence::Absent,
+            abi::KVH_ERR_NO_RESULT => {
+                Presence::Failed(s, "the plugin did not report this key".into())
+            }
+            _ => Presence::Failed(s, String::new()),
+        })
+        .collect()
 }
 
 /// A metadata record is plausible.
@@ -277,6 +323,61 @@ impl<F: FnOnce(PrefetchDone) + Send + 'static> PendingOp for PrefetchState<F> {
         let error = aggregate_error(&s.plugin, "prefetch", status, message);
         if let Some(f) = s.on_done {
             f(PrefetchDone {
+                keys: s.keys,
+                items,
+                error,
+            });
+        }
+    }
+}
+
+struct ContainsState<F> {
+    plugin: String,
+    keys: Vec<ChunkKey>,
+    ffi_keys: FfiKeys,
+    meta: Vec<ChunkMeta>,
+    status: Vec<abi::kvh_status>,
+    batch: abi::kvh_contains_batch,
+    on_done: Option<F>,
+}
+
+// SAFETY: as for `PutState`.
+unsafe impl<F: Send> Send for ContainsState<F> {}
+
+impl<F: FnOnce(ContainsDone) + Send + 'static> PendingOp for ContainsState<F> {
+    fn finish(self: Box<Self>, status: abi::kvh_status, message: &str) {
+        let s = *self;
+        let items = presence_items(status, &s.status, &s.meta);
+        let error = aggregate_error(&s.plugin, "contains", status, message);
+        if let Some(f) = s.on_done {
+            f(ContainsDone {
+                keys: s.keys,
+                items,
+                error,
+            });
+        }
+    }
+}
+
+struct RemoveState<F> {
+    plugin: String,
+    keys: Vec<ChunkKey>,
+    ffi_keys: FfiKeys,
+    status: Vec<abi::kvh_status>,
+    batch: abi::kvh_key_batch,
+    on_done: Option<F>,
+}
+
+// SAFETY: as for `PutState`.
+unsafe impl<F: Send> Send for RemoveState<F> {}
+
+impl<F: FnOnce(RemoveDone) + Send + 'static> PendingOp for RemoveState<F> {
+    fn finish(self: Box<Self>, status: abi::kvh_status, message: &str) {
+        let s = *self;
+        let items = item_statuses(status, &s.status);
+        let error = aggregate_error(&s.plugin, "remove", status, message);
+        if let Some(f) = s.on_done {
+            f(RemoveDone {
                 keys: s.keys,
                 items,
                 error,
@@ -497,6 +598,159 @@ impl PluginBackend {
             |done| unsafe { f(self.backend, batch, done) },
             "prefetch",
         );
+    }
+
+    /// Look keys up without blocking this thread inside the plugin when it has `contains_async`
+    /// (`KVH_CAP_ASYNC_CONTAINS`); otherwise the synchronous `contains` runs here and `on_done` is called
+    /// before this returns. `pin` is ignored without `KVH_CAP_PIN`.
+    pub fn contains_async<F: FnOnce(ContainsDone) + Send + 'static>(
+        &self,
+        keys: Vec<ChunkKey>,
+        pin: bool,
+        on_done: F,
+    ) {
+        let Some(f) = self.vt.contains_async else {
+            let (items, error) = match self.contains(&keys, pin) {
+                Ok(items) => (items, None),
+                Err(e) => (
+                    vec![Presence::Failed(e.status, String::new()); keys.len()],
+                    Some(e),
+                ),
+            };
+            return on_done(ContainsDone { keys, items, error });
+        };
+        let n = keys.len();
+        let ffi_keys = FfiKeys::new(&keys);
+        let mut state = Box::new(ContainsState {
+            plugin: self.info.name.clone(),
+            keys,
+            ffi_keys,
+            meta: vec![ChunkMeta::default(); n],
+            status: vec![abi::KVH_ERR_NO_RESULT; n],
+            batch: abi::kvh_contains_batch {
+                keys: std::ptr::null(),
+                out_meta: std::ptr::null_mut(),
+                item_status: std::ptr::null_mut(),
+                len: n,
+                pin: u32::from(pin && self.has(abi::KVH_CAP_PIN)),
+                reserved: 0,
+            },
+            on_done: Some(on_done),
+        });
+        state.batch.keys = state.ffi_keys.keys.as_ptr();
+        state.batch.out_meta = state.meta.as_mut_ptr();
+        state.batch.item_status = state.status.as_mut_ptr();
+        let batch: *const abi::kvh_contains_batch = &state.batch;
+        // SAFETY: as in `put`.
+        self.submit(
+            state,
+            |done| unsafe { f(self.backend, batch, done) },
+            "contains",
+        );
+    }
+
+    /// Remove keys without blocking this thread inside the plugin when it has `remove_async`
+    /// (`KVH_CAP_ASYNC_REMOVE`); otherwise as [`contains_async`](Self::contains_async).
+    pub fn remove_async<F: FnOnce(RemoveDone) + Send + 'static>(
+        &self,
+        keys: Vec<ChunkKey>,
+        force: bool,
+        on_done: F,
+    ) {
+        let Some(f) = self.vt.remove_async else {
+            let (items, error) = match self.remove(&keys, force) {
+                Ok(items) => (items, None),
+                Err(e) => (vec![e.status; keys.len()], Some(e)),
+            };
+            return on_done(RemoveDone { keys, items, error });
+        };
+        let n = keys.len();
+        let ffi_keys = FfiKeys::new(&keys);
+        let mut state = Box::new(RemoveState {
+            plugin: self.info.name.clone(),
+            keys,
+            ffi_keys,
+            status: vec![abi::KVH_ERR_NO_RESULT; n],
+            batch: abi::kvh_key_batch {
+                keys: std::ptr::null(),
+                item_status: std::ptr::null_mut(),
+                len: n,
+            },
+            on_done: Some(on_done),
+        });
+        state.batch.keys = state.ffi_keys.keys.as_ptr();
+        state.batch.item_status = state.status.as_mut_ptr();
+        let batch: *const abi::kvh_key_batch = &state.batch;
+        // SAFETY: as in `put`.
+        self.submit(
+            state,
+            |done| unsafe { f(self.backend, batch, force, done) },
+            "remove",
+        );
+    }
+
+    /// [`contains_async`](Self::contains_async) and wait up to `timeout`. Keys the plugin pinned for a
+    /// lookup that completes after the timeout are unpinned by the next call on a host thread.
+    pub fn contains_wait(
+        &self,
+        keys: Vec<ChunkKey>,
+        pin: bool,
+        timeout: Duration,
+    ) -> Result<Vec<Presence>, PluginError> {
+        self.release_orphan_pins();
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let orphans = self.orphan_pins.clone();
+        let pinned = pin && self.has(abi::KVH_CAP_PIN);
+        self.contains_async(keys, pin, move |d: ContainsDone| {
+            if let Err(late) = tx.send(d) {
+                let d = late.into_inner();
+                if pinned && d.error.is_none() {
+                    let mut o = orphans.lock();
+                    for (k, p) in d.keys.into_iter().zip(&d.items) {
+                        if matches!(p, Presence::Present(_)) {
+                            o.push(k);
+                        }
+                    }
+                }
+            }
+        });
+        let d = rx
+            .recv_timeout(timeout)
+            .map_err(|_| self.timeout_error("contains", timeout))?;
+        match d.error {
+            Some(e) => Err(e),
+            None => Ok(d.items),
+        }
+    }
+
+    /// [`remove_async`](Self::remove_async) and wait up to `timeout`.
+    pub fn remove_wait(
+        &self,
+        keys: Vec<ChunkKey>,
+        force: bool,
+        timeout: Duration,
+    ) -> Result<Vec<Status>, PluginError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.remove_async(keys, force, move |d| {
+            let _ = tx.send(d);
+        });
+        let d = rx
+            .recv_timeout(timeout)
+            .map_err(|_| self.timeout_error("remove", timeout))?;
+        match d.error {
+            Some(e) => Err(e),
+            None => Ok(d.items),
+        }
+    }
+
+    /// Unpin keys whose pinning lookup completed after the host stopped waiting.
+    pub(crate) fn release_orphan_pins(&self) {
+        let keys = std::mem::take(&mut *self.orphan_pins.lock());
+        if !keys.is_empty() {
+            if let Err(e) = self.unpin(&keys) {
+                tracing::warn!(target: "kvhost::plugin", plugin = %self.info.name, "releasing pins of a late lookup: {e}");
+            }
+        }
     }
 
     /// [`put`](Self::put) and wait up to `timeout`. On timeout the operation stays pending: its buffers

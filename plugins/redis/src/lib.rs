@@ -1,7 +1,9 @@
 //! `redis`: a kvhost storage backend that keeps KV chunks in one Redis server or a Redis Cluster.
 //!
-//! - `put` and `get` run on the backend's own worker threads and complete asynchronously; each request
-//!   is one pipeline per node (two for chunks split into parts: parts, then manifests).
+//! - `put`, `get`, and (ABI 1.2) `contains_async` and `remove_async` run on the backend's own worker
+//!   threads and complete asynchronously, so no host thread waits on the network; each request is one
+//!   pipeline per node (two for chunks split into parts: parts, then manifests). The synchronous
+//!   `contains` and `remove`, for hosts older than ABI 1.2, run the same pipelines on the calling thread.
 //! - Values larger than `part_size_mib` are split into parts, written before the manifest that makes the
 //!   chunk visible; all keys of a chunk share one hash tag, so in a cluster they live on one node.
 //! - Values are written from and read into the host's buffers without intermediate copies.
@@ -30,9 +32,11 @@ use std::time::Duration;
 enum Job {
     Put(Pending<Put>),
     Get(Pending<Get>),
+    Contains(Pending<Contains>),
+    Remove(Pending<Remove>),
 }
 
-/// Requests queued per worker thread before `put`/`get` answer `BUSY`.
+/// Requests queued per worker thread before a request is answered `BUSY`.
 const QUEUE_PER_WORKER: usize = 64;
 
 /// The `redis` backend: an [`Engine`] plus its worker threads.
@@ -177,8 +181,22 @@ impl RedisBackend {
                     ),
                 );
                 match job {
-                    Job::Put(p) => fail_all_put(p, &e),
-                    Job::Get(p) => fail_all_get(p, &e),
+                    Job::Put(p) => {
+                        p.set_all(e.status);
+                        p.fail(&e);
+                    }
+                    Job::Get(p) => {
+                        (0..p.len()).for_each(|i| p.set_status(i, e.status));
+                        p.fail(&e);
+                    }
+                    Job::Contains(p) => {
+                        (0..p.len()).for_each(|i| p.set_status(i, e.status));
+                        p.fail(&e);
+                    }
+                    Job::Remove(p) => {
+                        (0..p.len()).for_each(|i| p.set_status(i, e.status));
+                        p.fail(&e);
+                    }
                 }
             }
             // Every worker died (each is under the SDK's panic boundary, which poisoned the backend):
@@ -187,16 +205,6 @@ impl RedisBackend {
         }
         submit
     }
-}
-
-fn fail_all_put(p: Pending<Put>, e: &Error) {
-    p.set_all(e.status);
-    p.fail(e);
-}
-
-fn fail_all_get(p: Pending<Get>, e: &Error) {
-    (0..p.len()).for_each(|i| p.set_status(i, e.status));
-    p.fail(e);
 }
 
 fn worker(engine: &Engine, rx: &Receiver<Job>) {
@@ -210,8 +218,50 @@ fn worker(engine: &Engine, rx: &Receiver<Job>) {
                 let err = engine.get(&mut p);
                 finish(p, err);
             }
+            Job::Contains(p) => {
+                let err = lookup(engine, &p);
+                finish(p, err);
+            }
+            Job::Remove(p) => {
+                let err = unlink(engine, &p);
+                finish(p, err);
+            }
         }
     }
+}
+
+/// Look up every key of `b` and report it; the first node error, if any.
+fn lookup(engine: &Engine, b: &Batch<Contains>) -> Option<String> {
+    let keys: Vec<(u64, &str)> = (0..b.len())
+        .map(|i| {
+            let k = b.key(i);
+            (k.key_hash(), k.canonical())
+        })
+        .collect();
+    let (found, err) = engine.contains(&keys);
+    for (i, f) in found.into_iter().enumerate() {
+        match f {
+            Ok(Some(meta)) => b.set_present(i, meta),
+            Ok(None) => b.set_absent(i),
+            Err(s) => b.set_status(i, s),
+        }
+    }
+    err
+}
+
+/// Remove every key of `b` and report it; the first node error, if any.
+fn unlink(engine: &Engine, b: &Batch<Remove>) -> Option<String> {
+    let keys: Vec<(u64, &str)> = (0..b.len())
+        .map(|i| {
+            let k = b.key(i);
+            (k.key_hash(), k.canonical())
+        })
+        .collect();
+    let (statuses, err) = engine.remove(&keys);
+    for (i, s) in statuses.into_iter().enumerate() {
+        b.set_status(i, s);
+    }
+    err
 }
 
 /// Complete with `OK`, or with the first node error (per-item statuses are already set; the host
@@ -224,8 +274,12 @@ fn finish<O: Op>(p: Pending<O>, err: Option<String>) {
 }
 
 impl Backend for RedisBackend {
-    const CAPABILITIES: u64 =
-        abi::KVH_CAP_PERSISTENT | abi::KVH_CAP_SHARED | abi::KVH_CAP_HEALTH | abi::KVH_CAP_CLEAR;
+    const CAPABILITIES: u64 = abi::KVH_CAP_PERSISTENT
+        | abi::KVH_CAP_SHARED
+        | abi::KVH_CAP_HEALTH
+        | abi::KVH_CAP_CLEAR
+        | abi::KVH_CAP_ASYNC_CONTAINS
+        | abi::KVH_CAP_ASYNC_REMOVE;
     const OPTIONS: &'static [OptionSpec] = &[
         OptionSpec::optional(
             c"url",
@@ -337,6 +391,21 @@ impl Backend for RedisBackend {
             return req.finish(Status::OK);
         }
         self.submit(req, Job::Get)
+    }
+
+    fn contains_async(&self, req: Request<Contains>) -> Submit {
+        if req.is_empty() {
+            return req.finish(Status::OK);
+        }
+        self.submit(req, Job::Contains)
+    }
+
+    /// Removal ignores `force`: this backend has no pins.
+    fn remove_async(&self, req: Request<Remove>, _force: bool) -> Submit {
+        if req.is_empty() {
+            return req.finish(Status::OK);
+        }
+        self.submit(req, Job::Remove)
     }
 
     fn remove(&self, batch: &mut KeyBatch<'_>, _force: bool) -> Result<(), Error> {
