@@ -326,13 +326,26 @@ fn a_hung_tier_never_holds_a_lookup_or_remove_past_the_read_timeout() {
     let hang = fixture("fx_hang");
     let y = format!(
         "chunk_size: 16\nmax_local_cpu_size: 0.0625\nlocal_cpu_prefault: false\n\
-         blocking_timeout_secs: 0.3\nstorage_plugins: [hang, mem]\nextra_config:\n  \
+         blocking_timeout_secs: 0.3\npin_check_interval_sec: 0.05\nstorage_plugins: [hang, mem]\nextra_config:\n  \
          storage_plugin.hang.module_path: {}\n  storage_plugin.hang.class_name: hang\n  \
          storage_plugin.mem.module_path: kvhost_mem\n  storage_plugin.mem.class_name: mem\n",
         hang.display()
     );
     let config = kvhost::config::Config::from_yaml(&y, None).unwrap();
     let chain = kvhost::chain::Chain::from_config(&config).unwrap();
+    let hung = chain.plugins()[0].clone();
+    // A pinning lookup the hung tier answers only after the chain gave up: the pin monitor releases
+    // those pins without waiting for another lookup.
+    let pinned = chain.lookup(&[key(40), key(41)], Some("late"));
+    assert_eq!(pinned.hit_chunks, 0);
+    hung.flush().unwrap();
+    assert_eq!(hung.health().unwrap().unwrap(), "pins=2");
+    let deadline = Instant::now() + WAIT;
+    while hung.health().unwrap().unwrap() != "pins=0" {
+        assert!(Instant::now() < deadline, "late pins were never released");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(chain.unpin("late"), 0, "nothing was pinned for the caller");
     // Stored in the second tier only, behind the hung one.
     let k = key(42);
     let mem = chain.plugins()[1].clone();
@@ -367,7 +380,7 @@ fn a_hung_tier_never_holds_a_lookup_or_remove_past_the_read_timeout() {
     );
     let after = mem.contains(std::slice::from_ref(&k), false).unwrap();
     assert_eq!(after, [Presence::Absent], "the healthy tier removed it");
-    assert_eq!(chain.plugins()[0].in_flight(), 3, "lookup x2 and remove");
+    assert_eq!(hung.in_flight(), 3, "lookup x2 and remove");
 }
 
 #[test]

@@ -901,6 +901,12 @@ fn pin_monitor(inner: std::sync::Weak<Inner>) {
             tracing::warn!(target: "kvhost::chain", "lookup `{id}` held its pins past {timeout:?}; released");
             release_pins(&strong, p);
         }
+        // Pins of lookups that completed after the chain stopped waiting, should no lookup come by.
+        for tier in &strong.tiers {
+            if let Some(plugin) = tier.plugin() {
+                plugin.release_orphan_pins();
+            }
+        }
     }
 }
 

@@ -690,7 +690,8 @@ impl PluginBackend {
     }
 
     /// [`contains_async`](Self::contains_async) and wait up to `timeout`. Keys the plugin pinned for a
-    /// lookup that completes after the timeout are unpinned by the next call on a host thread.
+    /// lookup that completes after the timeout are unpinned on a host thread: by the next lookup, or by
+    /// the chain's pin monitor.
     pub fn contains_wait(
         &self,
         keys: Vec<ChunkKey>,
