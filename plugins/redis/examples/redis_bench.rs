@@ -4,11 +4,16 @@
 //! ```text
 //! cargo build --release -p kvhost-plugin-redis --example redis_bench
 //! target/release/examples/redis_bench [--sizes-kib 256,2048,32768] [--concurrency 4] [--total-mib 1024]
-//!                                     [--reps 3] [--part-mib 4] [--port P (a running server; else one is started)]
+//!                                     [--reps 3] [--part-mib 4] [--driver threads|events]
+//!                                     [--port P (a running server; else one is started)]
 //! ```
 //!
 //! - Concurrency C means C requests in flight on both sides: `redis-benchmark -c C` (no pipelining) and
-//!   C host threads, each waiting for its single-chunk put or get before the next (`pool_size = C`).
+//!   C single-chunk puts or gets in flight on the plugin (`pool_size = C`), driven one of two ways:
+//!   - `threads`: C host threads, each waiting for its request before submitting the next;
+//!   - `events`: one host thread submits C requests and each completion submits the next one, from the
+//!     plugin's completion thread, as an event-driven host does (and as `redis-benchmark`'s single
+//!     event loop does with its C connections).
 //! - Both sides cycle over the same number of keys (`-r K`), so the server holds the same bytes.
 //! - Each configuration runs `--reps` times, alternating which side goes first; medians are printed.
 //! - The plugin splits values over `part_size_mib` (4 MiB by default) into parts written in one
@@ -31,6 +36,7 @@ struct Args {
     reps: usize,
     port: Option<u16>,
     part_mib: String,
+    events: bool,
 }
 
 fn parse_args() -> Args {
@@ -41,6 +47,7 @@ fn parse_args() -> Args {
         reps: 3,
         port: None,
         part_mib: "4".to_string(),
+        events: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -57,6 +64,13 @@ fn parse_args() -> Args {
             "--reps" => a.reps = val().parse::<usize>().expect("--reps N").max(1),
             "--port" => a.port = Some(val().parse().expect("--port P")),
             "--part-mib" => a.part_mib = val(),
+            "--driver" => {
+                a.events = match val().as_str() {
+                    "threads" => false,
+                    "events" => true,
+                    other => panic!("--driver threads|events, not `{other}`"),
+                }
+            }
             "-h" | "--help" => {
                 println!("redis_bench [--sizes-kib 256,2048,32768] [--concurrency 4] [--total-mib 1024] [--reps 3] [--part-mib 4] [--port P]");
                 std::process::exit(0);
@@ -168,6 +182,125 @@ fn meta(len: usize) -> ChunkMeta {
         shape: [len as i32, 0, 0, 0],
         reserved: 0,
     }
+}
+
+/// Keeps `conc` requests in flight until `n` were made: each completion submits the next request from
+/// the completion thread. Ends when every slot has returned its buffer.
+struct EventDriver {
+    plugin: std::sync::Arc<PluginBackend>,
+    next: std::sync::atomic::AtomicUsize,
+    n: usize,
+    size: usize,
+    keys: usize,
+    returned: crossbeam_channel::Sender<Vec<u8>>,
+}
+
+impl EventDriver {
+    fn key(&self, i: usize) -> ChunkKey {
+        ChunkKey::new("bench/model", 1, 0, (i % self.keys) as i128 + 1, "half").unwrap()
+    }
+
+    fn take(&self, buf: Vec<u8>) -> Option<(usize, Vec<u8>)> {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if i < self.n {
+            return Some((i, buf));
+        }
+        let _ = self.returned.send(buf);
+        None
+    }
+
+    fn put_next(self: std::sync::Arc<Self>, buf: Vec<u8>) {
+        let Some((i, buf)) = self.take(buf) else {
+            return;
+        };
+        let request = PutRequest {
+            keys: vec![self.key(i)],
+            bufs: vec![buf],
+            metas: vec![meta(self.size)],
+        };
+        let d = self.clone();
+        self.plugin.put(request, move |done| {
+            assert!(
+                done.items[0] == Status::OK,
+                "{:?} {:?}",
+                done.items,
+                done.error
+            );
+            d.put_next(done.request.bufs.into_iter().next().unwrap());
+        });
+    }
+
+    fn get_next(self: std::sync::Arc<Self>, buf: Vec<u8>) {
+        let Some((i, buf)) = self.take(buf) else {
+            return;
+        };
+        let request = GetRequest {
+            keys: vec![self.key(i)],
+            bufs: vec![buf],
+        };
+        let d = self.clone();
+        let size = self.size;
+        self.plugin.get(request, move |done| {
+            assert!(
+                matches!(done.items[0], GetItem::Hit { len, .. } if len == size),
+                "{:?}",
+                done.items
+            );
+            d.get_next(done.request.bufs.into_iter().next().unwrap());
+        });
+    }
+}
+
+/// The `events` driver: (put GB/s, get GB/s).
+fn plugin_run_events(
+    port: u16,
+    size: usize,
+    n: usize,
+    conc: usize,
+    keys: usize,
+    part_mib: &str,
+) -> (f64, f64) {
+    redis_cli(port, &["FLUSHALL"]);
+    let plugin = std::sync::Arc::new(load(port, conc, part_mib));
+    let run = |put: bool, bufs: Vec<Vec<u8>>| {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let d = std::sync::Arc::new(EventDriver {
+            plugin: plugin.clone(),
+            next: std::sync::atomic::AtomicUsize::new(0),
+            n,
+            size,
+            keys,
+            returned: tx,
+        });
+        let started = Instant::now();
+        for buf in bufs {
+            if put {
+                d.clone().put_next(buf);
+            } else {
+                d.clone().get_next(buf);
+            }
+        }
+        let back: Vec<Vec<u8>> = (0..conc)
+            .map(|_| rx.recv_timeout(WAIT).expect("slot"))
+            .collect();
+        let took = started.elapsed();
+        // The last callbacks still hold the driver (and through it the plugin) for a moment: the
+        // plugin must not be dropped, i.e. destroyed, from its own completion thread.
+        while std::sync::Arc::strong_count(&d) > 1 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        (took, back)
+    };
+    let bufs = (0..conc)
+        .map(|t| (0..size).map(|i| (i * 31 + t) as u8).collect())
+        .collect();
+    let (put, bufs) = run(true, bufs);
+    let (get, _) = run(false, bufs);
+    let bytes = (n * size) as f64;
+    (
+        bytes / put.as_secs_f64() / 1e9,
+        bytes / get.as_secs_f64() / 1e9,
+    )
 }
 
 /// `conc` threads, each putting (then, separately timed, getting) its share of `n` single-chunk
@@ -285,9 +418,10 @@ fn main() {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     println!(
-        "redis_bench: {} MiB per run, concurrency {}, median of {} runs, server 127.0.0.1:{port} ({version})",
+        "redis_bench: {} MiB per run, concurrency {} ({} driver), median of {} runs, server 127.0.0.1:{port} ({version})",
         a.total >> 20,
         a.conc,
+        if a.events { "events" } else { "threads" },
         a.reps
     );
     println!(
@@ -306,7 +440,11 @@ fn main() {
         let (mut pp, mut pg, mut bs, mut bg) = (vec![], vec![], vec![], vec![]);
         for rep in 0..a.reps {
             let mut plugin = || {
-                let (p, g) = plugin_run(port, size, n, a.conc, keys, part_mib);
+                let (p, g) = if a.events {
+                    plugin_run_events(port, size, n, a.conc, keys, part_mib)
+                } else {
+                    plugin_run(port, size, n, a.conc, keys, part_mib)
+                };
                 pp.push(p);
                 pg.push(g);
             };
