@@ -29,21 +29,15 @@ pub struct Timeouts {
     pub command: Duration,
 }
 
-/// Parse `url` (`redis://[[user]:password@]host[:port][/db]`) with the crate into an address and the
-/// handshake. TLS (`rediss://`) and unix sockets are refused: the data path is plain TCP.
-pub fn parse_url(url: &str) -> Result<(String, Handshake), String> {
+/// Parse `url` (`redis[s]://[[user]:password@]host[:port][/db]`) with the crate into an address, the
+/// handshake (without TLS settings) and whether the scheme asks for TLS. Unix sockets are refused.
+pub fn parse_url(url: &str) -> Result<(String, Handshake, bool), String> {
     let info = url
         .into_connection_info()
         .map_err(|e| format!("url `{}`: {e}", redact(url)))?;
-    let addr = match info.addr() {
-        ConnectionAddr::Tcp(host, port) => format!("{host}:{port}"),
-        ConnectionAddr::TcpTls { .. } => {
-            return Err(format!(
-                "url `{}`: TLS (rediss://) is not supported by this plugin's zero-copy data path; \
-                 use redis:// on a trusted network or a TLS tunnel (stunnel, spiped) on loopback",
-                redact(url)
-            ))
-        }
+    let (addr, tls) = match info.addr() {
+        ConnectionAddr::Tcp(host, port) => (format!("{host}:{port}"), false),
+        ConnectionAddr::TcpTls { host, port, .. } => (format!("{host}:{port}"), true),
         _ => {
             return Err(format!(
                 "url `{}`: unix sockets are not supported; use redis://host:port",
@@ -58,7 +52,9 @@ pub fn parse_url(url: &str) -> Result<(String, Handshake), String> {
             username: r.username().map(str::to_string),
             password: r.password().map(str::to_string),
             db: r.db(),
+            tls: None,
         },
+        tls,
     ))
 }
 
@@ -90,10 +86,21 @@ pub fn control_conn(
     if let Some(p) = &hs.password {
         settings = settings.set_password(p);
     }
-    let info: ConnectionInfo = ConnectionAddr::Tcp(host, port)
-        .into_connection_info()?
-        .set_redis_settings(settings);
-    let con = redis::Client::open(info)?.get_connection_with_timeout(t.connect)?;
+    let addr = match &hs.tls {
+        None => ConnectionAddr::Tcp(host, port),
+        Some(_) => ConnectionAddr::TcpTls {
+            host,
+            port,
+            insecure: false,
+            tls_params: None,
+        },
+    };
+    let info: ConnectionInfo = addr.into_connection_info()?.set_redis_settings(settings);
+    let client = match &hs.tls {
+        None => redis::Client::open(info)?,
+        Some(tls) => redis::Client::build_with_tls(info, tls.certificates())?,
+    };
+    let con = client.get_connection_with_timeout(t.connect)?;
     con.set_read_timeout(Some(t.command))?;
     con.set_write_timeout(Some(t.command))?;
     Ok(con)
@@ -354,13 +361,19 @@ mod tests {
 
     #[test]
     fn urls_parse_with_credentials_and_db() {
-        let (addr, hs) = parse_url("redis://alice:s3cret@127.0.0.1:7000/3").unwrap();
+        let (addr, hs, tls) = parse_url("redis://alice:s3cret@127.0.0.1:7000/3").unwrap();
         assert_eq!(addr, "127.0.0.1:7000");
+        assert!(!tls);
         assert_eq!(hs.username.as_deref(), Some("alice"));
         assert_eq!(hs.password.as_deref(), Some("s3cret"));
         assert_eq!(hs.db, 3);
-        let e = parse_url("rediss://:pw@h:1").unwrap_err();
-        assert!(e.contains("TLS") && !e.contains("pw"), "{e}");
+        let (addr, hs, tls) = parse_url("rediss://:pw@h:1").unwrap();
+        assert_eq!(
+            (addr.as_str(), hs.password.as_deref(), tls),
+            ("h:1", Some("pw"), true)
+        );
+        let e = parse_url("redis+unix:///tmp/redis.sock").unwrap_err();
+        assert!(e.contains("unix sockets"), "{e}");
         assert!(parse_url("not a url").is_err());
         assert_eq!(redact("redis://u:pw@h:1/0"), "redis://u:***@h:1/0");
         assert_eq!(redact("redis://:pw@h:1"), "redis://:***@h:1");

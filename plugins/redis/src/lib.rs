@@ -17,6 +17,7 @@ mod control;
 mod engine;
 mod layout;
 mod resp;
+mod tls;
 
 use control::{Target, Timeouts, Topology};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -83,7 +84,7 @@ fn settings_from(
     let nodes = opt(ctx, "cluster_nodes");
     let password = opt(ctx, "password");
     let username = opt(ctx, "username");
-    let (target, mut hs) = match (url.is_empty(), nodes.is_empty()) {
+    let (target, mut hs, url_tls) = match (url.is_empty(), nodes.is_empty()) {
         (false, false) => {
             return Err(Error::config(
                 "redis: give either `url` (one server) or `cluster_nodes` (a Redis Cluster), not both",
@@ -95,14 +96,14 @@ fn settings_from(
             ))
         }
         (false, true) => {
-            let (addr, hs) = control::parse_url(url).map_err(|e| Error::config(format!("redis: {e}")))?;
-            (Target::Single(addr), hs)
+            let (addr, hs, tls) = control::parse_url(url).map_err(|e| Error::config(format!("redis: {e}")))?;
+            (Target::Single(addr), hs, tls)
         }
         (true, false) => {
             let mut seeds = Vec::new();
             for n in nodes.split(',').map(str::trim).filter(|n| !n.is_empty()) {
                 let with_scheme = if n.contains("://") { n.to_string() } else { format!("redis://{n}") };
-                let (addr, hs) = control::parse_url(&with_scheme)
+                let (addr, hs, _) = control::parse_url(&with_scheme)
                     .map_err(|e| Error::config(format!("redis: `cluster_nodes`: {e}")))?;
                 if hs.db != 0 {
                     return Err(Error::config(format!(
@@ -112,9 +113,27 @@ fn settings_from(
                 }
                 seeds.push(addr);
             }
-            (Target::Cluster(seeds), resp::Handshake::default())
+            let tls = nodes.contains("rediss://");
+            (Target::Cluster(seeds), resp::Handshake::default(), tls)
         }
     };
+    let tls: bool = ctx.parse("tls")?;
+    if tls || url_tls {
+        let loaded = tls::Tls::load(
+            opt(ctx, "tls_ca_file"),
+            opt(ctx, "tls_cert_file"),
+            opt(ctx, "tls_key_file"),
+        )
+        .map_err(|e| Error::config(format!("redis: {e}")))?;
+        hs.tls = Some(Arc::new(loaded));
+    } else if ["tls_ca_file", "tls_cert_file", "tls_key_file"]
+        .iter()
+        .any(|k| !opt(ctx, k).is_empty())
+    {
+        return Err(Error::config(
+            "redis: tls_ca_file, tls_cert_file and tls_key_file need TLS: use a rediss:// url or tls: true",
+        ));
+    }
     if !password.is_empty() {
         hs.password = Some(password.to_string());
     }
@@ -299,6 +318,22 @@ impl Backend for RedisBackend {
             c"kvhost:",
             c"prefix of every key this instance writes; clear removes exactly the keys under it",
         ),
+        OptionSpec::optional(
+            c"tls",
+            c"false",
+            c"true: TLS to every node (implied by a rediss:// url; needed for cluster_nodes)",
+        ),
+        OptionSpec::optional(
+            c"tls_ca_file",
+            c"",
+            c"PEM file of the CA certificates to trust (empty: the system's)",
+        ),
+        OptionSpec::optional(
+            c"tls_cert_file",
+            c"",
+            c"PEM client certificate, for servers with tls-auth-clients (with tls_key_file)",
+        ),
+        OptionSpec::optional(c"tls_key_file", c"", c"PEM private key of tls_cert_file"),
         OptionSpec::optional(c"connect_timeout_ms", c"1000", c"TCP connect timeout"),
         OptionSpec::optional(
             c"command_timeout_ms",

@@ -8,6 +8,7 @@
 //! host's buffer. The control plane (handshake checks, `CLUSTER SLOTS`, `SCAN`, `PING`, `INFO`) stays on
 //! the crate, in `control.rs`.
 
+use crate::tls::Stream;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
@@ -53,7 +54,7 @@ pub enum BulkInto {
 
 /// One connection to one Redis node.
 pub struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     addr: String,
     wbuf: Vec<u8>,
     rbuf: Box<[u8]>,
@@ -76,6 +77,8 @@ pub struct Handshake {
     pub password: Option<String>,
     /// `SELECT` database (single node only).
     pub db: i64,
+    /// TLS on every connection (`rediss://` or `tls: true`).
+    pub tls: Option<std::sync::Arc<crate::tls::Tls>>,
 }
 
 fn proto_err(addr: &str, what: impl std::fmt::Display) -> io::Error {
@@ -111,6 +114,17 @@ impl Conn {
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(io_timeout))?;
         stream.set_write_timeout(Some(io_timeout))?;
+        let stream = match &hs.tls {
+            None => Stream::Plain(stream),
+            Some(tls) => {
+                let host = addr
+                    .rsplit_once(':')
+                    .map_or(addr, |(h, _)| h)
+                    .trim_start_matches('[')
+                    .trim_end_matches(']');
+                tls.connect(addr, host, stream)?
+            }
+        };
         let mut c = Conn {
             stream,
             addr: addr.to_string(),
@@ -199,7 +213,8 @@ impl Conn {
         // One `writev`: what is queued (this command's header included), the value from the caller's
         // memory, and the command's tail, so the server sees the command in as few segments as possible.
         let pending = std::mem::take(&mut self.wbuf);
-        let r = write_all_vectored(&mut self.stream, &[&pending, data, &tail]);
+        let r = write_all_vectored(&mut self.stream, &[&pending, data, &tail])
+            .and_then(|()| self.stream.flush());
         self.wbuf = pending;
         self.wbuf.clear();
         r.map_err(|e| self.io_err(e))
@@ -210,7 +225,10 @@ impl Conn {
         if self.wbuf.is_empty() {
             return Ok(());
         }
-        let r = self.stream.write_all(&self.wbuf);
+        let r = self
+            .stream
+            .write_all(&self.wbuf)
+            .and_then(|()| self.stream.flush());
         self.wbuf.clear();
         r.map_err(|e| self.io_err(e))
     }
@@ -417,7 +435,7 @@ impl Conn {
 }
 
 /// `writev` until every byte of `parts` is written.
-fn write_all_vectored(stream: &mut TcpStream, parts: &[&[u8]]) -> io::Result<()> {
+fn write_all_vectored(stream: &mut Stream, parts: &[&[u8]]) -> io::Result<()> {
     let mut slices: Vec<IoSlice<'_>> = parts
         .iter()
         .filter(|p| !p.is_empty())
@@ -456,7 +474,7 @@ mod tests {
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
         Conn {
-            stream,
+            stream: Stream::Plain(stream),
             addr: addr.to_string(),
             wbuf: Vec::new(),
             rbuf: vec![0u8; RBUF].into_boxed_slice(),
