@@ -190,8 +190,20 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Cluster {
+        Cluster::start_with(|_| Vec::new())
+    }
+
+    /// Three masters; `extra(i)` adds arguments for node `i`.
+    fn start_with(extra: impl Fn(usize) -> Vec<String>) -> Cluster {
         let conf = ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"];
-        let nodes: Vec<Server> = (0..3).map(|_| Server::start(&conf)).collect();
+        let nodes: Vec<Server> = (0..3)
+            .map(|i| {
+                let more = extra(i);
+                let mut args: Vec<&str> = conf.to_vec();
+                args.extend(more.iter().map(String::as_str));
+                Server::start(&args)
+            })
+            .collect();
         let addrs: Vec<String> = nodes.iter().map(Server::addr).collect();
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
@@ -488,6 +500,76 @@ fn redis_conforms_over_tls_with_client_certificates_and_refuses_bad_trust() {
     )
     .unwrap_err();
     assert!(e.contains("tls_ca_file `/nonexistent/ca.pem`"), "{e}");
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}
+
+#[test]
+fn redis_cluster_conforms_over_tls() {
+    if !have_redis("tls cluster") {
+        return;
+    }
+    let pki = Pki::make(
+        &profile_dir()
+            .join("redis-tests")
+            .join(format!("pki-c-{}", std::process::id())),
+    );
+    let tls_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    // Plain ports stay open for the test's own probes and `redis-cli --cluster create`; the cluster bus
+    // and every connection of the plugin use TLS.
+    let cluster = Cluster::start_with(|i| {
+        [
+            "--tls-port",
+            &tls_ports[i].to_string(),
+            "--tls-cluster",
+            "yes",
+            "--tls-cert-file",
+            &pki.file("server.crt"),
+            "--tls-key-file",
+            &pki.file("server.key"),
+            "--tls-ca-cert-file",
+            &pki.file("ca.crt"),
+            "--tls-auth-clients",
+            "no",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    });
+    let seeds = tls_ports
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let ca = pki.file("ca.crt");
+    let opts = [
+        ("cluster_nodes", seeds.as_str()),
+        ("tls", "true"),
+        ("tls_ca_file", ca.as_str()),
+        ("part_size_mib", "0.0625"),
+    ];
+    let factory = || {
+        let c = config_for("rct", &redis_so(), "redis", &opts);
+        kvhost::loader::load(&c.plugins[0], &c)
+    };
+    conformance(&factory, "3-node cluster over TLS");
+    let p = load("rct", &redis_so(), "redis", &opts).unwrap();
+    let h = p.health().unwrap().unwrap();
+    for port in &tls_ports {
+        assert!(
+            h.contains(&format!("127.0.0.1:{port}")),
+            "the slot map names TLS ports: {h}"
+        );
+    }
+    // Without TLS the same seeds do not answer RESP.
+    let e = load(
+        "rct",
+        &redis_so(),
+        "redis",
+        &[("cluster_nodes", seeds.as_str())],
+    )
+    .unwrap_err();
+    assert!(e.contains(&format!("127.0.0.1:{}", tls_ports[0])), "{e}");
+    drop(cluster);
     let _ = std::fs::remove_dir_all(&pki.dir);
 }
 
