@@ -15,8 +15,8 @@
  * any host thread, concurrently, on the same backend. Completion callbacks and host_api functions may
  * be called from any plugin thread.
  *
- * Async rule: put, get and prefetch return KVH_PENDING (the completion fires exactly once, later, from
- * any thread) or any other status (the completion never fires).
+ * Async rule: put, get, prefetch, contains_async and remove_async return KVH_PENDING (the completion
+ * fires exactly once, later, from any thread) or any other status (the completion never fires).
  */
 
 #ifndef KVHOST_PLUGIN_H
@@ -687,8 +687,8 @@ typedef struct kvh_get_batch {
 } kvh_get_batch;
 
 /**
- * Arguments of `remove`, `pin`, `unpin` and `prefetch`. Owned by the host; same lifetime rule as
- * `kvh_put_batch`.
+ * Arguments of `remove`, `pin`, `unpin`, `prefetch` and `remove_async`. Owned by the host; same
+ * lifetime rule as `kvh_put_batch`.
  */
 typedef struct kvh_key_batch {
   /**

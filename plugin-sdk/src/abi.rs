@@ -428,8 +428,8 @@ pub struct kvh_get_batch {
     pub len: usize,
 }
 
-/// Arguments of `remove`, `pin`, `unpin` and `prefetch`. Owned by the host; same lifetime rule as
-/// `kvh_put_batch`.
+/// Arguments of `remove`, `pin`, `unpin`, `prefetch` and `remove_async`. Owned by the host; same
+/// lifetime rule as `kvh_put_batch`.
 #[repr(C)]
 #[derive(StableAbi, Clone, Copy, Debug)]
 pub struct kvh_key_batch {
