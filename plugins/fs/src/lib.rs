@@ -15,6 +15,7 @@
 mod format;
 mod index;
 mod io;
+mod pool;
 mod store;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -38,6 +39,8 @@ pub struct FsBackend {
     store: Arc<Store>,
     queue: RwLock<Option<Sender<Job>>>,
     workers: Mutex<Vec<JoinHandle<()>>>,
+    /// The background thread filling the pool and creating shard directories.
+    prep: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for FsBackend {
@@ -56,6 +59,11 @@ fn parse_bool(key: &str, v: &str) -> Result<bool, Error> {
             "fs: option `{key}` = `{v}`: expected true or false"
         ))),
     }
+}
+
+/// Pool files kept ready: enough for every I/O thread to take one while the next are made.
+fn pool_files_for(io_threads: usize) -> usize {
+    (2 * io_threads).clamp(4, 32)
 }
 
 /// Parse the options of `create` into store settings and the I/O thread count.
@@ -114,6 +122,7 @@ fn settings_from(ctx: &CreateContext) -> Result<(Settings, usize), Error> {
             o_direct,
             verify_always,
             simulate_no_direct: false,
+            pool_files: pool_files_for(io_threads),
         },
         io_threads,
     ))
@@ -152,10 +161,24 @@ impl FsBackend {
                 }
             }
         }
+        let prep = {
+            let store = store.clone();
+            let run = move || prep(&store);
+            let name = "kvhost-fs-prep";
+            match ctx {
+                Some(ctx) => ctx.spawn(name, run),
+                None => std::thread::Builder::new().name(name.into()).spawn(run),
+            }
+        };
+        // Without it, puts create their own files and directories, as they do when the pool is empty.
+        let prep = prep
+            .map_err(|e| log::warn!("fs: cannot start the pool thread: {e}"))
+            .ok();
         Ok(FsBackend {
             store,
             queue: RwLock::new(Some(tx)),
             workers: Mutex::new(workers),
+            prep: Mutex::new(prep),
         })
     }
 
@@ -169,6 +192,21 @@ impl FsBackend {
         // CANCELED (allowed: the completion may fire before PENDING is returned).
         let _ = tx.send(job(pending));
         submit
+    }
+}
+
+/// The background thread: prepare while there is work, then sleep until a pool file is taken (or a
+/// second passes, to retry after a failure), until the pool is stopped.
+fn prep(store: &Store) {
+    let Some(pool) = store.pool() else {
+        while store.prep_step() {}
+        return;
+    };
+    loop {
+        while store.prep_step() {}
+        if !pool.wait(std::time::Duration::from_secs(1)) {
+            return;
+        }
     }
 }
 
@@ -380,6 +418,14 @@ impl Drop for FsBackend {
     /// Stop taking requests, let the I/O threads finish every queued one (their completions fire), and
     /// join them.
     fn drop(&mut self) {
+        if let Some(pool) = self.store.pool() {
+            pool.stop();
+        }
+        if let Some(p) = self.prep.lock().take() {
+            if p.join().is_err() {
+                log::error!("fs: the pool thread panicked");
+            }
+        }
         drop(self.queue.write().take());
         for w in self.workers.lock().drain(..) {
             if w.join().is_err() {

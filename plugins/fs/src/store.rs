@@ -9,6 +9,7 @@
 use crate::format::{self, Header, PendingHeader, ALIGN, CHUNK_EXT, FIXED_LEN, TMP_EXT};
 use crate::index::{Index, NewEntry, NoSpace, Victim};
 use crate::io::{self as fio, AlignedBuf, BOUNCE};
+use crate::pool::{Pool, PoolFile, POOL_DIR};
 use kvhost_plugin_sdk::log;
 use kvhost_plugin_sdk::{ChunkMeta, Error, Status};
 use parking_lot::Mutex;
@@ -17,7 +18,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, IoSliceMut, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Instant, SystemTime};
 
 /// When the plugin calls fsync.
@@ -71,6 +72,8 @@ pub struct Settings {
     pub verify_always: bool,
     /// Behave as if the filesystem refused O_DIRECT (tests of the fallback path only).
     pub simulate_no_direct: bool,
+    /// Files the temporary-file pool keeps ready (0: no pool).
+    pub pool_files: usize,
 }
 
 /// What the start-up scan found.
@@ -188,6 +191,9 @@ pub struct Store {
     direct_state: Mutex<String>,
     dirty: Mutex<Dirty>,
     tmp_seq: AtomicU64,
+    pool: Option<Pool>,
+    /// Shard directories up to this one were created by [`Store::prep_step`].
+    dirs_made: AtomicU32,
     stats: Stats,
     start: StartReport,
     _lock: File,
@@ -266,6 +272,15 @@ impl Store {
         };
         let mut index = Index::new(settings.capacity);
         let start = scan(&settings, &mut index);
+        let pool = match settings.pool_files {
+            0 => None,
+            n => Some(Pool::new(root, n).map_err(|e| {
+                io_error(
+                    format!("fs: cannot create {}", root.join(POOL_DIR).display()),
+                    &e,
+                )
+            })?),
+        };
         let store = Store {
             index: Mutex::new(index),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
@@ -273,6 +288,8 @@ impl Store {
             direct_state: Mutex::new(direct_state),
             dirty: Mutex::new(Dirty::default()),
             tmp_seq: AtomicU64::new(0),
+            pool,
+            dirs_made: AtomicU32::new(0),
             stats: Stats::default(),
             start,
             _lock: lock,
@@ -342,6 +359,44 @@ impl Store {
         }
     }
 
+    // ----- background preparation -----
+
+    /// The temporary-file pool, if enabled.
+    pub fn pool(&self) -> Option<&Pool> {
+        self.pool.as_ref()
+    }
+
+    /// One step of the background thread's work: add a file to the pool if it is below its target,
+    /// else create one missing shard directory (so puts into a new store do not `mkdir`). Returns
+    /// false when there is nothing left to do for now.
+    pub fn prep_step(&self) -> bool {
+        if let Some(pool) = &self.pool {
+            if pool.is_stopped() {
+                return false;
+            }
+            if pool.wants_more() {
+                let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+                match pool.fill_one(seq, self.direct.load(Ordering::Acquire)) {
+                    Ok(()) => return true,
+                    // Retried after the wait; shard directories still get made meanwhile.
+                    Err(e) => log::debug!("fs: cannot add a file to the pool: {e}"),
+                }
+            }
+        }
+        let next = self.dirs_made.load(Ordering::Relaxed);
+        if next >= self.settings.shards {
+            return false;
+        }
+        let dir = self.shard_dir(next);
+        if let Err(e) = fs::create_dir(&dir) {
+            if e.kind() != io::ErrorKind::AlreadyExists {
+                log::debug!("fs: cannot create {}: {e}", dir.display());
+            }
+        }
+        self.dirs_made.store(next + 1, Ordering::Relaxed);
+        true
+    }
+
     // ----- put -----
 
     /// Reserve room for a chunk (evicting as needed) and write it to a temporary file (fdatasync'ed
@@ -396,9 +451,16 @@ impl Store {
 
         let shard = format::shard_of(key_hash, self.settings.shards);
         let dir = self.shard_dir(shard);
-        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        let tmp = dir.join(format!(".{key_hash:016x}.{seq:x}{TMP_EXT}"));
-        match self.write_temp(&dir, &tmp, hdr, data, bufs) {
+        let direct = self.direct.load(Ordering::Acquire);
+        let pooled = self.pool.as_ref().and_then(|p| p.take(direct));
+        let tmp = match &pooled {
+            Some(p) => p.path.clone(),
+            None => {
+                let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+                dir.join(format!(".{key_hash:016x}.{seq:x}{TMP_EXT}"))
+            }
+        };
+        match self.write_temp(&dir, &tmp, direct, pooled, hdr, data, bufs) {
             Ok(file) => Ok(Staged {
                 key_hash,
                 canonical: canonical.into(),
@@ -434,44 +496,50 @@ impl Store {
         }
     }
 
-    /// Write header and data to a new temporary file. Buffered: the data is checksummed and written
-    /// in [`PIECE`]s (each hashed while it is in cache), then the header goes in front. O_DIRECT: the
-    /// data is checksummed first, then header and data are streamed in order.
+    /// Write header and data to the temporary file `tmp`: `pooled` if given (a pool file opened in
+    /// the `direct` mode), else a new file. Buffered: the data is checksummed and written in
+    /// [`PIECE`]s (each hashed while it is in cache), then the header goes in front. O_DIRECT: the
+    /// data is checksummed first, then header and data are written in one request.
+    #[allow(clippy::too_many_arguments)]
     fn write_temp(
         &self,
         dir: &Path,
         tmp: &Path,
+        direct: bool,
+        pooled: Option<PoolFile>,
         hdr: PendingHeader<'_>,
         data: &[u8],
         bufs: &mut IoBufs,
     ) -> io::Result<File> {
         let data_offset = hdr.data_offset();
         bufs.header.resize(data_offset as usize, 0);
-        if self.direct.load(Ordering::Acquire) {
-            match self.open_new(dir, tmp, true) {
-                Ok(f) => {
-                    let mut hasher = hdr.hasher();
-                    hasher.update(data);
-                    let IoBufs { bounce, header } = bufs;
-                    hdr.encode(hasher.digest(), header);
-                    let b = bounce.get_or_insert_with(|| AlignedBuf::new(BOUNCE));
-                    match fio::write_direct(&f, header, data, b) {
-                        Ok(()) => return self.finish_temp(f),
-                        Err(e) if fio::is_direct_unsupported(&e) => {
-                            drop(f);
-                            fs::remove_file(tmp)?;
-                            self.disable_direct(format!("write: {e}"));
-                        }
-                        Err(e) => return Err(e),
+        let mut pooled = pooled;
+        if direct {
+            let opened = match pooled.take() {
+                Some(p) => Ok(p.file),
+                None => self.open_new(dir, tmp, true),
+            };
+            match opened {
+                Ok(f) => match self.write_direct(&f, &hdr, data, bufs) {
+                    Ok(()) => return self.finish_temp(f),
+                    Err(e) if fio::is_direct_unsupported(&e) => {
+                        drop(f);
+                        fs::remove_file(tmp)?;
+                        self.disable_direct(format!("write: {e}"));
                     }
-                }
+                    Err(e) => return Err(e),
+                },
                 Err(e) if fio::is_direct_unsupported(&e) => {
                     self.disable_direct(format!("open: {e}"));
                 }
                 Err(e) => return Err(e),
             }
         }
-        let f = self.open_new(dir, tmp, false)?;
+        // Here `pooled` is a buffered file: after an O_DIRECT failure it was used above and removed.
+        let f = match pooled {
+            Some(p) => p.file,
+            None => self.open_new(dir, tmp, false)?,
+        };
         let mut hasher = hdr.hasher();
         let mut pos = data_offset;
         for piece in data.chunks(PIECE) {
@@ -482,6 +550,22 @@ impl Store {
         hdr.encode(hasher.digest(), &mut bufs.header);
         f.write_all_at(&bufs.header, 0)?;
         self.finish_temp(f)
+    }
+
+    /// Checksum the data, then write header and data in one request.
+    fn write_direct(
+        &self,
+        f: &File,
+        hdr: &PendingHeader<'_>,
+        data: &[u8],
+        bufs: &mut IoBufs,
+    ) -> io::Result<()> {
+        let mut hasher = hdr.hasher();
+        hasher.update(data);
+        let IoBufs { bounce, header } = bufs;
+        hdr.encode(hasher.digest(), header);
+        let b = bounce.get_or_insert_with(|| AlignedBuf::new(BOUNCE));
+        fio::write_direct(f, header, data, b)
     }
 
     fn finish_temp(&self, f: File) -> io::Result<File> {
@@ -527,7 +611,14 @@ impl Store {
         drop(file);
         let dest = self.path_of(key_hash, &canonical);
         let stripe = self.stripe(key_hash).lock();
-        if let Err(e) = fs::rename(&tmp, &dest) {
+        let renamed = match fs::rename(&tmp, &dest) {
+            // A pool file, and the background thread has not made this shard directory yet.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && tmp.exists() => {
+                fs::create_dir_all(self.shard_dir(shard)).and_then(|()| fs::rename(&tmp, &dest))
+            }
+            r => r,
+        };
+        if let Err(e) = renamed {
             drop(stripe);
             let _ = fs::remove_file(&tmp);
             self.index.lock().unreserve(charge);
@@ -922,7 +1013,8 @@ impl Store {
         let text = format!(
             "fs {}: {chunks} chunks, used={used} reserved={reserved} pinned={pinned} capacity={} bytes, \
              fs_free={} bytes, evictions={evictions}, no_space={}, corrupt_on_read={}, missing_on_read={}, io_errors={}, \
-             removed_at_start={} (temporary={} corrupt={}), o_direct={}, fsync={}, verify_reads={}, shards={}",
+             removed_at_start={} (temporary={} corrupt={}), o_direct={}, fsync={}, verify_reads={}, shards={}, \
+             pool_files={}",
             root.display(),
             self.settings.capacity,
             free.map_or("unknown".to_string(), |f| f.to_string()),
@@ -937,6 +1029,7 @@ impl Store {
             self.settings.fsync.name(),
             if self.settings.verify_always { "always" } else { "first" },
             self.settings.shards,
+            self.pool.as_ref().map_or(0, Pool::len),
         );
         if let Err(e) = writable {
             return Err(io_error(format!("directory not writable; {text}"), &e));
@@ -951,6 +1044,16 @@ impl Store {
             ));
         }
         Ok(text)
+    }
+}
+
+impl Drop for Store {
+    /// Remove the pool's files (a crash leaves them to the next start-up scan).
+    fn drop(&mut self) {
+        if let Some(pool) = &self.pool {
+            pool.stop();
+            pool.drain();
+        }
     }
 }
 
@@ -1159,6 +1262,19 @@ fn scan_dir(dir: &Path) -> DirScan {
     out
 }
 
+/// Remove the files a crash left in the pool directory. They never hold a committed chunk (a chunk is
+/// committed by renaming its file out of there), so they are temporary files, whatever they contain.
+fn clean_pool_dir(dir: &Path, report: &mut StartReport) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().ends_with(TMP_EXT) {
+            remove_counted(&entry.path(), &mut report.temp_removed, &mut report.errors);
+        }
+    }
+}
+
 /// Rebuild the index from the directory: remove temporary and invalid files, move files into the shard
 /// the current `shards` gives them, keep the newest file of a key, order the LRU by modification time.
 fn scan(settings: &Settings, index: &mut Index) -> StartReport {
@@ -1189,6 +1305,7 @@ fn scan(settings: &Settings, index: &mut Index) -> StartReport {
             .collect()
     });
     let mut report = StartReport::default();
+    clean_pool_dir(&settings.root.join(POOL_DIR), &mut report);
     let mut found = Vec::new();
     for r in results {
         report.temp_removed += r.temp_removed;

@@ -3,6 +3,7 @@
 
 use crate::format;
 use crate::io::AlignedBuf;
+use crate::pool::POOL_DIR;
 use crate::store::{Fsync, IoBufs, ReadOutcome, Settings, Store};
 use kvhost_plugin_sdk::{ChunkMeta, Status};
 use std::path::{Path, PathBuf};
@@ -39,6 +40,7 @@ fn settings(root: &Path, o_direct: bool, simulate_no_direct: bool) -> Settings {
         o_direct,
         verify_always: true,
         simulate_no_direct,
+        pool_files: 0,
     }
 }
 
@@ -241,4 +243,121 @@ fn with_verify_first_a_chunk_from_disk_is_checked_on_its_first_read() {
         assert!(matches!(out, ReadOutcome::Hit { len: 300_000, .. }));
         assert!(got == bytes(2, 300_000));
     }
+}
+
+/// Settings with a pool of `n` files (filled by [`prep_all`] in these tests, as the backend's
+/// background thread does).
+fn pooled(root: &Path, o_direct: bool, n: usize) -> Settings {
+    Settings {
+        pool_files: n,
+        ..settings(root, o_direct, false)
+    }
+}
+
+/// Run the background preparation until it has nothing left to do.
+fn prep_all(store: &Store) {
+    while store.prep_step() {}
+}
+
+/// Files in the pool directory.
+fn pool_dir_files(root: &Path) -> Vec<PathBuf> {
+    match std::fs::read_dir(root.join(POOL_DIR)) {
+        Ok(rd) => rd.flatten().map(|e| e.path()).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+#[test]
+fn preparation_makes_every_shard_directory_and_fills_the_pool() {
+    let d = TempDir::new("prep");
+    let store = Store::open(pooled(&d.0, false, 3)).unwrap();
+    assert_eq!(store.pool().unwrap().len(), 0);
+    prep_all(&store);
+    assert_eq!(store.pool().unwrap().len(), 3);
+    assert_eq!(pool_dir_files(&d.0).len(), 3);
+    for shard in 0..16 {
+        let dir = d.0.join(format::shard_dir_name(shard, 16));
+        assert!(dir.is_dir(), "{} missing", dir.display());
+    }
+}
+
+#[test]
+fn puts_take_pool_files_and_read_back_in_both_modes() {
+    for o_direct in [false, true] {
+        let d = TempDir::new("pool-use");
+        let store = Store::open(pooled(&d.0, o_direct, 2)).unwrap();
+        for (i, &n) in SIZES.iter().enumerate() {
+            prep_all(&store);
+            let pool = store.pool().unwrap();
+            assert_eq!(pool.len(), 2);
+            let k = format!("p@1@0@{i:x}@half");
+            let data = bytes(i as u64, n);
+            put(&store, &k, &data);
+            // The put used a pool file (renamed away), not a new one.
+            assert_eq!(pool.len(), 1, "size {n} o_direct={o_direct}");
+            assert_eq!(pool_dir_files(&d.0).len(), 1);
+            let (out, got) = get(&store, &k, n, 0);
+            assert!(matches!(out, ReadOutcome::Hit { .. }), "{out:?}");
+            assert!(got == data, "size {n} o_direct={o_direct}");
+        }
+        drop(store);
+        // A clean shutdown leaves no pool file; every chunk is found again.
+        assert!(pool_dir_files(&d.0).is_empty());
+        let store = Store::open(pooled(&d.0, o_direct, 2)).unwrap();
+        assert_eq!(store.start_report().chunks, SIZES.len());
+        assert_eq!(store.start_report().removed(), 0);
+        for (i, &n) in SIZES.iter().enumerate() {
+            let (out, got) = get(&store, &format!("p@1@0@{i:x}@half"), n, 8);
+            assert!(matches!(out, ReadOutcome::Hit { .. }), "{out:?}");
+            assert!(got == bytes(i as u64, n));
+        }
+    }
+}
+
+#[test]
+fn a_put_into_a_shard_not_made_yet_creates_it() {
+    let d = TempDir::new("pool-nodir");
+    let store = Store::open(pooled(&d.0, false, 1)).unwrap();
+    // Fill the pool only: the shard directories come after it.
+    assert!(store.prep_step());
+    assert_eq!(store.pool().unwrap().len(), 1);
+    let k = "n@1@0@1@half";
+    assert!(!store
+        .path_of(format::key_hash_of(k), k)
+        .parent()
+        .unwrap()
+        .exists());
+    put(&store, k, &bytes(1, 5000));
+    assert_eq!(store.pool().unwrap().len(), 0);
+    let (out, got) = get(&store, k, 5000, 0);
+    assert!(matches!(out, ReadOutcome::Hit { len: 5000, .. }), "{out:?}");
+    assert!(got == bytes(1, 5000));
+}
+
+#[test]
+fn leftover_pool_files_are_removed_at_start_and_never_served() {
+    let d = TempDir::new("pool-crash");
+    let k = "left@1@0@1@half";
+    let data = bytes(3, 20_000);
+    {
+        let store = Store::open(pooled(&d.0, false, 2)).unwrap();
+        prep_all(&store);
+        put(&store, k, &data);
+        // What a crash could leave: a complete, valid chunk file still under its pool name (its put
+        // never committed), a half-written one, and an empty one.
+        let p = store.path_of(format::key_hash_of(k), k);
+        let pool = d.0.join(POOL_DIR);
+        std::fs::copy(&p, pool.join("f0.tmp")).unwrap();
+        std::fs::write(pool.join("f1.tmp"), &std::fs::read(&p).unwrap()[..6000]).unwrap();
+        std::fs::write(pool.join("f2.tmp"), b"").unwrap();
+        assert_eq!(store.remove(format::key_hash_of(k), k, false), Status::OK);
+    }
+    // The clean shutdown removed the pool's own files, not the three it does not know.
+    assert_eq!(pool_dir_files(&d.0).len(), 3);
+    let store = Store::open(pooled(&d.0, false, 2)).unwrap();
+    let r = store.start_report();
+    assert_eq!((r.chunks, r.temp_removed, r.corrupt_removed), (0, 3, 0));
+    assert!(pool_dir_files(&d.0).is_empty());
+    assert_eq!(get(&store, k, 20_000, 0).0, ReadOutcome::Miss);
+    assert_eq!(store.contains(format::key_hash_of(k), k, false), Ok(None));
 }
