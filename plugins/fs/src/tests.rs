@@ -361,3 +361,28 @@ fn leftover_pool_files_are_removed_at_start_and_never_served() {
     assert_eq!(get(&store, k, 20_000, 0).0, ReadOutcome::Miss);
     assert_eq!(store.contains(format::key_hash_of(k), k, false), Ok(None));
 }
+
+#[test]
+fn flush_syncs_many_files_and_keeps_them_when_one_fails() {
+    let d = TempDir::new("flush");
+    let store = Store::open(settings(&d.0, false, false)).unwrap();
+    let keys: Vec<String> = (0..40).map(|i| format!("f@1@0@{i:x}@half")).collect();
+    for (i, k) in keys.iter().enumerate() {
+        put(&store, k, &bytes(i as u64, 3000));
+    }
+    // One file replaced by a symlink loop: it cannot be opened, so flush fails and keeps its list.
+    let bad = store.path_of(format::key_hash_of(&keys[17]), &keys[17]);
+    std::fs::remove_file(&bad).unwrap();
+    std::os::unix::fs::symlink(&bad, &bad).unwrap();
+    let err = store.flush().unwrap_err();
+    assert!(
+        err.message.contains(&*bad.to_string_lossy()),
+        "{}",
+        err.message
+    );
+    assert!(store.flush().is_err(), "the failed flush forgot its files");
+    std::fs::remove_file(&bad).unwrap();
+    // A file gone by now is skipped; everything else is synced.
+    store.flush().unwrap();
+    store.flush().unwrap();
+}
