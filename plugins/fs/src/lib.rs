@@ -1,7 +1,8 @@
 //! `fs`: a kvhost storage backend that keeps each KV chunk as one checksummed file in a local directory.
 //!
-//! - Writes go to a temporary file in the chunk's shard directory and are renamed into place, so a crash
-//!   never leaves a chunk that reads back wrong; `fsync` chooses when data is made durable.
+//! - Writes go to a temporary file (made ahead of time by a background thread, see `pool.rs`) and are
+//!   renamed into place, so a crash never leaves a chunk that reads back wrong; `fsync` chooses when
+//!   data is made durable.
 //! - At `create` the index is rebuilt from the directory: temporary files and files whose header, size
 //!   or name is invalid are removed (and counted); data checksums are verified on every read, and a
 //!   chunk that fails is reported `KVH_ERR_CORRUPT` and removed.
