@@ -4,7 +4,8 @@
 //! ```text
 //! cargo build --release -p kvhost-plugin-fs --example fs_bench
 //! target/release/examples/fs_bench [--dir DIR] [--total-mib 1024] [--chunk-mib 4,32] [--reps 5]
-//!                                  [--modes buffered,verify,fsync,direct] [--jobs 1,2] [--unaligned]
+//!                                  [--modes buffered,verify,fsync,direct] [--jobs 1,2] [--batched]
+//!                                  [--unaligned]
 //! ```
 //!
 //! Modes compare like with like:
@@ -26,6 +27,8 @@
 //! chunk each in flight; the other side runs J `dd` processes at once, each writing (then reading)
 //! its own file of 1/J of the bytes, like `fio --numjobs=J --ioengine=psync`. With J=1 that is one
 //! put/get round trip through the host per chunk against one `dd`, one write in flight on each side.
+//! `--batched`: the J chunks in flight come as one request of J chunks at a time instead (as the
+//! chain's tier batches puts), which the plugin's threads write in parallel.
 //!
 //! The plugin does more per chunk than `dd`: one file per chunk (write into a pre-created temporary
 //! file, rename), an XXH3-64 checksum of every chunk on put, and a round trip through the host and
@@ -78,6 +81,7 @@ struct Args {
     aligned: bool,
     reps: usize,
     jobs: Vec<usize>,
+    batched: bool,
     so: PathBuf,
 }
 
@@ -92,6 +96,7 @@ fn parse_args() -> Args {
         aligned: true,
         reps: 5,
         jobs: vec![1],
+        batched: false,
         so: PathBuf::new(),
     };
     let mut it = std::env::args().skip(1);
@@ -108,6 +113,7 @@ fn parse_args() -> Args {
             }
             "--modes" => a.modes = val().split(',').map(|s| s.trim().to_string()).collect(),
             "--unaligned" => a.aligned = false,
+            "--batched" => a.batched = true,
             "--reps" => a.reps = val().parse::<usize>().expect("--reps N").max(1),
             "--jobs" => {
                 a.jobs = val()
@@ -117,7 +123,7 @@ fn parse_args() -> Args {
             }
             "-h" | "--help" => {
                 println!(
-                    "fs_bench [--dir DIR] [--total-mib N] [--chunk-mib N,N] [--reps N] [--modes buffered,verify,fsync,direct] [--jobs N,N] [--unaligned]"
+                    "fs_bench [--dir DIR] [--total-mib N] [--chunk-mib N,N] [--reps N] [--modes buffered,verify,fsync,direct] [--jobs N,N] [--batched] [--unaligned]"
                 );
                 std::process::exit(0);
             }
@@ -178,8 +184,9 @@ fn gbps(bytes: usize, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e9
 }
 
-/// Put `n` chunks of `chunk` bytes, `jobs` requests of one chunk each in flight (timed, plus `flush`
-/// when asked), then get them back the same way (timed). Returns (put, get) durations.
+/// Put `n` chunks of `chunk` bytes, `jobs` requests of one chunk each in flight, or with `batched`
+/// one request of `jobs` chunks at a time (timed, plus `flush` when asked), then get them back the
+/// same way (timed). Returns (put, get) durations.
 #[allow(clippy::too_many_arguments)]
 fn plugin_run(
     so: &Path,
@@ -190,6 +197,7 @@ fn plugin_run(
     flush: bool,
     aligned: bool,
     jobs: usize,
+    batched: bool,
 ) -> (Duration, Duration, String) {
     let _ = std::fs::remove_dir_all(dir);
     let threads = jobs.to_string();
@@ -217,6 +225,10 @@ fn plugin_run(
         })
         .collect();
     srcs.push(src);
+    if batched {
+        let (put, get) = batched_run(&p, &keys, srcs, &expected, chunk, aligned, flush);
+        return finish_run(p, dir, put, get);
+    }
     sync();
     let started = Instant::now();
     let (tx, rx) = crossbeam_channel::unbounded();
@@ -298,6 +310,72 @@ fn plugin_run(
         last.unwrap().bytes_mut() == &expected[..],
         "read back differs"
     );
+    finish_run(p, dir, put, get)
+}
+
+/// `plugin_run` with requests of `srcs.len()` chunks, one request in flight.
+fn batched_run(
+    p: &PluginBackend,
+    keys: &[ChunkKey],
+    mut bufs: Vec<Buf>,
+    expected: &[u8],
+    chunk: usize,
+    aligned: bool,
+    flush: bool,
+) -> (Duration, Duration) {
+    let per = bufs.len();
+    sync();
+    let started = Instant::now();
+    for group in keys.chunks(per) {
+        let req = PutRequest {
+            keys: group.to_vec(),
+            bufs: bufs.drain(..group.len()).collect(),
+            metas: vec![meta(chunk); group.len()],
+        };
+        let done = p.put_wait(req, WAIT).expect("put");
+        assert!(
+            done.error.is_none() && done.items.iter().all(|s| *s == Status::OK),
+            "{:?}",
+            done.items
+        );
+        bufs.extend(done.request.bufs);
+    }
+    if flush {
+        p.flush().expect("flush");
+    }
+    let put = started.elapsed();
+    let mut dsts: Vec<Buf> = (0..per).map(|_| Buf::new(chunk, aligned)).collect();
+    let started = Instant::now();
+    for group in keys.chunks(per) {
+        let req = GetRequest {
+            keys: group.to_vec(),
+            bufs: dsts.drain(..group.len()).collect(),
+        };
+        let done = p.get_wait(req, WAIT).expect("get");
+        assert!(
+            done.items
+                .iter()
+                .all(|i| matches!(i, GetItem::Hit { len, .. } if *len == chunk)),
+            "{:?}",
+            done.items
+        );
+        dsts.extend(done.request.bufs);
+    }
+    let get = started.elapsed();
+    assert!(
+        dsts.iter_mut().all(|d| d.bytes_mut() == expected),
+        "read back differs"
+    );
+    (put, get)
+}
+
+/// The o_direct state the plugin reports, after dropping it and its directory.
+fn finish_run(
+    p: PluginBackend,
+    dir: &Path,
+    put: Duration,
+    get: Duration,
+) -> (Duration, Duration, String) {
     let health = p.health().expect("health").expect("healthy");
     let state = health
         .split("o_direct=")
@@ -498,6 +576,7 @@ fn main() {
                         flush,
                         a.aligned,
                         jobs,
+                        a.batched,
                     );
                     pp.push(gbps(total, put));
                     pg.push(gbps(total, get));
@@ -540,6 +619,9 @@ fn main() {
             println!("          {cmd}");
             let (pp, pg, dw, dr) = (pp.0, pg.0, dw.0, dr.0);
             ratios.push((format!("{mode} x{jobs}"), c, pp / dw, pg / dr));
+            if a.batched {
+                println!("          plugin: one request of {jobs} chunks at a time");
+            }
         }
     }
     let _ = std::fs::remove_dir_all(&a.dir);

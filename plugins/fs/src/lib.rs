@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use store::{Fsync, IoBufs, ReadOutcome, Settings, Staged, Store};
+use store::{Fsync, IoBufs, PutItem, ReadOutcome, Settings, Staged, Store};
 
 enum Job {
     Put(Pending<Put>),
@@ -125,6 +125,7 @@ fn settings_from(ctx: &CreateContext) -> Result<(Settings, usize), Error> {
             verify_always,
             simulate_no_direct: false,
             pool_files: pool_files_for(io_threads),
+            put_threads: io_threads,
         },
         io_threads,
     ))
@@ -237,12 +238,24 @@ fn run_put(store: &Store, p: Pending<Put>, bufs: &mut IoBufs) {
     let mut dirs: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
     let mut staged: Vec<(usize, Staged)> = Vec::with_capacity(PUT_WINDOW.min(p.len()));
     for start in (0..p.len()).step_by(PUT_WINDOW) {
-        for i in start..(start + PUT_WINDOW).min(p.len()) {
-            let key = p.key(i);
-            match store.stage(key.key_hash(), key.canonical(), p.data(i), &p.meta(i), bufs) {
+        let window = start..(start + PUT_WINDOW).min(p.len());
+        let items: Vec<PutItem<'_>> = window
+            .clone()
+            .map(|i| {
+                let key = p.key(i);
+                PutItem {
+                    key_hash: key.key_hash(),
+                    canonical: key.canonical(),
+                    data: p.data(i),
+                    meta: p.meta(i),
+                }
+            })
+            .collect();
+        for (i, r) in window.zip(store.stage_many(&items, bufs)) {
+            match r {
                 Ok(s) => staged.push((i, s)),
                 Err(e) => {
-                    log::debug!("fs: put {}: {e}", key.canonical());
+                    log::debug!("fs: put {}: {e}", p.key(i).canonical());
                     p.set_status(i, e.status);
                 }
             }
