@@ -4,8 +4,8 @@
 //! ```text
 //! cargo build --release -p kvhost-plugin-fs --example fs_bench
 //! target/release/examples/fs_bench [--dir DIR] [--total-mib 1024] [--chunk-mib 4,32] [--reps 5]
-//!                                  [--modes buffered,verify,fsync,direct] [--jobs 1,2] [--batched]
-//!                                  [--unaligned]
+//!                                  [--modes buffered,verify,fsync,direct] [--jobs 1,2]
+//!                                  [--batched | --pipelined] [--unaligned]
 //! ```
 //!
 //! Modes compare like with like:
@@ -23,12 +23,13 @@
 //! of each figure is printed. The plugin is copied into the bench directory first, so a concurrent
 //! rebuild of the workspace cannot swap the library mid-run.
 //!
-//! Concurrency (`--jobs J`, default 1): the plugin runs with `io_threads=J` and keeps J requests of one
-//! chunk each in flight; the other side runs J `dd` processes at once, each writing (then reading)
-//! its own file of 1/J of the bytes, like `fio --numjobs=J --ioengine=psync`. With J=1 that is one
-//! put/get round trip through the host per chunk against one `dd`, one write in flight on each side.
-//! `--batched`: the J chunks in flight come as one request of J chunks at a time instead (as the
-//! chain's tier batches puts), which the plugin's threads write in parallel.
+//! Concurrency (`--jobs J`, default 1): the plugin runs with `io_threads=J`, and J host threads each
+//! put (then get) their 1/J of the chunks, one request of one chunk in flight per thread; the other
+//! side runs J `dd` processes at once, each writing (then reading) its own file of 1/J of the bytes,
+//! like `fio --numjobs=J --ioengine=psync`. With J=1 that is one put/get round trip through the host
+//! per chunk against one `dd`, one write in flight on each side. The J chunks in flight can come
+//! differently: `--batched`, one host thread sends one request of J chunks at a time (as the chain's
+//! tier batches puts); `--pipelined`, one host thread keeps J one-chunk requests in flight.
 //!
 //! The plugin does more per chunk than `dd`: one file per chunk (write into a pre-created temporary
 //! file, rename), an XXH3-64 checksum of every chunk on put, and a round trip through the host and
@@ -73,6 +74,17 @@ impl DstBuf for Buf {
     }
 }
 
+/// How the J chunks in flight reach the plugin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Style {
+    /// J host threads, each with one one-chunk request in flight.
+    Streams,
+    /// One host thread, one request of J chunks in flight.
+    Batched,
+    /// One host thread, J one-chunk requests in flight.
+    Pipelined,
+}
+
 struct Args {
     dir: PathBuf,
     total_mib: usize,
@@ -81,7 +93,7 @@ struct Args {
     aligned: bool,
     reps: usize,
     jobs: Vec<usize>,
-    batched: bool,
+    style: Style,
     so: PathBuf,
 }
 
@@ -96,7 +108,7 @@ fn parse_args() -> Args {
         aligned: true,
         reps: 5,
         jobs: vec![1],
-        batched: false,
+        style: Style::Streams,
         so: PathBuf::new(),
     };
     let mut it = std::env::args().skip(1);
@@ -113,7 +125,8 @@ fn parse_args() -> Args {
             }
             "--modes" => a.modes = val().split(',').map(|s| s.trim().to_string()).collect(),
             "--unaligned" => a.aligned = false,
-            "--batched" => a.batched = true,
+            "--batched" => a.style = Style::Batched,
+            "--pipelined" => a.style = Style::Pipelined,
             "--reps" => a.reps = val().parse::<usize>().expect("--reps N").max(1),
             "--jobs" => {
                 a.jobs = val()
@@ -123,7 +136,7 @@ fn parse_args() -> Args {
             }
             "-h" | "--help" => {
                 println!(
-                    "fs_bench [--dir DIR] [--total-mib N] [--chunk-mib N,N] [--reps N] [--modes buffered,verify,fsync,direct] [--jobs N,N] [--batched] [--unaligned]"
+                    "fs_bench [--dir DIR] [--total-mib N] [--chunk-mib N,N] [--reps N] [--modes buffered,verify,fsync,direct] [--jobs N,N] [--batched | --pipelined] [--unaligned]"
                 );
                 std::process::exit(0);
             }
@@ -184,9 +197,8 @@ fn gbps(bytes: usize, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e9
 }
 
-/// Put `n` chunks of `chunk` bytes, `jobs` requests of one chunk each in flight, or with `batched`
-/// one request of `jobs` chunks at a time (timed, plus `flush` when asked), then get them back the
-/// same way (timed). Returns (put, get) durations.
+/// Put `n` chunks of `chunk` bytes with `jobs` chunks in flight, as `style` says (timed, plus `flush`
+/// when asked), then get them back the same way (timed). Returns (put, get) durations.
 #[allow(clippy::too_many_arguments)]
 fn plugin_run(
     so: &Path,
@@ -197,7 +209,7 @@ fn plugin_run(
     flush: bool,
     aligned: bool,
     jobs: usize,
-    batched: bool,
+    style: Style,
 ) -> (Duration, Duration, String) {
     let _ = std::fs::remove_dir_all(dir);
     let threads = jobs.to_string();
@@ -225,8 +237,12 @@ fn plugin_run(
         })
         .collect();
     srcs.push(src);
-    if batched {
+    if style == Style::Batched {
         let (put, get) = batched_run(&p, &keys, srcs, &expected, chunk, aligned, flush);
+        return finish_run(p, dir, put, get);
+    }
+    if style == Style::Streams {
+        let (put, get) = streams_run(&p, &keys, srcs, &expected, chunk, aligned, flush);
         return finish_run(p, dir, put, get);
     }
     sync();
@@ -311,6 +327,71 @@ fn plugin_run(
         "read back differs"
     );
     finish_run(p, dir, put, get)
+}
+
+/// `plugin_run` with one host thread per buffer in `srcs`, each putting (then getting) its share of
+/// `keys` one chunk at a time.
+fn streams_run(
+    p: &PluginBackend,
+    keys: &[ChunkKey],
+    srcs: Vec<Buf>,
+    expected: &[u8],
+    chunk: usize,
+    aligned: bool,
+    flush: bool,
+) -> (Duration, Duration) {
+    let jobs = srcs.len();
+    let share = keys.len().div_ceil(jobs);
+    sync();
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for (ks, src) in keys.chunks(share).zip(srcs) {
+            s.spawn(move || {
+                let mut src = Some(src);
+                for k in ks {
+                    let req = PutRequest {
+                        keys: vec![k.clone()],
+                        bufs: vec![src.take().unwrap()],
+                        metas: vec![meta(chunk)],
+                    };
+                    let done = p.put_wait(req, WAIT).expect("put");
+                    assert!(
+                        done.error.is_none() && done.items[0] == Status::OK,
+                        "{:?}",
+                        done.items
+                    );
+                    src = done.request.bufs.into_iter().next();
+                }
+            });
+        }
+    });
+    if flush {
+        p.flush().expect("flush");
+    }
+    let put = started.elapsed();
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for ks in keys.chunks(share) {
+            s.spawn(move || {
+                let mut dst = Some(Buf::new(chunk, aligned));
+                for k in ks {
+                    let req = GetRequest {
+                        keys: vec![k.clone()],
+                        bufs: vec![dst.take().unwrap()],
+                    };
+                    let done = p.get_wait(req, WAIT).expect("get");
+                    assert!(
+                        matches!(done.items[0], GetItem::Hit { len, .. } if len == chunk),
+                        "{:?}",
+                        done.items
+                    );
+                    dst = done.request.bufs.into_iter().next();
+                }
+                assert!(dst.unwrap().bytes_mut() == expected, "read back differs");
+            });
+        }
+    });
+    (put, started.elapsed())
 }
 
 /// `plugin_run` with requests of `srcs.len()` chunks, one request in flight.
@@ -576,7 +657,7 @@ fn main() {
                         flush,
                         a.aligned,
                         jobs,
-                        a.batched,
+                        a.style,
                     );
                     pp.push(gbps(total, put));
                     pg.push(gbps(total, get));
@@ -619,8 +700,17 @@ fn main() {
             println!("          {cmd}");
             let (pp, pg, dw, dr) = (pp.0, pg.0, dw.0, dr.0);
             ratios.push((format!("{mode} x{jobs}"), c, pp / dw, pg / dr));
-            if a.batched {
-                println!("          plugin: one request of {jobs} chunks at a time");
+            match a.style {
+                _ if jobs == 1 => {}
+                Style::Streams => {
+                    println!("          plugin: {jobs} host threads, one chunk each in flight")
+                }
+                Style::Batched => println!(
+                    "          plugin: one host thread, one request of {jobs} chunks at a time"
+                ),
+                Style::Pipelined => println!(
+                    "          plugin: one host thread, {jobs} one-chunk requests in flight"
+                ),
             }
         }
     }
