@@ -3,8 +3,9 @@
 //!
 //! ```text
 //! cargo build --release -p kvhost-plugin-fs --example fs_bench
-//! target/release/examples/fs_bench [--dir DIR] [--total-mib 1024] [--chunk-mib 4,32] [--reps 3]
-//!                                  [--modes buffered,verify,fsync,direct] [--unaligned]
+//! target/release/examples/fs_bench [--dir DIR] [--total-mib 1024] [--chunk-mib 4,32] [--reps 5]
+//!                                  [--modes buffered,verify,fsync,direct] [--jobs 1,2]
+//!                                  [--batched | --pipelined] [--unaligned]
 //! ```
 //!
 //! Modes compare like with like:
@@ -22,16 +23,24 @@
 //! of each figure is printed. The plugin is copied into the bench directory first, so a concurrent
 //! rebuild of the workspace cannot swap the library mid-run.
 //!
-//! The plugin does more per chunk than `dd`: one file per chunk (create, write, rename), an XXH3-64
-//! checksum of every chunk on put, and one put/get round trip through the host per chunk (one chunk
-//! in flight at a time, as `dd` has one write in flight).
+//! Concurrency (`--jobs J`, default 1): the plugin runs with `io_threads=J`, and J host threads each
+//! put (then get) their 1/J of the chunks, one request of one chunk in flight per thread; the other
+//! side runs J `dd` processes at once, each writing (then reading) its own file of 1/J of the bytes,
+//! like `fio --numjobs=J --ioengine=psync`. With J=1 that is one put/get round trip through the host
+//! per chunk against one `dd`, one write in flight on each side. The J chunks in flight can come
+//! differently: `--batched`, one host thread sends one request of J chunks at a time (as the chain's
+//! tier batches puts); `--pipelined`, one host thread keeps J one-chunk requests in flight.
+//!
+//! The plugin does more per chunk than `dd`: one file per chunk (write into a pre-created temporary
+//! file, rename), an XXH3-64 checksum of every chunk on put, and a round trip through the host and
+//! the plugin's I/O threads per request.
 
 use kvhost::config::Config;
 use kvhost::plugin::{DstBuf, GetItem, GetRequest, PluginBackend, PutRequest, SrcBuf, Status};
 use kvhost::ChunkKey;
 use kvhost_plugin_sdk::ChunkMeta;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const MIB: usize = 1 << 20;
@@ -65,6 +74,17 @@ impl DstBuf for Buf {
     }
 }
 
+/// How the J chunks in flight reach the plugin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Style {
+    /// J host threads, each with one one-chunk request in flight.
+    Streams,
+    /// One host thread, one request of J chunks in flight.
+    Batched,
+    /// One host thread, J one-chunk requests in flight.
+    Pipelined,
+}
+
 struct Args {
     dir: PathBuf,
     total_mib: usize,
@@ -72,6 +92,8 @@ struct Args {
     modes: Vec<String>,
     aligned: bool,
     reps: usize,
+    jobs: Vec<usize>,
+    style: Style,
     so: PathBuf,
 }
 
@@ -84,7 +106,9 @@ fn parse_args() -> Args {
             .map(String::from)
             .to_vec(),
         aligned: true,
-        reps: 3,
+        reps: 5,
+        jobs: vec![1],
+        style: Style::Streams,
         so: PathBuf::new(),
     };
     let mut it = std::env::args().skip(1);
@@ -101,10 +125,18 @@ fn parse_args() -> Args {
             }
             "--modes" => a.modes = val().split(',').map(|s| s.trim().to_string()).collect(),
             "--unaligned" => a.aligned = false,
+            "--batched" => a.style = Style::Batched,
+            "--pipelined" => a.style = Style::Pipelined,
             "--reps" => a.reps = val().parse::<usize>().expect("--reps N").max(1),
+            "--jobs" => {
+                a.jobs = val()
+                    .split(',')
+                    .map(|s| s.trim().parse::<usize>().expect("--jobs N[,N]").max(1))
+                    .collect()
+            }
             "-h" | "--help" => {
                 println!(
-                    "fs_bench [--dir DIR] [--total-mib N] [--chunk-mib N,N] [--reps N] [--modes buffered,verify,fsync,direct] [--unaligned]"
+                    "fs_bench [--dir DIR] [--total-mib N] [--chunk-mib N,N] [--reps N] [--modes buffered,verify,fsync,direct] [--jobs N,N] [--batched | --pipelined] [--unaligned]"
                 );
                 std::process::exit(0);
             }
@@ -165,8 +197,9 @@ fn gbps(bytes: usize, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e9
 }
 
-/// Put `n` chunks of `chunk` bytes one at a time (timed, plus `flush` when asked), then get them back
-/// one at a time (timed). Returns (put, get) durations.
+/// Put `n` chunks of `chunk` bytes with `jobs` chunks in flight, as `style` says (timed, plus `flush`
+/// when asked), then get them back the same way (timed). Returns (put, get) durations.
+#[allow(clippy::too_many_arguments)]
 fn plugin_run(
     so: &Path,
     dir: &Path,
@@ -175,9 +208,14 @@ fn plugin_run(
     n: usize,
     flush: bool,
     aligned: bool,
+    jobs: usize,
+    style: Style,
 ) -> (Duration, Duration, String) {
     let _ = std::fs::remove_dir_all(dir);
-    let p = load(so, dir, options);
+    let threads = jobs.to_string();
+    let mut options = options.to_vec();
+    options.push(("io_threads", &threads));
+    let p = load(so, dir, &options);
     let mut src = Buf::new(chunk, aligned);
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
     for b in src.bytes_mut() {
@@ -186,58 +224,239 @@ fn plugin_run(
         x ^= x << 17;
         *b = x as u8;
     }
+    let expected = src.bytes().to_vec();
     let keys: Vec<ChunkKey> = (0..n)
         .map(|i| ChunkKey::new("bench/model", 1, 0, i as i128 + 1, "half").unwrap())
         .collect();
-    let mut src = Some(src);
+    // Every put of a job stores the same bytes from its own buffer.
+    let mut srcs: Vec<Buf> = (1..jobs)
+        .map(|_| {
+            let mut b = Buf::new(chunk, aligned);
+            b.bytes_mut().copy_from_slice(&expected);
+            b
+        })
+        .collect();
+    srcs.push(src);
+    if style == Style::Batched {
+        let (put, get) = batched_run(&p, &keys, srcs, &expected, chunk, aligned, flush);
+        return finish_run(p, dir, put, get);
+    }
+    if style == Style::Streams {
+        let (put, get) = streams_run(&p, &keys, srcs, &expected, chunk, aligned, flush);
+        return finish_run(p, dir, put, get);
+    }
     sync();
     let started = Instant::now();
-    for k in &keys {
-        let done = p
-            .put_wait(
-                PutRequest {
-                    keys: vec![k.clone()],
-                    bufs: vec![src.take().unwrap()],
-                    metas: vec![meta(chunk)],
-                },
-                WAIT,
-            )
-            .expect("put");
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let mut next = 0;
+    let mut in_flight = 0;
+    let put_next = |buf: Buf, next: &mut usize| {
+        let tx = tx.clone();
+        let req = PutRequest {
+            keys: vec![keys[*next].clone()],
+            bufs: vec![buf],
+            metas: vec![meta(chunk)],
+        };
+        *next += 1;
+        p.put(req, move |d| {
+            let _ = tx.send(d);
+        });
+    };
+    for buf in srcs {
+        if next < n {
+            put_next(buf, &mut next);
+            in_flight += 1;
+        }
+    }
+    while in_flight > 0 {
+        let done = rx.recv_timeout(WAIT).expect("put completion");
         assert!(
             done.error.is_none() && done.items[0] == Status::OK,
             "{:?}",
             done.items
         );
-        src = done.request.bufs.into_iter().next();
+        in_flight -= 1;
+        let buf = done.request.bufs.into_iter().next().unwrap();
+        if next < n {
+            put_next(buf, &mut next);
+            in_flight += 1;
+        }
     }
     if flush {
         p.flush().expect("flush");
     }
     let put = started.elapsed();
-    let mut dst = Some(Buf::new(chunk, aligned));
+    let (tx, rx) = crossbeam_channel::unbounded();
     let started = Instant::now();
-    for k in &keys {
-        let done = p
-            .get_wait(
-                GetRequest {
-                    keys: vec![k.clone()],
-                    bufs: vec![dst.take().unwrap()],
-                },
-                WAIT,
-            )
-            .expect("get");
+    let mut next = 0;
+    let get_next = |buf: Buf, next: &mut usize| {
+        let tx = tx.clone();
+        let req = GetRequest {
+            keys: vec![keys[*next].clone()],
+            bufs: vec![buf],
+        };
+        *next += 1;
+        p.get(req, move |d| {
+            let _ = tx.send(d);
+        });
+    };
+    for _ in 0..jobs.min(n) {
+        get_next(Buf::new(chunk, aligned), &mut next);
+        in_flight += 1;
+    }
+    let mut last = None;
+    while in_flight > 0 {
+        let done = rx.recv_timeout(WAIT).expect("get completion");
         assert!(
             matches!(done.items[0], GetItem::Hit { len, .. } if len == chunk),
             "{:?}",
             done.items
         );
-        dst = done.request.bufs.into_iter().next();
+        in_flight -= 1;
+        let buf = done.request.bufs.into_iter().next().unwrap();
+        if next < n {
+            get_next(buf, &mut next);
+            in_flight += 1;
+        } else {
+            last = Some(buf);
+        }
     }
     let get = started.elapsed();
     assert!(
-        dst.unwrap().bytes_mut() == src.unwrap().bytes_mut(),
+        last.unwrap().bytes_mut() == &expected[..],
         "read back differs"
     );
+    finish_run(p, dir, put, get)
+}
+
+/// `plugin_run` with one host thread per buffer in `srcs`, each putting (then getting) its share of
+/// `keys` one chunk at a time.
+fn streams_run(
+    p: &PluginBackend,
+    keys: &[ChunkKey],
+    srcs: Vec<Buf>,
+    expected: &[u8],
+    chunk: usize,
+    aligned: bool,
+    flush: bool,
+) -> (Duration, Duration) {
+    let jobs = srcs.len();
+    let share = keys.len().div_ceil(jobs);
+    sync();
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for (ks, src) in keys.chunks(share).zip(srcs) {
+            s.spawn(move || {
+                let mut src = Some(src);
+                for k in ks {
+                    let req = PutRequest {
+                        keys: vec![k.clone()],
+                        bufs: vec![src.take().unwrap()],
+                        metas: vec![meta(chunk)],
+                    };
+                    let done = p.put_wait(req, WAIT).expect("put");
+                    assert!(
+                        done.error.is_none() && done.items[0] == Status::OK,
+                        "{:?}",
+                        done.items
+                    );
+                    src = done.request.bufs.into_iter().next();
+                }
+            });
+        }
+    });
+    if flush {
+        p.flush().expect("flush");
+    }
+    let put = started.elapsed();
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for ks in keys.chunks(share) {
+            s.spawn(move || {
+                let mut dst = Some(Buf::new(chunk, aligned));
+                for k in ks {
+                    let req = GetRequest {
+                        keys: vec![k.clone()],
+                        bufs: vec![dst.take().unwrap()],
+                    };
+                    let done = p.get_wait(req, WAIT).expect("get");
+                    assert!(
+                        matches!(done.items[0], GetItem::Hit { len, .. } if len == chunk),
+                        "{:?}",
+                        done.items
+                    );
+                    dst = done.request.bufs.into_iter().next();
+                }
+                assert!(dst.unwrap().bytes_mut() == expected, "read back differs");
+            });
+        }
+    });
+    (put, started.elapsed())
+}
+
+/// `plugin_run` with requests of `srcs.len()` chunks, one request in flight.
+fn batched_run(
+    p: &PluginBackend,
+    keys: &[ChunkKey],
+    mut bufs: Vec<Buf>,
+    expected: &[u8],
+    chunk: usize,
+    aligned: bool,
+    flush: bool,
+) -> (Duration, Duration) {
+    let per = bufs.len();
+    sync();
+    let started = Instant::now();
+    for group in keys.chunks(per) {
+        let req = PutRequest {
+            keys: group.to_vec(),
+            bufs: bufs.drain(..group.len()).collect(),
+            metas: vec![meta(chunk); group.len()],
+        };
+        let done = p.put_wait(req, WAIT).expect("put");
+        assert!(
+            done.error.is_none() && done.items.iter().all(|s| *s == Status::OK),
+            "{:?}",
+            done.items
+        );
+        bufs.extend(done.request.bufs);
+    }
+    if flush {
+        p.flush().expect("flush");
+    }
+    let put = started.elapsed();
+    let mut dsts: Vec<Buf> = (0..per).map(|_| Buf::new(chunk, aligned)).collect();
+    let started = Instant::now();
+    for group in keys.chunks(per) {
+        let req = GetRequest {
+            keys: group.to_vec(),
+            bufs: dsts.drain(..group.len()).collect(),
+        };
+        let done = p.get_wait(req, WAIT).expect("get");
+        assert!(
+            done.items
+                .iter()
+                .all(|i| matches!(i, GetItem::Hit { len, .. } if *len == chunk)),
+            "{:?}",
+            done.items
+        );
+        dsts.extend(done.request.bufs);
+    }
+    let get = started.elapsed();
+    assert!(
+        dsts.iter_mut().all(|d| d.bytes_mut() == expected),
+        "read back differs"
+    );
+    (put, get)
+}
+
+/// The o_direct state the plugin reports, after dropping it and its directory.
+fn finish_run(
+    p: PluginBackend,
+    dir: &Path,
+    put: Duration,
+    get: Duration,
+) -> (Duration, Duration, String) {
     let health = p.health().expect("health").expect("healthy");
     let state = health
         .split("o_direct=")
@@ -261,50 +480,92 @@ fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
     (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
-fn dd(args: &[String]) -> Duration {
+/// Run `dd` once per argument list, all at once; the time until the last one ends.
+fn dd(runs: &[Vec<String>]) -> Duration {
     let started = Instant::now();
-    let out = Command::new("dd").args(args).output().expect("run dd");
-    let d = started.elapsed();
-    assert!(
-        out.status.success(),
-        "dd {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    d
+    let children: Vec<_> = runs
+        .iter()
+        .map(|args| {
+            let child = Command::new("dd")
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("run dd");
+            (args, child)
+        })
+        .collect();
+    for (args, child) in children {
+        let out = child.wait_with_output().expect("wait for dd");
+        assert!(
+            out.status.success(),
+            "dd {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    started.elapsed()
 }
 
-fn dd_run(file: &Path, mode: &str, chunk_mib: usize, n: usize) -> (Duration, Duration, String) {
-    let f = file.display();
-    let mut w = vec![
-        "if=/dev/zero".to_string(),
-        format!("of={f}"),
-        format!("bs={chunk_mib}M"),
-        format!("count={n}"),
-    ];
-    let mut r = vec![
-        format!("if={f}"),
-        "of=/dev/null".to_string(),
-        format!("bs={chunk_mib}M"),
-    ];
-    match mode {
-        "fsync" => w.push("conv=fsync".into()),
-        "direct" => {
-            w.push("oflag=direct".into());
-            r.push("iflag=direct".into());
+/// `jobs` dd processes at once, each writing `n / jobs` blocks of `chunk_mib` MiB to its own file,
+/// then each reading its file back. Returns (write, read) durations and the commands.
+fn dd_run(
+    base: &Path,
+    mode: &str,
+    chunk_mib: usize,
+    n: usize,
+    jobs: usize,
+) -> (Duration, Duration, String) {
+    let files: Vec<PathBuf> = (0..jobs)
+        .map(|j| base.with_extension(format!("{j}.bin")))
+        .collect();
+    let mut writes = Vec::new();
+    let mut reads = Vec::new();
+    for (j, file) in files.iter().enumerate() {
+        let count = n / jobs + usize::from(j < n % jobs);
+        let f = file.display();
+        let mut w = vec![
+            "if=/dev/zero".to_string(),
+            format!("of={f}"),
+            format!("bs={chunk_mib}M"),
+            format!("count={count}"),
+        ];
+        let mut r = vec![
+            format!("if={f}"),
+            "of=/dev/null".to_string(),
+            format!("bs={chunk_mib}M"),
+        ];
+        match mode {
+            "fsync" => w.push("conv=fsync".into()),
+            "direct" => {
+                w.push("oflag=direct".into());
+                r.push("iflag=direct".into());
+            }
+            _ => {}
         }
-        _ => {}
+        writes.push(w);
+        reads.push(r);
     }
-    let _ = std::fs::remove_file(file);
+    for f in &files {
+        let _ = std::fs::remove_file(f);
+    }
     sync();
-    let write = dd(&w);
-    let read = dd(&r);
-    let _ = std::fs::remove_file(file);
-    (
-        write,
-        read,
-        format!("dd {} ; dd {}", w.join(" "), r.join(" ")),
-    )
+    let write = dd(&writes);
+    let read = dd(&reads);
+    for f in &files {
+        let _ = std::fs::remove_file(f);
+    }
+    let cmd = format!(
+        "{}dd {} ; dd {}",
+        if jobs > 1 {
+            format!("{jobs} at once: ")
+        } else {
+            String::new()
+        },
+        writes[0].join(" "),
+        reads[0].join(" ")
+    );
+    (write, read, cmd)
 }
 
 fn main() {
@@ -326,15 +587,25 @@ fn main() {
         fs_so().display()
     );
     println!(
-        "{:<9} {:>6} {:>5} | {:>10} {:>10} {:>6} | {:>10} {:>10} {:>6} | o_direct",
-        "mode", "chunk", "n", "put GB/s", "dd w GB/s", "ratio", "get GB/s", "dd r GB/s", "ratio"
+        "{:<9} {:>6} {:>5} {:>4} | {:>10} {:>10} {:>6} | {:>10} {:>10} {:>6} | o_direct",
+        "mode",
+        "chunk",
+        "n",
+        "jobs",
+        "put GB/s",
+        "dd w GB/s",
+        "ratio",
+        "get GB/s",
+        "dd r GB/s",
+        "ratio"
     );
     // Warm-up, discarded: the first large write after a quiet period is often slow.
     dd_run(
-        &a.dir.join("warmup.bin"),
+        &a.dir.join("warmup"),
         "buffered",
         4,
         (a.total_mib / 4).max(1),
+        1,
     );
     let mut ratios = Vec::new();
     for mode in &a.modes {
@@ -365,7 +636,11 @@ fn main() {
             ),
             other => panic!("unknown mode {other}"),
         };
-        for &c in &a.chunks_mib {
+        for (&c, &jobs) in a
+            .chunks_mib
+            .iter()
+            .flat_map(|c| a.jobs.iter().map(move |j| (c, j)))
+        {
             let chunk = c * MIB;
             let n = (a.total_mib / c).max(1);
             let total = n * chunk;
@@ -381,6 +656,8 @@ fn main() {
                         n,
                         flush,
                         a.aligned,
+                        jobs,
+                        a.style,
                     );
                     pp.push(gbps(total, put));
                     pg.push(gbps(total, get));
@@ -388,7 +665,7 @@ fn main() {
                 };
                 let mut run_dd = || {
                     let (w, r, c2) =
-                        dd_run(&a.dir.join(format!("dd-{mode}-{c}.bin")), dd_mode, c, n);
+                        dd_run(&a.dir.join(format!("dd-{mode}-{c}")), dd_mode, c, n, jobs);
                     dw.push(gbps(total, w));
                     dr.push(gbps(total, r));
                     cmd = c2;
@@ -401,9 +678,12 @@ fn main() {
                     run_plugin();
                 }
             }
+            // Ratio of each rep's plugin run to its dd run (run next to it).
+            let pair = |p: &[f64], d: &[f64]| stats(p.iter().zip(d).map(|(p, d)| p / d).collect());
+            let (put_pair, get_pair) = (pair(&pp, &dw), pair(&pg, &dr));
             let (pp, pg, dw, dr) = (stats(pp), stats(pg), stats(dw), stats(dr));
             println!(
-                "{mode:<9} {:>4}Mi {n:>5} | {:>10.2} {:>10.2} {:>5.2}x | {:>10.2} {:>10.2} {:>5.2}x | {state}",
+                "{mode:<9} {:>4}Mi {n:>5} {jobs:>4} | {:>10.2} {:>10.2} {:>5.2}x | {:>10.2} {:>10.2} {:>5.2}x | {state}",
                 c,
                 pp.0,
                 dw.0,
@@ -413,12 +693,25 @@ fn main() {
                 pg.0 / dr.0
             );
             println!(
-                "          spread (min-max): put {:.2}-{:.2}, dd w {:.2}-{:.2}, get {:.2}-{:.2}, dd r {:.2}-{:.2}",
-                pp.1, pp.2, dw.1, dw.2, pg.1, pg.2, dr.1, dr.2
+                "          spread (min-max): put {:.2}-{:.2}, dd w {:.2}-{:.2}, get {:.2}-{:.2}, dd r {:.2}-{:.2}; \
+                 per-rep ratio put {:.2}-{:.2}, get {:.2}-{:.2}",
+                pp.1, pp.2, dw.1, dw.2, pg.1, pg.2, dr.1, dr.2, put_pair.1, put_pair.2, get_pair.1, get_pair.2
             );
             println!("          {cmd}");
             let (pp, pg, dw, dr) = (pp.0, pg.0, dw.0, dr.0);
-            ratios.push((mode.clone(), c, pp / dw, pg / dr));
+            ratios.push((format!("{mode} x{jobs}"), c, pp / dw, pg / dr));
+            match a.style {
+                _ if jobs == 1 => {}
+                Style::Streams => {
+                    println!("          plugin: {jobs} host threads, one chunk each in flight")
+                }
+                Style::Batched => println!(
+                    "          plugin: one host thread, one request of {jobs} chunks at a time"
+                ),
+                Style::Pipelined => println!(
+                    "          plugin: one host thread, {jobs} one-chunk requests in flight"
+                ),
+            }
         }
     }
     let _ = std::fs::remove_dir_all(&a.dir);

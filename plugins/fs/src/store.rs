@@ -9,6 +9,7 @@
 use crate::format::{self, Header, PendingHeader, ALIGN, CHUNK_EXT, FIXED_LEN, TMP_EXT};
 use crate::index::{Index, NewEntry, NoSpace, Victim};
 use crate::io::{self as fio, AlignedBuf, BOUNCE};
+use crate::pool::{Pool, PoolFile, POOL_DIR};
 use kvhost_plugin_sdk::log;
 use kvhost_plugin_sdk::{ChunkMeta, Error, Status};
 use parking_lot::Mutex;
@@ -17,7 +18,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, IoSliceMut, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime};
 
 /// When the plugin calls fsync.
@@ -71,6 +72,10 @@ pub struct Settings {
     pub verify_always: bool,
     /// Behave as if the filesystem refused O_DIRECT (tests of the fallback path only).
     pub simulate_no_direct: bool,
+    /// Files the temporary-file pool keeps ready (0: no pool).
+    pub pool_files: usize,
+    /// Threads that write the chunks of one put request (the I/O thread count).
+    pub put_threads: usize,
 }
 
 /// What the start-up scan found.
@@ -126,6 +131,11 @@ const STRIPES: usize = 256;
 /// Buffered transfers are checksummed in pieces of this size, each while it is still in cache.
 const PIECE: usize = 1 << 20;
 const LOCK_FILE: &str = ".kvhost-fs.lock";
+/// Bytes a put request's window must hold before its chunks are written by several threads (a
+/// thread start costs some tens of microseconds).
+const PARALLEL_PUT_MIN: usize = 1 << 20;
+/// Threads `flush` fdatasyncs files from (one per 8 files, at most this many).
+const FLUSH_THREADS: usize = 8;
 
 /// Per-thread reusable buffers.
 #[derive(Debug, Default)]
@@ -138,6 +148,19 @@ impl IoBufs {
     fn bounce(&mut self) -> &mut AlignedBuf {
         self.bounce.get_or_insert_with(|| AlignedBuf::new(BOUNCE))
     }
+}
+
+/// One chunk of a put request.
+#[derive(Clone, Copy, Debug)]
+pub struct PutItem<'a> {
+    /// `kvh_key.key_hash`.
+    pub key_hash: u64,
+    /// The canonical key.
+    pub canonical: &'a str,
+    /// The bytes.
+    pub data: &'a [u8],
+    /// Its metadata.
+    pub meta: ChunkMeta,
 }
 
 /// A chunk written to its temporary file, with its capacity reserved, not yet visible.
@@ -177,6 +200,9 @@ pub enum ReadOutcome {
     TooSmall(u64),
     /// An error (`CORRUPT`, `IO`, ...).
     Failed(Status),
+    /// Asked not to wait, and the chunk is not all in the page cache (or O_DIRECT is on): nothing was
+    /// decided; read it again with waiting allowed.
+    WouldBlock,
 }
 
 /// The store.
@@ -186,8 +212,13 @@ pub struct Store {
     stripes: Vec<Mutex<()>>,
     direct: AtomicBool,
     direct_state: Mutex<String>,
+    /// Cleared when the kernel or filesystem refuses `RWF_NOWAIT` reads.
+    nowait_reads: AtomicBool,
     dirty: Mutex<Dirty>,
     tmp_seq: AtomicU64,
+    pool: Option<Pool>,
+    /// Shard directories up to this one were created by [`Store::prep_step`].
+    dirs_made: AtomicU32,
     stats: Stats,
     start: StartReport,
     _lock: File,
@@ -266,13 +297,25 @@ impl Store {
         };
         let mut index = Index::new(settings.capacity);
         let start = scan(&settings, &mut index);
+        let pool = match settings.pool_files {
+            0 => None,
+            n => Some(Pool::new(root, n).map_err(|e| {
+                io_error(
+                    format!("fs: cannot create {}", root.join(POOL_DIR).display()),
+                    &e,
+                )
+            })?),
+        };
         let store = Store {
             index: Mutex::new(index),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             direct: AtomicBool::new(direct),
             direct_state: Mutex::new(direct_state),
+            nowait_reads: AtomicBool::new(true),
             dirty: Mutex::new(Dirty::default()),
             tmp_seq: AtomicU64::new(0),
+            pool,
+            dirs_made: AtomicU32::new(0),
             stats: Stats::default(),
             start,
             _lock: lock,
@@ -342,6 +385,44 @@ impl Store {
         }
     }
 
+    // ----- background preparation -----
+
+    /// The temporary-file pool, if enabled.
+    pub fn pool(&self) -> Option<&Pool> {
+        self.pool.as_ref()
+    }
+
+    /// One step of the background thread's work: add a file to the pool if it is below its target,
+    /// else create one missing shard directory (so puts into a new store do not `mkdir`). Returns
+    /// false when there is nothing left to do for now.
+    pub fn prep_step(&self) -> bool {
+        if let Some(pool) = &self.pool {
+            if pool.is_stopped() {
+                return false;
+            }
+            if pool.wants_more() {
+                let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+                match pool.fill_one(seq, self.direct.load(Ordering::Acquire)) {
+                    Ok(()) => return true,
+                    // Retried after the wait; shard directories still get made meanwhile.
+                    Err(e) => log::debug!("fs: cannot add a file to the pool: {e}"),
+                }
+            }
+        }
+        let next = self.dirs_made.load(Ordering::Relaxed);
+        if next >= self.settings.shards {
+            return false;
+        }
+        let dir = self.shard_dir(next);
+        if let Err(e) = fs::create_dir(&dir) {
+            if e.kind() != io::ErrorKind::AlreadyExists {
+                log::debug!("fs: cannot create {}: {e}", dir.display());
+            }
+        }
+        self.dirs_made.store(next + 1, Ordering::Relaxed);
+        true
+    }
+
     // ----- put -----
 
     /// Reserve room for a chunk (evicting as needed) and write it to a temporary file (fdatasync'ed
@@ -396,9 +477,16 @@ impl Store {
 
         let shard = format::shard_of(key_hash, self.settings.shards);
         let dir = self.shard_dir(shard);
-        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        let tmp = dir.join(format!(".{key_hash:016x}.{seq:x}{TMP_EXT}"));
-        match self.write_temp(&dir, &tmp, hdr, data, bufs) {
+        let direct = self.direct.load(Ordering::Acquire);
+        let pooled = self.pool.as_ref().and_then(|p| p.take(direct));
+        let tmp = match &pooled {
+            Some(p) => p.path.clone(),
+            None => {
+                let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+                dir.join(format!(".{key_hash:016x}.{seq:x}{TMP_EXT}"))
+            }
+        };
+        match self.write_temp(&dir, &tmp, direct, pooled, hdr, data, bufs) {
             Ok(file) => Ok(Staged {
                 key_hash,
                 canonical: canonical.into(),
@@ -419,6 +507,46 @@ impl Store {
         }
     }
 
+    /// [`stage`](Self::stage) every item, results in item order. With several items and at least
+    /// [`PARALLEL_PUT_MIN`] bytes, up to `put_threads` threads (this one and short-lived helpers) take
+    /// items in turn, so several chunk files are written at once; committing stays in order.
+    pub fn stage_many(
+        &self,
+        items: &[PutItem<'_>],
+        bufs: &mut IoBufs,
+    ) -> Vec<Result<Staged, Error>> {
+        let stage = |it: &PutItem<'_>, bufs: &mut IoBufs| {
+            self.stage(it.key_hash, it.canonical, it.data, &it.meta, bufs)
+        };
+        let bytes: usize = items.iter().map(|it| it.data.len()).sum();
+        let helpers = self.settings.put_threads.min(items.len()).saturating_sub(1);
+        if helpers == 0 || bytes < PARALLEL_PUT_MIN {
+            return items.iter().map(|it| stage(it, bufs)).collect();
+        }
+        let next = AtomicUsize::new(0);
+        let slots: Vec<Mutex<Option<Result<Staged, Error>>>> =
+            items.iter().map(|_| Mutex::new(None)).collect();
+        let work = |bufs: &mut IoBufs| loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(it) = items.get(i) else { return };
+            *slots[i].lock() = Some(stage(it, bufs));
+        };
+        std::thread::scope(|s| {
+            for _ in 0..helpers {
+                // Fewer helpers if a thread cannot be started: the others take its items.
+                let _ = std::thread::Builder::new()
+                    .name("kvhost-fs-put".into())
+                    .spawn_scoped(s, || work(&mut IoBufs::default()));
+            }
+            work(bufs);
+        });
+        // Every item was taken by a thread that ran to the end (a panic would have unwound above).
+        slots
+            .into_iter()
+            .map(|m| m.into_inner().expect("every item is staged"))
+            .collect()
+    }
+
     fn open_new(&self, dir: &Path, tmp: &Path, direct: bool) -> io::Result<File> {
         let mut o = OpenOptions::new();
         o.write(true).create_new(true).mode(0o644);
@@ -434,44 +562,50 @@ impl Store {
         }
     }
 
-    /// Write header and data to a new temporary file. Buffered: the data is checksummed and written
-    /// in [`PIECE`]s (each hashed while it is in cache), then the header goes in front. O_DIRECT: the
-    /// data is checksummed first, then header and data are streamed in order.
+    /// Write header and data to the temporary file `tmp`: `pooled` if given (a pool file opened in
+    /// the `direct` mode), else a new file. Buffered: the data is checksummed and written in
+    /// [`PIECE`]s (each hashed while it is in cache), then the header goes in front. O_DIRECT: the
+    /// data is checksummed first, then header and data are written in one request.
+    #[allow(clippy::too_many_arguments)]
     fn write_temp(
         &self,
         dir: &Path,
         tmp: &Path,
+        direct: bool,
+        pooled: Option<PoolFile>,
         hdr: PendingHeader<'_>,
         data: &[u8],
         bufs: &mut IoBufs,
     ) -> io::Result<File> {
         let data_offset = hdr.data_offset();
         bufs.header.resize(data_offset as usize, 0);
-        if self.direct.load(Ordering::Acquire) {
-            match self.open_new(dir, tmp, true) {
-                Ok(f) => {
-                    let mut hasher = hdr.hasher();
-                    hasher.update(data);
-                    let IoBufs { bounce, header } = bufs;
-                    hdr.encode(hasher.digest(), header);
-                    let b = bounce.get_or_insert_with(|| AlignedBuf::new(BOUNCE));
-                    match fio::write_direct(&f, header, data, b) {
-                        Ok(()) => return self.finish_temp(f),
-                        Err(e) if fio::is_direct_unsupported(&e) => {
-                            drop(f);
-                            fs::remove_file(tmp)?;
-                            self.disable_direct(format!("write: {e}"));
-                        }
-                        Err(e) => return Err(e),
+        let mut pooled = pooled;
+        if direct {
+            let opened = match pooled.take() {
+                Some(p) => Ok(p.file),
+                None => self.open_new(dir, tmp, true),
+            };
+            match opened {
+                Ok(f) => match self.write_direct(&f, &hdr, data, bufs) {
+                    Ok(()) => return self.finish_temp(f),
+                    Err(e) if fio::is_direct_unsupported(&e) => {
+                        drop(f);
+                        fs::remove_file(tmp)?;
+                        self.disable_direct(format!("write: {e}"));
                     }
-                }
+                    Err(e) => return Err(e),
+                },
                 Err(e) if fio::is_direct_unsupported(&e) => {
                     self.disable_direct(format!("open: {e}"));
                 }
                 Err(e) => return Err(e),
             }
         }
-        let f = self.open_new(dir, tmp, false)?;
+        // Here `pooled` is a buffered file: after an O_DIRECT failure it was used above and removed.
+        let f = match pooled {
+            Some(p) => p.file,
+            None => self.open_new(dir, tmp, false)?,
+        };
         let mut hasher = hdr.hasher();
         let mut pos = data_offset;
         for piece in data.chunks(PIECE) {
@@ -482,6 +616,22 @@ impl Store {
         hdr.encode(hasher.digest(), &mut bufs.header);
         f.write_all_at(&bufs.header, 0)?;
         self.finish_temp(f)
+    }
+
+    /// Checksum the data, then write header and data in one request.
+    fn write_direct(
+        &self,
+        f: &File,
+        hdr: &PendingHeader<'_>,
+        data: &[u8],
+        bufs: &mut IoBufs,
+    ) -> io::Result<()> {
+        let mut hasher = hdr.hasher();
+        hasher.update(data);
+        let IoBufs { bounce, header } = bufs;
+        hdr.encode(hasher.digest(), header);
+        let b = bounce.get_or_insert_with(|| AlignedBuf::new(BOUNCE));
+        fio::write_direct(f, header, data, b)
     }
 
     fn finish_temp(&self, f: File) -> io::Result<File> {
@@ -527,7 +677,14 @@ impl Store {
         drop(file);
         let dest = self.path_of(key_hash, &canonical);
         let stripe = self.stripe(key_hash).lock();
-        if let Err(e) = fs::rename(&tmp, &dest) {
+        let renamed = match fs::rename(&tmp, &dest) {
+            // A pool file, and the background thread has not made this shard directory yet.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && tmp.exists() => {
+                fs::create_dir_all(self.shard_dir(shard)).and_then(|()| fs::rename(&tmp, &dest))
+            }
+            r => r,
+        };
+        if let Err(e) = renamed {
             drop(stripe);
             let _ = fs::remove_file(&tmp);
             self.index.lock().unreserve(charge);
@@ -598,13 +755,16 @@ impl Store {
 
     // ----- get -----
 
-    /// Read the chunk of `canonical` into `dst`, verifying its checksums.
+    /// Read the chunk of `canonical` into `dst`, verifying its checksums. With `nowait`, only if all
+    /// of it is in the page cache (buffered mode): else [`ReadOutcome::WouldBlock`], after at most an
+    /// `open` and one read that did not wait.
     pub fn read(
         &self,
         key_hash: u64,
         canonical: &str,
         dst: &mut [u8],
         bufs: &mut IoBufs,
+        nowait: bool,
     ) -> ReadOutcome {
         let (gen, data_offset, data_len, verified) = {
             let mut ix = self.index.lock();
@@ -617,8 +777,11 @@ impl Store {
         if data_len > dst.len() as u64 {
             return ReadOutcome::TooSmall(data_len);
         }
-        let path = self.path_of(key_hash, canonical);
         let direct = self.direct.load(Ordering::Acquire);
+        if nowait && (direct || !self.nowait_reads.load(Ordering::Relaxed)) {
+            return ReadOutcome::WouldBlock;
+        }
+        let path = self.path_of(key_hash, canonical);
         let opened = if direct {
             match open_read(&path, true) {
                 Err(e) if fio::is_direct_unsupported(&e) => {
@@ -651,7 +814,7 @@ impl Store {
         let result = if direct {
             self.read_direct(&file, data_offset, data_len, dst, bufs, check)
         } else {
-            read_buffered(&file, data_offset, dst, bufs, check)
+            read_buffered(&file, data_offset, dst, bufs, check, nowait)
         };
         match result {
             Ok(Ok((len, meta, hdr))) => {
@@ -665,10 +828,15 @@ impl Store {
             }
             Ok(Err(ReadFail::TooSmall(n))) => ReadOutcome::TooSmall(n),
             Ok(Err(ReadFail::Corrupt(why))) => self.corrupt(key_hash, gen, &path, why),
+            Err(e) if nowait && e.kind() == io::ErrorKind::WouldBlock => ReadOutcome::WouldBlock,
+            Err(e) if nowait && e.kind() == io::ErrorKind::Unsupported => {
+                self.nowait_reads.store(false, Ordering::Relaxed);
+                ReadOutcome::WouldBlock
+            }
             Err(e) if fio::is_direct_unsupported(&e) && direct => {
                 self.disable_direct(format!("read: {e}"));
                 drop(file);
-                self.read(key_hash, canonical, dst, bufs)
+                self.read(key_hash, canonical, dst, bufs, false)
             }
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                 self.corrupt(key_hash, gen, &path, "truncated")
@@ -839,14 +1007,39 @@ impl Store {
                 .and_then(|d| rustix::fs::syncfs(&d).map_err(io::Error::from))
                 .map_err(|e| io_error(format!("fs: syncfs {}", root.display()), &e));
         }
-        for f in &dirty.files {
-            match File::open(f) {
-                Ok(file) => file
-                    .sync_data()
-                    .map_err(|e| io_error(format!("fs: fdatasync {}", f.display()), &e))?,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_error(format!("fs: open {}", f.display()), &e)),
+        // Several fdatasyncs in flight: the device gets a deeper queue, and ext4 commits its journal
+        // once for the files whose syncs overlap instead of once per file.
+        let threads = dirty.files.len().div_ceil(8).clamp(1, FLUSH_THREADS);
+        let next = AtomicUsize::new(0);
+        let failed: Mutex<Option<Error>> = Mutex::new(None);
+        let sync_some = || {
+            while failed.lock().is_none() {
+                let Some(f) = dirty.files.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                    return;
+                };
+                let r = match File::open(f) {
+                    Ok(file) => file
+                        .sync_data()
+                        .map_err(|e| io_error(format!("fs: fdatasync {}", f.display()), &e)),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(io_error(format!("fs: open {}", f.display()), &e)),
+                };
+                if let Err(e) = r {
+                    failed.lock().get_or_insert(e);
+                }
             }
+        };
+        std::thread::scope(|s| {
+            for _ in 1..threads {
+                // Fewer helpers if a thread cannot be started: the others take its share.
+                let _ = std::thread::Builder::new()
+                    .name("kvhost-fs-flush".into())
+                    .spawn_scoped(s, sync_some);
+            }
+            sync_some();
+        });
+        if let Some(e) = failed.into_inner() {
+            return Err(e);
         }
         for &shard in &dirty.dirs {
             self.sync_dir(shard)?;
@@ -922,7 +1115,8 @@ impl Store {
         let text = format!(
             "fs {}: {chunks} chunks, used={used} reserved={reserved} pinned={pinned} capacity={} bytes, \
              fs_free={} bytes, evictions={evictions}, no_space={}, corrupt_on_read={}, missing_on_read={}, io_errors={}, \
-             removed_at_start={} (temporary={} corrupt={}), o_direct={}, fsync={}, verify_reads={}, shards={}",
+             removed_at_start={} (temporary={} corrupt={}), o_direct={}, fsync={}, verify_reads={}, shards={}, \
+             pool_files={}",
             root.display(),
             self.settings.capacity,
             free.map_or("unknown".to_string(), |f| f.to_string()),
@@ -937,6 +1131,7 @@ impl Store {
             self.settings.fsync.name(),
             if self.settings.verify_always { "always" } else { "first" },
             self.settings.shards,
+            self.pool.as_ref().map_or(0, Pool::len),
         );
         if let Err(e) = writable {
             return Err(io_error(format!("directory not writable; {text}"), &e));
@@ -951,6 +1146,16 @@ impl Store {
             ));
         }
         Ok(text)
+    }
+}
+
+impl Drop for Store {
+    /// Remove the pool's files (a crash leaves them to the next start-up scan).
+    fn drop(&mut self) {
+        if let Some(pool) = &self.pool {
+            pool.stop();
+            pool.drain();
+        }
     }
 }
 
@@ -969,17 +1174,26 @@ fn open_read(path: &Path, direct: bool) -> io::Result<File> {
     o.open(path)
 }
 
-/// Buffered read: the header into a small buffer, the data straight into `dst`.
+/// Buffered read: the header into a small buffer, the data straight into `dst`. With `nowait`, from
+/// the page cache only (`WouldBlock` if anything is missing, see [`fio::read_cached_at`]).
 fn read_buffered(
     file: &File,
     data_offset: u64,
     dst: &mut [u8],
     bufs: &mut IoBufs,
     check: bool,
+    nowait: bool,
 ) -> io::Result<Result<(usize, ChunkMeta, Header), ReadFail>> {
+    let read_at = |buf: &mut [u8], off: u64| -> io::Result<usize> {
+        if nowait {
+            fio::read_cached_at(file, buf, off).map(|()| buf.len())
+        } else {
+            fio::read_full_at(file, buf, off)
+        }
+    };
     let head = &mut bufs.header;
     head.resize((data_offset as usize).max(FIXED_LEN), 0);
-    let got = fio::read_full_at(file, head, 0)?;
+    let got = read_at(head, 0)?;
     let (fixed, hdr) = match format::decode(&head[..got]) {
         Ok(x) => x,
         Err(why) => return Ok(Err(ReadFail::Corrupt(why))),
@@ -989,7 +1203,7 @@ fn read_buffered(
     }
     let len = hdr.data_len as usize;
     if !check {
-        if fio::read_full_at(file, &mut dst[..len], hdr.data_offset)? < len {
+        if read_at(&mut dst[..len], hdr.data_offset)? < len {
             return Ok(Err(ReadFail::Corrupt("truncated")));
         }
         return Ok(Ok((len, hdr.meta, hdr)));
@@ -998,7 +1212,7 @@ fn read_buffered(
     let mut h = fixed.hasher(hdr.canonical.as_bytes());
     let mut pos = hdr.data_offset;
     for piece in dst[..len].chunks_mut(PIECE) {
-        if fio::read_full_at(file, piece, pos)? < piece.len() {
+        if read_at(piece, pos)? < piece.len() {
             return Ok(Err(ReadFail::Corrupt("truncated")));
         }
         h.update(piece);
@@ -1159,6 +1373,19 @@ fn scan_dir(dir: &Path) -> DirScan {
     out
 }
 
+/// Remove the files a crash left in the pool directory. They never hold a committed chunk (a chunk is
+/// committed by renaming its file out of there), so they are temporary files, whatever they contain.
+fn clean_pool_dir(dir: &Path, report: &mut StartReport) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().ends_with(TMP_EXT) {
+            remove_counted(&entry.path(), &mut report.temp_removed, &mut report.errors);
+        }
+    }
+}
+
 /// Rebuild the index from the directory: remove temporary and invalid files, move files into the shard
 /// the current `shards` gives them, keep the newest file of a key, order the LRU by modification time.
 fn scan(settings: &Settings, index: &mut Index) -> StartReport {
@@ -1189,6 +1416,7 @@ fn scan(settings: &Settings, index: &mut Index) -> StartReport {
             .collect()
     });
     let mut report = StartReport::default();
+    clean_pool_dir(&settings.root.join(POOL_DIR), &mut report);
     let mut found = Vec::new();
     for r in results {
         report.temp_removed += r.temp_removed;

@@ -3,7 +3,8 @@
 
 use crate::format;
 use crate::io::AlignedBuf;
-use crate::store::{Fsync, IoBufs, ReadOutcome, Settings, Store};
+use crate::pool::POOL_DIR;
+use crate::store::{Fsync, IoBufs, PutItem, ReadOutcome, Settings, Store};
 use kvhost_plugin_sdk::{ChunkMeta, Status};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -39,6 +40,8 @@ fn settings(root: &Path, o_direct: bool, simulate_no_direct: bool) -> Settings {
         o_direct,
         verify_always: true,
         simulate_no_direct,
+        pool_files: 0,
+        put_threads: 2,
     }
 }
 
@@ -80,7 +83,7 @@ fn get(store: &Store, canonical: &str, cap: usize, offset: usize) -> (ReadOutcom
     let mut dst = AlignedBuf::new(format::round_up((cap + offset) as u64) as usize);
     let d = &mut dst.as_mut()[offset..offset + cap];
     let h = format::key_hash_of(canonical);
-    let out = store.read(h, canonical, d, &mut bufs);
+    let out = store.read(h, canonical, d, &mut bufs, false);
     (out, d.to_vec())
 }
 
@@ -240,5 +243,303 @@ fn with_verify_first_a_chunk_from_disk_is_checked_on_its_first_read() {
         let (out, got) = get(&store, b, 300_000, 0);
         assert!(matches!(out, ReadOutcome::Hit { len: 300_000, .. }));
         assert!(got == bytes(2, 300_000));
+    }
+}
+
+/// Settings with a pool of `n` files (filled by [`prep_all`] in these tests, as the backend's
+/// background thread does).
+fn pooled(root: &Path, o_direct: bool, n: usize) -> Settings {
+    Settings {
+        pool_files: n,
+        ..settings(root, o_direct, false)
+    }
+}
+
+/// Run the background preparation until it has nothing left to do.
+fn prep_all(store: &Store) {
+    while store.prep_step() {}
+}
+
+/// Files in the pool directory.
+fn pool_dir_files(root: &Path) -> Vec<PathBuf> {
+    match std::fs::read_dir(root.join(POOL_DIR)) {
+        Ok(rd) => rd.flatten().map(|e| e.path()).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+#[test]
+fn preparation_makes_every_shard_directory_and_fills_the_pool() {
+    let d = TempDir::new("prep");
+    let store = Store::open(pooled(&d.0, false, 3)).unwrap();
+    assert_eq!(store.pool().unwrap().len(), 0);
+    prep_all(&store);
+    assert_eq!(store.pool().unwrap().len(), 3);
+    assert_eq!(pool_dir_files(&d.0).len(), 3);
+    for shard in 0..16 {
+        let dir = d.0.join(format::shard_dir_name(shard, 16));
+        assert!(dir.is_dir(), "{} missing", dir.display());
+    }
+}
+
+#[test]
+fn puts_take_pool_files_and_read_back_in_both_modes() {
+    for o_direct in [false, true] {
+        let d = TempDir::new("pool-use");
+        let store = Store::open(pooled(&d.0, o_direct, 2)).unwrap();
+        for (i, &n) in SIZES.iter().enumerate() {
+            prep_all(&store);
+            let pool = store.pool().unwrap();
+            assert_eq!(pool.len(), 2);
+            let k = format!("p@1@0@{i:x}@half");
+            let data = bytes(i as u64, n);
+            put(&store, &k, &data);
+            // The put used a pool file (renamed away), not a new one.
+            assert_eq!(pool.len(), 1, "size {n} o_direct={o_direct}");
+            assert_eq!(pool_dir_files(&d.0).len(), 1);
+            let (out, got) = get(&store, &k, n, 0);
+            assert!(matches!(out, ReadOutcome::Hit { .. }), "{out:?}");
+            assert!(got == data, "size {n} o_direct={o_direct}");
+        }
+        drop(store);
+        // A clean shutdown leaves no pool file; every chunk is found again.
+        assert!(pool_dir_files(&d.0).is_empty());
+        let store = Store::open(pooled(&d.0, o_direct, 2)).unwrap();
+        assert_eq!(store.start_report().chunks, SIZES.len());
+        assert_eq!(store.start_report().removed(), 0);
+        for (i, &n) in SIZES.iter().enumerate() {
+            let (out, got) = get(&store, &format!("p@1@0@{i:x}@half"), n, 8);
+            assert!(matches!(out, ReadOutcome::Hit { .. }), "{out:?}");
+            assert!(got == bytes(i as u64, n));
+        }
+    }
+}
+
+#[test]
+fn a_put_into_a_shard_not_made_yet_creates_it() {
+    let d = TempDir::new("pool-nodir");
+    let store = Store::open(pooled(&d.0, false, 1)).unwrap();
+    // Fill the pool only: the shard directories come after it.
+    assert!(store.prep_step());
+    assert_eq!(store.pool().unwrap().len(), 1);
+    let k = "n@1@0@1@half";
+    assert!(!store
+        .path_of(format::key_hash_of(k), k)
+        .parent()
+        .unwrap()
+        .exists());
+    put(&store, k, &bytes(1, 5000));
+    assert_eq!(store.pool().unwrap().len(), 0);
+    let (out, got) = get(&store, k, 5000, 0);
+    assert!(matches!(out, ReadOutcome::Hit { len: 5000, .. }), "{out:?}");
+    assert!(got == bytes(1, 5000));
+}
+
+#[test]
+fn leftover_pool_files_are_removed_at_start_and_never_served() {
+    let d = TempDir::new("pool-crash");
+    let k = "left@1@0@1@half";
+    let data = bytes(3, 20_000);
+    {
+        let store = Store::open(pooled(&d.0, false, 2)).unwrap();
+        prep_all(&store);
+        put(&store, k, &data);
+        // What a crash could leave: a complete, valid chunk file still under its pool name (its put
+        // never committed), a half-written one, and an empty one.
+        let p = store.path_of(format::key_hash_of(k), k);
+        let pool = d.0.join(POOL_DIR);
+        std::fs::copy(&p, pool.join("f0.tmp")).unwrap();
+        std::fs::write(pool.join("f1.tmp"), &std::fs::read(&p).unwrap()[..6000]).unwrap();
+        std::fs::write(pool.join("f2.tmp"), b"").unwrap();
+        assert_eq!(store.remove(format::key_hash_of(k), k, false), Status::OK);
+    }
+    // The clean shutdown removed the pool's own files, not the three it does not know.
+    assert_eq!(pool_dir_files(&d.0).len(), 3);
+    let store = Store::open(pooled(&d.0, false, 2)).unwrap();
+    let r = store.start_report();
+    assert_eq!((r.chunks, r.temp_removed, r.corrupt_removed), (0, 3, 0));
+    assert!(pool_dir_files(&d.0).is_empty());
+    assert_eq!(get(&store, k, 20_000, 0).0, ReadOutcome::Miss);
+    assert_eq!(store.contains(format::key_hash_of(k), k, false), Ok(None));
+}
+
+#[test]
+fn flush_syncs_many_files_and_keeps_them_when_one_fails() {
+    let d = TempDir::new("flush");
+    let store = Store::open(settings(&d.0, false, false)).unwrap();
+    let keys: Vec<String> = (0..40).map(|i| format!("f@1@0@{i:x}@half")).collect();
+    for (i, k) in keys.iter().enumerate() {
+        put(&store, k, &bytes(i as u64, 3000));
+    }
+    // One file replaced by a symlink loop: it cannot be opened, so flush fails and keeps its list.
+    let bad = store.path_of(format::key_hash_of(&keys[17]), &keys[17]);
+    std::fs::remove_file(&bad).unwrap();
+    std::os::unix::fs::symlink(&bad, &bad).unwrap();
+    let err = store.flush().unwrap_err();
+    assert!(
+        err.message.contains(&*bad.to_string_lossy()),
+        "{}",
+        err.message
+    );
+    assert!(store.flush().is_err(), "the failed flush forgot its files");
+    std::fs::remove_file(&bad).unwrap();
+    // A file gone by now is skipped; everything else is synced.
+    store.flush().unwrap();
+    store.flush().unwrap();
+}
+
+/// A read that may not wait for the disk, into an aligned destination.
+fn get_nowait(store: &Store, canonical: &str, cap: usize) -> (ReadOutcome, Vec<u8>) {
+    let mut bufs = IoBufs::default();
+    let mut dst = AlignedBuf::new(format::round_up(cap as u64) as usize);
+    let d = &mut dst.as_mut()[..cap];
+    let out = store.read(
+        format::key_hash_of(canonical),
+        canonical,
+        d,
+        &mut bufs,
+        true,
+    );
+    (out, d.to_vec())
+}
+
+/// Whether clean pages of files under `p` can be dropped from the page cache (not on tmpfs).
+#[allow(clippy::unnecessary_cast)] // `f_type` is not i64 on every target.
+fn page_cache_can_drop(p: &Path) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    rustix::fs::statfs(p).map_or(true, |s| s.f_type as i64 != TMPFS_MAGIC)
+}
+
+#[test]
+fn a_read_that_may_not_wait_is_served_from_the_page_cache_or_not_at_all() {
+    let d = TempDir::new("nowait");
+    let store = Store::open(settings(&d.0, false, false)).unwrap();
+    let k = "w@1@0@1@half";
+    let data = bytes(1, 300_000);
+    put(&store, k, &data);
+    // Just written: all in the page cache, and checked (verify_reads=always here).
+    let (out, got) = get_nowait(&store, k, 300_000);
+    assert!(
+        matches!(out, ReadOutcome::Hit { len: 300_000, .. }),
+        "{out:?}"
+    );
+    assert!(got == data);
+    // Written back and dropped from the cache: it would have to wait, so it reports nothing.
+    let p = store.path_of(format::key_hash_of(k), k);
+    let f = std::fs::File::open(&p).unwrap();
+    f.sync_all().unwrap();
+    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    if page_cache_can_drop(&d.0) {
+        assert_eq!(get_nowait(&store, k, 300_000).0, ReadOutcome::WouldBlock);
+    }
+    // A read that may wait gets it (and brings it back into the cache).
+    let (out, got) = get(&store, k, 300_000, 0);
+    assert!(
+        matches!(out, ReadOutcome::Hit { len: 300_000, .. }),
+        "{out:?}"
+    );
+    assert!(got == data);
+    assert!(matches!(
+        get_nowait(&store, k, 300_000).0,
+        ReadOutcome::Hit { .. }
+    ));
+    // Misses, too-small destinations and corruption are decided without waiting as well.
+    assert_eq!(get_nowait(&store, "w@1@0@2@half", 10).0, ReadOutcome::Miss);
+    assert_eq!(
+        get_nowait(&store, k, 1000).0,
+        ReadOutcome::TooSmall(300_000)
+    );
+    let mut raw = std::fs::read(&p).unwrap();
+    raw[4096 + 123] ^= 1;
+    std::fs::write(&p, raw).unwrap();
+    assert_eq!(
+        get_nowait(&store, k, 300_000).0,
+        ReadOutcome::Failed(Status::CORRUPT)
+    );
+    assert!(!p.exists());
+}
+
+#[test]
+fn with_o_direct_a_read_that_may_not_wait_always_waits() {
+    let d = TempDir::new("nowait-direct");
+    let store = Store::open(settings(&d.0, true, false)).unwrap();
+    let k = "w@1@0@3@half";
+    put(&store, k, &bytes(3, 10_000));
+    if store.direct_state() == "on" {
+        assert_eq!(get_nowait(&store, k, 10_000).0, ReadOutcome::WouldBlock);
+    }
+    assert!(matches!(
+        get(&store, k, 10_000, 0).0,
+        ReadOutcome::Hit { len: 10_000, .. }
+    ));
+}
+
+#[test]
+fn a_put_request_is_staged_by_several_threads_and_committed_in_order() {
+    for o_direct in [false, true] {
+        let d = TempDir::new("stage-many");
+        let mut s = pooled(&d.0, o_direct, 4);
+        s.put_threads = 3;
+        s.capacity = 8 << 20;
+        let store = Store::open(s).unwrap();
+        prep_all(&store);
+        // Chunk 3 is larger than the capacity; chunks 1 and 5 are the same key (the later wins).
+        let keys = [
+            "m@1@0@0@half",
+            "m@1@0@1@half",
+            "m@1@0@2@half",
+            "m@1@0@3@half",
+            "m@1@0@4@half",
+            "m@1@0@1@half",
+        ];
+        let sizes = [1 << 20, 700_000, 4097, 9 << 20, 1 << 20, 300_000];
+        let datas: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| bytes(50 + i as u64, n))
+            .collect();
+        let items: Vec<PutItem<'_>> = keys
+            .iter()
+            .zip(&datas)
+            .map(|(k, d)| PutItem {
+                key_hash: format::key_hash_of(k),
+                canonical: k,
+                data: d,
+                meta: meta(d.len()),
+            })
+            .collect();
+        let results = store.stage_many(&items, &mut IoBufs::default());
+        assert_eq!(results.len(), items.len());
+        for (i, r) in results.into_iter().enumerate() {
+            match r {
+                Ok(staged) => {
+                    assert_ne!(i, 3);
+                    store.commit(staged).unwrap();
+                }
+                Err(e) => {
+                    assert_eq!((i, e.status), (3, Status::NO_SPACE));
+                }
+            }
+        }
+        for (i, k) in keys.iter().enumerate() {
+            let (out, got) = get(&store, k, 10 << 20, 0);
+            match i {
+                3 => assert_eq!(out, ReadOutcome::Miss),
+                1 => assert!(
+                    got[..300_000] == datas[5][..],
+                    "the later put of a key wins"
+                ),
+                _ => {
+                    assert!(matches!(out, ReadOutcome::Hit { .. }), "{i}: {out:?}");
+                    assert!(got[..sizes[i]] == datas[i][..], "{i} o_direct={o_direct}");
+                }
+            }
+        }
+        // Nothing reserved is left behind.
+        assert!(
+            store.health().unwrap().contains("reserved=0 "),
+            "{}",
+            store.health().unwrap()
+        );
     }
 }
