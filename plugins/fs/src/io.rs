@@ -80,29 +80,6 @@ pub fn read_full_at(file: &File, buf: &mut [u8], mut offset: u64) -> io::Result<
     Ok(got)
 }
 
-/// Fill `buf` at `offset` from the page cache only (`RWF_NOWAIT`): never waits for the device.
-/// `WouldBlock` unless every byte was cached (a file shorter than `buf` also gives `WouldBlock`: the
-/// blocking retry tells the two apart); `Unsupported` where the kernel or filesystem refuses the flag.
-pub fn read_cached_at(file: &File, buf: &mut [u8], mut offset: u64) -> io::Result<()> {
-    let mut got = 0;
-    while got < buf.len() {
-        let mut iov = [IoSliceMut::new(&mut buf[got..])];
-        match rustix::io::preadv2(file, &mut iov, offset, rustix::io::ReadWriteFlags::NOWAIT) {
-            Ok(0) | Err(rustix::io::Errno::AGAIN) => return Err(io::ErrorKind::WouldBlock.into()),
-            Ok(n) => {
-                got += n;
-                offset += n as u64;
-            }
-            Err(rustix::io::Errno::INTR) => {}
-            Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL) => {
-                return Err(io::ErrorKind::Unsupported.into())
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
-}
-
 fn truncated() -> io::Error {
     io::Error::new(
         io::ErrorKind::UnexpectedEof,

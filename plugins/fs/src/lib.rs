@@ -32,8 +32,7 @@ use store::{Fsync, IoBufs, PutItem, ReadOutcome, Settings, Staged, Store};
 
 enum Job {
     Put(Pending<Put>),
-    /// A get and the first item not served yet.
-    Get(Pending<Get>, usize),
+    Get(Pending<Get>),
 }
 
 /// The `fs` backend: a [`Store`] plus its I/O threads.
@@ -185,7 +184,7 @@ impl FsBackend {
         })
     }
 
-    fn submit<O: Op>(&self, req: Request<O>, job: impl FnOnce(Pending<O>) -> Job) -> Submit {
+    fn submit<O: Op>(&self, req: Request<O>, job: fn(Pending<O>) -> Job) -> Submit {
         let queue = self.queue.read();
         let Some(tx) = queue.as_ref() else {
             return req.finish(Status::CANCELED);
@@ -218,7 +217,7 @@ fn worker(store: &Store, rx: &Receiver<Job>) {
     for job in rx.iter() {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match job {
             Job::Put(p) => run_put(store, p, &mut bufs),
-            Job::Get(p, first) => run_get(store, p, first, &mut bufs),
+            Job::Get(p) => run_get(store, p, &mut bufs),
         }));
         if outcome.is_err() {
             // The request was dropped while unwinding, which completed it with CANCELED.
@@ -291,36 +290,23 @@ fn run_put(store: &Store, p: Pending<Put>, bufs: &mut IoBufs) {
     p.complete(Status::OK);
 }
 
-/// Serve item `i` of a get. False (nothing reported) if `nowait` and it is not all in the page cache.
-fn get_item(
-    store: &Store,
-    batch: &mut Batch<Get>,
-    i: usize,
-    canonical: &mut String,
-    bufs: &mut IoBufs,
-    nowait: bool,
-) -> bool {
-    // The key borrows the whole batch, and `dst` needs it mutably: copy the key first.
-    let key_hash = {
-        let k = batch.key(i);
-        canonical.clear();
-        canonical.push_str(k.canonical());
-        k.key_hash()
-    };
-    match store.read(key_hash, canonical, batch.dst(i), bufs, nowait) {
-        ReadOutcome::Hit { len, meta } => batch.set_found(i, len, meta),
-        ReadOutcome::Miss => batch.set_status(i, Status::NOT_FOUND),
-        ReadOutcome::TooSmall(n) => batch.set_too_small(i, n as usize),
-        ReadOutcome::Failed(s) => batch.set_status(i, s),
-        ReadOutcome::WouldBlock => return false,
-    }
-    true
-}
-
-fn run_get(store: &Store, mut p: Pending<Get>, first: usize, bufs: &mut IoBufs) {
+fn run_get(store: &Store, mut p: Pending<Get>, bufs: &mut IoBufs) {
     let mut canonical = String::new();
-    for i in first..p.len() {
-        get_item(store, &mut p, i, &mut canonical, bufs, false);
+    for i in 0..p.len() {
+        // The key borrows the whole batch, and `dst` needs it mutably: copy the key first.
+        let key_hash = {
+            let k = p.key(i);
+            canonical.clear();
+            canonical.push_str(k.canonical());
+            k.key_hash()
+        };
+        let outcome = store.read(key_hash, &canonical, p.dst(i), bufs);
+        match outcome {
+            ReadOutcome::Hit { len, meta } => p.set_found(i, len, meta),
+            ReadOutcome::Miss => p.set_status(i, Status::NOT_FOUND),
+            ReadOutcome::TooSmall(n) => p.set_too_small(i, n as usize),
+            ReadOutcome::Failed(s) => p.set_status(i, s),
+        }
     }
     p.complete(Status::OK);
 }
@@ -395,30 +381,11 @@ impl Backend for FsBackend {
         self.submit(req, Job::Put)
     }
 
-    /// Items whose bytes are all in the page cache are read on the caller's thread, in order; from
-    /// the first one that is not (or with O_DIRECT), the rest goes to the I/O threads. The two thread
-    /// hand-offs of a queued request (about 0.1 ms here) are a large part of a page-cache read (0.3 to
-    /// 0.5 ms for 4 MiB).
-    fn get(&self, mut req: Request<Get>) -> Submit {
-        let mut bufs = IoBufs::default();
-        let mut canonical = String::new();
-        let mut first = 0;
-        while first < req.len()
-            && get_item(
-                &self.store,
-                &mut req,
-                first,
-                &mut canonical,
-                &mut bufs,
-                true,
-            )
-        {
-            first += 1;
-        }
-        if first == req.len() {
+    fn get(&self, req: Request<Get>) -> Submit {
+        if req.is_empty() {
             return req.finish(Status::OK);
         }
-        self.submit(req, |p| Job::Get(p, first))
+        self.submit(req, Job::Get)
     }
 
     fn remove(&self, batch: &mut KeyBatch<'_>, force: bool) -> Result<(), Error> {

@@ -200,9 +200,6 @@ pub enum ReadOutcome {
     TooSmall(u64),
     /// An error (`CORRUPT`, `IO`, ...).
     Failed(Status),
-    /// Asked not to wait, and the chunk is not all in the page cache (or O_DIRECT is on): nothing was
-    /// decided; read it again with waiting allowed.
-    WouldBlock,
 }
 
 /// The store.
@@ -212,8 +209,6 @@ pub struct Store {
     stripes: Vec<Mutex<()>>,
     direct: AtomicBool,
     direct_state: Mutex<String>,
-    /// Cleared when the kernel or filesystem refuses `RWF_NOWAIT` reads.
-    nowait_reads: AtomicBool,
     dirty: Mutex<Dirty>,
     tmp_seq: AtomicU64,
     pool: Option<Pool>,
@@ -311,7 +306,6 @@ impl Store {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             direct: AtomicBool::new(direct),
             direct_state: Mutex::new(direct_state),
-            nowait_reads: AtomicBool::new(true),
             dirty: Mutex::new(Dirty::default()),
             tmp_seq: AtomicU64::new(0),
             pool,
@@ -755,16 +749,13 @@ impl Store {
 
     // ----- get -----
 
-    /// Read the chunk of `canonical` into `dst`, verifying its checksums. With `nowait`, only if all
-    /// of it is in the page cache (buffered mode): else [`ReadOutcome::WouldBlock`], after at most an
-    /// `open` and one read that did not wait.
+    /// Read the chunk of `canonical` into `dst`, verifying its checksums.
     pub fn read(
         &self,
         key_hash: u64,
         canonical: &str,
         dst: &mut [u8],
         bufs: &mut IoBufs,
-        nowait: bool,
     ) -> ReadOutcome {
         let (gen, data_offset, data_len, verified) = {
             let mut ix = self.index.lock();
@@ -777,11 +768,8 @@ impl Store {
         if data_len > dst.len() as u64 {
             return ReadOutcome::TooSmall(data_len);
         }
-        let direct = self.direct.load(Ordering::Acquire);
-        if nowait && (direct || !self.nowait_reads.load(Ordering::Relaxed)) {
-            return ReadOutcome::WouldBlock;
-        }
         let path = self.path_of(key_hash, canonical);
+        let direct = self.direct.load(Ordering::Acquire);
         let opened = if direct {
             match open_read(&path, true) {
                 Err(e) if fio::is_direct_unsupported(&e) => {
@@ -814,7 +802,7 @@ impl Store {
         let result = if direct {
             self.read_direct(&file, data_offset, data_len, dst, bufs, check)
         } else {
-            read_buffered(&file, data_offset, dst, bufs, check, nowait)
+            read_buffered(&file, data_offset, dst, bufs, check)
         };
         match result {
             Ok(Ok((len, meta, hdr))) => {
@@ -828,15 +816,10 @@ impl Store {
             }
             Ok(Err(ReadFail::TooSmall(n))) => ReadOutcome::TooSmall(n),
             Ok(Err(ReadFail::Corrupt(why))) => self.corrupt(key_hash, gen, &path, why),
-            Err(e) if nowait && e.kind() == io::ErrorKind::WouldBlock => ReadOutcome::WouldBlock,
-            Err(e) if nowait && e.kind() == io::ErrorKind::Unsupported => {
-                self.nowait_reads.store(false, Ordering::Relaxed);
-                ReadOutcome::WouldBlock
-            }
             Err(e) if fio::is_direct_unsupported(&e) && direct => {
                 self.disable_direct(format!("read: {e}"));
                 drop(file);
-                self.read(key_hash, canonical, dst, bufs, false)
+                self.read(key_hash, canonical, dst, bufs)
             }
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                 self.corrupt(key_hash, gen, &path, "truncated")
@@ -1174,26 +1157,17 @@ fn open_read(path: &Path, direct: bool) -> io::Result<File> {
     o.open(path)
 }
 
-/// Buffered read: the header into a small buffer, the data straight into `dst`. With `nowait`, from
-/// the page cache only (`WouldBlock` if anything is missing, see [`fio::read_cached_at`]).
+/// Buffered read: the header into a small buffer, the data straight into `dst`.
 fn read_buffered(
     file: &File,
     data_offset: u64,
     dst: &mut [u8],
     bufs: &mut IoBufs,
     check: bool,
-    nowait: bool,
 ) -> io::Result<Result<(usize, ChunkMeta, Header), ReadFail>> {
-    let read_at = |buf: &mut [u8], off: u64| -> io::Result<usize> {
-        if nowait {
-            fio::read_cached_at(file, buf, off).map(|()| buf.len())
-        } else {
-            fio::read_full_at(file, buf, off)
-        }
-    };
     let head = &mut bufs.header;
     head.resize((data_offset as usize).max(FIXED_LEN), 0);
-    let got = read_at(head, 0)?;
+    let got = fio::read_full_at(file, head, 0)?;
     let (fixed, hdr) = match format::decode(&head[..got]) {
         Ok(x) => x,
         Err(why) => return Ok(Err(ReadFail::Corrupt(why))),
@@ -1203,7 +1177,7 @@ fn read_buffered(
     }
     let len = hdr.data_len as usize;
     if !check {
-        if read_at(&mut dst[..len], hdr.data_offset)? < len {
+        if fio::read_full_at(file, &mut dst[..len], hdr.data_offset)? < len {
             return Ok(Err(ReadFail::Corrupt("truncated")));
         }
         return Ok(Ok((len, hdr.meta, hdr)));
@@ -1212,7 +1186,7 @@ fn read_buffered(
     let mut h = fixed.hasher(hdr.canonical.as_bytes());
     let mut pos = hdr.data_offset;
     for piece in dst[..len].chunks_mut(PIECE) {
-        if read_at(piece, pos)? < piece.len() {
+        if fio::read_full_at(file, piece, pos)? < piece.len() {
             return Ok(Err(ReadFail::Corrupt("truncated")));
         }
         h.update(piece);

@@ -83,7 +83,7 @@ fn get(store: &Store, canonical: &str, cap: usize, offset: usize) -> (ReadOutcom
     let mut dst = AlignedBuf::new(format::round_up((cap + offset) as u64) as usize);
     let d = &mut dst.as_mut()[offset..offset + cap];
     let h = format::key_hash_of(canonical);
-    let out = store.read(h, canonical, d, &mut bufs, false);
+    let out = store.read(h, canonical, d, &mut bufs);
     (out, d.to_vec())
 }
 
@@ -386,92 +386,6 @@ fn flush_syncs_many_files_and_keeps_them_when_one_fails() {
     // A file gone by now is skipped; everything else is synced.
     store.flush().unwrap();
     store.flush().unwrap();
-}
-
-/// A read that may not wait for the disk, into an aligned destination.
-fn get_nowait(store: &Store, canonical: &str, cap: usize) -> (ReadOutcome, Vec<u8>) {
-    let mut bufs = IoBufs::default();
-    let mut dst = AlignedBuf::new(format::round_up(cap as u64) as usize);
-    let d = &mut dst.as_mut()[..cap];
-    let out = store.read(
-        format::key_hash_of(canonical),
-        canonical,
-        d,
-        &mut bufs,
-        true,
-    );
-    (out, d.to_vec())
-}
-
-/// Whether clean pages of files under `p` can be dropped from the page cache (not on tmpfs).
-#[allow(clippy::unnecessary_cast)] // `f_type` is not i64 on every target.
-fn page_cache_can_drop(p: &Path) -> bool {
-    const TMPFS_MAGIC: i64 = 0x0102_1994;
-    rustix::fs::statfs(p).map_or(true, |s| s.f_type as i64 != TMPFS_MAGIC)
-}
-
-#[test]
-fn a_read_that_may_not_wait_is_served_from_the_page_cache_or_not_at_all() {
-    let d = TempDir::new("nowait");
-    let store = Store::open(settings(&d.0, false, false)).unwrap();
-    let k = "w@1@0@1@half";
-    let data = bytes(1, 300_000);
-    put(&store, k, &data);
-    // Just written: all in the page cache, and checked (verify_reads=always here).
-    let (out, got) = get_nowait(&store, k, 300_000);
-    assert!(
-        matches!(out, ReadOutcome::Hit { len: 300_000, .. }),
-        "{out:?}"
-    );
-    assert!(got == data);
-    // Written back and dropped from the cache: it would have to wait, so it reports nothing.
-    let p = store.path_of(format::key_hash_of(k), k);
-    let f = std::fs::File::open(&p).unwrap();
-    f.sync_all().unwrap();
-    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
-    if page_cache_can_drop(&d.0) {
-        assert_eq!(get_nowait(&store, k, 300_000).0, ReadOutcome::WouldBlock);
-    }
-    // A read that may wait gets it (and brings it back into the cache).
-    let (out, got) = get(&store, k, 300_000, 0);
-    assert!(
-        matches!(out, ReadOutcome::Hit { len: 300_000, .. }),
-        "{out:?}"
-    );
-    assert!(got == data);
-    assert!(matches!(
-        get_nowait(&store, k, 300_000).0,
-        ReadOutcome::Hit { .. }
-    ));
-    // Misses, too-small destinations and corruption are decided without waiting as well.
-    assert_eq!(get_nowait(&store, "w@1@0@2@half", 10).0, ReadOutcome::Miss);
-    assert_eq!(
-        get_nowait(&store, k, 1000).0,
-        ReadOutcome::TooSmall(300_000)
-    );
-    let mut raw = std::fs::read(&p).unwrap();
-    raw[4096 + 123] ^= 1;
-    std::fs::write(&p, raw).unwrap();
-    assert_eq!(
-        get_nowait(&store, k, 300_000).0,
-        ReadOutcome::Failed(Status::CORRUPT)
-    );
-    assert!(!p.exists());
-}
-
-#[test]
-fn with_o_direct_a_read_that_may_not_wait_always_waits() {
-    let d = TempDir::new("nowait-direct");
-    let store = Store::open(settings(&d.0, true, false)).unwrap();
-    let k = "w@1@0@3@half";
-    put(&store, k, &bytes(3, 10_000));
-    if store.direct_state() == "on" {
-        assert_eq!(get_nowait(&store, k, 10_000).0, ReadOutcome::WouldBlock);
-    }
-    assert!(matches!(
-        get(&store, k, 10_000, 0).0,
-        ReadOutcome::Hit { len: 10_000, .. }
-    ));
 }
 
 #[test]
