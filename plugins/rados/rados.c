@@ -2345,7 +2345,11 @@ static const kvh_option_spec RADOS_OPTIONS[OPT_COUNT] = {
                                "Largest object written; bigger chunks are striped over several objects.", 0, 0 },
     [OPT_MAX_IN_FLIGHT] = { "max_in_flight", "16",
                             "RADOS operations in flight per backend; more are queued in order.", 0, 0 },
-    [OPT_CHECKSUM] = { "checksum", "true", "true: store a CRC32C of every chunk and verify it on get.", 0, 0 },
+    /* Default false: RADOS already CRCs every byte on the wire and BlueStore at rest (see README). */
+    [OPT_CHECKSUM] = { "checksum", "false",
+                       "true: store a CRC32C of every chunk's data and verify it on get (RADOS' own wire and "
+                       "BlueStore checksums are relied on otherwise).",
+                       0, 0 },
 };
 
 struct rados_config {

@@ -453,13 +453,14 @@ fn rados_conforms() {
 
 #[test]
 fn rados_conforms_when_striping_and_queueing() {
-    // 4 KiB objects: the suite's 256 KiB chunk takes 64 objects, with 3 operations in flight at most.
+    // 4 KiB objects: the suite's 256 KiB chunk takes 64 objects, with 3 operations in flight at most;
+    // with the data CRC (off by default, which rados_conforms covers).
     conformance(
         "conformance-striped",
         &[
             ("max_object_bytes", "4096"),
             ("max_in_flight", "3"),
-            ("checksum", "false"),
+            ("checksum", "true"),
         ],
     );
 }
@@ -762,7 +763,14 @@ fn the_header_holds_the_crc32c_of_the_whole_chunk_also_when_striped() {
         (10_007, &[10_006, 10_007, 10_008, 5 * 10_007 + 3][..]),
     ] {
         let unit_text = unit.to_string();
-        let p = open(cluster, &ns, &[("max_object_bytes", unit_text.as_str())]);
+        let p = open(
+            cluster,
+            &ns,
+            &[
+                ("max_object_bytes", unit_text.as_str()),
+                ("checksum", "true"),
+            ],
+        );
         let items: Vec<(ChunkKey, u64, usize)> = sizes
             .iter()
             .enumerate()
@@ -781,6 +789,19 @@ fn the_header_holds_the_crc32c_of_the_whole_chunk_also_when_striped() {
             assert_chunk(&p, k, *seed, *n);
         }
     }
+    // The default (documented): no data CRC, flag clear, field zero; the header's own CRC still holds.
+    let p = open(cluster, &ns, &[]);
+    let k = key(7999);
+    put(&p, &[(k.clone(), 79, 5000)]);
+    let object = head_object(cluster, &ns, &head_name("kvh/", &k));
+    let u32_at = |o: usize| u32::from_le_bytes(object[o..o + 4].try_into().unwrap());
+    assert_eq!((u32_at(12) & 1, u32_at(36)), (0, 0), "default: no data CRC");
+    assert_eq!(
+        u32_at(124),
+        crc32c(&object[..124]),
+        "the header's own CRC32C"
+    );
+    assert_chunk(&p, &k, 79, 5000);
 }
 
 /// Successful client operations the OSD counted (`ceph daemon osd.0 perf dump`: failed ones, such as
@@ -1020,7 +1041,12 @@ fn missing_short_or_damaged_objects_are_misses_or_corrupt_never_wrong_data() {
     let cluster = shared_cluster();
     let ns = namespace("damaged");
     let unit = 8192usize;
-    let p = open(cluster, &ns, &[("max_object_bytes", "8192")]);
+    // With the data CRC, which catches the changed stripe below.
+    let p = open(
+        cluster,
+        &ns,
+        &[("max_object_bytes", "8192"), ("checksum", "true")],
+    );
     let n = 5 * unit + 100; // six objects
     let (gone, short, flipped, bad_meta, foreign) = (key(1), key(2), key(3), key(4), key(5));
     put(
