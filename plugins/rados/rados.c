@@ -703,7 +703,8 @@ struct kvh_backend {
 
     /* Counters (health, destroy). */
     atomic_uint_fast64_t puts_ok, put_errors, gets_hit, gets_miss, get_errors, corrupt, timeouts, skipped,
-        replaced, bytes_in, bytes_out, gc_objects;
+        replaced, replaced_unread, bytes_in, bytes_out, gc_objects;
+    atomic_int no_cmpext; /* the pool refused cmpext once: overwrites read the old header first */
 };
 
 /* One async put/get call. */
@@ -739,6 +740,7 @@ struct ritem {
     /* put */
     const uint8_t *src;
     uint8_t header[HEADER_BYTES];
+    int cas_no_stripes;    /* the next CAS also asserts that the replaced head names no stripes */
     int old_valid;
     struct chunk_info old;
     /* get */
@@ -752,7 +754,7 @@ enum rop_kind {
     ROP_STRIPE_WRITE, /* put: write_full of one stripe */
     ROP_HEAD_CREATE,  /* put: create-exclusive + data + header */
     ROP_HEAD_READ,    /* put: the header and version of an existing head */
-    ROP_HEAD_CAS,     /* put: assert_version + data + header + truncate */
+    ROP_HEAD_CAS,     /* put: assert_version [+ cmpext: no stripes] + data + header + truncate */
     ROP_GET_HEAD,     /* get: header + data of the head */
     ROP_GET_PART,     /* get: a stripe, or the rest of the head's data (guarded by assert_version) */
     ROP_REMOVE,       /* background: remove an object (ENOENT is fine) */
@@ -776,6 +778,7 @@ struct rop {
     int header_rval;
     size_t bytes_read;
     int read_rval;
+    int cmp_rval;
     char *oid;             /* owned, except when it is the item's head name */
     int owns_oid;
 };
@@ -859,16 +862,29 @@ static int rop_is_background(const struct rop *r) {
 
 static void rop_callback(rados_completion_t c, void *arg);
 
-/* Adds the writes of a head object to `wop`: its data at DATA_OFFSET first, then the header at 0. In this
- * order the OSD never computes a whole-object data digest (the first write is not at the object's end,
- * the second does not cover it): with the header in the same message as the data, that digest would be
- * a CRC of the whole payload on the OSD for every put. The chunk's own CRC32C covers the data instead. */
+/* Adds the writes of a head object to `wop`: the header at 0, then the data at DATA_OFFSET. The OSD
+ * then computes no whole-object data digest (a write at 0 covering the object would make it CRC the
+ * whole payload on every put; here at most the 128 header bytes of a new object are, and the data write
+ * that follows, not at the object's end, drops the digest). Header first rather than data first: the
+ * OSD's transaction decoding then copies half as many bytes (measured on memstore: 0.76 instead of 0.83
+ * OSD CPU seconds per GB written). The chunk's own CRC32C covers the data. */
 static void add_head_writes(rados_write_op_t wop, const struct ritem *it) {
     size_t head_len = (size_t)head_len_of(&it->info);
+    rados_write_op_write(wop, (const char *)it->header, HEADER_BYTES, 0);
     if (head_len > 0) {
         rados_write_op_write(wop, (const char *)it->src, head_len, DATA_OFFSET);
     }
-    rados_write_op_write(wop, (const char *)it->header, HEADER_BYTES, 0);
+}
+
+/* Bytes 32..35 of a head (the header's object count) when its chunk has no stripes: a CAS that also
+ * compares them replaces only a head with no stripes to remove, so it needs no read of the old header
+ * first. */
+#define HEADER_PARTS_OFFSET 32u
+static const char ONE_PART[4] = { 1, 0, 0, 0 };
+
+/* Ceph's cmpext answers a mismatch at byte i with -MAX_ERRNO - i (MAX_ERRNO = 4095). */
+static int rc_is_cmpext_mismatch(int rc) {
+    return rc <= -4095 && rc > -4095 - (int)sizeof ONE_PART;
 }
 
 /* Builds and sends one operation. Called with no lock held and an in-flight slot taken. Returns 0, or
@@ -901,6 +917,9 @@ static int submit(struct rop *r) {
         } else {
             uint64_t head_len = head_len_of(&it->info);
             rados_write_op_assert_version(r->wop, it->version);
+            if (it->cas_no_stripes) {
+                rados_write_op_cmpext(r->wop, ONE_PART, sizeof ONE_PART, HEADER_PARTS_OFFSET, &r->cmp_rval);
+            }
             add_head_writes(r->wop, it);
             rados_write_op_truncate(r->wop, head_len > 0 ? DATA_OFFSET + head_len : HEADER_BYTES);
         }
@@ -1194,8 +1213,9 @@ static kvh_status item_failure(struct ritem *it, const char *what) {
     if (it->rc == ERR_STOPPING) {
         host_log(b->host, KVH_LOG_DEBUG, "%s of key %.*s: %s", what, (int)it->key_len, it->key, rc_text(it->rc));
     } else if (status != KVH_ERR_NOT_FOUND) {
-        log_failure(b, "%s of key %.*s (object %s in pool %s): %s -> %s", what, (int)it->key_len, it->key, it->head,
-                    b->pool, rc_text(it->rc), status_name(status));
+        /* head is NULL when naming the object ran out of memory. */
+        log_failure(b, "%s of key %.*s (object %s in pool %s): %s -> %s", what, (int)it->key_len, it->key,
+                    it->head != NULL ? it->head : "-", b->pool, rc_text(it->rc), status_name(status));
     }
     return status;
 }
@@ -1341,10 +1361,14 @@ static void put_step(struct rop *r, int rc) {
         return;
     }
     case ROP_HEAD_CREATE:
-    case ROP_HEAD_CAS:
+    case ROP_HEAD_CAS: {
+        int no_stripes = it->cas_no_stripes;
+        it->cas_no_stripes = 0;
         if (rc == 0) {
             if (r->kind == ROP_HEAD_CAS) {
                 atomic_fetch_add(&b->replaced, 1);
+                atomic_fetch_add(&b->replaced_unread, no_stripes);
+                /* no_stripes: the compare proved the old head has none (old_valid is 0 then). */
                 if (it->old_valid && it->old.parts > 1 && it->old.gen != it->info.gen) {
                     remove_stripes_later(b, it->head, it->old.gen, it->old.parts);
                 }
@@ -1352,12 +1376,32 @@ static void put_step(struct rop *r, int rc) {
             item_finish(it, KVH_OK);
             return;
         }
-        if (rc == -EEXIST || ((rc == -ERANGE || rc == -EOVERFLOW || rc == -ENOENT) && r->kind == ROP_HEAD_CAS)) {
-            /* Another version is there (EEXIST), it changed since we read it (ERANGE, EOVERFLOW: the
-             * version assertion failed), or it was removed since (ENOENT): read it (again), or create it
-             * afresh. */
+        int mismatch = r->kind == ROP_HEAD_CAS && no_stripes && rc_is_cmpext_mismatch(rc);
+        if (r->kind == ROP_HEAD_CAS && no_stripes && rc == -EOPNOTSUPP) {
+            /* A pool that cannot compare extents: read the old header from now on. */
+            atomic_store(&b->no_cmpext, 1);
+            mismatch = 1;
+        }
+        if (rc == -EEXIST || mismatch ||
+            ((rc == -ERANGE || rc == -EOVERFLOW || rc == -ENOENT) && r->kind == ROP_HEAD_CAS)) {
+            /* Another version is there (EEXIST), it changed since we learnt its version (ERANGE,
+             * EOVERFLOW: the version assertion failed), it names stripes (mismatch), or it was removed
+             * since (ENOENT): replace it, read it (again), or create it afresh. An EEXIST answer carries
+             * the object's version: a chunk without stripes likely replaces one without stripes, so it
+             * tries a CAS on that version which also checks that (one round trip instead of two; a wrong
+             * or missing version only makes that CAS fail); a striped one reads the old header first,
+             * to know which stripes to remove. */
             if (++it->retries <= CAS_RETRIES) {
-                put_issue_head(it, rc == -ENOENT ? ROP_HEAD_CREATE : ROP_HEAD_READ);
+                if (rc == -ENOENT) {
+                    put_issue_head(it, ROP_HEAD_CREATE);
+                } else if (rc == -EEXIST && r->version != 0 && it->info.parts == 1 && !atomic_load(&b->no_cmpext)) {
+                    it->version = r->version;
+                    it->old_valid = 0;
+                    it->cas_no_stripes = 1;
+                    put_issue_head(it, ROP_HEAD_CAS);
+                } else {
+                    put_issue_head(it, ROP_HEAD_READ);
+                }
                 return;
             }
             it->fail = KVH_ERR_BUSY;
@@ -1369,6 +1413,7 @@ static void put_step(struct rop *r, int rc) {
         put_abandon_stripes(it);
         item_finish(it, item_failure(it, "put"));
         return;
+    }
     case ROP_HEAD_READ: {
         if (rc == -ENOENT) {
             if (++it->retries <= CAS_RETRIES) {
@@ -2300,7 +2345,11 @@ static const kvh_option_spec RADOS_OPTIONS[OPT_COUNT] = {
                                "Largest object written; bigger chunks are striped over several objects.", 0, 0 },
     [OPT_MAX_IN_FLIGHT] = { "max_in_flight", "16",
                             "RADOS operations in flight per backend; more are queued in order.", 0, 0 },
-    [OPT_CHECKSUM] = { "checksum", "true", "true: store a CRC32C of every chunk and verify it on get.", 0, 0 },
+    /* Default false: RADOS already CRCs every byte on the wire and BlueStore at rest (see README). */
+    [OPT_CHECKSUM] = { "checksum", "false",
+                       "true: store a CRC32C of every chunk's data and verify it on get (RADOS' own wire and "
+                       "BlueStore checksums are relied on otherwise).",
+                       0, 0 },
 };
 
 struct rados_config {
@@ -2477,17 +2526,18 @@ static uint64_t random_seed(uint64_t mix) {
     return seed ^ mix ^ ((uint64_t)ts.tv_sec << 32) ^ (uint64_t)ts.tv_nsec ^ ((uint64_t)getpid() << 16);
 }
 
-/* Sets a librados option to max(current, wanted) for the numeric options that bound in-flight work. */
-static void conf_at_least(rados_t cluster, const char *option, uint64_t wanted) {
+/* Sets a librados option to max(current, wanted) for the numeric options that bound in-flight work.
+ * Returns 0 or librados' error. */
+static int conf_at_least(rados_t cluster, const char *option, uint64_t wanted) {
     char current[64];
     uint64_t value = 0;
     if (rados_conf_get(cluster, option, current, sizeof current) == 0 && parse_u64(current, &value) == 0 &&
         value >= wanted) {
-        return;
+        return 0;
     }
     char text[32];
     snprintf(text, sizeof text, "%" PRIu64, wanted);
-    rados_conf_set(cluster, option, text);
+    return rados_conf_set(cluster, option, text);
 }
 
 static void backend_free(kvh_backend *b) {
@@ -2591,9 +2641,22 @@ static kvh_status kr_create(const kvh_host_api *host, const kvh_options *options
         }
     }
     /* librados' own throttles must never hold back what max_in_flight allows (a throttled submission
-     * blocks the submitting thread, which may be librados' finisher running our callback). */
-    conf_at_least(b->cluster, "objecter_inflight_ops", (uint64_t)b->max_in_flight * 4 + 64);
-    conf_at_least(b->cluster, "objecter_inflight_op_bytes", (uint64_t)b->max_in_flight * (b->stripe_unit + (1u << 16)) * 2);
+     * blocks the submitting thread, which may be librados' finisher running our callback): not being
+     * able to raise them is a failure, not something to run with. */
+    const struct {
+        const char *option;
+        uint64_t wanted;
+    } throttles[] = {
+        { "objecter_inflight_ops", (uint64_t)b->max_in_flight * 4 + 64 },
+        { "objecter_inflight_op_bytes", (uint64_t)b->max_in_flight * (b->stripe_unit + (1u << 16)) * 2 },
+    };
+    for (size_t i = 0; i < sizeof throttles / sizeof throttles[0]; i++) {
+        if ((rc = conf_at_least(b->cluster, throttles[i].option, throttles[i].wanted)) < 0) {
+            write_message(error, "rados: setting %s to at least %" PRIu64 ": %s", throttles[i].option,
+                          throttles[i].wanted, rc_text(rc));
+            goto fail_cluster;
+        }
+    }
 
     char mon_host[1024];
     if (rados_conf_get(b->cluster, "mon_host", mon_host, sizeof mon_host) != 0 || mon_host[0] == '\0') {
@@ -2672,7 +2735,9 @@ static kvh_status kr_create(const kvh_host_api *host, const kvh_options *options
         goto fail_ioctx;
     }
     char fsid[64] = "?";
-    rados_cluster_fsid(b->cluster, fsid, sizeof fsid);
+    if (rados_cluster_fsid(b->cluster, fsid, sizeof fsid) < 0) {
+        snprintf(fsid, sizeof fsid, "?"); /* only for the log line below */
+    }
     host_log(host, KVH_LOG_INFO,
              "create instance=%.*s cluster=%s fsid=%s mon_host=%s user=%s pool=%s namespace='%s' object_prefix='%s' "
              "op_timeout_s=%u max_object_bytes=%" PRIu64 " max_in_flight=%u checksum=%s%s",
@@ -2721,11 +2786,13 @@ static void kr_destroy(kvh_backend *b) {
     pthread_mutex_unlock(&b->lock);
     probes_reap(b, 1);
     host_log(b->host, KVH_LOG_INFO,
-             "destroy: puts %" PRIu64 " ok / %" PRIu64 " failed (%" PRIu64 " replaced an older version), gets %" PRIu64
+             "destroy: puts %" PRIu64 " ok / %" PRIu64 " failed (%" PRIu64 " replaced an older version, %" PRIu64
+             " of them without reading it first), gets %" PRIu64
              " hits / %" PRIu64 " misses / %" PRIu64 " failed; %" PRIu64 " timeouts, %" PRIu64 " not attempted, %" PRIu64
              " corrupt; %" PRIu64 " bytes in, %" PRIu64 " bytes out; %" PRIu64 " stale stripes removed; %zu queued "
              "operations canceled",
              (uint64_t)atomic_load(&b->puts_ok), (uint64_t)atomic_load(&b->put_errors), (uint64_t)atomic_load(&b->replaced),
+             (uint64_t)atomic_load(&b->replaced_unread),
              (uint64_t)atomic_load(&b->gets_hit), (uint64_t)atomic_load(&b->gets_miss),
              (uint64_t)atomic_load(&b->get_errors), (uint64_t)atomic_load(&b->timeouts),
              (uint64_t)atomic_load(&b->skipped), (uint64_t)atomic_load(&b->corrupt), (uint64_t)atomic_load(&b->bytes_in),

@@ -453,13 +453,14 @@ fn rados_conforms() {
 
 #[test]
 fn rados_conforms_when_striping_and_queueing() {
-    // 4 KiB objects: the suite's 256 KiB chunk takes 64 objects, with 3 operations in flight at most.
+    // 4 KiB objects: the suite's 256 KiB chunk takes 64 objects, with 3 operations in flight at most;
+    // with the data CRC (off by default, which rados_conforms covers).
     conformance(
         "conformance-striped",
         &[
             ("max_object_bytes", "4096"),
             ("max_in_flight", "3"),
-            ("checksum", "false"),
+            ("checksum", "true"),
         ],
     );
 }
@@ -733,6 +734,301 @@ fn overwrites_never_mix_generations_and_collect_the_old_stripes() {
     );
 }
 
+/// CRC32C (Castagnoli, reflected), bit by bit: independent of the plugin's hardware and combined CRCs.
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+#[test]
+fn the_header_holds_the_crc32c_of_the_whole_chunk_also_when_striped() {
+    if !ceph_available("header_crc") {
+        return;
+    }
+    let cluster = shared_cluster();
+    let ns = namespace("crc");
+    // Stripe units that are and are not multiples of 4096, chunk sizes around them.
+    for (unit, sizes) in [
+        (4096usize, &[1usize, 4096, 4097, 3 * 4096 + 1, 65_536][..]),
+        (10_007, &[10_006, 10_007, 10_008, 5 * 10_007 + 3][..]),
+    ] {
+        let unit_text = unit.to_string();
+        let p = open(
+            cluster,
+            &ns,
+            &[
+                ("max_object_bytes", unit_text.as_str()),
+                ("checksum", "true"),
+            ],
+        );
+        let items: Vec<(ChunkKey, u64, usize)> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (key(7000 + (unit * 10 + i) as i128), 70 + i as u64, n))
+            .collect();
+        put(&p, &items);
+        for (k, seed, n) in &items {
+            let object = head_object(cluster, &ns, &head_name("kvh/", k));
+            let u32_at = |o: usize| u32::from_le_bytes(object[o..o + 4].try_into().unwrap());
+            assert_eq!(u32_at(12) & 1, 1, "{k}: the data-CRC flag");
+            assert_eq!(
+                u32_at(36),
+                crc32c(&bytes(*seed, *n)),
+                "{k}: the header's CRC32C of {n} bytes in objects of {unit}"
+            );
+            assert_chunk(&p, k, *seed, *n);
+        }
+    }
+    // The default (documented): no data CRC, flag clear, field zero; the header's own CRC still holds.
+    let p = open(cluster, &ns, &[]);
+    let k = key(7999);
+    put(&p, &[(k.clone(), 79, 5000)]);
+    let object = head_object(cluster, &ns, &head_name("kvh/", &k));
+    let u32_at = |o: usize| u32::from_le_bytes(object[o..o + 4].try_into().unwrap());
+    assert_eq!((u32_at(12) & 1, u32_at(36)), (0, 0), "default: no data CRC");
+    assert_eq!(
+        u32_at(124),
+        crc32c(&object[..124]),
+        "the header's own CRC32C"
+    );
+    assert_chunk(&p, &k, 79, 5000);
+}
+
+/// Successful client operations the OSD counted (`ceph daemon osd.0 perf dump`: failed ones, such as
+/// an exclusive create that finds the object, are not counted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct OsdOps {
+    reads: u64,
+    writes: u64,
+    read_writes: u64,
+    bytes_in: u64,
+}
+
+impl std::ops::Sub for OsdOps {
+    type Output = OsdOps;
+    fn sub(self, before: OsdOps) -> OsdOps {
+        OsdOps {
+            reads: self.reads - before.reads,
+            writes: self.writes - before.writes,
+            read_writes: self.read_writes - before.read_writes,
+            bytes_in: self.bytes_in - before.bytes_in,
+        }
+    }
+}
+
+impl Cluster {
+    fn osd_ops(&self) -> OsdOps {
+        let dump: serde_json::Value =
+            serde_json::from_str(&self.ceph(&["daemon", "osd.0", "perf", "dump"]))
+                .expect("perf dump");
+        let counter = |name: &str| {
+            dump["osd"][name]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no osd.{name} in perf dump"))
+        };
+        OsdOps {
+            reads: counter("op_r"),
+            writes: counter("op_w"),
+            read_writes: counter("op_rw"),
+            bytes_in: counter("op_in_bytes"),
+        }
+    }
+}
+
+#[test]
+fn a_new_key_takes_one_write_and_replacing_a_chunk_without_stripes_reads_nothing_first() {
+    if !ceph_available("round_trips") {
+        return;
+    }
+    // Its own cluster: the OSD's counters must see this test's operations only.
+    let cluster = Cluster::start("round-trips", &["--pool", POOL]);
+    let ns = "rt";
+    let unit = 65_536usize;
+    let p = open(&cluster, ns, &[("max_object_bytes", "65536")]);
+    let k = key(31);
+    let head = head_name("kvh/", &k);
+    let ops = |what: &str, f: &dyn Fn()| {
+        let before = cluster.osd_ops();
+        f();
+        let delta = cluster.osd_ops() - before;
+        println!("{what}: {delta:?}");
+        delta
+    };
+    let plain = |reads, writes, read_writes, bytes_in| OsdOps {
+        reads,
+        writes,
+        read_writes,
+        bytes_in,
+    };
+
+    // A new key: one write operation (exclusive create, data, header), no read, exactly the chunk's
+    // bytes and the 128-byte header sent.
+    let d = ops("new key", &|| put(&p, &[(k.clone(), 1, 50_000)]));
+    assert_eq!(d, plain(0, 1, 0, 50_000 + 128));
+    assert_chunk(&p, &k, 1, 50_000);
+
+    // Replacing a chunk without stripes by one without stripes: the failed create's answer carries the
+    // version, so the compare-and-swap goes out at once (a read-write op: assert_version, cmpext of the
+    // object count, data, header, truncate). No read of the old header.
+    let d = ops("overwrite, no stripes", &|| {
+        put(&p, &[(k.clone(), 2, 40_000)])
+    });
+    assert_eq!(d, plain(0, 0, 1, 40_000 + 128));
+    assert_chunk(&p, &k, 2, 40_000);
+    assert_eq!(
+        head_object(&cluster, ns, &head).len(),
+        4096 + 40_000,
+        "truncated"
+    );
+
+    // Replaced by a striped chunk: two stripes, then the old header is read (the new chunk is striped,
+    // so the old one likely was too) and the head swapped.
+    let n3 = 2 * unit + 9;
+    let d = ops("overwrite by a striped chunk", &|| {
+        put(&p, &[(k.clone(), 3, n3)])
+    });
+    assert_eq!(d, plain(1, 2, 1, n3 as u64 + 128));
+    assert_chunk(&p, &k, 3, n3);
+
+    // A chunk without stripes replacing a striped one: the CAS's compare fails (the old head names
+    // stripes), so the old header is read, the head swapped, and the old stripes removed.
+    let d = ops("striped replaced", &|| put(&p, &[(k.clone(), 4, 1000)]));
+    assert_eq!((d.reads, d.read_writes, d.bytes_in), (1, 1, 1128), "{d:?}");
+    assert_chunk(&p, &k, 4, 1000);
+    assert!(
+        eventually(Duration::from_secs(20), || cluster.objects(ns)
+            == vec![head.clone()]),
+        "the old stripes were not removed: {:?}",
+        cluster.objects(ns)
+    );
+
+    // Someone else's object under the name: the compare fails on it too; read, then replaced.
+    cluster.rados_stdin(ns, &["put", &head, "-"], Some(b"not a kvhost chunk"));
+    let d = ops("foreign replaced", &|| put(&p, &[(k.clone(), 5, 2000)]));
+    assert_eq!(d, plain(1, 0, 1, 2128));
+    assert_chunk(&p, &k, 5, 2000);
+    let d = ops("overwrite again", &|| put(&p, &[(k.clone(), 6, 0)]));
+    assert_eq!(d, plain(0, 0, 1, 128));
+    assert_chunk(&p, &k, 6, 0);
+}
+
+#[test]
+fn concurrent_writers_of_one_key_never_mix_generations_and_leave_only_the_last_ones_objects() {
+    if !ceph_available("concurrent_writers") {
+        return;
+    }
+    let cluster = shared_cluster();
+    let ns = namespace("writers");
+    let unit = 16_384usize;
+    let opts = [("max_object_bytes", "16384")];
+    // Two writers (two hosts sharing the namespace) alternate chunks with and without stripes, so that
+    // every path races: create, CAS without a read, CAS after a read, and the stripes' removal.
+    let writers: Vec<Arc<PluginBackend>> = (0..2)
+        .map(|_| Arc::new(open(cluster, &ns, &opts)))
+        .collect();
+    let reader = Arc::new(open(cluster, &ns, &opts));
+    let k = key(5151);
+    let versions: [(u64, usize); 5] = [
+        (11, 20_000),
+        (12, 3 * unit + 5),
+        (13, unit),
+        (14, 0),
+        (15, 5 * unit),
+    ];
+    let stop = Arc::new(AtomicBool::new(false));
+    let hits = Arc::new(AtomicUsize::new(0));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (reader, stop, k, hits) = (reader.clone(), stop.clone(), k.clone(), hits.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let (item, buf) = get_chunks(&reader, std::slice::from_ref(&k), 6 * unit).remove(0);
+                    match item {
+                        GetItem::Hit { len, meta: m } => {
+                            let (seed, n) = *versions
+                                .iter()
+                                .find(|(s, n)| *n == len && m == chunk_meta(*s, *n))
+                                .unwrap_or_else(|| panic!("a hit of {len} bytes with metadata {m:?} that no put wrote"));
+                            assert!(buf[..len] == bytes(seed, n)[..], "a hit mixing two versions");
+                            hits.fetch_add(1, Ordering::Relaxed);
+                        }
+                        GetItem::Miss => {}
+                        other => panic!("get during concurrent overwrites: {other:?}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    let puts: Vec<_> = writers
+        .iter()
+        .enumerate()
+        .map(|(w, writer)| {
+            let (writer, k) = (writer.clone(), k.clone());
+            std::thread::spawn(move || {
+                let mut statuses = Vec::new();
+                for round in 0..40 {
+                    let (seed, n) = versions[(round + 2 * w) % versions.len()];
+                    statuses.push(put_items(&writer, &[(k.clone(), seed, n)])[0]);
+                }
+                statuses
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in puts {
+        statuses.extend(t.join().expect("writer thread"));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.join().expect("reader thread");
+    }
+    // A writer that lost the race eight times in a row gives up with BUSY; nothing else may fail.
+    assert!(
+        statuses
+            .iter()
+            .all(|s| *s == Status::OK || *s == Status::BUSY),
+        "{statuses:?}"
+    );
+    let ok = statuses.iter().filter(|s| **s == Status::OK).count();
+    println!(
+        "{ok} of {} concurrent puts stored; readers saw {} hits, never a mix",
+        statuses.len(),
+        hits.load(Ordering::Relaxed)
+    );
+    assert!(ok >= statuses.len() / 2, "{statuses:?}");
+    // The key holds one complete version, and only its objects remain: every replaced or abandoned
+    // generation's stripes were removed.
+    let (item, buf) = get_chunks(&reader, std::slice::from_ref(&k), 6 * unit).remove(0);
+    let GetItem::Hit { len, meta: m } = item else {
+        panic!("after the writers: {item:?}");
+    };
+    let (seed, n) = *versions
+        .iter()
+        .find(|(s, n)| *n == len && m == chunk_meta(*s, *n))
+        .expect("a version some put wrote");
+    assert!(buf[..n] == bytes(seed, n)[..]);
+    let head = head_name("kvh/", &k);
+    let gen = generation(cluster, &ns, &head);
+    let mut expected = stripe_names(&head, &gen, n.div_ceil(unit).max(1));
+    expected.push(head.clone());
+    expected.sort();
+    assert!(
+        eventually(Duration::from_secs(20), || cluster.objects(&ns) == expected),
+        "objects left after the concurrent writers: {:?}, expected {expected:?}",
+        cluster.objects(&ns)
+    );
+}
+
 /* ---------------------------------------------------------------------------------------------- */
 /* Damaged and foreign objects                                                                    */
 /* ---------------------------------------------------------------------------------------------- */
@@ -745,7 +1041,12 @@ fn missing_short_or_damaged_objects_are_misses_or_corrupt_never_wrong_data() {
     let cluster = shared_cluster();
     let ns = namespace("damaged");
     let unit = 8192usize;
-    let p = open(cluster, &ns, &[("max_object_bytes", "8192")]);
+    // With the data CRC, which catches the changed stripe below.
+    let p = open(
+        cluster,
+        &ns,
+        &[("max_object_bytes", "8192"), ("checksum", "true")],
+    );
     let n = 5 * unit + 100; // six objects
     let (gone, short, flipped, bad_meta, foreign) = (key(1), key(2), key(3), key(4), key(5));
     put(

@@ -17,14 +17,18 @@
 //! - one object per chunk: the plugin runs with `max_object_bytes` = the chunk size, `rados bench` with
 //!   `-b` = the same size; both write `--total-mib` in objects of that size;
 //! - the same concurrency: the plugin's `max_in_flight` and `rados bench -t`;
-//! - both check what they read: `rados bench seq` compares every object's contents, the plugin verifies
-//!   every chunk's CRC32C (`checksum=true`, its default; `--checksum false` runs are printed too);
+//! - what they check on read: `rados bench seq` compares every object's contents; the plugin checks every
+//!   chunk's header, key and sizes, and with `checksum=true` also its data CRC32C (one pass over the
+//!   bytes, like rados bench's compare). Both settings run by default (`--checksum true,false`); the
+//!   plugin's default is `false`;
 //! - the plugin is fed as the chain feeds it: put/get batches of `--batch` chunks, enough of them
 //!   outstanding to keep `max_in_flight` operations busy; every get's length and metadata are checked,
 //!   and every 8th chunk's bytes compared;
 //! - each configuration runs `--reps` times, plugin and `rados bench` alternating which goes first; the
-//!   median of each figure is printed. Everything is deleted between runs, so memstore does not grow,
-//!   and the next run starts `--settle-ms` later.
+//!   median of each figure is printed (with its min-max spread), and the median of the per-rep ratios
+//!   (both sides of a rep run back to back, so that ratio is the least sensitive to whatever else the
+//!   machine is doing). Everything is deleted between runs, so memstore does not grow, and the next run
+//!   starts `--settle-ms` later.
 //!
 //! It also prints CPU seconds per GB moved, for the client (this process with librados' threads, or the
 //! `rados` process) and for the OSD (when it started the cluster itself): on a small machine the OSD and
@@ -685,6 +689,11 @@ fn main() {
                 }
             }
             drop(p);
+            // Each rep runs both sides back to back: their ratio cancels slow changes in what else the
+            // machine is doing, which a ratio of medians taken over the whole run does not.
+            let paired =
+                |a: &[f64], b: &[f64]| median(a.iter().zip(b).map(|(x, y)| x / y).collect());
+            let (put_pairs, get_pairs) = (paired(&pp, &bw), paired(&pg, &br));
             let (pp, pg, bw, br) = (median(pp), median(pg), median(bw), median(br));
             println!(
                 "{:<9} {:>4}Mi {n:>5} | {:>9.2} {:>9.2} {:>5.2}x | {:>9.2} {:>9.2} {:>5.2}x",
@@ -700,6 +709,10 @@ fn main() {
             println!(
                 "          spread (min-max): put {:.2}-{:.2}, bench w {:.2}-{:.2}, get {:.2}-{:.2}, bench r {:.2}-{:.2}",
                 pp.1, pp.2, bw.1, bw.2, pg.1, pg.2, br.1, br.2
+            );
+            println!(
+                "          ratio within each rep, median (min-max): put {:.2}x ({:.2}-{:.2}), get {:.2}x ({:.2}-{:.2})",
+                put_pairs.0, put_pairs.1, put_pairs.2, get_pairs.0, get_pairs.1, get_pairs.2
             );
             let gb = (total * a.reps) as f64 / 1e9;
             let cpu = |i: usize| {
