@@ -6,13 +6,16 @@
 //! cargo build --release -p kvhost-plugin-rados --example rados_bench
 //! target/release/examples/rados_bench [--conf CEPH.CONF --pool POOL] [--sizes-mib 1,4] [--total-mib 1024]
 //!                                     [--concurrency 16] [--batch 8] [--reps 5] [--checksum true,false]
-//!                                     [--settle-ms 2000] [--verbose]
+//!                                     [--settle-ms 2000] [--verbose] [--also OTHER/libkvhost_rados.so]
+//!                                     [--glibc-daemons]
 //! ```
 //!
 //! Without `--conf` it starts a throw-away one-node memstore cluster with `tests/ceph/one-node-cluster.sh`
-//! for each configuration (and stops it after): memstore's byte counter drifts under heavy write/delete
-//! churn (it once underflowed here after some 30 GB, and the OSD then called itself full), and a fresh
-//! OSD per configuration also keeps one configuration's memory state out of the next. Each cluster is
+//! for each configuration (and stops it after), its daemons on tcmalloc when it is installed (as upstream
+//! Ceph builds; `--glibc-daemons` keeps glibc's malloc, see `Cluster::start` for why): memstore's byte
+//! counter drifts under heavy write/delete churn (it once underflowed here after some 30 GB, and the OSD
+//! then called itself full), and a fresh OSD per configuration also keeps one configuration's memory
+//! state out of the next. Each cluster is
 //! warmed up first (see below). Like with like:
 //! - one object per chunk: the plugin runs with `max_object_bytes` = the chunk size, `rados bench` with
 //!   `-b` = the same size; both write `--total-mib` in objects of that size;
@@ -29,6 +32,10 @@
 //!   (both sides of a rep run back to back, so that ratio is the least sensitive to whatever else the
 //!   machine is doing). Everything is deleted between runs, so memstore does not grow, and the next run
 //!   starts `--settle-ms` later.
+//!
+//! `--also` measures a second build of the plugin (say the one before a change) in the same reps, in its
+//! own namespace, the order of the sides rotating from rep to rep: a before/after comparison that one run
+//! after the other on a busy machine cannot give.
 //!
 //! It also prints CPU seconds per GB moved, for the client (this process with librados' threads, or the
 //! `rados` process) and for the OSD (when it started the cluster itself): on a small machine the OSD and
@@ -56,6 +63,8 @@ struct Args {
     checksum: Vec<bool>,
     settle_ms: u64,
     verbose: bool,
+    also: Option<PathBuf>,
+    glibc_daemons: bool,
 }
 
 fn parse_args() -> Args {
@@ -70,6 +79,8 @@ fn parse_args() -> Args {
         checksum: vec![true, false],
         settle_ms: 2000,
         verbose: false,
+        also: None,
+        glibc_daemons: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -97,11 +108,13 @@ fn parse_args() -> Args {
             }
             "--settle-ms" => a.settle_ms = val().parse().expect("--settle-ms N"),
             "--verbose" => a.verbose = true,
+            "--also" => a.also = Some(PathBuf::from(val())),
+            "--glibc-daemons" => a.glibc_daemons = true,
             "-h" | "--help" => {
                 println!(
                     "rados_bench [--conf CEPH.CONF --pool POOL] [--sizes-mib 1,4] [--total-mib 1024] \
                      [--concurrency 16] [--batch 8] [--reps 5] [--checksum true,false] [--settle-ms 2000] \
-                     [--verbose]"
+                     [--verbose] [--also OTHER/libkvhost_rados.so] [--glibc-daemons]"
                 );
                 std::process::exit(0);
             }
@@ -142,21 +155,46 @@ impl Cluster {
     }
 }
 
+/// tcmalloc, where distributions install it.
+fn tcmalloc() -> Option<PathBuf> {
+    [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib64",
+        "/usr/lib",
+    ]
+    .iter()
+    .map(|dir| Path::new(dir).join("libtcmalloc.so.4"))
+    .find(|so| so.is_file())
+}
+
 impl Cluster {
-    fn start(pool: &str, n: usize) -> Cluster {
+    fn start(pool: &str, n: usize, malloc: Option<&Path>) -> Cluster {
         let dir = std::env::temp_dir().join(format!("kvh-rados-bench-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         // memstore keeps the data in the OSD's RAM; the device size only matters for the full ratio.
-        // The daemons (not this process, not the rados CLI) keep what glibc's malloc frees instead of
+        // The daemons (not this process, not the rados CLI) keep what their malloc frees instead of
         // returning it to the kernel: otherwise the OSD page-faults and zeroes its memory again after
         // every deletion, which costs it two to four times more CPU per GB on the next writes and makes
-        // the figures depend on which side ran after a cleanup. (Distribution OSDs link tcmalloc, which
-        // holds on to freed memory the same way; this build of ceph-osd uses glibc's malloc.)
-        let out = Command::new(repo_root().join("tests/ceph/one-node-cluster.sh"))
-            .env(
-                "GLIBC_TUNABLES",
-                "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=17179869184",
-            )
+        // the figures depend on which side ran after a cleanup.
+        //
+        // With tcmalloc when installed (upstream Ceph builds link it; this ceph-osd uses glibc's malloc):
+        // with glibc's, memstore's long-lived small allocations fragment the heap, so after rados bench
+        // freed its 1 MiB objects the plugin's 1 MiB + 4 KiB heads do not fit the holes and the OSD
+        // faults in ~400 MB of fresh memory per GB the plugin writes (measured: 93k-113k faults per GiB
+        // against rados bench's 25k-50k), while rados bench's smaller objects reuse the plugin's holes.
+        // tcmalloc keeps small and large allocations apart: after warm-up neither side faults.
+        let mut script = Command::new(repo_root().join("tests/ceph/one-node-cluster.sh"));
+        script.env(
+            "GLIBC_TUNABLES",
+            "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=17179869184",
+        );
+        if let Some(so) = malloc {
+            script
+                .env("LD_PRELOAD", so)
+                .env("TCMALLOC_RELEASE_RATE", "0");
+        }
+        let out = script
             .arg("start")
             .arg(&dir)
             .args([
@@ -291,10 +329,6 @@ fn cpu_pid(pid: Option<u32>) -> f64 {
             .unwrap_or(0.0)
     };
     (field(11) + field(12)) / ticks // utime, stime (fields 14 and 15 of stat)
-}
-
-fn gbps(bytes: usize, d: Duration) -> f64 {
-    bytes as f64 / d.as_secs_f64() / 1e9
 }
 
 /// Outstanding batches, bounded.
@@ -578,21 +612,57 @@ fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
     (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
+/// One side of the comparison: its GB/s per rep and its CPU summed over the reps.
+#[derive(Default)]
+struct Side {
+    put: Vec<f64>,
+    get: Vec<f64>,
+    put_cpu: Phase,
+    get_cpu: Phase,
+}
+
+impl Side {
+    fn add(&mut self, total: usize, put: Phase, get: Phase) {
+        self.put.push(total as f64 / put.secs / 1e9);
+        self.get.push(total as f64 / get.secs / 1e9);
+        for (sum, p) in [(&mut self.put_cpu, put), (&mut self.get_cpu, get)] {
+            sum.secs += p.secs;
+            sum.client_cpu += p.client_cpu;
+            sum.osd_cpu += p.osd_cpu;
+        }
+    }
+}
+
 fn main() {
     let a = parse_args();
-    let so = plugin_so();
+    let daemon_malloc = if a.glibc_daemons { None } else { tcmalloc() };
+    let mut builds = vec![("plugin".to_string(), plugin_so())];
+    if let Some(also) = &a.also {
+        assert!(also.is_file(), "--also {}: no such file", also.display());
+        builds.push(("also".to_string(), also.clone()));
+    }
     println!(
         "rados_bench: {} MiB per run, concurrency {} (max_in_flight = rados bench -t), put/get batches of {}, \
-         median of {} runs; {}; plugin {}",
+         median of {} runs; {}; plugin {}{}",
         a.total_mib,
         a.concurrency,
         a.batch,
         a.reps,
-        match &a.conf {
-            Some(conf) => format!("cluster {conf}, pool {}", a.pool),
-            None => "a fresh one-node memstore cluster per configuration".to_string(),
+        match (&a.conf, &daemon_malloc) {
+            (Some(conf), _) => format!("cluster {conf}, pool {}", a.pool),
+            (None, Some(so)) => format!(
+                "a fresh one-node memstore cluster per configuration, daemons on {}",
+                so.display()
+            ),
+            (None, None) => {
+                "a fresh one-node memstore cluster per configuration, daemons on glibc malloc".to_string()
+            }
         },
-        so.display()
+        builds[0].1.display(),
+        match builds.get(1) {
+            Some((_, so)) => format!("; also {} (the `also` rows), in the same reps", so.display()),
+            None => String::new(),
+        }
     );
     println!(
         "{:<9} {:>6} {:>5} | {:>9} {:>9} {:>6} | {:>9} {:>9} {:>6}",
@@ -606,7 +676,7 @@ fn main() {
         for &mib in &a.sizes_mib {
             let cluster = if a.conf.is_none() {
                 clusters += 1;
-                Some(Cluster::start(&a.pool, clusters))
+                Some(Cluster::start(&a.pool, clusters, daemon_malloc.as_deref()))
             } else {
                 None
             };
@@ -618,124 +688,119 @@ fn main() {
             let size = mib * MIB;
             let n = (a.total_mib / mib).max(1);
             let total = n * size;
-            let p = load(
-                &so,
-                &conf,
-                &a.pool,
-                &[
-                    ("namespace", format!("bench-{mib}")),
-                    ("max_object_bytes", size.to_string()),
-                    ("max_in_flight", a.concurrency.to_string()),
-                    ("op_timeout_s", "60".to_string()),
-                    ("checksum", checksum.to_string()),
-                ],
-            );
+            let plugins: Vec<PluginBackend> = builds
+                .iter()
+                .map(|(label, so)| {
+                    load(
+                        so,
+                        &conf,
+                        &a.pool,
+                        &[
+                            ("namespace", format!("bench-{mib}-{label}")),
+                            ("max_object_bytes", size.to_string()),
+                            ("max_in_flight", a.concurrency.to_string()),
+                            ("op_timeout_s", "60".to_string()),
+                            ("checksum", checksum.to_string()),
+                        ],
+                    )
+                })
+                .collect();
             // Warm-up, discarded: a fresh memstore OSD spends two to four times more CPU per GB until its
             // heap has grown to the working size (measured here), which would penalise whoever runs first.
             for w in 0..2 {
                 let _ = rados_bench_run(&a, &conf, size, n, 900 + w, osd);
-                let _ = plugin_run(&p, &a, size, n, 900 + w, osd);
+                for p in &plugins {
+                    let _ = plugin_run(p, &a, size, n, 900 + w, osd);
+                }
             }
-            let (mut pp, mut pg, mut bw, mut br) = (vec![], vec![], vec![], vec![]);
-            // Per phase (plugin put, bench write, plugin get, bench read): summed over the reps.
-            let mut phases = [Phase::default(); 4];
-            let mut add = |i: usize, p: Phase| {
-                phases[i].secs += p.secs;
-                phases[i].client_cpu += p.client_cpu;
-                phases[i].osd_cpu += p.osd_cpu;
-            };
+            // sides[i] for plugins[i]; the last one is rados bench.
+            let mut sides: Vec<Side> = (0..=plugins.len()).map(|_| Side::default()).collect();
             let mut cmd = String::new();
             for rep in 0..a.reps {
                 run += 1;
-                let mut plugin = |run, add: &mut dyn FnMut(usize, Phase)| {
-                    let (put, get) = plugin_run(&p, &a, size, n, run, osd);
+                // Every side goes first, second, ... equally often.
+                let mut order: Vec<usize> = (0..sides.len()).collect();
+                order.rotate_left(rep % sides.len());
+                for i in order {
+                    let (put, get) = if i < plugins.len() {
+                        plugin_run(&plugins[i], &a, size, n, run, osd)
+                    } else {
+                        let (w, r, c) = rados_bench_run(&a, &conf, size, n, run, osd);
+                        cmd = c;
+                        (w, r)
+                    };
                     if a.verbose {
+                        let label = builds.get(i).map_or("bench", |b| b.0.as_str());
                         println!(
-                            "  run {run} plugin: put {:.2} GB/s (osd {:.2} s), get {:.2} GB/s (osd {:.2} s)",
+                            "  run {run} {label:<6}: put {:.2} GB/s (osd {:.2} s), get {:.2} GB/s (osd {:.2} s)",
                             total as f64 / put.secs / 1e9,
                             put.osd_cpu,
                             total as f64 / get.secs / 1e9,
                             get.osd_cpu
                         );
                     }
-                    pp.push(gbps(total, Duration::from_secs_f64(put.secs)));
-                    pg.push(gbps(total, Duration::from_secs_f64(get.secs)));
-                    add(0, put);
-                    add(2, get);
-                };
-                let mut bench = |run, add: &mut dyn FnMut(usize, Phase)| {
-                    let (w, r, c) = rados_bench_run(&a, &conf, size, n, run, osd);
-                    if a.verbose {
-                        println!(
-                            "  run {run} bench:  write {:.2} GB/s (osd {:.2} s), seq {:.2} GB/s (osd {:.2} s)",
-                            total as f64 / w.secs / 1e9,
-                            w.osd_cpu,
-                            total as f64 / r.secs / 1e9,
-                            r.osd_cpu
-                        );
-                    }
-                    bw.push(total as f64 / w.secs / 1e9);
-                    br.push(total as f64 / r.secs / 1e9);
-                    add(1, w);
-                    add(3, r);
-                    cmd = c;
-                };
-                if rep % 2 == 0 {
-                    plugin(run, &mut add);
-                    bench(run, &mut add);
-                } else {
-                    bench(run, &mut add);
-                    plugin(run, &mut add);
+                    sides[i].add(total, put, get);
                 }
             }
-            drop(p);
-            // Each rep runs both sides back to back: their ratio cancels slow changes in what else the
-            // machine is doing, which a ratio of medians taken over the whole run does not.
-            let paired =
-                |a: &[f64], b: &[f64]| median(a.iter().zip(b).map(|(x, y)| x / y).collect());
-            let (put_pairs, get_pairs) = (paired(&pp, &bw), paired(&pg, &br));
-            let (pp, pg, bw, br) = (median(pp), median(pg), median(bw), median(br));
-            println!(
-                "{:<9} {:>4}Mi {n:>5} | {:>9.2} {:>9.2} {:>5.2}x | {:>9.2} {:>9.2} {:>5.2}x",
-                checksum,
-                mib,
-                pp.0,
-                bw.0,
-                pp.0 / bw.0,
-                pg.0,
-                br.0,
-                pg.0 / br.0
-            );
-            println!(
-                "          spread (min-max): put {:.2}-{:.2}, bench w {:.2}-{:.2}, get {:.2}-{:.2}, bench r {:.2}-{:.2}",
-                pp.1, pp.2, bw.1, bw.2, pg.1, pg.2, br.1, br.2
-            );
-            println!(
-                "          ratio within each rep, median (min-max): put {:.2}x ({:.2}-{:.2}), get {:.2}x ({:.2}-{:.2})",
-                put_pairs.0, put_pairs.1, put_pairs.2, get_pairs.0, get_pairs.1, get_pairs.2
-            );
+            drop(plugins);
+            let bench = sides.pop().expect("the rados bench side");
+            let (bw, br) = (median(bench.put.clone()), median(bench.get.clone()));
             let gb = (total * a.reps) as f64 / 1e9;
-            let cpu = |i: usize| {
-                let p = phases[i];
+            let cpu = |p: Phase| {
                 if osd.is_some() {
                     format!("{:.2}/{:.2}", p.client_cpu / gb, p.osd_cpu / gb)
                 } else {
                     format!("{:.2}/-", p.client_cpu / gb)
                 }
             };
-            println!(
-                "          CPU s/GB client/OSD: put {}, bench w {}, get {}, bench r {}",
-                cpu(0),
-                cpu(1),
-                cpu(2),
-                cpu(3)
-            );
+            for (side, (label, _)) in sides.iter().zip(&builds) {
+                // Each rep runs every side back to back: their ratio cancels slow changes in what else the
+                // machine is doing, which a ratio of medians taken over the whole run does not.
+                let paired =
+                    |a: &[f64], b: &[f64]| median(a.iter().zip(b).map(|(x, y)| x / y).collect());
+                let (put_pairs, get_pairs) =
+                    (paired(&side.put, &bench.put), paired(&side.get, &bench.get));
+                let (pp, pg) = (median(side.put.clone()), median(side.get.clone()));
+                let name = if label == "plugin" {
+                    checksum.to_string()
+                } else {
+                    format!("{checksum}/{label}")
+                };
+                println!(
+                    "{:<9} {:>4}Mi {n:>5} | {:>9.2} {:>9.2} {:>5.2}x | {:>9.2} {:>9.2} {:>5.2}x",
+                    name,
+                    mib,
+                    pp.0,
+                    bw.0,
+                    pp.0 / bw.0,
+                    pg.0,
+                    br.0,
+                    pg.0 / br.0
+                );
+                println!(
+                    "          spread (min-max): put {:.2}-{:.2}, bench w {:.2}-{:.2}, get {:.2}-{:.2}, bench r {:.2}-{:.2}",
+                    pp.1, pp.2, bw.1, bw.2, pg.1, pg.2, br.1, br.2
+                );
+                println!(
+                    "          ratio within each rep, median (min-max): put {:.2}x ({:.2}-{:.2}), get {:.2}x ({:.2}-{:.2})",
+                    put_pairs.0, put_pairs.1, put_pairs.2, get_pairs.0, get_pairs.1, get_pairs.2
+                );
+                println!(
+                    "          CPU s/GB client/OSD: put {}, bench w {}, get {}, bench r {}",
+                    cpu(side.put_cpu),
+                    cpu(bench.put_cpu),
+                    cpu(side.get_cpu),
+                    cpu(bench.get_cpu)
+                );
+                if label == "plugin" {
+                    worst.push((
+                        format!("checksum={checksum} {mib} MiB"),
+                        pp.0 / bw.0,
+                        pg.0 / br.0,
+                    ));
+                }
+            }
             println!("          {cmd}");
-            worst.push((
-                format!("checksum={checksum} {mib} MiB"),
-                pp.0 / bw.0,
-                pg.0 / br.0,
-            ));
         }
     }
     for (what, idx) in [("put", 0), ("get", 1)] {
