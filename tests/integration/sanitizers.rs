@@ -344,7 +344,8 @@ fn c_plugins_are_clean_under_valgrind() {
 /* The rados plugin, against a real cluster                                                       */
 /* ---------------------------------------------------------------------------------------------- */
 
-/// Driver options for the rados plugin on the shared cluster: one run per chunk layout.
+/// Driver options for the rados plugin on the shared cluster: one run per chunk layout; the striped one
+/// also turns the data checksum on (off by default), so the CRC32C code runs under the sanitizers.
 fn rados_runs(conf: &str, ns: &str, op_timeout_s: &str) -> Vec<Vec<String>> {
     let base = vec![
         format!("pool={}", crate::rados::POOL),
@@ -358,6 +359,7 @@ fn rados_runs(conf: &str, ns: &str, op_timeout_s: &str) -> Vec<Vec<String>> {
         format!("namespace={ns}-striped"),
         "max_object_bytes=4096".to_string(),
         "max_in_flight=4".to_string(),
+        "checksum=true".to_string(),
     ]);
     vec![one, striped]
 }
