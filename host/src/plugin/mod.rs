@@ -14,8 +14,8 @@ pub(crate) use ffi::{
     c_string as ffi_c_string, host_log, host_log_enabled, register_instance, OpTable,
 };
 pub use ops::{
-    ContainsDone, DstBuf, GetDone, GetItem, GetRequest, PrefetchDone, PutDone, PutRequest,
-    RemoveDone, SrcBuf,
+    ContainsDone, DstBuf, GetDone, GetItem, GetRequest, KeyOpDone, PrefetchDone, PutDone,
+    PutRequest, RemoveDone, SrcBuf,
 };
 
 use kvhost_plugin_sdk::abi;

@@ -115,16 +115,22 @@ pub struct GetDone<B> {
     pub error: Option<PluginError>,
 }
 
-/// The end of a prefetch.
+/// The end of an operation on a key batch (`prefetch`, `remove`).
 #[derive(Debug)]
-pub struct PrefetchDone {
+pub struct KeyOpDone {
     /// The keys.
     pub keys: Vec<ChunkKey>,
-    /// Per key: `OK` (warm), `NOT_FOUND` or an error.
+    /// Per key: `OK` (warm, or removed), `NOT_FOUND` or an error.
     pub items: Vec<Status>,
     /// The whole call's error, if it failed.
     pub error: Option<PluginError>,
 }
+
+/// The end of a prefetch.
+pub type PrefetchDone = KeyOpDone;
+
+/// The end of a remove.
+pub type RemoveDone = KeyOpDone;
 
 /// The end of a contains.
 #[derive(Debug)]
@@ -133,17 +139,6 @@ pub struct ContainsDone {
     pub keys: Vec<ChunkKey>,
     /// Per key. When the whole call failed, every key carries that error.
     pub items: Vec<Presence>,
-    /// The whole call's error, if it failed.
-    pub error: Option<PluginError>,
-}
-
-/// The end of a remove.
-#[derive(Debug)]
-pub struct RemoveDone {
-    /// The keys.
-    pub keys: Vec<ChunkKey>,
-    /// Per key: `OK`, `NOT_FOUND` or an error.
-    pub items: Vec<Status>,
     /// The whole call's error, if it failed.
     pub error: Option<PluginError>,
 }
@@ -304,8 +299,9 @@ impl<B: DstBuf, F: FnOnce(GetDone<B>) + Send + 'static> PendingOp for GetState<B
 // SAFETY: as for `PutState`.
 unsafe impl<B: Send, F: Send> Send for GetState<B, F> {}
 
-struct PrefetchState<F> {
+struct KeyOpState<F> {
     plugin: String,
+    op: &'static str,
     keys: Vec<ChunkKey>,
     ffi_keys: FfiKeys,
     status: Vec<abi::kvh_status>,
@@ -314,15 +310,15 @@ struct PrefetchState<F> {
 }
 
 // SAFETY: as for `PutState`.
-unsafe impl<F: Send> Send for PrefetchState<F> {}
+unsafe impl<F: Send> Send for KeyOpState<F> {}
 
-impl<F: FnOnce(PrefetchDone) + Send + 'static> PendingOp for PrefetchState<F> {
+impl<F: FnOnce(KeyOpDone) + Send + 'static> PendingOp for KeyOpState<F> {
     fn finish(self: Box<Self>, status: abi::kvh_status, message: &str) {
         let s = *self;
         let items = item_statuses(status, &s.status);
-        let error = aggregate_error(&s.plugin, "prefetch", status, message);
+        let error = aggregate_error(&s.plugin, s.op, status, message);
         if let Some(f) = s.on_done {
-            f(PrefetchDone {
+            f(KeyOpDone {
                 keys: s.keys,
                 items,
                 error,
@@ -351,33 +347,6 @@ impl<F: FnOnce(ContainsDone) + Send + 'static> PendingOp for ContainsState<F> {
         let error = aggregate_error(&s.plugin, "contains", status, message);
         if let Some(f) = s.on_done {
             f(ContainsDone {
-                keys: s.keys,
-                items,
-                error,
-            });
-        }
-    }
-}
-
-struct RemoveState<F> {
-    plugin: String,
-    keys: Vec<ChunkKey>,
-    ffi_keys: FfiKeys,
-    status: Vec<abi::kvh_status>,
-    batch: abi::kvh_key_batch,
-    on_done: Option<F>,
-}
-
-// SAFETY: as for `PutState`.
-unsafe impl<F: Send> Send for RemoveState<F> {}
-
-impl<F: FnOnce(RemoveDone) + Send + 'static> PendingOp for RemoveState<F> {
-    fn finish(self: Box<Self>, status: abi::kvh_status, message: &str) {
-        let s = *self;
-        let items = item_statuses(status, &s.status);
-        let error = aggregate_error(&s.plugin, "remove", status, message);
-        if let Some(f) = s.on_done {
-            f(RemoveDone {
                 keys: s.keys,
                 items,
                 error,
@@ -576,9 +545,26 @@ impl PluginBackend {
                 error: None,
             });
         };
+        // SAFETY: as in `put`.
+        self.submit_key_op("prefetch", keys, on_done, |batch, done| unsafe {
+            f(self.backend, batch, done)
+        });
+    }
+
+    /// Submit an asynchronous operation on a key batch (`prefetch`, `remove_async`): `call` gets the
+    /// batch, which lives in the boxed state until completion, and the completion.
+    fn submit_key_op<F: FnOnce(KeyOpDone) + Send + 'static>(
+        &self,
+        op: &'static str,
+        keys: Vec<ChunkKey>,
+        on_done: F,
+        call: impl FnOnce(*const abi::kvh_key_batch, abi::kvh_completion) -> abi::kvh_status,
+    ) {
+        let n = keys.len();
         let ffi_keys = FfiKeys::new(&keys);
-        let mut state = Box::new(PrefetchState {
+        let mut state = Box::new(KeyOpState {
             plugin: self.info.name.clone(),
+            op,
             keys,
             ffi_keys,
             status: vec![abi::KVH_ERR_NO_RESULT; n],
@@ -592,12 +578,7 @@ impl PluginBackend {
         state.batch.keys = state.ffi_keys.keys.as_ptr();
         state.batch.item_status = state.status.as_mut_ptr();
         let batch: *const abi::kvh_key_batch = &state.batch;
-        // SAFETY: as in `put`.
-        self.submit(
-            state,
-            |done| unsafe { f(self.backend, batch, done) },
-            "prefetch",
-        );
+        self.submit(state, |done| call(batch, done), op);
     }
 
     /// Look keys up without blocking this thread inside the plugin when it has `contains_async`
@@ -664,29 +645,10 @@ impl PluginBackend {
             };
             return on_done(RemoveDone { keys, items, error });
         };
-        let n = keys.len();
-        let ffi_keys = FfiKeys::new(&keys);
-        let mut state = Box::new(RemoveState {
-            plugin: self.info.name.clone(),
-            keys,
-            ffi_keys,
-            status: vec![abi::KVH_ERR_NO_RESULT; n],
-            batch: abi::kvh_key_batch {
-                keys: std::ptr::null(),
-                item_status: std::ptr::null_mut(),
-                len: n,
-            },
-            on_done: Some(on_done),
-        });
-        state.batch.keys = state.ffi_keys.keys.as_ptr();
-        state.batch.item_status = state.status.as_mut_ptr();
-        let batch: *const abi::kvh_key_batch = &state.batch;
         // SAFETY: as in `put`.
-        self.submit(
-            state,
-            |done| unsafe { f(self.backend, batch, force, done) },
-            "remove",
-        );
+        self.submit_key_op("remove", keys, on_done, |batch, done| unsafe {
+            f(self.backend, batch, force, done)
+        });
     }
 
     /// [`contains_async`](Self::contains_async) and wait up to `timeout`. Keys the plugin pinned for a
