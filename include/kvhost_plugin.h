@@ -663,7 +663,8 @@ typedef struct kvh_get_batch {
   /**
    * Per key: the host-provided destination buffer. Buffers from the host's CPU hot cache (every
    * promotion through the chain) start on a 4096-byte boundary and their capacity is a multiple of
-   * 4096, so `O_DIRECT` plugins can read into them directly.
+   * 4096, so `O_DIRECT` plugins can read into them directly. The buffers of one batch never
+   * overlap, so a plugin may fill them from several threads at once.
    */
   const struct kvh_mut_bytes *dst;
   /**

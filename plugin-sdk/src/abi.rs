@@ -414,7 +414,8 @@ pub struct kvh_get_batch {
     pub keys: *const kvh_key,
     /// Per key: the host-provided destination buffer. Buffers from the host's CPU hot cache (every
     /// promotion through the chain) start on a 4096-byte boundary and their capacity is a multiple of
-    /// 4096, so `O_DIRECT` plugins can read into them directly.
+    /// 4096, so `O_DIRECT` plugins can read into them directly. The buffers of one batch never
+    /// overlap, so a plugin may fill them from several threads at once.
     pub dst: *const kvh_mut_bytes,
     /// Per key, written by the plugin: bytes written on `KVH_OK`, or bytes needed on
     /// `KVH_ERR_BUFFER_TOO_SMALL`.

@@ -48,8 +48,8 @@ pub use backend::{Backend, CreateContext, ModelMetadata, OptionSpec};
 pub use key::{ChunkMeta, Key};
 pub use logging::Host;
 pub use request::{
-    Batch, Contains, ContainsBatch, Get, KeyBatch, Op, Pending, Prefetch, Put, Remove, Request,
-    Submit,
+    Batch, Contains, ContainsBatch, DstPart, Get, KeyBatch, Op, Pending, Prefetch, Put, Remove,
+    Request, SharedGet, Submit,
 };
 pub use status::{Error, Status};
 

@@ -15,6 +15,9 @@ use std::marker::PhantomData;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+mod shared;
+pub use shared::{DstPart, SharedGet};
+
 thread_local! {
     /// Set when a request is deferred during the current trampoline call, so a panic after `defer`
     /// still reports PENDING (the `Pending` completes itself as it unwinds).

@@ -674,3 +674,168 @@ fn bad_options_are_refused_with_the_reason() {
     let err = load("fs", fs_so().to_str().unwrap(), "fs", &[]).expect_err("no path");
     assert!(err.contains("path"), "{err}");
 }
+
+/// A get buffer that starts on a 4096-byte boundary (as the hot cache's arena blocks do), or 64 bytes
+/// past one.
+struct PageBuf {
+    raw: Vec<u8>,
+    off: usize,
+    len: usize,
+}
+
+impl PageBuf {
+    fn new(len: usize, aligned: bool) -> PageBuf {
+        let raw = vec![0xA5u8; len + 8192];
+        let base = (4096 - raw.as_ptr() as usize % 4096) % 4096;
+        let off = if aligned { base } else { base + 64 };
+        PageBuf { raw, off, len }
+    }
+}
+
+impl kvhost::plugin::DstBuf for PageBuf {
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.raw[self.off..self.off + self.len]
+    }
+}
+
+fn split_reads(p: &PluginBackend) -> u64 {
+    let h = health(p);
+    let n = h
+        .split("split_reads=")
+        .nth(1)
+        .and_then(|s| s.split(',').next());
+    n.and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no split_reads in {h}"))
+}
+
+/// Get `keys` in one request into buffers of `slack` bytes more than each chunk; check every byte, the
+/// untouched slack, and the metadata.
+fn get_exact(p: &PluginBackend, keys: &[ChunkKey], data: &[&Vec<u8>], aligned: bool, salt: i32) {
+    let slack = 8192 + 5;
+    let bufs = data
+        .iter()
+        .map(|d| PageBuf::new(d.len() + slack, aligned))
+        .collect();
+    let mut done = p
+        .get_wait(
+            GetRequest {
+                keys: keys.to_vec(),
+                bufs,
+            },
+            WAIT,
+        )
+        .expect("get completes");
+    assert!(done.error.is_none(), "{:?}", done.error);
+    for (i, (item, buf)) in done.items.iter().zip(&mut done.request.bufs).enumerate() {
+        let d = data[i];
+        let want = GetItem::Hit {
+            len: d.len(),
+            meta: meta(d.len(), salt),
+        };
+        assert_eq!(*item, want, "item {i} of {}", keys.len());
+        let got = kvhost::plugin::DstBuf::bytes_mut(buf);
+        assert!(
+            got[..d.len()] == d[..],
+            "bytes of item {i} ({} bytes)",
+            d.len()
+        );
+        assert!(
+            got[d.len()..].iter().all(|&b| b == 0xA5),
+            "slack of item {i} was written"
+        );
+    }
+}
+
+#[test]
+fn large_chunks_are_read_in_parts_by_several_io_threads() {
+    let sizes = [4 << 20, (3 << 20) + 123, (8 << 20) + 4096, (1 << 20) + 1];
+    let data: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| bytes(400 + i as u64, n))
+        .collect();
+    for threads in ["1", "2", "3", "4"] {
+        for direct in ["false", "true"] {
+            let dir = TempDir::new("split");
+            let opts = [("io_threads", threads), ("o_direct", direct)];
+            let keys: Vec<ChunkKey> = (0..4).map(|i| fkey(9000 + i)).collect();
+            {
+                let p = must_load_fs(&dir, &opts);
+                put_ok(&p, &keys, &data, 9);
+            }
+            // After a restart the first read of each chunk verifies its checksum on one thread; the
+            // reads after it may be split.
+            let p = must_load_fs(&dir, &opts);
+            let n: usize = threads.parse().unwrap();
+            let on = health(&p).contains("o_direct=on") || direct == "false";
+            for (k, d) in keys.iter().zip(&data) {
+                get_exact(&p, std::slice::from_ref(k), &[d], true, 9);
+            }
+            assert_eq!(split_reads(&p), 0, "first reads verify on one thread");
+            for aligned in [true, false] {
+                for (k, d) in keys.iter().zip(&data) {
+                    get_exact(&p, std::slice::from_ref(k), &[d], aligned, 9);
+                }
+                get_exact(&p, &keys[..2], &[&data[0], &data[1]], aligned, 9);
+                get_exact(&p, &keys, &data.iter().collect::<Vec<_>>(), aligned, 9);
+            }
+            // Single gets of the three chunks of 2 MiB or more, plus the 2-item get when 4 threads give
+            // each item 2 ways; O_DIRECT splits only into aligned buffers.
+            let per_round = 3 + if n >= 4 { 2 } else { 0 };
+            let rounds = if direct == "true" && on { 1 } else { 2 };
+            let want = if n == 1 { 0 } else { per_round * rounds };
+            assert_eq!(
+                split_reads(&p),
+                want,
+                "threads={threads} o_direct={direct}: split reads"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_chunk_read_in_parts_that_was_truncated_or_swapped_is_never_served() {
+    for direct in ["false", "true"] {
+        let dir = TempDir::new("split-corrupt");
+        let p = must_load_fs(&dir, &[("io_threads", "2"), ("o_direct", direct)]);
+        let keys: Vec<ChunkKey> = (0..3).map(|i| fkey(9100 + i)).collect();
+        let data: Vec<Vec<u8>> = (0..3).map(|i| bytes(500 + i, 4 << 20)).collect();
+        put_ok(&p, &keys, &data, 4);
+        for (k, d) in keys.iter().zip(&data) {
+            get_exact(&p, std::slice::from_ref(k), &[d], true, 4);
+        }
+        let before = split_reads(&p);
+        assert_eq!(before, 3, "o_direct={direct}: {}", health(&p));
+        // 0: cut in the second half (read by the second part); 1: holds key 2's file.
+        let f0 = file_of(&dir.0, &keys[0]);
+        let len = std::fs::metadata(&f0).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&f0)
+            .unwrap()
+            .set_len(len - (1 << 20))
+            .unwrap();
+        let f1 = file_of(&dir.0, &keys[1]);
+        std::fs::copy(file_of(&dir.0, &keys[2]), &f1).unwrap();
+        for k in &keys[..2] {
+            let done = p
+                .get_wait(
+                    GetRequest {
+                        keys: vec![k.clone()],
+                        bufs: vec![PageBuf::new(4 << 20, true)],
+                    },
+                    WAIT,
+                )
+                .unwrap();
+            assert_eq!(
+                done.items[0],
+                GetItem::Failed(Status::CORRUPT, String::new()),
+                "o_direct={direct}: {k}"
+            );
+        }
+        assert_eq!(split_reads(&p), before + 2, "both were read in parts");
+        assert!(!f0.exists() && !f1.exists(), "corrupt files are removed");
+        assert!(health(&p).contains("corrupt_on_read=2"), "{}", health(&p));
+        get_exact(&p, &keys[2..], &[&data[2]], true, 4);
+    }
+}

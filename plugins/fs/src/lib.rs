@@ -14,12 +14,14 @@
 //! See `README.md` for the file format and the options.
 
 mod format;
+mod get;
 mod index;
 mod io;
 mod pool;
 mod store;
 
 use crossbeam_channel::{Receiver, Sender};
+use get::Part;
 use kvhost_plugin_sdk::abi;
 use kvhost_plugin_sdk::log;
 use kvhost_plugin_sdk::*;
@@ -28,7 +30,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use store::{Fsync, IoBufs, PutItem, ReadOutcome, Settings, Staged, Store};
+use store::{Fsync, IoBufs, PutItem, Settings, Staged, Store};
 
 enum Job {
     Put(Pending<Put>),
@@ -140,11 +142,17 @@ impl FsBackend {
     ) -> Result<Self, Error> {
         let store = Arc::new(Store::open(settings)?);
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+        let (parts_tx, parts_rx) = crossbeam_channel::unbounded::<Part>();
         let mut workers = Vec::with_capacity(io_threads);
         for i in 0..io_threads {
-            let (store, rx) = (store.clone(), rx.clone());
+            let queues = Queues {
+                jobs: rx.clone(),
+                parts: (parts_tx.clone(), parts_rx.clone()),
+                threads: io_threads,
+            };
+            let store = store.clone();
             let name = format!("kvhost-fs-io-{i}");
-            let run = move || worker(&store, &rx);
+            let run = move || worker(&store, &queues);
             let spawned = match ctx {
                 Some(ctx) => ctx.spawn(&name, run),
                 None => std::thread::Builder::new().name(name).spawn(run),
@@ -212,20 +220,47 @@ fn prep(store: &Store) {
     }
 }
 
-fn worker(store: &Store, rx: &Receiver<Job>) {
+/// What an I/O thread takes work from.
+struct Queues {
+    jobs: Receiver<Job>,
+    /// Parts of get requests, shared by the I/O threads (see `get.rs`); served before new jobs.
+    parts: (Sender<Part>, Receiver<Part>),
+    threads: usize,
+}
+
+fn worker(store: &Arc<Store>, q: &Queues) {
     let mut bufs = IoBufs::default();
-    for job in rx.iter() {
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match job {
-            Job::Put(p) => run_put(store, p, &mut bufs),
-            Job::Get(p) => run_get(store, p, &mut bufs),
-        }));
-        if outcome.is_err() {
-            // The request was dropped while unwinding, which completed it with CANCELED.
-            log::error!(
-                "fs: an I/O thread panicked while serving a request (completed as CANCELED)"
-            );
-            bufs = IoBufs::default();
-        }
+    loop {
+        let work = crossbeam_channel::select_biased! {
+            recv(q.parts.1) -> part => part.map(Work::Part),
+            recv(q.jobs) -> job => job.map(Work::Job),
+        };
+        // The parts channel stays open while this thread holds a sender: an error is the end of jobs.
+        let Ok(work) = work else { break };
+        serve(store, q, work, &mut bufs);
+    }
+    // Parts queued by threads still finishing their last request.
+    while let Ok(part) = q.parts.1.try_recv() {
+        serve(store, q, Work::Part(part), &mut bufs);
+    }
+}
+
+enum Work {
+    Job(Job),
+    Part(Part),
+}
+
+fn serve(store: &Arc<Store>, q: &Queues, work: Work, bufs: &mut IoBufs) {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match work {
+        Work::Job(Job::Put(p)) => run_put(store, p, bufs),
+        Work::Job(Job::Get(p)) => get::run_get(store, p, bufs, q.threads, (&q.parts.0, &q.parts.1)),
+        Work::Part(part) => get::run_part(store, part, bufs),
+    }));
+    if outcome.is_err() {
+        // The request (or part) was dropped while unwinding, which completed it with CANCELED or
+        // reported the item as failed.
+        log::error!("fs: an I/O thread panicked while serving a request");
+        *bufs = IoBufs::default();
     }
 }
 
@@ -285,27 +320,6 @@ fn run_put(store: &Store, p: Pending<Put>, bufs: &mut IoBufs) {
                 // Visible but maybe not durable: report the put as failed.
                 items.iter().for_each(|&i| p.set_status(i, e.status));
             }
-        }
-    }
-    p.complete(Status::OK);
-}
-
-fn run_get(store: &Store, mut p: Pending<Get>, bufs: &mut IoBufs) {
-    let mut canonical = String::new();
-    for i in 0..p.len() {
-        // The key borrows the whole batch, and `dst` needs it mutably: copy the key first.
-        let key_hash = {
-            let k = p.key(i);
-            canonical.clear();
-            canonical.push_str(k.canonical());
-            k.key_hash()
-        };
-        let outcome = store.read(key_hash, &canonical, p.dst(i), bufs);
-        match outcome {
-            ReadOutcome::Hit { len, meta } => p.set_found(i, len, meta),
-            ReadOutcome::Miss => p.set_status(i, Status::NOT_FOUND),
-            ReadOutcome::TooSmall(n) => p.set_too_small(i, n as usize),
-            ReadOutcome::Failed(s) => p.set_status(i, s),
         }
     }
     p.complete(Status::OK);

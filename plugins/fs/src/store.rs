@@ -114,6 +114,8 @@ struct Stats {
     missing_on_read: AtomicU64,
     io_errors: AtomicU64,
     no_space: AtomicU64,
+    /// Chunks read in parts by several threads.
+    split_reads: AtomicU64,
 }
 
 #[derive(Default)]
@@ -200,6 +202,36 @@ pub enum ReadOutcome {
     TooSmall(u64),
     /// An error (`CORRUPT`, `IO`, ...).
     Failed(Status),
+}
+
+/// A chunk file opened for reading, with what the index said about it when it was looked up.
+#[derive(Debug)]
+pub struct OpenChunk {
+    key_hash: u64,
+    gen: u64,
+    path: PathBuf,
+    file: File,
+    direct: bool,
+    data_offset: u64,
+    data_len: u64,
+    /// Verify the data checksum.
+    check: bool,
+    /// Not verified since start-up.
+    unverified: bool,
+}
+
+impl OpenChunk {
+    /// Bytes of data.
+    pub fn data_len(&self) -> usize {
+        self.data_len as usize
+    }
+
+    /// Whether the chunk can be read in parts by [`Store::read_part`] into `dst`: no checksum to
+    /// verify (one pass over the whole chunk), and for O_DIRECT a block-aligned data offset and
+    /// destination.
+    pub fn splittable(&self, dst: *const u8) -> bool {
+        !self.check && (!self.direct || (self.data_offset % ALIGN == 0 && fio::is_aligned(dst)))
+    }
 }
 
 /// The store.
@@ -757,16 +789,29 @@ impl Store {
         dst: &mut [u8],
         bufs: &mut IoBufs,
     ) -> ReadOutcome {
+        match self.open_chunk(key_hash, canonical, dst.len()) {
+            Ok(c) => self.read_opened(c, canonical, dst, bufs),
+            Err(outcome) => outcome,
+        }
+    }
+
+    /// Look `canonical` up and open its file, or say why there is nothing to read into a buffer of
+    /// `capacity` bytes.
+    pub fn open_chunk(
+        &self,
+        key_hash: u64,
+        canonical: &str,
+        capacity: usize,
+    ) -> Result<OpenChunk, ReadOutcome> {
         let (gen, data_offset, data_len, verified) = {
             let mut ix = self.index.lock();
             match ix.lookup(key_hash, canonical, true) {
                 Some(e) => (e.gen, e.data_offset, e.data_len, e.verified),
-                None => return ReadOutcome::Miss,
+                None => return Err(ReadOutcome::Miss),
             }
         };
-        let check = self.settings.verify_always || !verified;
-        if data_len > dst.len() as u64 {
-            return ReadOutcome::TooSmall(data_len);
+        if data_len > capacity as u64 {
+            return Err(ReadOutcome::TooSmall(data_len));
         }
         let path = self.path_of(key_hash, canonical);
         let direct = self.direct.load(Ordering::Acquire);
@@ -781,8 +826,18 @@ impl Store {
         } else {
             open_read(&path, false).map(|f| (f, false))
         };
-        let (file, direct) = match opened {
-            Ok(x) => x,
+        match opened {
+            Ok((file, direct)) => Ok(OpenChunk {
+                key_hash,
+                gen,
+                path,
+                file,
+                direct,
+                data_offset,
+                data_len,
+                check: self.settings.verify_always || !verified,
+                unverified: !verified,
+            }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 // Removed or evicted meanwhile (then the entry is gone or newer), or deleted behind our
                 // back (then drop the entry).
@@ -791,45 +846,154 @@ impl Store {
                     self.stats.missing_on_read.fetch_add(1, Ordering::Relaxed);
                     log::warn!("fs: {} vanished; dropped from the index", path.display());
                 }
-                return ReadOutcome::Miss;
+                Err(ReadOutcome::Miss)
             }
             Err(e) => {
                 self.stats.io_errors.fetch_add(1, Ordering::Relaxed);
                 log::warn!("fs: open {}: {e}", path.display());
-                return ReadOutcome::Failed(Error::io("", &e).status);
+                Err(ReadOutcome::Failed(Error::io("", &e).status))
+            }
+        }
+    }
+
+    /// Read all of an opened chunk into `dst` (at least `c.data_len()` bytes).
+    pub fn read_opened(
+        &self,
+        c: OpenChunk,
+        canonical: &str,
+        dst: &mut [u8],
+        bufs: &mut IoBufs,
+    ) -> ReadOutcome {
+        let result = if c.direct {
+            self.read_direct(&c.file, c.data_offset, c.data_len, dst, bufs, c.check)
+        } else {
+            read_buffered(&c.file, c.data_offset, dst, bufs, c.check)
+        };
+        match self.conclude(&c, canonical, result) {
+            Some(outcome) => outcome,
+            None => {
+                let key_hash = c.key_hash;
+                drop(c);
+                self.read(key_hash, canonical, dst, bufs)
+            }
+        }
+    }
+
+    /// Read data bytes `[offset, offset + dst.len())` of `c` into `dst`, for a chunk read in parts by
+    /// several threads ([`OpenChunk::splittable`]). The part at offset 0 also reads the header and
+    /// returns it decoded. Every part but the last must be a multiple of [`ALIGN`] long.
+    pub fn read_part(
+        &self,
+        c: &OpenChunk,
+        offset: usize,
+        dst: &mut [u8],
+        bufs: &mut IoBufs,
+    ) -> io::Result<Option<Result<Header, &'static str>>> {
+        let head_len = if offset == 0 {
+            c.data_offset as usize
+        } else {
+            0
+        };
+        let pos = if offset == 0 {
+            0
+        } else {
+            c.data_offset + offset as u64
+        };
+        let want = head_len + dst.len();
+        let (got, head) = if c.direct {
+            // One request: the header into the bounce buffer, the aligned data straight into `dst`,
+            // the tail (last part only) into the bounce buffer.
+            let (n, tail, tail_buf) = fio::direct_split(dst.len());
+            let (h, rest) = bufs.bounce().as_mut().split_at_mut(head_len);
+            let t = &mut rest[..tail_buf];
+            let (d, d_tail) = dst.split_at_mut(n);
+            let got = {
+                let mut iov = [IoSliceMut::new(h), IoSliceMut::new(d), IoSliceMut::new(t)];
+                fio::preadv_full(&c.file, &mut iov, pos)?
+            };
+            if got >= want {
+                d_tail.copy_from_slice(&t[..tail]);
+            }
+            (got, &*h)
+        } else {
+            let h = &mut bufs.header;
+            h.resize(head_len, 0);
+            let mut iov = [IoSliceMut::new(h), IoSliceMut::new(dst)];
+            (fio::preadv_full(&c.file, &mut iov, pos)?, &bufs.header[..])
+        };
+        if got < want {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "file is shorter than its header says",
+            ));
+        }
+        Ok((offset == 0).then(|| format::decode(head).map(|(_, hdr)| hdr)))
+    }
+
+    /// The outcome of a chunk read by [`Store::read_part`]: `header` is what the first part decoded
+    /// (`None` if it never ran), `failure` the first error of any part.
+    pub fn conclude_parts(
+        &self,
+        c: &OpenChunk,
+        canonical: &str,
+        header: Option<Result<Header, &'static str>>,
+        failure: Option<io::Error>,
+    ) -> ReadOutcome {
+        self.stats.split_reads.fetch_add(1, Ordering::Relaxed);
+        let result = match (failure, header) {
+            (Some(e), _) => Err(e),
+            (None, None) => return ReadOutcome::Failed(Status::INTERNAL),
+            (None, Some(Err(why))) => Ok(Err(ReadFail::Corrupt(why))),
+            (None, Some(Ok(hdr))) => {
+                if (hdr.data_offset, hdr.data_len) != (c.data_offset, c.data_len) {
+                    // Replaced by a chunk of another size since the lookup; the parts read the old
+                    // layout, so report a miss rather than reading again.
+                    return ReadOutcome::Miss;
+                }
+                Ok(Ok((hdr.data_len as usize, hdr.meta, hdr)))
             }
         };
-        let result = if direct {
-            self.read_direct(&file, data_offset, data_len, dst, bufs, check)
-        } else {
-            read_buffered(&file, data_offset, dst, bufs, check)
-        };
-        match result {
+        self.conclude(c, canonical, result).unwrap_or_else(|| {
+            // O_DIRECT stopped working mid-read (it is now off); the parts cannot be read again.
+            self.stats.io_errors.fetch_add(1, Ordering::Relaxed);
+            ReadOutcome::Failed(Status::IO)
+        })
+    }
+
+    /// Map the result of reading `c` to an outcome, dropping a corrupt chunk. `None`: O_DIRECT turned
+    /// out unsupported (now disabled); read again.
+    fn conclude(
+        &self,
+        c: &OpenChunk,
+        canonical: &str,
+        result: io::Result<Result<(usize, ChunkMeta, Header), ReadFail>>,
+    ) -> Option<ReadOutcome> {
+        let (key_hash, gen, path) = (c.key_hash, c.gen, &c.path);
+        Some(match result {
             Ok(Ok((len, meta, hdr))) => {
                 if hdr.key_hash != key_hash || hdr.canonical != canonical {
-                    return self.corrupt(key_hash, gen, &path, "the file holds another key");
+                    return Some(self.corrupt(key_hash, gen, path, "the file holds another key"));
                 }
-                if check && !verified {
+                if c.check && c.unverified {
                     self.index.lock().set_verified(key_hash, gen);
                 }
                 ReadOutcome::Hit { len, meta }
             }
             Ok(Err(ReadFail::TooSmall(n))) => ReadOutcome::TooSmall(n),
-            Ok(Err(ReadFail::Corrupt(why))) => self.corrupt(key_hash, gen, &path, why),
-            Err(e) if fio::is_direct_unsupported(&e) && direct => {
+            Ok(Err(ReadFail::Corrupt(why))) => self.corrupt(key_hash, gen, path, why),
+            Err(e) if fio::is_direct_unsupported(&e) && c.direct => {
                 self.disable_direct(format!("read: {e}"));
-                drop(file);
-                self.read(key_hash, canonical, dst, bufs)
+                return None;
             }
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                self.corrupt(key_hash, gen, &path, "truncated")
+                self.corrupt(key_hash, gen, path, "truncated")
             }
             Err(e) => {
                 self.stats.io_errors.fetch_add(1, Ordering::Relaxed);
                 log::warn!("fs: read {}: {e}", path.display());
                 ReadOutcome::Failed(Error::io("", &e).status)
             }
-        }
+        })
     }
 
     fn read_direct(
@@ -1098,7 +1262,7 @@ impl Store {
         let text = format!(
             "fs {}: {chunks} chunks, used={used} reserved={reserved} pinned={pinned} capacity={} bytes, \
              fs_free={} bytes, evictions={evictions}, no_space={}, corrupt_on_read={}, missing_on_read={}, io_errors={}, \
-             removed_at_start={} (temporary={} corrupt={}), o_direct={}, fsync={}, verify_reads={}, shards={}, \
+             split_reads={}, removed_at_start={} (temporary={} corrupt={}), o_direct={}, fsync={}, verify_reads={}, shards={}, \
              pool_files={}",
             root.display(),
             self.settings.capacity,
@@ -1107,6 +1271,7 @@ impl Store {
             self.stats.corrupt_on_read.load(Ordering::Relaxed),
             self.stats.missing_on_read.load(Ordering::Relaxed),
             self.stats.io_errors.load(Ordering::Relaxed),
+            self.stats.split_reads.load(Ordering::Relaxed),
             s.removed(),
             s.temp_removed,
             s.corrupt_removed,

@@ -1,0 +1,204 @@
+//! Serving get requests on the I/O threads.
+//!
+//! A request goes to one I/O thread, which hands its items out to the others as parts: one part per
+//! item when the request has at least as many items as there are threads, else each large chunk is
+//! split into ranges read at once by several threads (a page-cache copy or a device read of one 4 MiB
+//! chunk then takes a fraction of the time). The thread that took the request runs the first part and
+//! then whatever parts are still queued; the request completes when its last part is done, on whichever
+//! thread finished it, so no thread waits for another.
+
+use crate::store::{IoBufs, OpenChunk, ReadOutcome, Store};
+use crossbeam_channel::{Receiver, Sender};
+use kvhost_plugin_sdk::{log, DstPart, Error, Get, Pending, SharedGet, Status};
+use parking_lot::Mutex;
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Chunks smaller than this are read by one thread (handing a part to another thread costs tens of
+/// microseconds on a busy machine).
+const SPLIT_MIN: usize = 1 << 20;
+/// Part boundaries fall on multiples of this (a multiple of the O_DIRECT block).
+const PART_ALIGN: usize = 64 << 10;
+
+/// Work for one I/O thread: all of one item, or a range of a chunk read in parts.
+pub enum Part {
+    /// Look the item up and read all of it.
+    Item { request: SharedGet, dst: DstPart },
+    /// An opened chunk too small to split (or not splittable).
+    Opened {
+        request: SharedGet,
+        dst: DstPart,
+        chunk: OpenChunk,
+    },
+    /// One range of a chunk read in parts.
+    Range(RangePart),
+}
+
+/// What the parts of one chunk share; the last part to finish reports the item.
+pub struct SplitRead {
+    store: Arc<Store>,
+    request: SharedGet,
+    item: usize,
+    chunk: OpenChunk,
+    left: AtomicUsize,
+    /// The decoded header, from the part at offset 0.
+    header: Mutex<Option<Result<crate::format::Header, &'static str>>>,
+    /// The first error of any part.
+    failure: Mutex<Option<io::Error>>,
+}
+
+/// One range of a split chunk. Dropping it (done, failed, or unwound by a panic) counts it as finished.
+pub struct RangePart {
+    read: Arc<SplitRead>,
+    dst: DstPart,
+}
+
+impl Drop for RangePart {
+    fn drop(&mut self) {
+        if self.read.left.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        let r = &*self.read;
+        let key = r.request.key(r.item);
+        let outcome = r.store.conclude_parts(
+            &r.chunk,
+            key.canonical(),
+            r.header.lock().take(),
+            r.failure.lock().take(),
+        );
+        report(&r.request, r.item, outcome);
+    }
+}
+
+/// Serve `p`, spreading it over `threads` I/O threads through the `parts` queue.
+pub fn run_get(
+    store: &Arc<Store>,
+    p: Pending<Get>,
+    bufs: &mut IoBufs,
+    threads: usize,
+    parts: (&Sender<Part>, &Receiver<Part>),
+) {
+    let (request, dsts) = match p.share() {
+        Ok(x) => x,
+        Err(p) => {
+            let why = "get: the host passed overlapping destination buffers";
+            log::error!("fs: {why}");
+            return p.fail(&Error::new(Status::INVALID_ARG, why));
+        }
+    };
+    let ways = threads / request.len();
+    let mut work = Vec::with_capacity(request.len().max(threads));
+    for dst in dsts {
+        if ways < 2 {
+            work.push(Part::Item {
+                request: request.clone(),
+                dst,
+            });
+        } else {
+            split(store, &request, dst, ways, &mut work);
+        }
+    }
+    drop(request);
+    let mut work = work.into_iter();
+    let mine = work.next();
+    if threads > 1 {
+        for part in work.by_ref() {
+            // The receiving end lives as long as this thread.
+            let _ = parts.0.send(part);
+        }
+    }
+    if let Some(part) = mine {
+        run_part(store, part, bufs);
+    }
+    for part in work {
+        run_part(store, part, bufs);
+    }
+    while let Ok(part) = parts.1.try_recv() {
+        run_part(store, part, bufs);
+    }
+}
+
+/// Open the chunk of `dst`'s item and queue it as up to `ways` parts (one if it is small).
+fn split(store: &Arc<Store>, request: &SharedGet, dst: DstPart, ways: usize, out: &mut Vec<Part>) {
+    let i = dst.item();
+    let key = request.key(i);
+    let chunk = match store.open_chunk(key.key_hash(), key.canonical(), dst.len()) {
+        Ok(c) => c,
+        Err(outcome) => return report(request, i, outcome),
+    };
+    let len = chunk.data_len();
+    let n = ways.min(len / SPLIT_MIN);
+    if n < 2 || !chunk.splittable(dst.as_ptr()) {
+        out.push(Part::Opened {
+            request: request.clone(),
+            dst,
+            chunk,
+        });
+        return;
+    }
+    let step = (len / n).div_ceil(PART_ALIGN) * PART_ALIGN;
+    let read = Arc::new(SplitRead {
+        store: store.clone(),
+        request: request.clone(),
+        item: i,
+        chunk,
+        left: AtomicUsize::new(0),
+        header: Mutex::new(None),
+        failure: Mutex::new(None),
+    });
+    // The capacity past the data is not written.
+    let (mut rest, _) = dst.split_at(len);
+    while !rest.is_empty() {
+        let mid = step.min(rest.len());
+        let (part, tail) = rest.split_at(mid);
+        read.left.fetch_add(1, Ordering::Relaxed);
+        out.push(Part::Range(RangePart {
+            read: read.clone(),
+            dst: part,
+        }));
+        rest = tail;
+    }
+}
+
+/// Run one part on this thread.
+pub fn run_part(store: &Store, part: Part, bufs: &mut IoBufs) {
+    match part {
+        Part::Item { request, mut dst } => {
+            let i = dst.item();
+            let key = request.key(i);
+            let outcome = store.read(key.key_hash(), key.canonical(), dst.bytes(), bufs);
+            report(&request, i, outcome);
+        }
+        Part::Opened {
+            request,
+            mut dst,
+            chunk,
+        } => {
+            let i = dst.item();
+            let key = request.key(i);
+            let outcome = store.read_opened(chunk, key.canonical(), dst.bytes(), bufs);
+            report(&request, i, outcome);
+        }
+        Part::Range(mut part) => {
+            let r = &*part.read;
+            let offset = part.dst.offset();
+            match store.read_part(&r.chunk, offset, part.dst.bytes(), bufs) {
+                Ok(Some(header)) => *r.header.lock() = Some(header),
+                Ok(None) => {}
+                Err(e) => {
+                    r.failure.lock().get_or_insert(e);
+                }
+            }
+        }
+    }
+}
+
+fn report(request: &SharedGet, i: usize, outcome: ReadOutcome) {
+    match outcome {
+        ReadOutcome::Hit { len, meta } => request.set_found(i, len, meta),
+        ReadOutcome::Miss => request.set_status(i, Status::NOT_FOUND),
+        ReadOutcome::TooSmall(n) => request.set_too_small(i, n as usize),
+        ReadOutcome::Failed(s) => request.set_status(i, s),
+    }
+}
