@@ -763,15 +763,16 @@ fn large_chunks_are_read_in_parts_by_several_io_threads() {
                 let p = must_load_fs(&dir, &opts);
                 put_ok(&p, &keys, &data, 9);
             }
-            // After a restart the first read of each chunk verifies its checksum on one thread; the
-            // reads after it may be split.
+            // After a restart the first read of each chunk verifies its checksum (hashing the parts
+            // in order); the reads after it do not.
             let p = must_load_fs(&dir, &opts);
             let n: usize = threads.parse().unwrap();
             let on = health(&p).contains("o_direct=on") || direct == "false";
             for (k, d) in keys.iter().zip(&data) {
                 get_exact(&p, std::slice::from_ref(k), &[d], true, 9);
             }
-            assert_eq!(split_reads(&p), 0, "first reads verify on one thread");
+            let first = if n == 1 { 0 } else { 3 };
+            assert_eq!(split_reads(&p), first, "verifying first reads");
             for aligned in [true, false] {
                 for (k, d) in keys.iter().zip(&data) {
                     get_exact(&p, std::slice::from_ref(k), &[d], aligned, 9);
@@ -783,7 +784,7 @@ fn large_chunks_are_read_in_parts_by_several_io_threads() {
             // each item 2 ways; O_DIRECT splits only into aligned buffers.
             let per_round = 3 + if n >= 4 { 2 } else { 0 };
             let rounds = if direct == "true" && on { 1 } else { 2 };
-            let want = if n == 1 { 0 } else { per_round * rounds };
+            let want = first + if n == 1 { 0 } else { per_round * rounds };
             assert_eq!(
                 split_reads(&p),
                 want,
@@ -837,5 +838,57 @@ fn a_chunk_read_in_parts_that_was_truncated_or_swapped_is_never_served() {
         assert!(!f0.exists() && !f1.exists(), "corrupt files are removed");
         assert!(health(&p).contains("corrupt_on_read=2"), "{}", health(&p));
         get_exact(&p, &keys[2..], &[&data[2]], true, 4);
+    }
+}
+
+#[test]
+fn a_chunk_verified_in_parts_detects_a_flipped_byte_in_any_part() {
+    let size = (6 << 20) + 321;
+    // Bytes into the data: in the first part, in the middle one, in the last (partial) block.
+    let flips = [17usize, 3 << 20, size - 5];
+    for (direct, verify_reads) in [("false", "first"), ("true", "first"), ("false", "always")] {
+        let dir = TempDir::new("split-verify");
+        let opts = [
+            ("io_threads", "3"),
+            ("o_direct", direct),
+            ("verify_reads", verify_reads),
+        ];
+        let keys: Vec<ChunkKey> = (0..4).map(|i| fkey(9200 + i)).collect();
+        let data: Vec<Vec<u8>> = (0..4).map(|i| bytes(600 + i, size)).collect();
+        {
+            let p = must_load_fs(&dir, &opts);
+            put_ok(&p, &keys, &data, 5);
+        }
+        for (k, &at) in keys.iter().zip(&flips) {
+            let f = file_of(&dir.0, k);
+            let mut raw = std::fs::read(&f).unwrap();
+            raw[4096 + at] ^= 0x40;
+            std::fs::write(&f, raw).unwrap();
+        }
+        // Unverified since the restart (or verify_reads=always): every read checks the data.
+        let p = must_load_fs(&dir, &opts);
+        for (i, k) in keys[..3].iter().enumerate() {
+            let done = p
+                .get_wait(
+                    GetRequest {
+                        keys: vec![k.clone()],
+                        bufs: vec![PageBuf::new(size, true)],
+                    },
+                    WAIT,
+                )
+                .unwrap();
+            assert_eq!(
+                done.items[0],
+                GetItem::Failed(Status::CORRUPT, String::new()),
+                "o_direct={direct} verify_reads={verify_reads}: flip at {}",
+                flips[i]
+            );
+        }
+        get_exact(&p, &keys[3..], &[&data[3]], true, 5);
+        get_exact(&p, &keys[3..], &[&data[3]], true, 5);
+        let h = health(&p);
+        assert!(h.contains("corrupt_on_read=3"), "{h}");
+        assert_eq!(split_reads(&p), 5, "{h}");
+        assert_eq!(chunk_files(&dir.0).len(), 1, "corrupt files are removed");
     }
 }

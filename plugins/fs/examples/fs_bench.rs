@@ -5,7 +5,7 @@
 //! cargo build --release -p kvhost-plugin-fs --example fs_bench
 //! target/release/examples/fs_bench [--dir DIR] [--total-mib 1024] [--chunk-mib 4,32] [--reps 5]
 //!                                  [--modes buffered,verify,fsync,direct] [--jobs 1,2]
-//!                                  [--batched | --pipelined] [--unaligned]
+//!                                  [--batched | --pipelined] [--unaligned] [--io-threads N]
 //! ```
 //!
 //! Modes compare like with like:
@@ -23,7 +23,9 @@
 //! of each figure is printed. The plugin is copied into the bench directory first, so a concurrent
 //! rebuild of the workspace cannot swap the library mid-run.
 //!
-//! Concurrency (`--jobs J`, default 1): the plugin runs with `io_threads=J`, and J host threads each
+//! Concurrency (`--jobs J`, default 1): the plugin runs with `io_threads=max(J, 2)` (2 is its default;
+//! `--io-threads N` overrides it; with 2 or more, one large chunk is read by several threads at once),
+//! and J host threads each
 //! put (then get) their 1/J of the chunks, one request of one chunk in flight per thread; the other
 //! side runs J `dd` processes at once, each writing (then reading) its own file of 1/J of the bytes,
 //! like `fio --numjobs=J --ioengine=psync`. With J=1 that is one put/get round trip through the host
@@ -93,6 +95,7 @@ struct Args {
     aligned: bool,
     reps: usize,
     jobs: Vec<usize>,
+    io_threads: Option<usize>,
     style: Style,
     so: PathBuf,
 }
@@ -108,6 +111,7 @@ fn parse_args() -> Args {
         aligned: true,
         reps: 5,
         jobs: vec![1],
+        io_threads: None,
         style: Style::Streams,
         so: PathBuf::new(),
     };
@@ -134,9 +138,10 @@ fn parse_args() -> Args {
                     .map(|s| s.trim().parse::<usize>().expect("--jobs N[,N]").max(1))
                     .collect()
             }
+            "--io-threads" => a.io_threads = Some(val().parse().expect("--io-threads N")),
             "-h" | "--help" => {
                 println!(
-                    "fs_bench [--dir DIR] [--total-mib N] [--chunk-mib N,N] [--reps N] [--modes buffered,verify,fsync,direct] [--jobs N,N] [--batched | --pipelined] [--unaligned]"
+                    "fs_bench [--dir DIR] [--total-mib N] [--chunk-mib N,N] [--reps N] [--modes buffered,verify,fsync,direct] [--jobs N,N] [--batched | --pipelined] [--unaligned] [--io-threads N]"
                 );
                 std::process::exit(0);
             }
@@ -209,10 +214,11 @@ fn plugin_run(
     flush: bool,
     aligned: bool,
     jobs: usize,
+    io_threads: usize,
     style: Style,
 ) -> (Duration, Duration, String) {
     let _ = std::fs::remove_dir_all(dir);
-    let threads = jobs.to_string();
+    let threads = io_threads.to_string();
     let mut options = options.to_vec();
     options.push(("io_threads", &threads));
     let p = load(so, dir, &options);
@@ -574,7 +580,7 @@ fn main() {
     a.so = a.dir.join("libkvhost_fs.so");
     std::fs::copy(fs_so(), &a.so).expect("copy the plugin");
     println!(
-        "fs_bench: {} MiB per run, median of {} runs, in {} ({} host buffers), plugin {} (copied from {})",
+        "fs_bench: {} MiB per run, median of {} runs, in {} ({} host buffers), plugin io_threads {}, plugin {} (copied from {})",
         a.total_mib,
         a.reps,
         a.dir.display(),
@@ -583,6 +589,8 @@ fn main() {
         } else {
             "misaligned"
         },
+        a.io_threads
+            .map_or("max(jobs, 2)".to_string(), |n| n.to_string()),
         a.so.display(),
         fs_so().display()
     );
@@ -657,6 +665,7 @@ fn main() {
                         flush,
                         a.aligned,
                         jobs,
+                        a.io_threads.unwrap_or(jobs.max(2)),
                         a.style,
                     );
                     pp.push(gbps(total, put));

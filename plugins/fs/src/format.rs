@@ -18,7 +18,8 @@
 //! ```
 
 use kvhost_plugin_sdk::ChunkMeta;
-use xxhash_rust::xxh3::Xxh3;
+use std::hash::Hasher;
+use twox_hash::XxHash3_64 as Xxh3;
 
 /// First eight bytes of every chunk file.
 pub const MAGIC: [u8; 8] = *b"KVHFSCHK";
@@ -136,18 +137,18 @@ pub struct DataHasher(Xxh3);
 
 impl DataHasher {
     fn with_prefix(prefix: &[u8], canonical: &[u8]) -> Self {
-        let mut h = Xxh3::new();
-        h.update(&prefix[..PREFIX_LEN]);
-        h.update(canonical);
+        let mut h = Xxh3::with_seed(0);
+        h.write(&prefix[..PREFIX_LEN]);
+        h.write(canonical);
         DataHasher(h)
     }
     /// Feed chunk bytes.
     pub fn update(&mut self, data: &[u8]) {
-        self.0.update(data);
+        self.0.write(data);
     }
     /// The checksum.
     pub fn digest(&self) -> u64 {
-        self.0.digest()
+        self.0.finish()
     }
 }
 
@@ -182,10 +183,10 @@ impl<'a> PendingHeader<'a> {
         assert_eq!(out.len() as u64, self.data_offset(), "header buffer size");
         let mut fixed = self.fixed;
         put_u64(&mut fixed, 80, data_checksum);
-        let mut h = Xxh3::new();
-        h.update(&fixed[..88]);
-        h.update(self.canonical.as_bytes());
-        put_u64(&mut fixed, 88, h.digest());
+        let mut h = Xxh3::with_seed(0);
+        h.write(&fixed[..88]);
+        h.write(self.canonical.as_bytes());
+        put_u64(&mut fixed, 88, h.finish());
         out[..FIXED_LEN].copy_from_slice(&fixed);
         let end = FIXED_LEN + self.canonical.len();
         out[FIXED_LEN..end].copy_from_slice(self.canonical.as_bytes());
@@ -250,10 +251,10 @@ impl Fixed {
         if canonical.len() != self.canonical_len {
             return Err("truncated key");
         }
-        let mut h = Xxh3::new();
-        h.update(&self.bytes[..88]);
-        h.update(canonical);
-        if h.digest() != get_u64(&self.bytes, 88) {
+        let mut h = Xxh3::with_seed(0);
+        h.write(&self.bytes[..88]);
+        h.write(canonical);
+        if h.finish() != get_u64(&self.bytes, 88) {
             return Err("header checksum mismatch");
         }
         let canonical = std::str::from_utf8(canonical)
@@ -301,7 +302,7 @@ pub fn decode(b: &[u8]) -> Result<(Fixed, Header), Invalid> {
 /// The XXH3-64 the ABI defines as `key_hash`, recomputed from a canonical string.
 #[cfg(test)]
 pub fn key_hash_of(canonical: &str) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(canonical.as_bytes())
+    Xxh3::oneshot(canonical.as_bytes())
 }
 
 /// A short, file-name-safe fragment of a canonical key: bytes outside `[A-Za-z0-9._@-]` are written
@@ -407,5 +408,25 @@ mod tests {
         assert!(looks_like_shard_dir("0f3"));
         assert!(!looks_like_shard_dir("0F"));
         assert!(!looks_like_shard_dir("abcde"));
+    }
+
+    /// Files on disk carry XXH3-64 checksums: whichever implementation computes them must give the
+    /// reference values (these were computed with the `xxhash-rust` crate that wrote format-1 files
+    /// before the plugin moved to `twox-hash`), split into pieces or not.
+    #[test]
+    fn checksums_are_standard_xxh3_64() {
+        for (n, want) in [
+            (0usize, 0x2d06_8005_38d3_94c2u64),
+            (100_000, 0x02df_1e98_5a77_6b74),
+            (3 << 20, 0xa990_da00_7fc8_c20e),
+        ] {
+            let v: Vec<u8> = (0..n).map(|i| (i * 31 % 251) as u8).collect();
+            let mut h = Xxh3::with_seed(0);
+            for piece in v.chunks(7777) {
+                h.write(piece);
+            }
+            assert_eq!(h.finish(), want, "{n} bytes in pieces");
+            assert_eq!(Xxh3::oneshot(&v), want, "{n} bytes at once");
+        }
     }
 }

@@ -6,7 +6,12 @@
 //! chunk then takes a fraction of the time). The thread that took the request runs the first part and
 //! then whatever parts are still queued; the request completes when its last part is done, on whichever
 //! thread finished it, so no thread waits for another.
+//!
+//! A chunk whose checksum must be verified is hashed in order (XXH3 is a stream): each part, once read,
+//! is hashed by the first thread that finds every part before it hashed, so hashing the first part
+//! overlaps reading the next.
 
+use crate::format::{DataHasher, Header};
 use crate::store::{IoBufs, OpenChunk, ReadOutcome, Store};
 use crossbeam_channel::{Receiver, Sender};
 use kvhost_plugin_sdk::{log, DstPart, Error, Get, Pending, SharedGet, Status};
@@ -43,15 +48,35 @@ pub struct SplitRead {
     chunk: OpenChunk,
     left: AtomicUsize,
     /// The decoded header, from the part at offset 0.
-    header: Mutex<Option<Result<crate::format::Header, &'static str>>>,
+    header: Mutex<Option<Result<Header, &'static str>>>,
     /// The first error of any part.
     failure: Mutex<Option<io::Error>>,
+    /// The in-order checksum, when the chunk must be verified.
+    verify: Option<Mutex<Frontier>>,
+}
+
+/// The parts of a verified chunk, hashed in order as they arrive.
+struct Frontier {
+    /// Set from the header by the first part; out while a thread is hashing.
+    hasher: Option<DataHasher>,
+    /// A thread is hashing (with `hasher` taken out).
+    busy: bool,
+    /// The next part to hash.
+    next: usize,
+    /// Parts read but not yet hashed, by index.
+    ready: Vec<Option<DstPart>>,
+    /// A part failed: the chunk will not be served, stop hashing.
+    broken: bool,
+    /// The checksum of all parts.
+    digest: Option<u64>,
 }
 
 /// One range of a split chunk. Dropping it (done, failed, or unwound by a panic) counts it as finished.
 pub struct RangePart {
     read: Arc<SplitRead>,
-    dst: DstPart,
+    index: usize,
+    /// Moved into the frontier once read, when verifying.
+    dst: Option<DstPart>,
 }
 
 impl Drop for RangePart {
@@ -61,11 +86,13 @@ impl Drop for RangePart {
         }
         let r = &*self.read;
         let key = r.request.key(r.item);
+        let digest = r.verify.as_ref().and_then(|v| v.lock().digest);
         let outcome = r.store.conclude_parts(
             &r.chunk,
             key.canonical(),
             r.header.lock().take(),
             r.failure.lock().take(),
+            digest,
         );
         report(&r.request, r.item, outcome);
     }
@@ -138,26 +165,68 @@ fn split(store: &Arc<Store>, request: &SharedGet, dst: DstPart, ways: usize, out
         return;
     }
     let step = (len / n).div_ceil(PART_ALIGN) * PART_ALIGN;
+    let count = len.div_ceil(step);
+    let verify = chunk.check().then(|| {
+        Mutex::new(Frontier {
+            hasher: None,
+            busy: false,
+            next: 0,
+            ready: (0..count).map(|_| None).collect(),
+            broken: false,
+            digest: None,
+        })
+    });
     let read = Arc::new(SplitRead {
         store: store.clone(),
         request: request.clone(),
         item: i,
         chunk,
-        left: AtomicUsize::new(0),
+        left: AtomicUsize::new(count),
         header: Mutex::new(None),
         failure: Mutex::new(None),
+        verify,
     });
     // The capacity past the data is not written.
     let (mut rest, _) = dst.split_at(len);
-    while !rest.is_empty() {
+    for index in 0..count {
         let mid = step.min(rest.len());
         let (part, tail) = rest.split_at(mid);
-        read.left.fetch_add(1, Ordering::Relaxed);
         out.push(Part::Range(RangePart {
             read: read.clone(),
-            dst: part,
+            index,
+            dst: Some(part),
         }));
         rest = tail;
+    }
+}
+
+/// Hand part `index` (read, or `None` if its read failed) to the checksum, and hash every part that is
+/// next in order, unless another thread is already doing so.
+fn hash_in_order(frontier: &Mutex<Frontier>, index: usize, part: Option<DstPart>) {
+    let mut f = frontier.lock();
+    match part {
+        Some(p) => f.ready[index] = Some(p),
+        None => f.broken = true,
+    }
+    if f.busy {
+        return;
+    }
+    loop {
+        let next = f.next;
+        if f.broken || f.hasher.is_none() || f.ready.get(next).is_none_or(Option::is_none) {
+            break;
+        }
+        let (Some(mut part), Some(mut hasher)) = (f.ready[next].take(), f.hasher.take()) else {
+            break;
+        };
+        f.busy = true;
+        parking_lot::MutexGuard::unlocked(&mut f, || hasher.update(part.bytes()));
+        f.busy = false;
+        f.hasher = Some(hasher);
+        f.next += 1;
+    }
+    if f.next == f.ready.len() && !f.broken {
+        f.digest = f.hasher.as_ref().map(DataHasher::digest);
     }
 }
 
@@ -182,13 +251,29 @@ pub fn run_part(store: &Store, part: Part, bufs: &mut IoBufs) {
         }
         Part::Range(mut part) => {
             let r = &*part.read;
-            let offset = part.dst.offset();
-            match store.read_part(&r.chunk, offset, part.dst.bytes(), bufs) {
-                Ok(Some(header)) => *r.header.lock() = Some(header),
-                Ok(None) => {}
+            let Some(dst) = part.dst.as_mut() else { return };
+            let offset = dst.offset();
+            let ok = match store.read_part(&r.chunk, offset, dst.bytes(), bufs) {
+                Ok(Some(Ok((fixed, header)))) => {
+                    if let Some(v) = &r.verify {
+                        v.lock().hasher = Some(fixed.hasher(header.canonical.as_bytes()));
+                    }
+                    *r.header.lock() = Some(Ok(header));
+                    true
+                }
+                Ok(Some(Err(why))) => {
+                    *r.header.lock() = Some(Err(why));
+                    false
+                }
+                Ok(None) => true,
                 Err(e) => {
                     r.failure.lock().get_or_insert(e);
+                    false
                 }
+            };
+            if let Some(v) = &r.verify {
+                let done = part.dst.take().filter(|_| ok);
+                hash_in_order(v, part.index, done);
             }
         }
     }

@@ -226,11 +226,15 @@ impl OpenChunk {
         self.data_len as usize
     }
 
-    /// Whether the chunk can be read in parts by [`Store::read_part`] into `dst`: no checksum to
-    /// verify (one pass over the whole chunk), and for O_DIRECT a block-aligned data offset and
-    /// destination.
+    /// Whether the chunk can be read in parts by [`Store::read_part`] into `dst`: always when buffered;
+    /// with O_DIRECT, if its data offset and `dst` are block-aligned.
     pub fn splittable(&self, dst: *const u8) -> bool {
-        !self.check && (!self.direct || (self.data_offset % ALIGN == 0 && fio::is_aligned(dst)))
+        !self.direct || (self.data_offset % ALIGN == 0 && fio::is_aligned(dst))
+    }
+
+    /// Whether the data checksum must be verified.
+    pub fn check(&self) -> bool {
+        self.check
     }
 }
 
@@ -888,7 +892,7 @@ impl Store {
         offset: usize,
         dst: &mut [u8],
         bufs: &mut IoBufs,
-    ) -> io::Result<Option<Result<Header, &'static str>>> {
+    ) -> io::Result<Option<Result<(format::Fixed, Header), &'static str>>> {
         let head_len = if offset == 0 {
             c.data_offset as usize
         } else {
@@ -927,17 +931,19 @@ impl Store {
                 "file is shorter than its header says",
             ));
         }
-        Ok((offset == 0).then(|| format::decode(head).map(|(_, hdr)| hdr)))
+        Ok((offset == 0).then(|| format::decode(head)))
     }
 
     /// The outcome of a chunk read by [`Store::read_part`]: `header` is what the first part decoded
-    /// (`None` if it never ran), `failure` the first error of any part.
+    /// (`None` if it never ran), `failure` the first error of any part, `digest` the data checksum of
+    /// all parts (when [`OpenChunk::check`]).
     pub fn conclude_parts(
         &self,
         c: &OpenChunk,
         canonical: &str,
         header: Option<Result<Header, &'static str>>,
         failure: Option<io::Error>,
+        digest: Option<u64>,
     ) -> ReadOutcome {
         self.stats.split_reads.fetch_add(1, Ordering::Relaxed);
         let result = match (failure, header) {
@@ -950,7 +956,15 @@ impl Store {
                     // layout, so report a miss rather than reading again.
                     return ReadOutcome::Miss;
                 }
-                Ok(Ok((hdr.data_len as usize, hdr.meta, hdr)))
+                match digest {
+                    _ if !c.check => Ok(Ok((hdr.data_len as usize, hdr.meta, hdr))),
+                    Some(d) if d == hdr.data_checksum => {
+                        Ok(Ok((hdr.data_len as usize, hdr.meta, hdr)))
+                    }
+                    Some(_) => Ok(Err(ReadFail::Corrupt("data checksum mismatch"))),
+                    // A part was lost (a panic) before it was checksummed.
+                    None => return ReadOutcome::Failed(Status::INTERNAL),
+                }
             }
         };
         self.conclude(c, canonical, result).unwrap_or_else(|| {
