@@ -15,6 +15,7 @@
  */
 
 #include "kvhost_plugin.h"
+#include "kvhost_plugin_util.h"
 
 #include <limits.h>
 #include <stdarg.h>
@@ -61,158 +62,11 @@ static void count_call(kvh_backend *backend, enum log_call call) {
 }
 
 /* ------------------------------------------------------------------------------------------------ */
-/* Text helpers                                                                                     */
-/* ------------------------------------------------------------------------------------------------ */
-
-/* Returns the largest length <= len that does not end inside a UTF-8 sequence, so that truncated
- * messages stay valid UTF-8 (the ABI's message buffers hold UTF-8). */
-static size_t utf8_boundary(const char *text, size_t len) {
-    size_t lead = len;
-    /* A character is at most 4 bytes: walk back over at most 3 continuation bytes (10xxxxxx). */
-    while (lead > 0 && len - lead < 3 && ((unsigned char)text[lead - 1] & 0xC0) == 0x80) {
-        lead--;
-    }
-    if (lead == 0) {
-        return len;
-    }
-    unsigned char first = (unsigned char)text[lead - 1];
-    size_t needed = first < 0x80            ? 1
-                    : (first & 0xE0) == 0xC0 ? 2
-                    : (first & 0xF0) == 0xE0 ? 3
-                    : (first & 0xF8) == 0xF0 ? 4
-                                             : 1;
-    size_t present = len - (lead - 1);
-    return present < needed ? lead - 1 : len;
-}
-
-/* Writes a formatted, NUL-terminated message into a host buffer, truncated to its capacity. */
-static void write_message(kvh_message_buf buf, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void write_message(kvh_message_buf buf, const char *fmt, ...) {
-    if (buf.ptr == NULL || buf.cap == 0) {
-        return;
-    }
-    va_list args;
-    va_start(args, fmt);
-    int written = vsnprintf(buf.ptr, buf.cap, fmt, args);
-    va_end(args);
-    if (written < 0) {
-        buf.ptr[0] = '\0';
-    } else if ((size_t)written >= buf.cap) {
-        buf.ptr[utf8_boundary(buf.ptr, buf.cap - 1)] = '\0';
-    }
-}
-
-/* The length of a kvh_str as a printf precision ("%.*s"), clamped so the int conversion is defined. */
-static int str_precision(kvh_str s) {
-    if (s.ptr == NULL) {
-        return 0;
-    }
-    return s.len > (size_t)INT_MAX ? INT_MAX : (int)s.len;
-}
-
-/* A pointer for "%.*s": never NULL, because passing NULL to %s is undefined even with precision 0. */
-static const char *str_chars(kvh_str s) {
-    return s.ptr != NULL ? s.ptr : "";
-}
-
-/* Whether two kvh_str hold the same bytes. */
-static int str_equals(kvh_str s, const char *literal) {
-    size_t len = strlen(literal);
-    return s.len == len && (len == 0 || (s.ptr != NULL && memcmp(s.ptr, literal, len) == 0));
-}
-
-/* ------------------------------------------------------------------------------------------------ */
-/* Host logging                                                                                     */
-/* ------------------------------------------------------------------------------------------------ */
-
-/* Whether a message at `level` would be recorded: lets callers skip formatting and per-key loops. */
-static int log_enabled(const kvh_host_api *host, int32_t level) {
-    if (host == NULL || host->log == NULL) {
-        return 0;
-    }
-    return host->log_enabled == NULL || host->log_enabled(host->host_ctx, level);
-}
-
-/* Formats a message and hands it to the host logger. Long messages (keys with many tags) are
- * formatted on the heap rather than truncated; if that allocation fails the message is truncated. */
-static void host_log(const kvh_host_api *host, int32_t level, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static void host_log(const kvh_host_api *host, int32_t level, const char *fmt, ...) {
-    if (!log_enabled(host, level)) {
-        return;
-    }
-    char stack_text[512];
-    char *heap_text = NULL;
-    const char *text = stack_text;
-    va_list args;
-    va_list args_again;
-    va_start(args, fmt);
-    va_copy(args_again, args);
-    int written = vsnprintf(stack_text, sizeof stack_text, fmt, args);
-    va_end(args);
-    size_t len = 0;
-    if (written >= 0 && (size_t)written < sizeof stack_text) {
-        len = (size_t)written;
-    } else if (written >= 0) {
-        heap_text = malloc((size_t)written + 1);
-        if (heap_text != NULL && vsnprintf(heap_text, (size_t)written + 1, fmt, args_again) == written) {
-            text = heap_text;
-            len = (size_t)written;
-        } else {
-            len = utf8_boundary(stack_text, sizeof stack_text - 1);
-        }
-    }
-    va_end(args_again);
-    if (written >= 0) {
-        host->log(host->host_ctx, level, KVH_STR_LIT(LOG_TARGET), (kvh_str){ text, len });
-    }
-    free(heap_text);
-}
-
-/* ------------------------------------------------------------------------------------------------ */
 /* Per-thread last error                                                                            */
 /* ------------------------------------------------------------------------------------------------ */
 
-/* The ABI's last_error is per calling thread. The slot remembers which backend set it, so one
- * backend never reports another's error when a thread uses several backends. */
-static _Thread_local struct {
-    const kvh_backend *backend;
-    size_t len;
-    char text[256];
-} tls_last_error;
-
-static void set_last_error(const kvh_backend *backend, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void set_last_error(const kvh_backend *backend, const char *fmt, ...) {
-    va_list args;
-    va_start(args, fmt);
-    int written = vsnprintf(tls_last_error.text, sizeof tls_last_error.text, fmt, args);
-    va_end(args);
-    size_t len = 0;
-    if (written >= 0) {
-        len = (size_t)written < sizeof tls_last_error.text
-                  ? (size_t)written
-                  : utf8_boundary(tls_last_error.text, sizeof tls_last_error.text - 1);
-    }
-    tls_last_error.text[len] = '\0';
-    tls_last_error.len = len;
-    tls_last_error.backend = backend;
-}
-
-/* Records a whole-call NULL_PARAM error and returns it. */
-static kvh_status null_param(const kvh_backend *backend, const char *operation, const char *what) {
-    set_last_error(backend, "%s: %s is NULL", operation, what);
-    return KVH_ERR_NULL_PARAM;
-}
-
 static size_t log_last_error(kvh_backend *backend, char *buf, size_t cap) {
-    if (backend == NULL || tls_last_error.backend != backend || tls_last_error.len == 0) {
-        return 0;
-    }
-    if (buf != NULL && cap > 0) {
-        size_t copy = tls_last_error.len < cap ? tls_last_error.len : utf8_boundary(tls_last_error.text, cap - 1);
-        memcpy(buf, tls_last_error.text, copy);
-        buf[copy] = '\0';
-    }
-    return tls_last_error.len;
+    return kvh_util_last_error(backend, buf, cap);
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -240,13 +94,13 @@ static const struct {
 /* Parses the `level` option. Returns 0 on success, -1 (with a message in `error`) otherwise. */
 static int parse_level(kvh_str value, int32_t *out_level, kvh_message_buf error) {
     for (size_t i = 0; i < sizeof LOG_LEVELS / sizeof LOG_LEVELS[0]; i++) {
-        if (str_equals(value, LOG_LEVELS[i].name)) {
+        if (kvh_util_str_equals(value, LOG_LEVELS[i].name)) {
             *out_level = LOG_LEVELS[i].level;
             return 0;
         }
     }
-    write_message(error, "log: invalid value '%.*s' for option 'level' (expected error, warn, info, debug or trace)",
-                  str_precision(value), str_chars(value));
+    kvh_util_write_message(error, "log: invalid value '%.*s' for option 'level' (expected error, warn, info, debug or trace)",
+                  kvh_util_str_precision(value), kvh_util_str_chars(value));
     return -1;
 }
 
@@ -258,17 +112,17 @@ static kvh_status log_create(const kvh_host_api *host, const kvh_options *option
                              kvh_backend **out_backend, kvh_message_buf error) {
     (void)metadata; /* A black hole does not care what model it drops. */
     if (out_backend == NULL) {
-        write_message(error, "log: create: out_backend is NULL");
+        kvh_util_write_message(error, "log: create: out_backend is NULL");
         return KVH_ERR_NULL_PARAM;
     }
     *out_backend = NULL;
     if (host == NULL || options == NULL || (options->items == NULL && options->len > 0)) {
-        write_message(error, "log: create: host or options is NULL");
+        kvh_util_write_message(error, "log: create: host or options is NULL");
         return KVH_ERR_NULL_PARAM;
     }
     /* We keep `host` and call its log functions, which exist only in a table of at least v1.0 size. */
     if (host->abi_major != KVH_ABI_MAJOR || host->struct_size < KVH_HOST_API_V1_0_SIZE) {
-        write_message(error, "log: create: host API %u (size %u) is not compatible with ABI %d", (unsigned)host->abi_major,
+        kvh_util_write_message(error, "log: create: host API %u (size %u) is not compatible with ABI %d", (unsigned)host->abi_major,
                       (unsigned)host->struct_size, KVH_ABI_MAJOR);
         return KVH_ERR_ABI_MISMATCH;
     }
@@ -276,19 +130,19 @@ static kvh_status log_create(const kvh_host_api *host, const kvh_options *option
     int32_t level = KVH_LOG_INFO; /* The option's default, for a host that did not fill it in. */
     for (size_t i = 0; i < options->len; i++) {
         const kvh_option *option = &options->items[i];
-        if (str_equals(option->key, "level")) {
+        if (kvh_util_str_equals(option->key, "level")) {
             if (parse_level(option->value, &level, error) != 0) {
                 return KVH_ERR_INVALID_CONFIG;
             }
         } else {
-            write_message(error, "log: unknown option '%.*s'", str_precision(option->key), str_chars(option->key));
+            kvh_util_write_message(error, "log: unknown option '%.*s'", kvh_util_str_precision(option->key), kvh_util_str_chars(option->key));
             return KVH_ERR_INVALID_CONFIG;
         }
     }
 
     kvh_backend *backend = calloc(1, sizeof *backend);
     if (backend == NULL) {
-        write_message(error, "log: create: out of memory");
+        kvh_util_write_message(error, "log: create: out of memory");
         return KVH_ERR_INTERNAL;
     }
     backend->host = host;
@@ -296,7 +150,7 @@ static kvh_status log_create(const kvh_host_api *host, const kvh_options *option
     for (size_t i = 0; i < CALL_COUNT; i++) {
         atomic_init(&backend->calls[i], 0);
     }
-    host_log(host, level, "create instance=%.*s", str_precision(host->instance_name), str_chars(host->instance_name));
+    kvh_util_log(host, LOG_TARGET, level, "create instance=%.*s", kvh_util_str_precision(host->instance_name), kvh_util_str_chars(host->instance_name));
     *out_backend = backend;
     return KVH_OK;
 }
@@ -316,7 +170,7 @@ static void log_destroy(kvh_backend *backend) {
         }
         used += (size_t)written;
     }
-    host_log(backend->host, backend->level, "destroy calls:%s", summary);
+    kvh_util_log(backend->host, LOG_TARGET, backend->level, "destroy calls:%s", summary);
     free(backend);
 }
 
@@ -325,18 +179,18 @@ static kvh_status log_contains(kvh_backend *backend, const kvh_contains_batch *b
         return KVH_ERR_NULL_PARAM;
     }
     if (batch == NULL) {
-        return null_param(backend, "contains", "batch");
+        return kvh_util_null_param(backend, "contains", "batch");
     }
     if (batch->len > 0 && (batch->keys == NULL || batch->out_meta == NULL || batch->item_status == NULL)) {
-        return null_param(backend, "contains", "keys, out_meta or item_status");
+        return kvh_util_null_param(backend, "contains", "keys, out_meta or item_status");
     }
     count_call(backend, CALL_CONTAINS);
-    int verbose = log_enabled(backend->host, backend->level);
+    int verbose = kvh_util_log_enabled(backend->host, backend->level);
     for (size_t i = 0; i < batch->len; i++) {
         const kvh_key *key = &batch->keys[i];
         if (verbose) {
-            host_log(backend->host, backend->level, "contains key=%.*s pin=%u", str_precision(key->canonical),
-                     str_chars(key->canonical), (unsigned)batch->pin);
+            kvh_util_log(backend->host, LOG_TARGET, backend->level, "contains key=%.*s pin=%u", kvh_util_str_precision(key->canonical),
+                     kvh_util_str_chars(key->canonical), (unsigned)batch->pin);
         }
         /* Nothing is ever stored, so there is nothing to pin either. */
         memset(&batch->out_meta[i], 0, sizeof batch->out_meta[i]);
@@ -351,18 +205,18 @@ static kvh_status log_put(kvh_backend *backend, const kvh_put_batch *batch, kvh_
         return KVH_ERR_NULL_PARAM;
     }
     if (batch == NULL) {
-        return null_param(backend, "put", "batch");
+        return kvh_util_null_param(backend, "put", "batch");
     }
     if (batch->len > 0 && (batch->keys == NULL || batch->src == NULL || batch->meta == NULL || batch->item_status == NULL)) {
-        return null_param(backend, "put", "keys, src, meta or item_status");
+        return kvh_util_null_param(backend, "put", "keys, src, meta or item_status");
     }
     count_call(backend, CALL_PUT);
-    int verbose = log_enabled(backend->host, backend->level);
+    int verbose = kvh_util_log_enabled(backend->host, backend->level);
     for (size_t i = 0; i < batch->len; i++) {
         const kvh_key *key = &batch->keys[i];
         if (verbose) {
-            host_log(backend->host, backend->level, "put key=%.*s size=%zu", str_precision(key->canonical),
-                     str_chars(key->canonical), batch->src[i].len);
+            kvh_util_log(backend->host, LOG_TARGET, backend->level, "put key=%.*s size=%zu", kvh_util_str_precision(key->canonical),
+                     kvh_util_str_chars(key->canonical), batch->src[i].len);
         }
         batch->item_status[i] = KVH_OK; /* Accepted and dropped. */
     }
@@ -375,19 +229,19 @@ static kvh_status log_get(kvh_backend *backend, const kvh_get_batch *batch, kvh_
         return KVH_ERR_NULL_PARAM;
     }
     if (batch == NULL) {
-        return null_param(backend, "get", "batch");
+        return kvh_util_null_param(backend, "get", "batch");
     }
     if (batch->len > 0 && (batch->keys == NULL || batch->dst == NULL || batch->out_len == NULL ||
                            batch->out_meta == NULL || batch->item_status == NULL)) {
-        return null_param(backend, "get", "keys, dst, out_len, out_meta or item_status");
+        return kvh_util_null_param(backend, "get", "keys, dst, out_len, out_meta or item_status");
     }
     count_call(backend, CALL_GET);
-    int verbose = log_enabled(backend->host, backend->level);
+    int verbose = kvh_util_log_enabled(backend->host, backend->level);
     for (size_t i = 0; i < batch->len; i++) {
         const kvh_key *key = &batch->keys[i];
         if (verbose) {
-            host_log(backend->host, backend->level, "get key=%.*s size=%zu", str_precision(key->canonical),
-                     str_chars(key->canonical), batch->dst[i].len);
+            kvh_util_log(backend->host, LOG_TARGET, backend->level, "get key=%.*s size=%zu", kvh_util_str_precision(key->canonical),
+                     kvh_util_str_chars(key->canonical), batch->dst[i].len);
         }
         batch->out_len[i] = 0;
         memset(&batch->out_meta[i], 0, sizeof batch->out_meta[i]);
@@ -402,18 +256,18 @@ static kvh_status log_key_batch_ok(kvh_backend *backend, const kvh_key_batch *ba
         return KVH_ERR_NULL_PARAM;
     }
     if (batch == NULL) {
-        return null_param(backend, CALL_NAMES[call], "batch");
+        return kvh_util_null_param(backend, CALL_NAMES[call], "batch");
     }
     if (batch->len > 0 && (batch->keys == NULL || batch->item_status == NULL)) {
-        return null_param(backend, CALL_NAMES[call], "keys or item_status");
+        return kvh_util_null_param(backend, CALL_NAMES[call], "keys or item_status");
     }
     count_call(backend, call);
-    int verbose = log_enabled(backend->host, backend->level);
+    int verbose = kvh_util_log_enabled(backend->host, backend->level);
     for (size_t i = 0; i < batch->len; i++) {
         const kvh_key *key = &batch->keys[i];
         if (verbose) {
-            host_log(backend->host, backend->level, "%s key=%.*s%s", CALL_NAMES[call], str_precision(key->canonical),
-                     str_chars(key->canonical), suffix);
+            kvh_util_log(backend->host, LOG_TARGET, backend->level, "%s key=%.*s%s", CALL_NAMES[call], kvh_util_str_precision(key->canonical),
+                     kvh_util_str_chars(key->canonical), suffix);
         }
         batch->item_status[i] = KVH_OK;
     }
@@ -438,18 +292,18 @@ static kvh_status log_prefetch(kvh_backend *backend, const kvh_key_batch *batch,
         return KVH_ERR_NULL_PARAM;
     }
     if (batch == NULL) {
-        return null_param(backend, "prefetch", "batch");
+        return kvh_util_null_param(backend, "prefetch", "batch");
     }
     if (batch->len > 0 && (batch->keys == NULL || batch->item_status == NULL)) {
-        return null_param(backend, "prefetch", "keys or item_status");
+        return kvh_util_null_param(backend, "prefetch", "keys or item_status");
     }
     count_call(backend, CALL_PREFETCH);
-    int verbose = log_enabled(backend->host, backend->level);
+    int verbose = kvh_util_log_enabled(backend->host, backend->level);
     for (size_t i = 0; i < batch->len; i++) {
         const kvh_key *key = &batch->keys[i];
         if (verbose) {
-            host_log(backend->host, backend->level, "prefetch key=%.*s", str_precision(key->canonical),
-                     str_chars(key->canonical));
+            kvh_util_log(backend->host, LOG_TARGET, backend->level, "prefetch key=%.*s", kvh_util_str_precision(key->canonical),
+                     kvh_util_str_chars(key->canonical));
         }
         /* Per-item OK would promise a cheap get; nothing is stored, so every key is a miss. */
         batch->item_status[i] = KVH_ERR_NOT_FOUND;
@@ -462,7 +316,7 @@ static kvh_status log_flush(kvh_backend *backend) {
         return KVH_ERR_NULL_PARAM;
     }
     count_call(backend, CALL_FLUSH);
-    host_log(backend->host, backend->level, "flush");
+    kvh_util_log(backend->host, LOG_TARGET, backend->level, "flush");
     return KVH_OK;
 }
 
@@ -471,18 +325,18 @@ static kvh_status log_clear(kvh_backend *backend) {
         return KVH_ERR_NULL_PARAM;
     }
     count_call(backend, CALL_CLEAR);
-    host_log(backend->host, backend->level, "clear");
+    kvh_util_log(backend->host, LOG_TARGET, backend->level, "clear");
     return KVH_OK;
 }
 
 static kvh_status log_health(kvh_backend *backend, kvh_message_buf message) {
     if (backend == NULL) {
-        write_message(message, "log backend: backend is NULL");
+        kvh_util_write_message(message, "log backend: backend is NULL");
         return KVH_ERR_NULL_PARAM;
     }
     count_call(backend, CALL_HEALTH);
-    host_log(backend->host, backend->level, "health");
-    write_message(message, "log backend: ok");
+    kvh_util_log(backend->host, LOG_TARGET, backend->level, "health");
+    kvh_util_write_message(message, "log backend: ok");
     return KVH_OK;
 }
 

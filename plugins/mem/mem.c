@@ -25,6 +25,7 @@
 #define _DEFAULT_SOURCE         /* MAP_ANONYMOUS, MAP_POPULATE, madvise */
 
 #include "kvhost_plugin.h"
+#include "kvhost_plugin_util.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -43,162 +44,6 @@
 #define MEM_MAX_DELAY_US 60000000u    /* 60 s per item */
 #define MEM_MAX_QUEUE_LIMIT 1048576u  /* the queue is preallocated: max_queue slots of 32 bytes */
 #define MEM_INITIAL_BUCKETS 64u       /* power of two; the table doubles when it gets fuller than 1 entry/bucket */
-
-/* ------------------------------------------------------------------------------------------------ */
-/* Text helpers                                                                                     */
-/* ------------------------------------------------------------------------------------------------ */
-
-/* Returns the largest length <= len that does not end inside a UTF-8 sequence, so that truncated
- * messages stay valid UTF-8 (the ABI's message buffers hold UTF-8). */
-static size_t utf8_boundary(const char *text, size_t len) {
-    size_t lead = len;
-    /* A character is at most 4 bytes: walk back over at most 3 continuation bytes (10xxxxxx). */
-    while (lead > 0 && len - lead < 3 && ((unsigned char)text[lead - 1] & 0xC0) == 0x80) {
-        lead--;
-    }
-    if (lead == 0) {
-        return len;
-    }
-    unsigned char first = (unsigned char)text[lead - 1];
-    size_t needed = first < 0x80            ? 1
-                    : (first & 0xE0) == 0xC0 ? 2
-                    : (first & 0xF0) == 0xE0 ? 3
-                    : (first & 0xF8) == 0xF0 ? 4
-                                             : 1;
-    size_t present = len - (lead - 1);
-    return present < needed ? lead - 1 : len;
-}
-
-/* Writes a formatted, NUL-terminated message into a host buffer, truncated to its capacity. */
-static void write_message(kvh_message_buf buf, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void write_message(kvh_message_buf buf, const char *fmt, ...) {
-    if (buf.ptr == NULL || buf.cap == 0) {
-        return;
-    }
-    va_list args;
-    va_start(args, fmt);
-    int written = vsnprintf(buf.ptr, buf.cap, fmt, args);
-    va_end(args);
-    if (written < 0) {
-        buf.ptr[0] = '\0';
-    } else if ((size_t)written >= buf.cap) {
-        buf.ptr[utf8_boundary(buf.ptr, buf.cap - 1)] = '\0';
-    }
-}
-
-/* The length of a kvh_str as a printf precision ("%.*s"), clamped so the int conversion is defined. */
-static int str_precision(kvh_str s) {
-    if (s.ptr == NULL) {
-        return 0;
-    }
-    return s.len > (size_t)INT_MAX ? INT_MAX : (int)s.len;
-}
-
-/* A pointer for "%.*s": never NULL, because passing NULL to %s is undefined even with precision 0. */
-static const char *str_chars(kvh_str s) {
-    return s.ptr != NULL ? s.ptr : "";
-}
-
-/* Whether a kvh_str holds exactly the bytes of a C string. */
-static int str_equals(kvh_str s, const char *literal) {
-    size_t len = strlen(literal);
-    return s.len == len && (len == 0 || (s.ptr != NULL && memcmp(s.ptr, literal, len) == 0));
-}
-
-/* Status names for log lines. */
-static const char *status_name(kvh_status status) {
-    switch (status) {
-    case KVH_OK: return "OK";
-    case KVH_ERR_INVALID_ARG: return "INVALID_ARG";
-    case KVH_ERR_NOT_FOUND: return "NOT_FOUND";
-    case KVH_ERR_BUFFER_TOO_SMALL: return "BUFFER_TOO_SMALL";
-    case KVH_ERR_BUSY: return "BUSY";
-    case KVH_ERR_NO_SPACE: return "NO_SPACE";
-    default: return "ERROR";
-    }
-}
-
-/* ------------------------------------------------------------------------------------------------ */
-/* Host logging                                                                                     */
-/* ------------------------------------------------------------------------------------------------ */
-
-/* Whether a message at `level` would be recorded: lets callers skip formatting and per-key loops. */
-static int log_enabled(const kvh_host_api *host, int32_t level) {
-    if (host == NULL || host->log == NULL) {
-        return 0;
-    }
-    return host->log_enabled == NULL || host->log_enabled(host->host_ctx, level);
-}
-
-/* Formats a message and hands it to the host logger. Long messages (keys with many tags) are
- * formatted on the heap rather than truncated; if that allocation fails the message is truncated. */
-static void host_log(const kvh_host_api *host, int32_t level, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static void host_log(const kvh_host_api *host, int32_t level, const char *fmt, ...) {
-    if (!log_enabled(host, level)) {
-        return;
-    }
-    char stack_text[512];
-    char *heap_text = NULL;
-    const char *text = stack_text;
-    va_list args;
-    va_list args_again;
-    va_start(args, fmt);
-    va_copy(args_again, args);
-    int written = vsnprintf(stack_text, sizeof stack_text, fmt, args);
-    va_end(args);
-    size_t len = 0;
-    if (written >= 0 && (size_t)written < sizeof stack_text) {
-        len = (size_t)written;
-    } else if (written >= 0) {
-        heap_text = malloc((size_t)written + 1);
-        if (heap_text != NULL && vsnprintf(heap_text, (size_t)written + 1, fmt, args_again) == written) {
-            text = heap_text;
-            len = (size_t)written;
-        } else {
-            len = utf8_boundary(stack_text, sizeof stack_text - 1);
-        }
-    }
-    va_end(args_again);
-    if (written >= 0) {
-        host->log(host->host_ctx, level, KVH_STR_LIT(MEM_TARGET), (kvh_str){ text, len });
-    }
-    free(heap_text);
-}
-
-/* ------------------------------------------------------------------------------------------------ */
-/* Per-thread last error                                                                            */
-/* ------------------------------------------------------------------------------------------------ */
-
-/* The ABI's last_error is per calling thread. The slot remembers which backend set it, so one
- * backend never reports another's error when a thread uses several backends. */
-static _Thread_local struct {
-    const kvh_backend *backend;
-    size_t len;
-    char text[256];
-} tls_last_error;
-
-static void set_last_error(const kvh_backend *backend, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void set_last_error(const kvh_backend *backend, const char *fmt, ...) {
-    va_list args;
-    va_start(args, fmt);
-    int written = vsnprintf(tls_last_error.text, sizeof tls_last_error.text, fmt, args);
-    va_end(args);
-    size_t len = 0;
-    if (written >= 0) {
-        len = (size_t)written < sizeof tls_last_error.text
-                  ? (size_t)written
-                  : utf8_boundary(tls_last_error.text, sizeof tls_last_error.text - 1);
-    }
-    tls_last_error.text[len] = '\0';
-    tls_last_error.len = len;
-    tls_last_error.backend = backend;
-}
-
-/* Records a whole-call NULL_PARAM error and returns it. */
-static kvh_status null_param(const kvh_backend *backend, const char *operation, const char *what) {
-    set_last_error(backend, "%s: %s is NULL", operation, what);
-    return KVH_ERR_NULL_PARAM;
-}
 
 /* ------------------------------------------------------------------------------------------------ */
 /* Chunk-data buffers and the buffer pool                                                           */
@@ -881,7 +726,7 @@ static kvh_status prefetch_one(kvh_backend *backend, const kvh_key *key) {
  * synchronous calls interleave with long batches, and sleeps the simulated delay outside it. */
 static void run_op(kvh_backend *backend, const struct mem_op *op) {
     const kvh_host_api *host = backend->host;
-    int trace = log_enabled(host, KVH_LOG_TRACE);
+    int trace = kvh_util_log_enabled(host, KVH_LOG_TRACE);
     size_t ok = 0;
     size_t len = 0;
     switch (op->kind) {
@@ -897,12 +742,12 @@ static void run_op(kvh_backend *backend, const struct mem_op *op) {
             ok += status == KVH_OK;
             evicted_total += evicted;
             if (trace) {
-                host_log(host, KVH_LOG_TRACE, "put key=%.*s size=%zu -> %s evicted=%zu",
-                         str_precision(batch->keys[i].canonical), str_chars(batch->keys[i].canonical),
-                         batch->src[i].len, status_name(status), evicted);
+                kvh_util_log(host, MEM_TARGET, KVH_LOG_TRACE, "put key=%.*s size=%zu -> %s evicted=%zu",
+                         kvh_util_str_precision(batch->keys[i].canonical), kvh_util_str_chars(batch->keys[i].canonical),
+                         batch->src[i].len, kvh_util_status_name(status), evicted);
             }
         }
-        host_log(host, KVH_LOG_DEBUG, "put batch: %zu items, %zu stored, %zu evicted", len, ok, evicted_total);
+        kvh_util_log(host, MEM_TARGET, KVH_LOG_DEBUG, "put batch: %zu items, %zu stored, %zu evicted", len, ok, evicted_total);
         break;
     }
     case MEM_OP_GET: {
@@ -914,11 +759,11 @@ static void run_op(kvh_backend *backend, const struct mem_op *op) {
             batch->item_status[i] = status;
             ok += status == KVH_OK;
             if (trace) {
-                host_log(host, KVH_LOG_TRACE, "get key=%.*s size=%llu -> %s", str_precision(batch->keys[i].canonical),
-                         str_chars(batch->keys[i].canonical), (unsigned long long)batch->out_len[i], status_name(status));
+                kvh_util_log(host, MEM_TARGET, KVH_LOG_TRACE, "get key=%.*s size=%llu -> %s", kvh_util_str_precision(batch->keys[i].canonical),
+                         kvh_util_str_chars(batch->keys[i].canonical), (unsigned long long)batch->out_len[i], kvh_util_status_name(status));
             }
         }
-        host_log(host, KVH_LOG_DEBUG, "get batch: %zu items, %zu hits", len, ok);
+        kvh_util_log(host, MEM_TARGET, KVH_LOG_DEBUG, "get batch: %zu items, %zu hits", len, ok);
         break;
     }
     case MEM_OP_PREFETCH: {
@@ -930,11 +775,11 @@ static void run_op(kvh_backend *backend, const struct mem_op *op) {
             batch->item_status[i] = status;
             ok += status == KVH_OK;
             if (trace) {
-                host_log(host, KVH_LOG_TRACE, "prefetch key=%.*s -> %s", str_precision(batch->keys[i].canonical),
-                         str_chars(batch->keys[i].canonical), status_name(status));
+                kvh_util_log(host, MEM_TARGET, KVH_LOG_TRACE, "prefetch key=%.*s -> %s", kvh_util_str_precision(batch->keys[i].canonical),
+                         kvh_util_str_chars(batch->keys[i].canonical), kvh_util_status_name(status));
             }
         }
-        host_log(host, KVH_LOG_DEBUG, "prefetch batch: %zu items, %zu present", len, ok);
+        kvh_util_log(host, MEM_TARGET, KVH_LOG_DEBUG, "prefetch batch: %zu items, %zu present", len, ok);
         break;
     }
     }
@@ -972,13 +817,13 @@ static kvh_status submit(kvh_backend *backend, const struct mem_op *op, const ch
     pthread_mutex_lock(&backend->queue_lock);
     if (backend->stopping) {
         pthread_mutex_unlock(&backend->queue_lock);
-        set_last_error(backend, "%s: backend is being destroyed", operation);
+        kvh_util_set_last_error(backend, "%s: backend is being destroyed", operation);
         return KVH_ERR_CANCELED;
     }
     if (backend->ring_count == backend->ring_capacity) {
         pthread_mutex_unlock(&backend->queue_lock);
-        set_last_error(backend, "%s: queue full (max_queue=%zu operations)", operation, backend->ring_capacity);
-        host_log(backend->host, KVH_LOG_DEBUG, "%s of %zu items refused: queue full", operation, items);
+        kvh_util_set_last_error(backend, "%s: queue full (max_queue=%zu operations)", operation, backend->ring_capacity);
+        kvh_util_log(backend->host, MEM_TARGET, KVH_LOG_DEBUG, "%s of %zu items refused: queue full", operation, items);
         return KVH_ERR_BUSY;
     }
     backend->ring[(backend->ring_head + backend->ring_count) % backend->ring_capacity] = *op;
@@ -995,7 +840,7 @@ static kvh_status submit(kvh_backend *backend, const struct mem_op *op, const ch
  * never wait for the kernel to fault memory in. Failures only shorten the pool (logged). */
 static void store_prefault(struct mem_store *store, const kvh_host_api *host, uint64_t chunk_bytes) {
     if (chunk_bytes == 0 || chunk_bytes > store->capacity_bytes || chunk_bytes > SIZE_MAX || buf_class((size_t)chunk_bytes) == 0) {
-        host_log(host, KVH_LOG_WARN, "prefault: skipped (full chunk of %llu bytes, capacity %llu bytes)",
+        kvh_util_log(host, MEM_TARGET, KVH_LOG_WARN, "prefault: skipped (full chunk of %llu bytes, capacity %llu bytes)",
                  (unsigned long long)chunk_bytes, (unsigned long long)store->capacity_bytes);
         return;
     }
@@ -1006,7 +851,7 @@ static void store_prefault(struct mem_store *store, const kvh_host_api *host, ui
     while (pool_has_room(store, buf_class(len))) {
         struct mem_buf *buf = buf_alloc(len, store->huge_pages);
         if (buf == NULL) {
-            host_log(host, KVH_LOG_WARN, "prefault: out of memory after %zu buffers", store->pool_count);
+            kvh_util_log(host, MEM_TARGET, KVH_LOG_WARN, "prefault: out of memory after %zu buffers", store->pool_count);
             break;
         }
         for (size_t offset = 0; offset < buf->cap; offset += MEM_TOUCH_STRIDE) {
@@ -1019,7 +864,7 @@ static void store_prefault(struct mem_store *store, const kvh_host_api *host, ui
     }
     clock_gettime(CLOCK_MONOTONIC, &end);
     double ms = (double)(end.tv_sec - start.tv_sec) * 1e3 + (double)(end.tv_nsec - start.tv_nsec) / 1e6;
-    host_log(host, KVH_LOG_INFO, "prefault: %zu buffers of %zu bytes (%llu bytes) in %.0f ms", store->pool_count,
+    kvh_util_log(host, MEM_TARGET, KVH_LOG_INFO, "prefault: %zu buffers of %zu bytes (%llu bytes) in %.0f ms", store->pool_count,
              buf_class(len), (unsigned long long)store->pool_bytes, ms);
 }
 
@@ -1090,8 +935,8 @@ static int parse_u64(kvh_str text, uint64_t *out) {
 /* Parses the value of option `opt`: an integer in its range, or for a boolean `true`/`false` (also
  * `1`/`0`) as 1/0. Returns 0, or -1 when the value is not accepted. */
 static int parse_value(size_t opt, kvh_str text, uint64_t *out) {
-    if (MEM_OPTION_RANGES[opt].boolean && (str_equals(text, "true") || str_equals(text, "false"))) {
-        *out = str_equals(text, "true") ? 1 : 0;
+    if (MEM_OPTION_RANGES[opt].boolean && (kvh_util_str_equals(text, "true") || kvh_util_str_equals(text, "false"))) {
+        *out = kvh_util_str_equals(text, "true") ? 1 : 0;
         return 0;
     }
     uint64_t value = 0;
@@ -1108,29 +953,29 @@ static int parse_options(const kvh_options *options, uint64_t values[OPT_COUNT],
     for (size_t opt = 0; opt < OPT_COUNT; opt++) {
         const char *fallback = MEM_OPTIONS[opt].default_value;
         if (parse_value(opt, (kvh_str){ fallback, strlen(fallback) }, &values[opt]) != 0) {
-            write_message(error, "mem: internal error: bad default for option '%s'", MEM_OPTIONS[opt].key);
+            kvh_util_write_message(error, "mem: internal error: bad default for option '%s'", MEM_OPTIONS[opt].key);
             return -1;
         }
     }
     for (size_t i = 0; i < options->len; i++) {
         const kvh_option *option = &options->items[i];
         size_t opt = 0;
-        while (opt < OPT_COUNT && !str_equals(option->key, MEM_OPTIONS[opt].key)) {
+        while (opt < OPT_COUNT && !kvh_util_str_equals(option->key, MEM_OPTIONS[opt].key)) {
             opt++;
         }
         if (opt == OPT_COUNT) {
-            write_message(error, "mem: unknown option '%.*s'", str_precision(option->key), str_chars(option->key));
+            kvh_util_write_message(error, "mem: unknown option '%.*s'", kvh_util_str_precision(option->key), kvh_util_str_chars(option->key));
             return -1;
         }
         uint64_t value = 0;
         if (parse_value(opt, option->value, &value) != 0) {
             if (MEM_OPTION_RANGES[opt].boolean) {
-                write_message(error, "mem: invalid value '%.*s' for option '%s' (expected true or false)",
-                              str_precision(option->value), str_chars(option->value), MEM_OPTIONS[opt].key);
+                kvh_util_write_message(error, "mem: invalid value '%.*s' for option '%s' (expected true or false)",
+                              kvh_util_str_precision(option->value), kvh_util_str_chars(option->value), MEM_OPTIONS[opt].key);
                 return -1;
             }
-            write_message(error, "mem: invalid value '%.*s' for option '%s' (expected an integer from %llu to %llu)",
-                          str_precision(option->value), str_chars(option->value), MEM_OPTIONS[opt].key,
+            kvh_util_write_message(error, "mem: invalid value '%.*s' for option '%s' (expected an integer from %llu to %llu)",
+                          kvh_util_str_precision(option->value), kvh_util_str_chars(option->value), MEM_OPTIONS[opt].key,
                           (unsigned long long)MEM_OPTION_RANGES[opt].min, (unsigned long long)MEM_OPTION_RANGES[opt].max);
             return -1;
         }
@@ -1147,17 +992,17 @@ static kvh_status mem_create(const kvh_host_api *host, const kvh_options *option
                              kvh_backend **out_backend, kvh_message_buf error) {
     /* Chunks are opaque bytes: the store uses the model only for the buffer size of `prefault`. */
     if (out_backend == NULL) {
-        write_message(error, "mem: create: out_backend is NULL");
+        kvh_util_write_message(error, "mem: create: out_backend is NULL");
         return KVH_ERR_NULL_PARAM;
     }
     *out_backend = NULL;
     if (host == NULL || options == NULL || (options->items == NULL && options->len > 0)) {
-        write_message(error, "mem: create: host or options is NULL");
+        kvh_util_write_message(error, "mem: create: host or options is NULL");
         return KVH_ERR_NULL_PARAM;
     }
     /* We keep `host` and call its log functions, which exist only in a table of at least v1.0 size. */
     if (host->abi_major != KVH_ABI_MAJOR || host->struct_size < KVH_HOST_API_V1_0_SIZE) {
-        write_message(error, "mem: create: host API %u (size %u) is not compatible with ABI %d", (unsigned)host->abi_major,
+        kvh_util_write_message(error, "mem: create: host API %u (size %u) is not compatible with ABI %d", (unsigned)host->abi_major,
                       (unsigned)host->struct_size, KVH_ABI_MAJOR);
         return KVH_ERR_ABI_MISMATCH;
     }
@@ -1168,7 +1013,7 @@ static kvh_status mem_create(const kvh_host_api *host, const kvh_options *option
 
     kvh_backend *backend = calloc(1, sizeof *backend);
     if (backend == NULL) {
-        write_message(error, "mem: create: out of memory");
+        kvh_util_write_message(error, "mem: create: out of memory");
         return KVH_ERR_INTERNAL;
     }
     backend->host = host;
@@ -1176,7 +1021,7 @@ static kvh_status mem_create(const kvh_host_api *host, const kvh_options *option
     backend->ring_capacity = (size_t)values[OPT_MAX_QUEUE];
     backend->ring = calloc(backend->ring_capacity, sizeof *backend->ring);
     if (backend->ring == NULL || store_init(&backend->store, values[OPT_CAPACITY_BYTES], values[OPT_HUGE_PAGES] != 0) != 0) {
-        write_message(error, "mem: create: out of memory");
+        kvh_util_write_message(error, "mem: create: out of memory");
         goto fail_memory;
     }
     if (values[OPT_PREFAULT] != 0) {
@@ -1187,30 +1032,30 @@ static kvh_status mem_create(const kvh_host_api *host, const kvh_options *option
         store_prefault(&backend->store, host, chunk_bytes);
     }
     if (pthread_mutex_init(&backend->store_lock, NULL) != 0) {
-        write_message(error, "mem: create: cannot initialise a mutex");
+        kvh_util_write_message(error, "mem: create: cannot initialise a mutex");
         goto fail_memory;
     }
     if (pthread_mutex_init(&backend->queue_lock, NULL) != 0) {
-        write_message(error, "mem: create: cannot initialise a mutex");
+        kvh_util_write_message(error, "mem: create: cannot initialise a mutex");
         goto fail_store_lock;
     }
     if (pthread_cond_init(&backend->work_ready, NULL) != 0) {
-        write_message(error, "mem: create: cannot initialise a condition variable");
+        kvh_util_write_message(error, "mem: create: cannot initialise a condition variable");
         goto fail_queue_lock;
     }
     if (pthread_cond_init(&backend->progress, NULL) != 0) {
-        write_message(error, "mem: create: cannot initialise a condition variable");
+        kvh_util_write_message(error, "mem: create: cannot initialise a condition variable");
         goto fail_work_ready;
     }
     int rc = pthread_create(&backend->worker, NULL, worker_main, backend);
     if (rc != 0) {
-        write_message(error, "mem: create: cannot start the worker thread: %s", strerror(rc));
+        kvh_util_write_message(error, "mem: create: cannot start the worker thread: %s", strerror(rc));
         goto fail_progress;
     }
 
-    host_log(host, KVH_LOG_INFO,
+    kvh_util_log(host, MEM_TARGET, KVH_LOG_INFO,
              "create instance=%.*s capacity_bytes=%llu delay_us=%llu max_queue=%zu prefault=%s huge_pages=%s",
-             str_precision(host->instance_name), str_chars(host->instance_name),
+             kvh_util_str_precision(host->instance_name), kvh_util_str_chars(host->instance_name),
              (unsigned long long)values[OPT_CAPACITY_BYTES], (unsigned long long)backend->delay_us,
              backend->ring_capacity, values[OPT_PREFAULT] != 0 ? "true" : "false",
              values[OPT_HUGE_PAGES] != 0 ? "true" : "false");
@@ -1239,7 +1084,7 @@ static void mem_destroy(kvh_backend *backend) {
     if (pthread_equal(pthread_self(), backend->worker)) {
         /* From inside a completion callback: joining would deadlock and freeing would pull the backend
          * out from under the running worker. Leaking is the only safe answer to this host bug. */
-        host_log(backend->host, KVH_LOG_ERROR, "destroy called from a completion callback: refused, backend leaked");
+        kvh_util_log(backend->host, MEM_TARGET, KVH_LOG_ERROR, "destroy called from a completion callback: refused, backend leaked");
         return;
     }
     /* The worker completes every queued op (each callback fires) before it exits. */
@@ -1250,7 +1095,7 @@ static void mem_destroy(kvh_backend *backend) {
     pthread_join(backend->worker, NULL);
 
     const struct mem_store *store = &backend->store;
-    host_log(backend->host, KVH_LOG_INFO,
+    kvh_util_log(backend->host, MEM_TARGET, KVH_LOG_INFO,
              "destroy: %zu chunks, %llu/%llu bytes, %llu evictions, %llu async ops; buffers: %llu reused, %llu new, "
              "%llu dropped, %zu pooled (%llu bytes)",
              store->entry_count, (unsigned long long)store->used_bytes, (unsigned long long)store->capacity_bytes,
@@ -1271,10 +1116,10 @@ static kvh_status mem_contains(kvh_backend *backend, const kvh_contains_batch *b
         return KVH_ERR_NULL_PARAM;
     }
     if (batch == NULL) {
-        return null_param(backend, "contains", "batch");
+        return kvh_util_null_param(backend, "contains", "batch");
     }
     if (batch->len > 0 && (batch->keys == NULL || batch->out_meta == NULL || batch->item_status == NULL)) {
-        return null_param(backend, "contains", "keys, out_meta or item_status");
+        return kvh_util_null_param(backend, "contains", "keys, out_meta or item_status");
     }
     size_t present = 0;
     pthread_mutex_lock(&backend->store_lock);
@@ -1301,14 +1146,14 @@ static kvh_status mem_contains(kvh_backend *backend, const kvh_contains_batch *b
     }
     pthread_mutex_unlock(&backend->store_lock);
 
-    if (log_enabled(backend->host, KVH_LOG_TRACE)) {
+    if (kvh_util_log_enabled(backend->host, KVH_LOG_TRACE)) {
         for (size_t i = 0; i < batch->len; i++) {
-            host_log(backend->host, KVH_LOG_TRACE, "contains key=%.*s pin=%u -> %s",
-                     str_precision(batch->keys[i].canonical), str_chars(batch->keys[i].canonical),
-                     (unsigned)batch->pin, status_name(batch->item_status[i]));
+            kvh_util_log(backend->host, MEM_TARGET, KVH_LOG_TRACE, "contains key=%.*s pin=%u -> %s",
+                     kvh_util_str_precision(batch->keys[i].canonical), kvh_util_str_chars(batch->keys[i].canonical),
+                     (unsigned)batch->pin, kvh_util_status_name(batch->item_status[i]));
         }
     }
-    host_log(backend->host, KVH_LOG_DEBUG, "contains: %zu keys, %zu present%s", batch->len, present,
+    kvh_util_log(backend->host, MEM_TARGET, KVH_LOG_DEBUG, "contains: %zu keys, %zu present%s", batch->len, present,
              batch->pin != 0 ? " (pinned)" : "");
     return KVH_OK;
 }
@@ -1318,13 +1163,13 @@ static kvh_status mem_put(kvh_backend *backend, const kvh_put_batch *batch, kvh_
         return KVH_ERR_NULL_PARAM;
     }
     if (batch == NULL) {
-        return null_param(backend, "put", "batch");
+        return kvh_util_null_param(backend, "put", "batch");
     }
     if (done.complete == NULL) {
-        return null_param(backend, "put", "done.complete");
+        return kvh_util_null_param(backend, "put", "done.complete");
     }
     if (batch->len > 0 && (batch->keys == NULL || batch->src == NULL || batch->meta == NULL || batch->item_status == NULL)) {
-        return null_param(backend, "put", "keys, src, meta or item_status");
+        return kvh_util_null_param(backend, "put", "keys, src, meta or item_status");
     }
     struct mem_op op = { .kind = MEM_OP_PUT, .batch.put = batch, .done = done };
     return submit(backend, &op, "put", batch->len);
@@ -1335,14 +1180,14 @@ static kvh_status mem_get(kvh_backend *backend, const kvh_get_batch *batch, kvh_
         return KVH_ERR_NULL_PARAM;
     }
     if (batch == NULL) {
-        return null_param(backend, "get", "batch");
+        return kvh_util_null_param(backend, "get", "batch");
     }
     if (done.complete == NULL) {
-        return null_param(backend, "get", "done.complete");
+        return kvh_util_null_param(backend, "get", "done.complete");
     }
     if (batch->len > 0 && (batch->keys == NULL || batch->dst == NULL || batch->out_len == NULL ||
                            batch->out_meta == NULL || batch->item_status == NULL)) {
-        return null_param(backend, "get", "keys, dst, out_len, out_meta or item_status");
+        return kvh_util_null_param(backend, "get", "keys, dst, out_len, out_meta or item_status");
     }
     struct mem_op op = { .kind = MEM_OP_GET, .batch.get = batch, .done = done };
     return submit(backend, &op, "get", batch->len);
@@ -1353,13 +1198,13 @@ static kvh_status mem_prefetch(kvh_backend *backend, const kvh_key_batch *batch,
         return KVH_ERR_NULL_PARAM;
     }
     if (batch == NULL) {
-        return null_param(backend, "prefetch", "batch");
+        return kvh_util_null_param(backend, "prefetch", "batch");
     }
     if (done.complete == NULL) {
-        return null_param(backend, "prefetch", "done.complete");
+        return kvh_util_null_param(backend, "prefetch", "done.complete");
     }
     if (batch->len > 0 && (batch->keys == NULL || batch->item_status == NULL)) {
-        return null_param(backend, "prefetch", "keys or item_status");
+        return kvh_util_null_param(backend, "prefetch", "keys or item_status");
     }
     struct mem_op op = { .kind = MEM_OP_PREFETCH, .batch.prefetch = batch, .done = done };
     return submit(backend, &op, "prefetch", batch->len);
@@ -1416,10 +1261,10 @@ static kvh_status run_key_op(kvh_backend *backend, const kvh_key_batch *batch, e
         return KVH_ERR_NULL_PARAM;
     }
     if (batch == NULL) {
-        return null_param(backend, name, "batch");
+        return kvh_util_null_param(backend, name, "batch");
     }
     if (batch->len > 0 && (batch->keys == NULL || batch->item_status == NULL)) {
-        return null_param(backend, name, "keys or item_status");
+        return kvh_util_null_param(backend, name, "keys or item_status");
     }
     struct mem_entry *graveyard = NULL;
     struct mem_buf *dropped = NULL;
@@ -1433,13 +1278,13 @@ static kvh_status run_key_op(kvh_backend *backend, const kvh_key_batch *batch, e
     free_entry_list(graveyard);
     buf_free_list(dropped);
 
-    if (log_enabled(backend->host, KVH_LOG_TRACE)) {
+    if (kvh_util_log_enabled(backend->host, KVH_LOG_TRACE)) {
         for (size_t i = 0; i < batch->len; i++) {
-            host_log(backend->host, KVH_LOG_TRACE, "%s key=%.*s -> %s", name, str_precision(batch->keys[i].canonical),
-                     str_chars(batch->keys[i].canonical), status_name(batch->item_status[i]));
+            kvh_util_log(backend->host, MEM_TARGET, KVH_LOG_TRACE, "%s key=%.*s -> %s", name, kvh_util_str_precision(batch->keys[i].canonical),
+                     kvh_util_str_chars(batch->keys[i].canonical), kvh_util_status_name(batch->item_status[i]));
         }
     }
-    host_log(backend->host, KVH_LOG_DEBUG, "%s: %zu keys, %zu OK", name, batch->len, ok);
+    kvh_util_log(backend->host, MEM_TARGET, KVH_LOG_DEBUG, "%s: %zu keys, %zu OK", name, batch->len, ok);
     return KVH_OK;
 }
 
@@ -1465,7 +1310,7 @@ static kvh_status mem_flush(kvh_backend *backend) {
     if (pthread_equal(pthread_self(), backend->worker)) {
         /* From inside a completion callback: the worker would wait for itself forever. */
         pthread_mutex_unlock(&backend->queue_lock);
-        set_last_error(backend, "flush: called from a completion callback");
+        kvh_util_set_last_error(backend, "flush: called from a completion callback");
         return KVH_ERR_UNSUPPORTED;
     }
     uint64_t target = backend->submitted;
@@ -1473,7 +1318,7 @@ static kvh_status mem_flush(kvh_backend *backend) {
         pthread_cond_wait(&backend->progress, &backend->queue_lock);
     }
     pthread_mutex_unlock(&backend->queue_lock);
-    host_log(backend->host, KVH_LOG_DEBUG, "flush: %llu ops completed", (unsigned long long)target);
+    kvh_util_log(backend->host, MEM_TARGET, KVH_LOG_DEBUG, "flush: %llu ops completed", (unsigned long long)target);
     return KVH_OK;
 }
 
@@ -1505,13 +1350,13 @@ static kvh_status mem_clear(kvh_backend *backend) {
     pthread_mutex_unlock(&backend->store_lock);
     free_entry_list(graveyard);
     buf_free_list(dropped);
-    host_log(backend->host, KVH_LOG_DEBUG, "clear: %zu chunks removed", chunks);
+    kvh_util_log(backend->host, MEM_TARGET, KVH_LOG_DEBUG, "clear: %zu chunks removed", chunks);
     return KVH_OK;
 }
 
 static kvh_status mem_health(kvh_backend *backend, kvh_message_buf message) {
     if (backend == NULL) {
-        write_message(message, "mem: backend is NULL");
+        kvh_util_write_message(message, "mem: backend is NULL");
         return KVH_ERR_NULL_PARAM;
     }
     pthread_mutex_lock(&backend->store_lock);
@@ -1523,21 +1368,13 @@ static kvh_status mem_health(kvh_backend *backend, kvh_message_buf message) {
     unsigned long long pool_bytes = store->pool_bytes;
     unsigned long long held = store->held_bytes;
     pthread_mutex_unlock(&backend->store_lock);
-    write_message(message, "mem: %zu chunks, %llu/%llu bytes; pool: %zu buffers, %llu bytes; buffers held: %llu bytes",
+    kvh_util_write_message(message, "mem: %zu chunks, %llu/%llu bytes; pool: %zu buffers, %llu bytes; buffers held: %llu bytes",
                   chunks, used, capacity, pooled, pool_bytes, held);
     return KVH_OK;
 }
 
 static size_t mem_last_error(kvh_backend *backend, char *buf, size_t cap) {
-    if (backend == NULL || tls_last_error.backend != backend || tls_last_error.len == 0) {
-        return 0;
-    }
-    if (buf != NULL && cap > 0) {
-        size_t copy = tls_last_error.len < cap ? tls_last_error.len : utf8_boundary(tls_last_error.text, cap - 1);
-        memcpy(buf, tls_last_error.text, copy);
-        buf[copy] = '\0';
-    }
-    return tls_last_error.len;
+    return kvh_util_last_error(backend, buf, cap);
 }
 
 /* ------------------------------------------------------------------------------------------------ */

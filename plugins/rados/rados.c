@@ -54,6 +54,7 @@
 #define _DEFAULT_SOURCE
 
 #include "kvhost_plugin.h"
+#include "kvhost_plugin_util.h"
 
 #include <rados/librados.h>
 
@@ -103,84 +104,8 @@
 #define ERR_STOPPING (-ECANCELED)
 
 /* ------------------------------------------------------------------------------------------------ */
-/* Text helpers                                                                                     */
+/* librados return codes                                                                            */
 /* ------------------------------------------------------------------------------------------------ */
-
-/* The largest length <= len that does not end inside a UTF-8 sequence (messages must stay UTF-8). */
-static size_t utf8_boundary(const char *text, size_t len) {
-    size_t lead = len;
-    while (lead > 0 && len - lead < 3 && ((unsigned char)text[lead - 1] & 0xC0) == 0x80) {
-        lead--;
-    }
-    if (lead == 0) {
-        return len;
-    }
-    unsigned char first = (unsigned char)text[lead - 1];
-    size_t needed = first < 0x80            ? 1
-                    : (first & 0xE0) == 0xC0 ? 2
-                    : (first & 0xF0) == 0xE0 ? 3
-                    : (first & 0xF8) == 0xF0 ? 4
-                                             : 1;
-    size_t present = len - (lead - 1);
-    return present < needed ? lead - 1 : len;
-}
-
-/* Writes a formatted, NUL-terminated message into a host buffer, truncated to its capacity. */
-static void write_message(kvh_message_buf buf, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void write_message(kvh_message_buf buf, const char *fmt, ...) {
-    if (buf.ptr == NULL || buf.cap == 0) {
-        return;
-    }
-    va_list args;
-    va_start(args, fmt);
-    int written = vsnprintf(buf.ptr, buf.cap, fmt, args);
-    va_end(args);
-    if (written < 0) {
-        buf.ptr[0] = '\0';
-    } else if ((size_t)written >= buf.cap) {
-        buf.ptr[utf8_boundary(buf.ptr, buf.cap - 1)] = '\0';
-    }
-}
-
-/* The length of a kvh_str as a printf precision, clamped so the int conversion is defined. */
-static int str_precision(kvh_str s) {
-    if (s.ptr == NULL) {
-        return 0;
-    }
-    return s.len > (size_t)INT_MAX ? INT_MAX : (int)s.len;
-}
-
-/* A pointer for "%.*s": never NULL. */
-static const char *str_chars(kvh_str s) {
-    return s.ptr != NULL ? s.ptr : "";
-}
-
-static int str_equals(kvh_str s, const char *literal) {
-    size_t len = strlen(literal);
-    return s.len == len && (len == 0 || (s.ptr != NULL && memcmp(s.ptr, literal, len) == 0));
-}
-
-static const char *status_name(kvh_status status) {
-    switch (status) {
-    case KVH_OK: return "OK";
-    case KVH_PENDING: return "PENDING";
-    case KVH_ERR_INVALID_ARG: return "INVALID_ARG";
-    case KVH_ERR_NULL_PARAM: return "NULL_PARAM";
-    case KVH_ERR_NOT_FOUND: return "NOT_FOUND";
-    case KVH_ERR_BUFFER_TOO_SMALL: return "BUFFER_TOO_SMALL";
-    case KVH_ERR_UNSUPPORTED: return "UNSUPPORTED";
-    case KVH_ERR_BUSY: return "BUSY";
-    case KVH_ERR_IO: return "IO";
-    case KVH_ERR_TIMEOUT: return "TIMEOUT";
-    case KVH_ERR_CANCELED: return "CANCELED";
-    case KVH_ERR_NO_SPACE: return "NO_SPACE";
-    case KVH_ERR_INVALID_CONFIG: return "INVALID_CONFIG";
-    case KVH_ERR_INTERNAL: return "INTERNAL";
-    case KVH_ERR_UNAVAILABLE: return "UNAVAILABLE";
-    case KVH_ERR_CORRUPT: return "CORRUPT";
-    default: return "ERROR";
-    }
-}
 
 /* strerror for a negative librados return value, including this file's internal codes. */
 static const char *rc_text(int rc) {
@@ -218,79 +143,6 @@ static kvh_status status_of(int rc) {
 static int rc_is_outage(int rc) {
     return rc == -ETIMEDOUT || rc == ERR_SKIPPED || rc == -ENOTCONN || rc == -ECONNREFUSED || rc == -ESHUTDOWN ||
            rc == -EHOSTUNREACH || rc == -ENETUNREACH;
-}
-
-/* ------------------------------------------------------------------------------------------------ */
-/* Host logging and last_error                                                                      */
-/* ------------------------------------------------------------------------------------------------ */
-
-static int log_enabled(const kvh_host_api *host, int32_t level) {
-    if (host == NULL || host->log == NULL) {
-        return 0;
-    }
-    return host->log_enabled == NULL || host->log_enabled(host->host_ctx, level);
-}
-
-static void host_log(const kvh_host_api *host, int32_t level, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static void host_log(const kvh_host_api *host, int32_t level, const char *fmt, ...) {
-    if (!log_enabled(host, level)) {
-        return;
-    }
-    char stack_text[512];
-    char *heap_text = NULL;
-    const char *text = stack_text;
-    va_list args;
-    va_list args_again;
-    va_start(args, fmt);
-    va_copy(args_again, args);
-    int written = vsnprintf(stack_text, sizeof stack_text, fmt, args);
-    va_end(args);
-    size_t len = 0;
-    if (written >= 0 && (size_t)written < sizeof stack_text) {
-        len = (size_t)written;
-    } else if (written >= 0) {
-        heap_text = malloc((size_t)written + 1);
-        if (heap_text != NULL && vsnprintf(heap_text, (size_t)written + 1, fmt, args_again) == written) {
-            text = heap_text;
-            len = (size_t)written;
-        } else {
-            len = utf8_boundary(stack_text, sizeof stack_text - 1);
-        }
-    }
-    va_end(args_again);
-    if (written >= 0) {
-        host->log(host->host_ctx, level, KVH_STR_LIT(RADOS_TARGET), (kvh_str){ text, len });
-    }
-    free(heap_text);
-}
-
-/* Per thread and per backend, as the ABI's last_error requires. */
-static _Thread_local struct {
-    const kvh_backend *backend;
-    size_t len;
-    char text[512];
-} tls_last_error;
-
-static void set_last_error(const kvh_backend *backend, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void set_last_error(const kvh_backend *backend, const char *fmt, ...) {
-    va_list args;
-    va_start(args, fmt);
-    int written = vsnprintf(tls_last_error.text, sizeof tls_last_error.text, fmt, args);
-    va_end(args);
-    size_t len = 0;
-    if (written >= 0) {
-        len = (size_t)written < sizeof tls_last_error.text
-                  ? (size_t)written
-                  : utf8_boundary(tls_last_error.text, sizeof tls_last_error.text - 1);
-    }
-    tls_last_error.text[len] = '\0';
-    tls_last_error.len = len;
-    tls_last_error.backend = backend;
-}
-
-static kvh_status null_param(const kvh_backend *backend, const char *operation, const char *what) {
-    set_last_error(backend, "rados: %s: %s is NULL", operation, what);
-    return KVH_ERR_NULL_PARAM;
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -528,7 +380,6 @@ static char *stripe_name(const char *head, uint64_t gen, uint32_t index) {
     }
     return name;
 }
-
 
 /* ------------------------------------------------------------------------------------------------ */
 /* The header record                                                                                */
@@ -818,7 +669,7 @@ static void log_failure(kvh_backend *b, const char *fmt, ...) {
     }
     pthread_mutex_unlock(&b->lock);
     int32_t level = warn ? KVH_LOG_WARN : KVH_LOG_DEBUG;
-    if (!log_enabled(b->host, level)) {
+    if (!kvh_util_log_enabled(b->host, level)) {
         return;
     }
     char text[768];
@@ -827,10 +678,10 @@ static void log_failure(kvh_backend *b, const char *fmt, ...) {
     vsnprintf(text, sizeof text, fmt, args);
     va_end(args);
     if (suppressed > 0) {
-        host_log(b->host, level, "%s (%" PRIu64 " similar messages in the last second went to debug level)", text,
+        kvh_util_log(b->host, RADOS_TARGET, level, "%s (%" PRIu64 " similar messages in the last second went to debug level)", text,
                  suppressed);
     } else {
-        host_log(b->host, level, "%s", text);
+        kvh_util_log(b->host, RADOS_TARGET, level, "%s", text);
     }
 }
 
@@ -1110,7 +961,7 @@ static int batch_release(struct rbatch *batch, int from_submitter) {
         return 0;
     }
     kvh_backend *b = batch->b;
-    host_log(b->host, KVH_LOG_DEBUG, "%s batch: %zu items, %zu %s", batch->is_put ? "put" : "get", batch->n, batch->ok,
+    kvh_util_log(b->host, RADOS_TARGET, KVH_LOG_DEBUG, "%s batch: %zu items, %zu %s", batch->is_put ? "put" : "get", batch->n, batch->ok,
              batch->is_put ? "stored" : "hits");
     if (!from_submitter) {
         kvh_completion done = batch->done;
@@ -1186,10 +1037,10 @@ static void item_finish(struct ritem *it, kvh_status status) {
     if (status == KVH_ERR_TIMEOUT) {
         atomic_fetch_add(&b->timeouts, 1);
     }
-    if (log_enabled(b->host, KVH_LOG_TRACE)) {
-        host_log(b->host, KVH_LOG_TRACE, "%s key=%.*s object=%s size=%" PRIu64 " -> %s", batch->is_put ? "put" : "get",
+    if (kvh_util_log_enabled(b->host, KVH_LOG_TRACE)) {
+        kvh_util_log(b->host, RADOS_TARGET, KVH_LOG_TRACE, "%s key=%.*s object=%s size=%" PRIu64 " -> %s", batch->is_put ? "put" : "get",
                  (int)it->key_len, it->key ? it->key : "", it->head ? it->head : "-", it->info.length,
-                 status_name(status));
+                 kvh_util_status_name(status));
     }
     pthread_mutex_lock(&batch->mu);
     batch->ok += status == KVH_OK;
@@ -1211,11 +1062,11 @@ static kvh_status item_failure(struct ritem *it, const char *what) {
         atomic_fetch_add(&b->skipped, 1);
     }
     if (it->rc == ERR_STOPPING) {
-        host_log(b->host, KVH_LOG_DEBUG, "%s of key %.*s: %s", what, (int)it->key_len, it->key, rc_text(it->rc));
+        kvh_util_log(b->host, RADOS_TARGET, KVH_LOG_DEBUG, "%s of key %.*s: %s", what, (int)it->key_len, it->key, rc_text(it->rc));
     } else if (status != KVH_ERR_NOT_FOUND) {
         /* head is NULL when naming the object ran out of memory. */
         log_failure(b, "%s of key %.*s (object %s in pool %s): %s -> %s", what, (int)it->key_len, it->key,
-                    it->head != NULL ? it->head : "-", b->pool, rc_text(it->rc), status_name(status));
+                    it->head != NULL ? it->head : "-", b->pool, rc_text(it->rc), kvh_util_status_name(status));
     }
     return status;
 }
@@ -1255,7 +1106,7 @@ static void put_start(struct rbatch *batch, size_t i) {
     if (key->canonical.ptr == NULL || key->canonical.len == 0 || key->canonical.len > KEY_MAX ||
         (src->ptr == NULL && src->len > 0) || meta->length != (uint64_t)src->len || meta->ndim > 4) {
         it->fail = KVH_ERR_INVALID_ARG;
-        it->key = str_chars(key->canonical);
+        it->key = kvh_util_str_chars(key->canonical);
         it->key_len = key->canonical.ptr != NULL && key->canonical.len <= KEY_MAX ? key->canonical.len : 0;
         log_failure(b, "put item %zu: invalid (key of %zu bytes, src %s with %zu bytes, meta.length %" PRIu64
                        ", ndim %u): keys must be 1 to %u bytes, meta.length must equal the source length, ndim <= 4",
@@ -1453,7 +1304,7 @@ static void get_start(struct rbatch *batch, size_t i) {
     it->index = i;
     if (key->canonical.ptr == NULL || key->canonical.len == 0 || key->canonical.len > KEY_MAX ||
         (dst->ptr == NULL && dst->len > 0)) {
-        it->key = str_chars(key->canonical);
+        it->key = kvh_util_str_chars(key->canonical);
         it->key_len = key->canonical.ptr != NULL && key->canonical.len <= KEY_MAX ? key->canonical.len : 0;
         log_failure(b, "get item %zu: invalid (key of %zu bytes, dst %s with %zu bytes)", i, key->canonical.len,
                     dst->ptr == NULL ? "NULL" : "set", dst->len);
@@ -1534,7 +1385,7 @@ static void get_step(struct rop *r, int rc) {
         }
         enum header_verdict verdict = header_decode(r->header, r->header_read, it->key, it->key_len, &it->info);
         if (verdict == HEADER_FOREIGN) {
-            host_log(b->host, KVH_LOG_DEBUG, "get of key %.*s: object %s has no header of this format for this key: a miss",
+            kvh_util_log(b->host, RADOS_TARGET, KVH_LOG_DEBUG, "get of key %.*s: object %s has no header of this format for this key: a miss",
                      (int)it->key_len, it->key, it->head);
             item_finish(it, KVH_ERR_NOT_FOUND);
             return;
@@ -1640,7 +1491,7 @@ static void rop_finish(struct rop *r, int rc) {
     kvh_backend *b = r->b;
     if (r->item == NULL) {
         if (rc < 0 && rc != -ENOENT && rc != -ERANGE && rc != -EOVERFLOW) {
-            host_log(b->host, KVH_LOG_DEBUG, "background removal of object %s: %s", r->oid, rc_text(rc));
+            kvh_util_log(b->host, RADOS_TARGET, KVH_LOG_DEBUG, "background removal of object %s: %s", r->oid, rc_text(rc));
         }
     } else if (r->item->batch->is_put) {
         put_step(r, rc);
@@ -1663,13 +1514,13 @@ static struct rbatch *batch_new(kvh_backend *b, size_t n, const char *operation)
     struct rbatch *batch = calloc(1, sizeof *batch);
     if (batch == NULL || (batch->items = calloc(n, sizeof *batch->items)) == NULL) {
         free(batch);
-        set_last_error(b, "rados: %s of %zu items: out of memory", operation, n);
+        kvh_util_set_last_error(b, "rados: %s of %zu items: out of memory", operation, n);
         return NULL;
     }
     if (pthread_mutex_init(&batch->mu, NULL) != 0) {
         free(batch->items);
         free(batch);
-        set_last_error(b, "rados: %s: cannot initialise a mutex", operation);
+        kvh_util_set_last_error(b, "rados: %s: cannot initialise a mutex", operation);
         return NULL;
     }
     batch->b = b;
@@ -1690,16 +1541,16 @@ static kvh_status kr_put(kvh_backend *b, const kvh_put_batch *batch, kvh_complet
         return KVH_ERR_NULL_PARAM;
     }
     if (batch == NULL) {
-        return null_param(b, "put", "batch");
+        return kvh_util_null_param(b, "put", "batch");
     }
     if (done.complete == NULL) {
-        return null_param(b, "put", "done.complete");
+        return kvh_util_null_param(b, "put", "done.complete");
     }
     if (batch->len > 0 && (batch->keys == NULL || batch->src == NULL || batch->meta == NULL || batch->item_status == NULL)) {
-        return null_param(b, "put", "keys, src, meta or item_status");
+        return kvh_util_null_param(b, "put", "keys, src, meta or item_status");
     }
     if (backend_stopping(b)) {
-        set_last_error(b, "rados: put: the backend is being destroyed");
+        kvh_util_set_last_error(b, "rados: put: the backend is being destroyed");
         return KVH_ERR_CANCELED;
     }
     if (batch->len == 0) {
@@ -1724,17 +1575,17 @@ static kvh_status kr_get(kvh_backend *b, const kvh_get_batch *batch, kvh_complet
         return KVH_ERR_NULL_PARAM;
     }
     if (batch == NULL) {
-        return null_param(b, "get", "batch");
+        return kvh_util_null_param(b, "get", "batch");
     }
     if (done.complete == NULL) {
-        return null_param(b, "get", "done.complete");
+        return kvh_util_null_param(b, "get", "done.complete");
     }
     if (batch->len > 0 && (batch->keys == NULL || batch->dst == NULL || batch->out_len == NULL ||
                            batch->out_meta == NULL || batch->item_status == NULL)) {
-        return null_param(b, "get", "keys, dst, out_len, out_meta or item_status");
+        return kvh_util_null_param(b, "get", "keys, dst, out_len, out_meta or item_status");
     }
     if (backend_stopping(b)) {
-        set_last_error(b, "rados: get: the backend is being destroyed");
+        kvh_util_set_last_error(b, "rados: get: the backend is being destroyed");
         return KVH_ERR_CANCELED;
     }
     if (batch->len == 0) {
@@ -1849,10 +1700,10 @@ static kvh_status kr_contains(kvh_backend *b, const kvh_contains_batch *batch) {
         return KVH_ERR_NULL_PARAM;
     }
     if (batch == NULL) {
-        return null_param(b, "contains", "batch");
+        return kvh_util_null_param(b, "contains", "batch");
     }
     if (batch->len > 0 && (batch->keys == NULL || batch->out_meta == NULL || batch->item_status == NULL)) {
-        return null_param(b, "contains", "keys, out_meta or item_status");
+        return kvh_util_null_param(b, "contains", "keys, out_meta or item_status");
     }
     size_t n = batch->len;
     struct sop *sops = calloc(n > 0 ? window_of(b, n) : 1, sizeof *sops);
@@ -1860,7 +1711,7 @@ static kvh_status kr_contains(kvh_backend *b, const kvh_contains_batch *batch) {
     if (sops == NULL || names == NULL) {
         free(sops);
         free(names);
-        set_last_error(b, "rados: contains of %zu keys: out of memory", n);
+        kvh_util_set_last_error(b, "rados: contains of %zu keys: out of memory", n);
         return KVH_ERR_INTERNAL;
     }
     size_t present = 0;
@@ -1901,8 +1752,8 @@ static kvh_status kr_contains(kvh_backend *b, const kvh_contains_batch *batch) {
             } else if (rc < 0) {
                 int err = rc;
                 status = status_of(err);
-                log_failure(b, "contains of key %.*s (object %s in pool %s): %s -> %s", str_precision(key->canonical),
-                            str_chars(key->canonical), names[k], b->pool, rc_text(err), status_name(status));
+                log_failure(b, "contains of key %.*s (object %s in pool %s): %s -> %s", kvh_util_str_precision(key->canonical),
+                            kvh_util_str_chars(key->canonical), names[k], b->pool, rc_text(err), kvh_util_status_name(status));
                 if (rc_is_outage(err) && !outage) {
                     outage = 1;
                     outage_status = status;
@@ -1921,13 +1772,13 @@ static kvh_status kr_contains(kvh_backend *b, const kvh_contains_batch *batch) {
                     status = KVH_ERR_CORRUPT;
                     atomic_fetch_add(&b->corrupt, 1);
                     log_failure(b, "contains of key %.*s: object %s has a damaged header",
-                                str_precision(key->canonical), str_chars(key->canonical), names[k]);
+                                kvh_util_str_precision(key->canonical), kvh_util_str_chars(key->canonical), names[k]);
                 }
             }
             batch->item_status[i] = status;
-            if (log_enabled(b->host, KVH_LOG_TRACE)) {
-                host_log(b->host, KVH_LOG_TRACE, "contains key=%.*s object=%s -> %s", str_precision(key->canonical),
-                         str_chars(key->canonical), names[k], status_name(status));
+            if (kvh_util_log_enabled(b->host, KVH_LOG_TRACE)) {
+                kvh_util_log(b->host, RADOS_TARGET, KVH_LOG_TRACE, "contains key=%.*s object=%s -> %s", kvh_util_str_precision(key->canonical),
+                         kvh_util_str_chars(key->canonical), names[k], kvh_util_status_name(status));
             }
         }
         for (size_t k = 0; k < w; k++) {
@@ -1938,7 +1789,7 @@ static kvh_status kr_contains(kvh_backend *b, const kvh_contains_batch *batch) {
     }
     free(sops);
     free(names);
-    host_log(b->host, KVH_LOG_DEBUG, "contains: %zu keys, %zu present%s", n, present,
+    kvh_util_log(b->host, RADOS_TARGET, KVH_LOG_DEBUG, "contains: %zu keys, %zu present%s", n, present,
              outage ? " (the cluster stopped answering: the rest were not asked)" : "");
     return KVH_OK;
 }
@@ -1959,7 +1810,7 @@ static size_t remove_objects_sync(kvh_backend *b, char **names, size_t count) {
             int rc = sop_wait(b, &sops[k]);
             if (rc < 0 && rc != -ENOENT) {
                 failed++;
-                host_log(b->host, KVH_LOG_DEBUG, "remove: object %s: %s (left behind; clear removes it)",
+                kvh_util_log(b->host, RADOS_TARGET, KVH_LOG_DEBUG, "remove: object %s: %s (left behind; clear removes it)",
                          names[start + k], rc_text(rc));
             }
             sop_reset(&sops[k]);
@@ -1990,10 +1841,10 @@ static kvh_status kr_remove(kvh_backend *b, const kvh_key_batch *batch, bool for
         return KVH_ERR_NULL_PARAM;
     }
     if (batch == NULL) {
-        return null_param(b, "remove", "batch");
+        return kvh_util_null_param(b, "remove", "batch");
     }
     if (batch->len > 0 && (batch->keys == NULL || batch->item_status == NULL)) {
-        return null_param(b, "remove", "keys or item_status");
+        return kvh_util_null_param(b, "remove", "keys or item_status");
     }
     size_t n = batch->len;
     size_t cap = n > 0 ? window_of(b, n) : 1;
@@ -2002,7 +1853,7 @@ static kvh_status kr_remove(kvh_backend *b, const kvh_key_batch *batch, bool for
     if (sops == NULL || st == NULL) {
         free(sops);
         free(st);
-        set_last_error(b, "rados: remove of %zu keys: out of memory", n);
+        kvh_util_set_last_error(b, "rados: remove of %zu keys: out of memory", n);
         return KVH_ERR_INTERNAL;
     }
     size_t removed = 0;
@@ -2058,10 +1909,10 @@ static kvh_status kr_remove(kvh_backend *b, const kvh_key_batch *batch, bool for
                 } else {
                     st[k].status = changed ? KVH_ERR_BUSY : status_of(rc);
                     st[k].stage = RM_DONE;
-                    log_failure(b, "remove of key %.*s (object %s): %s -> %s", str_precision(key->canonical),
-                                str_chars(key->canonical), st[k].head,
+                    log_failure(b, "remove of key %.*s (object %s): %s -> %s", kvh_util_str_precision(key->canonical),
+                                kvh_util_str_chars(key->canonical), st[k].head,
                                 changed ? "replaced by other writers on every attempt" : rc_text(rc),
-                                status_name(st[k].status));
+                                kvh_util_status_name(st[k].status));
                     if (rc_is_outage(rc) && !outage) {
                         outage = 1;
                         outage_status = st[k].status;
@@ -2087,7 +1938,7 @@ static kvh_status kr_remove(kvh_backend *b, const kvh_key_batch *batch, bool for
             }
         }
         if (named < stripes) {
-            host_log(b->host, KVH_LOG_WARN, "remove: out of memory: %zu stripes left behind (clear removes them)",
+            kvh_util_log(b->host, RADOS_TARGET, KVH_LOG_WARN, "remove: out of memory: %zu stripes left behind (clear removes them)",
                      stripes - named);
         }
         remove_objects_sync(b, names, named);
@@ -2098,10 +1949,10 @@ static kvh_status kr_remove(kvh_backend *b, const kvh_key_batch *batch, bool for
         for (size_t k = 0; k < w; k++) {
             batch->item_status[start + k] = st[k].status;
             removed += st[k].status == KVH_OK;
-            if (log_enabled(b->host, KVH_LOG_TRACE)) {
+            if (kvh_util_log_enabled(b->host, KVH_LOG_TRACE)) {
                 const kvh_key *key = &batch->keys[start + k];
-                host_log(b->host, KVH_LOG_TRACE, "remove key=%.*s -> %s", str_precision(key->canonical),
-                         str_chars(key->canonical), status_name(st[k].status));
+                kvh_util_log(b->host, RADOS_TARGET, KVH_LOG_TRACE, "remove key=%.*s -> %s", kvh_util_str_precision(key->canonical),
+                         kvh_util_str_chars(key->canonical), kvh_util_status_name(st[k].status));
             }
             free(st[k].head);
             st[k].head = NULL;
@@ -2110,7 +1961,7 @@ static kvh_status kr_remove(kvh_backend *b, const kvh_key_batch *batch, bool for
     }
     free(sops);
     free(st);
-    host_log(b->host, KVH_LOG_DEBUG, "remove: %zu keys, %zu removed%s", n, removed,
+    kvh_util_log(b->host, RADOS_TARGET, KVH_LOG_DEBUG, "remove: %zu keys, %zu removed%s", n, removed,
              outage ? " (the cluster stopped answering: the rest were not asked)" : "");
     return KVH_OK;
 }
@@ -2123,7 +1974,7 @@ static kvh_status kr_clear(kvh_backend *b) {
     rados_list_ctx_t list = NULL;
     int rc = rados_nobjects_list_open(b->io, &list);
     if (rc < 0) {
-        set_last_error(b, "rados: clear: cannot list pool %s namespace '%s': %s", b->pool, b->nspace, rc_text(rc));
+        kvh_util_set_last_error(b, "rados: clear: cannot list pool %s namespace '%s': %s", b->pool, b->nspace, rc_text(rc));
         return status_of(rc);
     }
     size_t w = b->max_in_flight;
@@ -2133,7 +1984,7 @@ static kvh_status kr_clear(kvh_backend *b) {
         free(sops);
         free(names);
         rados_nobjects_list_close(list);
-        set_last_error(b, "rados: clear: out of memory");
+        kvh_util_set_last_error(b, "rados: clear: out of memory");
         return KVH_ERR_INTERNAL;
     }
     size_t removed = 0;
@@ -2168,7 +2019,7 @@ static kvh_status kr_clear(kvh_backend *b) {
             if (r == 0) {
                 removed++;
             } else if (r != -ENOENT && failed++ == 0) {
-                set_last_error(b, "rados: clear: removing object %s from pool %s: %s", names[k], b->pool, rc_text(r));
+                kvh_util_set_last_error(b, "rados: clear: removing object %s from pool %s: %s", names[k], b->pool, rc_text(r));
                 rc = r;
             }
             sop_reset(&sops[k]);
@@ -2181,15 +2032,15 @@ static kvh_status kr_clear(kvh_backend *b) {
     free(sops);
     free(names);
     if (list_rc < 0) {
-        set_last_error(b, "rados: clear: listing pool %s namespace '%s' failed after %zu objects removed: %s", b->pool,
+        kvh_util_set_last_error(b, "rados: clear: listing pool %s namespace '%s' failed after %zu objects removed: %s", b->pool,
                        b->nspace, removed, rc_text(list_rc));
         return status_of(list_rc);
     }
     if (failed > 0) {
-        host_log(b->host, KVH_LOG_WARN, "clear: %zu objects removed, %d could not be removed", removed, failed);
+        kvh_util_log(b->host, RADOS_TARGET, KVH_LOG_WARN, "clear: %zu objects removed, %d could not be removed", removed, failed);
         return status_of(rc);
     }
-    host_log(b->host, KVH_LOG_DEBUG, "clear: %zu objects removed from pool %s namespace '%s' (prefix '%s')", removed,
+    kvh_util_log(b->host, RADOS_TARGET, KVH_LOG_DEBUG, "clear: %zu objects removed from pool %s namespace '%s' (prefix '%s')", removed,
              b->pool, b->nspace, b->prefix);
     return KVH_OK;
 }
@@ -2229,7 +2080,7 @@ static void probes_reap(kvh_backend *b, int wait) {
 
 static kvh_status kr_health(kvh_backend *b, kvh_message_buf message) {
     if (b == NULL) {
-        write_message(message, "rados: backend is NULL");
+        kvh_util_write_message(message, "rados: backend is NULL");
         return KVH_ERR_NULL_PARAM;
     }
     probes_reap(b, 0);
@@ -2282,26 +2133,18 @@ static kvh_status kr_health(kvh_backend *b, kvh_message_buf message) {
              (uint64_t)atomic_load(&b->get_errors), (uint64_t)atomic_load(&b->timeouts),
              (uint64_t)atomic_load(&b->corrupt));
     if (rc == 0 || rc == -ENOENT) {
-        write_message(message, "rados: pool %s namespace '%s' on %s (mon_host %s) answers in %.1f ms; %s", b->pool,
+        kvh_util_write_message(message, "rados: pool %s namespace '%s' on %s (mon_host %s) answers in %.1f ms; %s", b->pool,
                       b->nspace, b->cluster_name, b->mon_host, ms, counters);
         return KVH_OK;
     }
     kvh_status status = rc == -ETIMEDOUT ? KVH_ERR_UNAVAILABLE : status_of(rc);
-    write_message(message, "rados: pool %s namespace '%s' on %s (mon_host %s) as %s: probe failed after %.1f ms: %s; %s",
+    kvh_util_write_message(message, "rados: pool %s namespace '%s' on %s (mon_host %s) as %s: probe failed after %.1f ms: %s; %s",
                   b->pool, b->nspace, b->cluster_name, b->mon_host, b->user, ms, rc_text(rc), counters);
     return status;
 }
 
 static size_t kr_last_error(kvh_backend *b, char *buf, size_t cap) {
-    if (b == NULL || tls_last_error.backend != b || tls_last_error.len == 0) {
-        return 0;
-    }
-    if (buf != NULL && cap > 0) {
-        size_t copy = tls_last_error.len < cap ? tls_last_error.len : utf8_boundary(tls_last_error.text, cap - 1);
-        memcpy(buf, tls_last_error.text, copy);
-        buf[copy] = '\0';
-    }
-    return tls_last_error.len;
+    return kvh_util_last_error(b, buf, cap);
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -2399,7 +2242,7 @@ static int parse_options(const kvh_options *options, struct rados_config *config
         if (RADOS_OPTIONS[opt].default_value != NULL) {
             config->text[opt] = strdup(RADOS_OPTIONS[opt].default_value);
             if (config->text[opt] == NULL) {
-                write_message(error, "rados: out of memory");
+                kvh_util_write_message(error, "rados: out of memory");
                 return -1;
             }
         }
@@ -2407,25 +2250,25 @@ static int parse_options(const kvh_options *options, struct rados_config *config
     for (size_t i = 0; i < options->len; i++) {
         const kvh_option *option = &options->items[i];
         size_t opt = 0;
-        while (opt < OPT_COUNT && !str_equals(option->key, RADOS_OPTIONS[opt].key)) {
+        while (opt < OPT_COUNT && !kvh_util_str_equals(option->key, RADOS_OPTIONS[opt].key)) {
             opt++;
         }
         if (opt == OPT_COUNT) {
-            write_message(error, "rados: unknown option '%.*s'", str_precision(option->key), str_chars(option->key));
+            kvh_util_write_message(error, "rados: unknown option '%.*s'", kvh_util_str_precision(option->key), kvh_util_str_chars(option->key));
             return -1;
         }
         if (option->value.ptr == NULL && option->value.len > 0) {
-            write_message(error, "rados: option '%s' has a NULL value", RADOS_OPTIONS[opt].key);
+            kvh_util_write_message(error, "rados: option '%s' has a NULL value", RADOS_OPTIONS[opt].key);
             return -1;
         }
         if (option->value.len > 4096 || (option->value.len > 0 && memchr(option->value.ptr, '\0', option->value.len))) {
-            write_message(error, "rados: option '%s' is longer than 4096 bytes or contains a NUL byte",
+            kvh_util_write_message(error, "rados: option '%s' is longer than 4096 bytes or contains a NUL byte",
                           RADOS_OPTIONS[opt].key);
             return -1;
         }
         char *copy = malloc(option->value.len + 1);
         if (copy == NULL) {
-            write_message(error, "rados: out of memory");
+            kvh_util_write_message(error, "rados: out of memory");
             return -1;
         }
         if (option->value.len > 0) {
@@ -2437,12 +2280,12 @@ static int parse_options(const kvh_options *options, struct rados_config *config
     }
     const char *pool = config->text[OPT_POOL];
     if (pool == NULL || *pool == '\0' || strlen(pool) > 256 || !printable(pool, 0)) {
-        write_message(error, "rados: option 'pool' is required: the name of an existing RADOS pool (1 to 256 printable "
+        kvh_util_write_message(error, "rados: option 'pool' is required: the name of an existing RADOS pool (1 to 256 printable "
                              "characters, no spaces)");
         return -1;
     }
     if (strlen(config->text[OPT_NAMESPACE]) > 256 || !printable(config->text[OPT_NAMESPACE], 0)) {
-        write_message(error, "rados: invalid value '%s' for option 'namespace' (at most 256 printable characters, no "
+        kvh_util_write_message(error, "rados: invalid value '%s' for option 'namespace' (at most 256 printable characters, no "
                              "spaces)",
                       config->text[OPT_NAMESPACE]);
         return -1;
@@ -2454,7 +2297,7 @@ static int parse_options(const kvh_options *options, struct rados_config *config
                                     *c == '-' || *c == '_');
     }
     if (!cluster_ok) {
-        write_message(error, "rados: invalid value '%s' for option 'cluster' (1 to 64 of A-Z a-z 0-9 - _)", cluster);
+        kvh_util_write_message(error, "rados: invalid value '%s' for option 'cluster' (1 to 64 of A-Z a-z 0-9 - _)", cluster);
         return -1;
     }
     const char *user = config->text[OPT_USER];
@@ -2462,7 +2305,7 @@ static int parse_options(const kvh_options *options, struct rados_config *config
         user += 7;
     }
     if (*user == '\0' || strlen(user) > 128 || !printable(user, 0)) {
-        write_message(error, "rados: invalid value '%s' for option 'user' (a cephx client id such as admin or kvhost)",
+        kvh_util_write_message(error, "rados: invalid value '%s' for option 'user' (a cephx client id such as admin or kvhost)",
                       config->text[OPT_USER]);
         return -1;
     }
@@ -2472,7 +2315,7 @@ static int parse_options(const kvh_options *options, struct rados_config *config
         prefix_ok = prefix_ok && *c > 0x20 && *c < 0x7F && *c != '#' && *c != '~' && *c != '%';
     }
     if (!prefix_ok) {
-        write_message(error, "rados: invalid value '%s' for option 'object_prefix' (at most %u printable ASCII "
+        kvh_util_write_message(error, "rados: invalid value '%s' for option 'object_prefix' (at most %u printable ASCII "
                              "characters without spaces, '#', '~' or '%%')",
                       prefix, PREFIX_MAX);
         return -1;
@@ -2491,7 +2334,7 @@ static int parse_options(const kvh_options *options, struct rados_config *config
         const char *text = config->text[RANGES[k].opt];
         uint64_t value = 0;
         if (parse_u64(text, &value) != 0 || value < RANGES[k].min || value > RANGES[k].max) {
-            write_message(error, "rados: invalid value '%s' for option '%s' (expected an integer from %" PRIu64 " to %" PRIu64 ")",
+            kvh_util_write_message(error, "rados: invalid value '%s' for option '%s' (expected an integer from %" PRIu64 " to %" PRIu64 ")",
                           text, RADOS_OPTIONS[RANGES[k].opt].key, RANGES[k].min, RANGES[k].max);
             return -1;
         }
@@ -2503,7 +2346,7 @@ static int parse_options(const kvh_options *options, struct rados_config *config
     } else if (strcmp(checksum, "false") == 0 || strcmp(checksum, "0") == 0) {
         config->checksum = 0;
     } else {
-        write_message(error, "rados: invalid value '%s' for option 'checksum' (expected true or false)", checksum);
+        kvh_util_write_message(error, "rados: invalid value '%s' for option 'checksum' (expected true or false)", checksum);
         return -1;
     }
     return 0;
@@ -2554,16 +2397,16 @@ static kvh_status kr_create(const kvh_host_api *host, const kvh_options *options
                                kvh_backend **out_backend, kvh_message_buf error) {
     (void)metadata; /* chunks are opaque bytes */
     if (out_backend == NULL) {
-        write_message(error, "rados: create: out_backend is NULL");
+        kvh_util_write_message(error, "rados: create: out_backend is NULL");
         return KVH_ERR_NULL_PARAM;
     }
     *out_backend = NULL;
     if (host == NULL || options == NULL || (options->items == NULL && options->len > 0)) {
-        write_message(error, "rados: create: host or options is NULL");
+        kvh_util_write_message(error, "rados: create: host or options is NULL");
         return KVH_ERR_NULL_PARAM;
     }
     if (host->abi_major != KVH_ABI_MAJOR || host->struct_size < KVH_HOST_API_V1_0_SIZE) {
-        write_message(error, "rados: create: host API %u (size %u) is not compatible with ABI %d", (unsigned)host->abi_major,
+        kvh_util_write_message(error, "rados: create: host API %u (size %u) is not compatible with ABI %d", (unsigned)host->abi_major,
                       (unsigned)host->struct_size, KVH_ABI_MAJOR);
         return KVH_ERR_ABI_MISMATCH;
     }
@@ -2588,7 +2431,7 @@ static kvh_status kr_create(const kvh_host_api *host, const kvh_options *options
     }
     if (b == NULL || b->user == NULL || b->cluster_name == NULL || b->pool == NULL || b->nspace == NULL ||
         b->prefix == NULL) {
-        write_message(error, "rados: create: out of memory");
+        kvh_util_write_message(error, "rados: create: out of memory");
         if (b != NULL) {
             backend_free(b);
         }
@@ -2605,7 +2448,7 @@ static kvh_status kr_create(const kvh_host_api *host, const kvh_options *options
     const char *conf = config.text[OPT_CONF];
     int rc = rados_create2(&b->cluster, b->cluster_name, b->user, 0);
     if (rc < 0) {
-        write_message(error, "rados: create: rados_create2(cluster %s, %s): %s", b->cluster_name, b->user, rc_text(rc));
+        kvh_util_write_message(error, "rados: create: rados_create2(cluster %s, %s): %s", b->cluster_name, b->user, rc_text(rc));
         backend_free(b);
         config_free(&config);
         return KVH_ERR_INTERNAL;
@@ -2613,22 +2456,22 @@ static kvh_status kr_create(const kvh_host_api *host, const kvh_options *options
     kvh_status status = KVH_ERR_INVALID_CONFIG;
     rc = rados_conf_read_file(b->cluster, *conf != '\0' ? conf : NULL);
     if (rc < 0 && *conf != '\0') {
-        write_message(error, "rados: cannot read ceph configuration '%s': %s", conf, rc_text(rc));
+        kvh_util_write_message(error, "rados: cannot read ceph configuration '%s': %s", conf, rc_text(rc));
         goto fail_cluster;
     }
     rc = rados_conf_parse_env(b->cluster, NULL); /* CEPH_ARGS */
     if (rc < 0) {
-        write_message(error, "rados: cannot parse CEPH_ARGS: %s", rc_text(rc));
+        kvh_util_write_message(error, "rados: cannot parse CEPH_ARGS: %s", rc_text(rc));
         goto fail_cluster;
     }
     const char *keyring = config.text[OPT_KEYRING];
     if (*keyring != '\0' && (rc = rados_conf_set(b->cluster, "keyring", keyring)) < 0) {
-        write_message(error, "rados: invalid value for option 'keyring': %s", rc_text(rc));
+        kvh_util_write_message(error, "rados: invalid value for option 'keyring': %s", rc_text(rc));
         goto fail_cluster;
     }
     const char *key = config.text[OPT_KEY];
     if (key != NULL && *key != '\0' && (rc = rados_conf_set(b->cluster, "key", key)) < 0) {
-        write_message(error, "rados: invalid value for option 'key' (not shown): %s", rc_text(rc));
+        kvh_util_write_message(error, "rados: invalid value for option 'key' (not shown): %s", rc_text(rc));
         goto fail_cluster;
     }
     char timeout[24];
@@ -2636,7 +2479,7 @@ static kvh_status kr_create(const kvh_host_api *host, const kvh_options *options
     const char *timeouts[] = { "rados_osd_op_timeout", "rados_mon_op_timeout", "client_mount_timeout" };
     for (size_t i = 0; i < sizeof timeouts / sizeof timeouts[0]; i++) {
         if ((rc = rados_conf_set(b->cluster, timeouts[i], timeout)) < 0) {
-            write_message(error, "rados: setting %s=%s: %s", timeouts[i], timeout, rc_text(rc));
+            kvh_util_write_message(error, "rados: setting %s=%s: %s", timeouts[i], timeout, rc_text(rc));
             goto fail_cluster;
         }
     }
@@ -2652,7 +2495,7 @@ static kvh_status kr_create(const kvh_host_api *host, const kvh_options *options
     };
     for (size_t i = 0; i < sizeof throttles / sizeof throttles[0]; i++) {
         if ((rc = conf_at_least(b->cluster, throttles[i].option, throttles[i].wanted)) < 0) {
-            write_message(error, "rados: setting %s to at least %" PRIu64 ": %s", throttles[i].option,
+            kvh_util_write_message(error, "rados: setting %s to at least %" PRIu64 ": %s", throttles[i].option,
                           throttles[i].wanted, rc_text(rc));
             goto fail_cluster;
         }
@@ -2665,14 +2508,14 @@ static kvh_status kr_create(const kvh_host_api *host, const kvh_options *options
     }
     b->mon_host = strdup(mon_host);
     if (b->mon_host == NULL) {
-        write_message(error, "rados: create: out of memory");
+        kvh_util_write_message(error, "rados: create: out of memory");
         status = KVH_ERR_INTERNAL;
         goto fail_cluster;
     }
     double started = now_s();
     rc = rados_connect(b->cluster);
     if (rc < 0) {
-        write_message(error, "rados: cannot connect to cluster '%s' at mon_host %s as %s: %s (after %.1f s; "
+        kvh_util_write_message(error, "rados: cannot connect to cluster '%s' at mon_host %s as %s: %s (after %.1f s; "
                              "op_timeout_s=%u)",
                       b->cluster_name, b->mon_host, b->user, rc_text(rc), now_s() - started, b->op_timeout_s);
         status = KVH_ERR_UNAVAILABLE;
@@ -2681,12 +2524,12 @@ static kvh_status kr_create(const kvh_host_api *host, const kvh_options *options
     rc = rados_ioctx_create(b->cluster, b->pool, &b->io);
     if (rc < 0) {
         if (rc == -ENOENT) {
-            write_message(error, "rados: pool '%s' does not exist on cluster '%s' (mon_host %s); create it, e.g. "
+            kvh_util_write_message(error, "rados: pool '%s' does not exist on cluster '%s' (mon_host %s); create it, e.g. "
                                  "`ceph osd pool create %s`",
                           b->pool, b->cluster_name, b->mon_host, b->pool);
             status = KVH_ERR_INVALID_CONFIG;
         } else {
-            write_message(error, "rados: cannot open pool '%s' on cluster '%s' (mon_host %s): %s", b->pool,
+            kvh_util_write_message(error, "rados: cannot open pool '%s' on cluster '%s' (mon_host %s): %s", b->pool,
                           b->cluster_name, b->mon_host, rc_text(rc));
             status = status_of(rc) == KVH_ERR_TIMEOUT ? KVH_ERR_UNAVAILABLE : KVH_ERR_IO;
         }
@@ -2700,7 +2543,7 @@ static kvh_status kr_create(const kvh_host_api *host, const kvh_options *options
     {
         char *probe = malloc(b->prefix_len + sizeof "#health");
         if (probe == NULL) {
-            write_message(error, "rados: create: out of memory");
+            kvh_util_write_message(error, "rados: create: out of memory");
             status = KVH_ERR_INTERNAL;
             goto fail_ioctx;
         }
@@ -2712,7 +2555,7 @@ static kvh_status kr_create(const kvh_host_api *host, const kvh_options *options
         rc = rados_stat(b->io, probe, &size, &mtime);
         free(probe);
         if (rc < 0 && rc != -ENOENT) {
-            write_message(error, "rados: pool '%s' namespace '%s' on cluster '%s' (mon_host %s) did not answer a probe "
+            kvh_util_write_message(error, "rados: pool '%s' namespace '%s' on cluster '%s' (mon_host %s) did not answer a probe "
                                  "read as %s: %s (after %.1f s)%s",
                           b->pool, b->nspace, b->cluster_name, b->mon_host, b->user, rc_text(rc), now_s() - started,
                           rc == -EPERM || rc == -EACCES ? "; the user needs caps like mon 'allow r' osd 'allow rw pool=<pool>'"
@@ -2724,12 +2567,12 @@ static kvh_status kr_create(const kvh_host_api *host, const kvh_options *options
 
     b->gen_seed = random_seed(rados_get_instance_id(b->cluster));
     if (pthread_mutex_init(&b->lock, NULL) != 0) {
-        write_message(error, "rados: create: cannot initialise a mutex");
+        kvh_util_write_message(error, "rados: create: cannot initialise a mutex");
         status = KVH_ERR_INTERNAL;
         goto fail_ioctx;
     }
     if (pthread_cond_init(&b->idle, NULL) != 0) {
-        write_message(error, "rados: create: cannot initialise a condition variable");
+        kvh_util_write_message(error, "rados: create: cannot initialise a condition variable");
         pthread_mutex_destroy(&b->lock);
         status = KVH_ERR_INTERNAL;
         goto fail_ioctx;
@@ -2738,10 +2581,10 @@ static kvh_status kr_create(const kvh_host_api *host, const kvh_options *options
     if (rados_cluster_fsid(b->cluster, fsid, sizeof fsid) < 0) {
         snprintf(fsid, sizeof fsid, "?"); /* only for the log line below */
     }
-    host_log(host, KVH_LOG_INFO,
+    kvh_util_log(host, RADOS_TARGET, KVH_LOG_INFO,
              "create instance=%.*s cluster=%s fsid=%s mon_host=%s user=%s pool=%s namespace='%s' object_prefix='%s' "
              "op_timeout_s=%u max_object_bytes=%" PRIu64 " max_in_flight=%u checksum=%s%s",
-             str_precision(host->instance_name), str_chars(host->instance_name), b->cluster_name, fsid, b->mon_host,
+             kvh_util_str_precision(host->instance_name), kvh_util_str_chars(host->instance_name), b->cluster_name, fsid, b->mon_host,
              b->user, b->pool, b->nspace, b->prefix, b->op_timeout_s, b->stripe_unit, b->max_in_flight,
              b->checksum ? "true" : "false", key != NULL && *key != '\0' ? " key=(set, not shown)" : "");
     config_free(&config);
@@ -2785,7 +2628,7 @@ static void kr_destroy(kvh_backend *b) {
     }
     pthread_mutex_unlock(&b->lock);
     probes_reap(b, 1);
-    host_log(b->host, KVH_LOG_INFO,
+    kvh_util_log(b->host, RADOS_TARGET, KVH_LOG_INFO,
              "destroy: puts %" PRIu64 " ok / %" PRIu64 " failed (%" PRIu64 " replaced an older version, %" PRIu64
              " of them without reading it first), gets %" PRIu64
              " hits / %" PRIu64 " misses / %" PRIu64 " failed; %" PRIu64 " timeouts, %" PRIu64 " not attempted, %" PRIu64

@@ -30,6 +30,7 @@
 #define _POSIX_C_SOURCE 200809L /* nanosleep, clock_gettime */
 
 #include "kvhost_plugin.h"
+#include "kvhost_plugin_util.h"
 
 #include <dlfcn.h>
 #include <inttypes.h>
@@ -137,32 +138,6 @@ static void phase_skip(const char *name, const char *why) {
 /* ================================================================================================ */
 /* Small helpers                                                                                    */
 /* ================================================================================================ */
-
-static const char *status_name(kvh_status status) {
-    switch (status) {
-    case KVH_OK: return "OK";
-    case KVH_PENDING: return "PENDING";
-    case KVH_ERR_INVALID_ARG: return "INVALID_ARG";
-    case KVH_ERR_NULL_PARAM: return "NULL_PARAM";
-    case KVH_ERR_NOT_FOUND: return "NOT_FOUND";
-    case KVH_ERR_BUFFER_TOO_SMALL: return "BUFFER_TOO_SMALL";
-    case KVH_ERR_UNSUPPORTED: return "UNSUPPORTED";
-    case KVH_ERR_BUSY: return "BUSY";
-    case KVH_ERR_IO: return "IO";
-    case KVH_ERR_TIMEOUT: return "TIMEOUT";
-    case KVH_ERR_CANCELED: return "CANCELED";
-    case KVH_ERR_NO_SPACE: return "NO_SPACE";
-    case KVH_ERR_INVALID_CONFIG: return "INVALID_CONFIG";
-    case KVH_ERR_INTERNAL: return "INTERNAL";
-    case KVH_ERR_PANIC: return "PANIC";
-    case KVH_ERR_POISONED: return "POISONED";
-    case KVH_ERR_ABI_MISMATCH: return "ABI_MISMATCH";
-    case KVH_ERR_UNAVAILABLE: return "UNAVAILABLE";
-    case KVH_ERR_CORRUPT: return "CORRUPT";
-    case KVH_ERR_NO_RESULT: return "NO_RESULT";
-    default: return "unknown status";
-    }
-}
 
 /* Whether `len` bytes at `text` are valid UTF-8 (the ABI's strings are UTF-8). */
 static bool utf8_valid(const char *text, size_t len) {
@@ -477,7 +452,7 @@ static bool op_wait(struct op *op) {
  * status of the whole operation. */
 static kvh_status op_finish(struct op *op, kvh_status rc, const char *what) {
     if (rc != KVH_PENDING) {
-        CHECK(atomic_load(&op->fired) == 0, "%s returned %s, yet its completion fired", what, status_name(rc));
+        CHECK(atomic_load(&op->fired) == 0, "%s returned %s, yet its completion fired", what, kvh_util_status_name(rc));
         return rc;
     }
     atomic_fetch_add(&g_pending, 1);
@@ -592,15 +567,15 @@ static void put_free(struct put_req *r) {
 /* Checks the result of a finished put whose chunks should all be stored. */
 static void check_put_result(struct put_req *r, kvh_status status, const char *what) {
     if (g.quirk == QUIRK_PUT_THROWS) {
-        CHECK(status == KVH_ERR_PANIC, "%s: want PANIC from the throwing fixture, got %s", what, status_name(status));
+        CHECK(status == KVH_ERR_PANIC, "%s: want PANIC from the throwing fixture, got %s", what, kvh_util_status_name(status));
         return;
     }
-    CHECK(status == KVH_OK, "%s failed: %s", what, status_name(status));
+    CHECK(status == KVH_OK, "%s failed: %s", what, kvh_util_status_name(status));
     if (status != KVH_OK) {
         return;
     }
     for (size_t i = 0; i < r->keys.len; i++) {
-        CHECK(r->status[i] == KVH_OK, "%s: item %zu (%s) is %s", what, i, r->keys.text[i], status_name(r->status[i]));
+        CHECK(r->status[i] == KVH_OK, "%s: item %zu (%s) is %s", what, i, r->keys.text[i], kvh_util_status_name(r->status[i]));
     }
 }
 
@@ -660,7 +635,7 @@ static kvh_status get_sync(struct get_req *r, const char *what) {
     if (rc != KVH_PENDING && rc != KVH_OK) {
         check_last_error(what);
     }
-    CHECK(status == KVH_OK, "%s failed: %s", what, status_name(status));
+    CHECK(status == KVH_OK, "%s failed: %s", what, kvh_util_status_name(status));
     for (size_t i = 0; i < r->keys.len; i++) {
         if (r->cap[i] > 0) {
             CHECK(canary_intact(r->buf[i] + r->cap[i]), "%s: item %zu written past its %zu-byte buffer", what, i,
@@ -730,7 +705,7 @@ static void key_sync(struct key_req *r, enum key_call call) {
     if (rc != KVH_PENDING && rc != KVH_OK) {
         check_last_error(what);
     }
-    CHECK(status == KVH_OK, "%s failed: %s", what, status_name(status));
+    CHECK(status == KVH_OK, "%s failed: %s", what, kvh_util_status_name(status));
     for (size_t i = 0; i < r->keys.len && status == KVH_OK; i++) {
         CHECK(r->status[i] != KVH_ERR_NO_RESULT, "%s: item %zu not answered", what, i);
     }
@@ -758,7 +733,7 @@ static void contains_ids(const int64_t *ids, size_t len, uint32_t pin, kvh_statu
     if (rc != KVH_OK) {
         check_last_error("contains");
     }
-    CHECK(rc == KVH_OK, "contains failed: %s", status_name(rc));
+    CHECK(rc == KVH_OK, "contains failed: %s", kvh_util_status_name(rc));
     for (size_t i = 0; i < len; i++) {
         CHECK(status[i] != KVH_ERR_NO_RESULT, "contains: item %zu not answered", i);
     }
@@ -780,7 +755,7 @@ static void contains_ids_async(const int64_t *ids, size_t len, kvh_status *statu
         check_last_error("contains_async");
     }
     kvh_status whole = op_finish(op, rc, "contains_async");
-    CHECK(whole == KVH_OK, "contains_async failed: %s", status_name(whole));
+    CHECK(whole == KVH_OK, "contains_async failed: %s", kvh_util_status_name(whole));
     for (size_t i = 0; i < len && whole == KVH_OK; i++) {
         CHECK(status[i] != KVH_ERR_NO_RESULT, "contains_async: item %zu not answered", i);
     }
@@ -1013,7 +988,7 @@ static void phase_create(int argc, char **argv) {
     CHECK(canary_intact(error + 256), "create wrote past its error buffer");
     if (rc != KVH_OK) {
         error[255] = '\0';
-        fatal("create failed: %s: %s", status_name(rc), error);
+        fatal("create failed: %s: %s", kvh_util_status_name(rc), error);
     }
     CHECK(backend != NULL, "create returned OK without a backend");
     if (backend == NULL) {
@@ -1101,8 +1076,8 @@ static void phase_put(void) {
         /* A synchronous plugin never calls the completion, so there is nothing to check then. */
         if (reentrant && status == KVH_OK && atomic_load(&r->op.fired) == 1) {
             kvh_status seen = atomic_load(&r->op.reentrant_status);
-            CHECK(seen == stored_status(), "contains from inside put's completion: %s, want %s", status_name(seen),
-                  status_name(stored_status()));
+            CHECK(seen == stored_status(), "contains from inside put's completion: %s, want %s", kvh_util_status_name(seen),
+                  kvh_util_status_name(stored_status()));
         }
         put_free(r);
     }
@@ -1139,8 +1114,8 @@ static void phase_contains(void) {
     for (size_t i = 0; i < n; i++) {
         bool stored = i < N_STORED_IDS;
         kvh_status want = stored ? stored_status() : KVH_ERR_NOT_FOUND;
-        CHECK(status[i] == want, "contains key %" PRId64 ": %s, want %s", ids[i], status_name(status[i]),
-              status_name(want));
+        CHECK(status[i] == want, "contains key %" PRId64 ": %s, want %s", ids[i], kvh_util_status_name(status[i]),
+              kvh_util_status_name(want));
         if (status[i] == KVH_OK) {
             hits++;
             CHECK(chunk_for_meta(ids[i], &meta[i]) != NULL, "contains key %" PRId64 ": metadata matches no put",
@@ -1162,7 +1137,7 @@ static void phase_contains(void) {
         }
         for (size_t i = 0; i < n; i++) {
             CHECK(astatus[i] == status[i], "contains_async key %" PRId64 ": %s, contains said %s", ids[i],
-                  status_name(astatus[i]), status_name(status[i]));
+                  kvh_util_status_name(astatus[i]), kvh_util_status_name(status[i]));
             if (astatus[i] == KVH_OK && status[i] == KVH_OK) {
                 CHECK(meta_equal(&ameta[i], &meta[i]), "contains_async key %" PRId64 ": other metadata", ids[i]);
             }
@@ -1199,7 +1174,7 @@ static void phase_get(void) {
     for (size_t i = 0; i < r->keys.len; i++) {
         bool stored = r->keys.k[i].chunk_hash != MISSING_ID_A;
         kvh_status want = stored ? stored_status() : KVH_ERR_NOT_FOUND;
-        CHECK(r->status[i] == want, "get %s: %s, want %s", r->keys.text[i], status_name(r->status[i]), status_name(want));
+        CHECK(r->status[i] == want, "get %s: %s, want %s", r->keys.text[i], kvh_util_status_name(r->status[i]), kvh_util_status_name(want));
         if (r->status[i] == KVH_OK) {
             hits++;
             check_get_hit(r, i);
@@ -1212,7 +1187,7 @@ static void phase_get(void) {
         r = xcalloc(sizeof *r);
         get_add(r, STORED_IDS[i], max_size_of(STORED_IDS[i]) + 10);
         get_sync(r, "get of one key");
-        CHECK(r->status[0] == stored_status(), "get %s: %s", r->keys.text[0], status_name(r->status[0]));
+        CHECK(r->status[0] == stored_status(), "get %s: %s", r->keys.text[0], kvh_util_status_name(r->status[0]));
         if (r->status[0] == KVH_OK) {
             hits++;
             check_get_hit(r, 0);
@@ -1229,19 +1204,19 @@ static void phase_get(void) {
     get_sync(r, "get into small buffers");
     if (g.hits) {
         CHECK(r->status[0] == KVH_ERR_BUFFER_TOO_SMALL && r->out_len[0] == 4096,
-              "get 4096 B into 100 B: %s, out_len %" PRIu64 ", want BUFFER_TOO_SMALL, 4096", status_name(r->status[0]),
+              "get 4096 B into 100 B: %s, out_len %" PRIu64 ", want BUFFER_TOO_SMALL, 4096", kvh_util_status_name(r->status[0]),
               r->out_len[0]);
         CHECK(r->status[1] == KVH_ERR_BUFFER_TOO_SMALL && r->out_len[1] == 65543,
-              "get 65543 B into 0 B: %s, out_len %" PRIu64 ", want BUFFER_TOO_SMALL, 65543", status_name(r->status[1]),
+              "get 65543 B into 0 B: %s, out_len %" PRIu64 ", want BUFFER_TOO_SMALL, 65543", kvh_util_status_name(r->status[1]),
               r->out_len[1]);
-        CHECK(r->status[2] == KVH_OK, "get 1 B into 1 B: %s", status_name(r->status[2]));
+        CHECK(r->status[2] == KVH_OK, "get 1 B into 1 B: %s", kvh_util_status_name(r->status[2]));
         if (r->status[2] == KVH_OK) {
             check_get_hit(r, 2);
         }
     } else {
         for (size_t i = 0; i < 3; i++) {
             CHECK(r->status[i] == KVH_ERR_NOT_FOUND, "get %s: %s, want NOT_FOUND", r->keys.text[i],
-                  status_name(r->status[i]));
+                  kvh_util_status_name(r->status[i]));
         }
     }
     get_free(r);
@@ -1273,16 +1248,16 @@ static void phase_pin(void) {
         keys_add(&r->keys, MISSING_ID_A);
         key_sync(r, CALL_PIN);
         CHECK(r->status[0] == KVH_OK && r->status[1] == KVH_ERR_NOT_FOUND, "pin [stored, missing]: %s, %s",
-              status_name(r->status[0]), status_name(r->status[1]));
+              kvh_util_status_name(r->status[0]), kvh_util_status_name(r->status[1]));
         free(r);
         CHECK(key_call1(CALL_PIN, 20) == KVH_OK, "second pin");
         kvh_status s = key_call1(CALL_REMOVE, 20);
         CHECK(s != KVH_OK && contains1(20, 0) == KVH_OK, "remove of a key pinned twice: %s, and it is gone",
-              status_name(s));
+              kvh_util_status_name(s));
         CHECK(key_call1(CALL_UNPIN, 20) == KVH_OK, "first unpin");
         s = key_call1(CALL_REMOVE, 20);
         CHECK(s != KVH_OK && contains1(20, 0) == KVH_OK, "remove of a key still pinned once: %s, and it is gone",
-              status_name(s));
+              kvh_util_status_name(s));
         CHECK(key_call1(CALL_UNPIN, 20) == KVH_OK, "second unpin");
         CHECK(key_call1(CALL_REMOVE, 20) == KVH_OK, "remove after the last unpin");
         CHECK(contains1(20, 0) == KVH_ERR_NOT_FOUND, "key still there after remove");
@@ -1290,7 +1265,7 @@ static void phase_pin(void) {
         /* contains(pin=1) pins; a forced remove removes a pinned key. */
         CHECK(contains1(21, 1) == KVH_OK, "contains with pin");
         s = key_call1(CALL_REMOVE, 21);
-        CHECK(s != KVH_OK, "remove of a key pinned by contains: %s", status_name(s));
+        CHECK(s != KVH_OK, "remove of a key pinned by contains: %s", kvh_util_status_name(s));
         CHECK(key_call1(CALL_FORCE_REMOVE, 21) == KVH_OK, "forced remove of a pinned key");
         CHECK(contains1(21, 0) == KVH_ERR_NOT_FOUND, "key still there after a forced remove");
     } else {
@@ -1323,18 +1298,18 @@ static void phase_remove(void) {
     kvh_status forced = key_call1(CALL_FORCE_REMOVE, 4);
     if (g.hits) {
         CHECK(removed == KVH_OK && missing == KVH_ERR_NOT_FOUND, "remove [stored, missing]: %s, %s",
-              status_name(removed), status_name(missing));
-        CHECK(forced == KVH_OK, "forced remove: %s", status_name(forced));
+              kvh_util_status_name(removed), kvh_util_status_name(missing));
+        CHECK(forced == KVH_OK, "forced remove: %s", kvh_util_status_name(forced));
     } else {
         CHECK(ok_or_missing(removed) && ok_or_missing(missing) && ok_or_missing(forced), "remove: %s %s %s",
-              status_name(removed), status_name(missing), status_name(forced));
+              kvh_util_status_name(removed), kvh_util_status_name(missing), kvh_util_status_name(forced));
     }
     CHECK(contains1(2, 0) == KVH_ERR_NOT_FOUND && contains1(4, 0) == KVH_ERR_NOT_FOUND, "removed keys still there");
     if (g.quirk != QUIRK_NEVER_COMPLETES) {
         struct get_req *gr = xcalloc(sizeof *gr);
         get_add(gr, 2, 16);
         get_sync(gr, "get after remove");
-        CHECK(gr->status[0] == KVH_ERR_NOT_FOUND, "get after remove: %s", status_name(gr->status[0]));
+        CHECK(gr->status[0] == KVH_ERR_NOT_FOUND, "get after remove: %s", kvh_util_status_name(gr->status[0]));
         get_free(gr);
     }
     r = xcalloc(sizeof *r);
@@ -1350,11 +1325,11 @@ static void phase_remove(void) {
         kvh_status first = key_call1(CALL_REMOVE_ASYNC, 300001);
         kvh_status second = key_call1(CALL_REMOVE_ASYNC, 300001);
         if (g.hits) {
-            CHECK(first == KVH_OK && second == KVH_ERR_NOT_FOUND, "remove_async twice: %s, %s", status_name(first),
-                  status_name(second));
+            CHECK(first == KVH_OK && second == KVH_ERR_NOT_FOUND, "remove_async twice: %s, %s", kvh_util_status_name(first),
+                  kvh_util_status_name(second));
         } else {
-            CHECK(ok_or_missing(first) && ok_or_missing(second), "remove_async: %s %s", status_name(first),
-                  status_name(second));
+            CHECK(ok_or_missing(first) && ok_or_missing(second), "remove_async: %s %s", kvh_util_status_name(first),
+                  kvh_util_status_name(second));
         }
         CHECK(contains1(300001, 0) == KVH_ERR_NOT_FOUND, "key still there after remove_async");
         r = xcalloc(sizeof *r);
@@ -1377,8 +1352,8 @@ static void phase_prefetch(void) {
     key_sync(r, CALL_PREFETCH);
     if (g.hits) {
         CHECK(r->status[0] == KVH_OK && r->status[1] == KVH_OK && r->status[2] == KVH_ERR_NOT_FOUND,
-              "prefetch [stored, stored, missing]: %s %s %s", status_name(r->status[0]), status_name(r->status[1]),
-              status_name(r->status[2]));
+              "prefetch [stored, stored, missing]: %s %s %s", kvh_util_status_name(r->status[0]), kvh_util_status_name(r->status[1]),
+              kvh_util_status_name(r->status[2]));
     } else {
         /* Per-item OK promises a cheap get; a plugin that keeps nothing cannot promise that. */
         for (size_t i = 0; i < 3; i++) {
@@ -1414,13 +1389,13 @@ static void phase_flush(void) {
     if (flushed != KVH_OK) {
         check_last_error("flush");
     }
-    CHECK(flushed == KVH_OK, "flush with puts in flight: %s", status_name(flushed));
+    CHECK(flushed == KVH_OK, "flush with puts in flight: %s", kvh_util_status_name(flushed));
     for (int i = 0; i < N; i++) {
         check_put_result(r[i], op_finish(&r[i]->op, rc[i], "put before flush"), "put before flush");
         put_free(r[i]);
     }
     flushed = g.vt.flush(g.backend);
-    CHECK(flushed == KVH_OK, "flush: %s", status_name(flushed));
+    CHECK(flushed == KVH_OK, "flush: %s", kvh_util_status_name(flushed));
     for (int i = 0; i < N; i++) {
         CHECK(contains1(30 + i, 0) == stored_status(), "key %d after flush", 30 + i);
     }
@@ -1436,7 +1411,7 @@ static void phase_health(void) {
     char message[256 + CANARY_LEN];
     memset(message, CANARY, sizeof message);
     kvh_status rc = g.vt.health(g.backend, (kvh_message_buf){ message, 256 });
-    CHECK(rc == KVH_OK, "health: %s", status_name(rc));
+    CHECK(rc == KVH_OK, "health: %s", kvh_util_status_name(rc));
     CHECK(memchr(message, '\0', 256) != NULL && canary_intact(message + 256), "health message not NUL-terminated "
                                                                               "within its buffer");
     message[255] = '\0';
@@ -1446,11 +1421,11 @@ static void phase_health(void) {
     memset(small, CANARY, sizeof small);
     rc = g.vt.health(g.backend, (kvh_message_buf){ small, 4 });
     CHECK(rc == KVH_OK && memchr(small, '\0', 4) != NULL && canary_intact(small + 4),
-          "health with a 4-byte buffer: %s, or it overran", status_name(rc));
+          "health with a 4-byte buffer: %s, or it overran", kvh_util_status_name(rc));
     CHECK(strncmp(small, message, strnlen(small, 4)) == 0, "truncated health message is not a prefix");
 
     rc = g.vt.health(g.backend, (kvh_message_buf){ NULL, 0 });
-    CHECK(rc == KVH_OK, "health without a buffer: %s", status_name(rc));
+    CHECK(rc == KVH_OK, "health without a buffer: %s", kvh_util_status_name(rc));
     phase_end("\"%s\"", message);
 }
 
@@ -1475,17 +1450,17 @@ static void phase_clear(void) {
     if (rc != KVH_OK) {
         check_last_error("clear");
     }
-    CHECK(rc == KVH_OK, "clear: %s", status_name(rc));
+    CHECK(rc == KVH_OK, "clear: %s", kvh_util_status_name(rc));
     kvh_status status[MAX_BATCH];
     kvh_chunk_meta meta[MAX_BATCH];
     int64_t ids[MAX_BATCH] = { 40, 41, 1, 3, 5, 7, 9, TAGGED_KEY_ID };
     contains_ids(ids, MAX_BATCH, 0, status, meta);
     for (size_t i = 0; i < MAX_BATCH; i++) {
-        CHECK(status[i] == KVH_ERR_NOT_FOUND, "key %" PRId64 " after clear: %s", ids[i], status_name(status[i]));
+        CHECK(status[i] == KVH_ERR_NOT_FOUND, "key %" PRId64 " after clear: %s", ids[i], kvh_util_status_name(status[i]));
     }
     if (pinned) {
         kvh_status unpinned = key_call1(CALL_UNPIN, 41);
-        CHECK(unpinned == KVH_ERR_NOT_FOUND, "unpin of a key removed by clear: %s", status_name(unpinned));
+        CHECK(unpinned == KVH_ERR_NOT_FOUND, "unpin of a key removed by clear: %s", kvh_util_status_name(unpinned));
     }
 
     /* Still usable. */
@@ -1496,13 +1471,13 @@ static void phase_clear(void) {
     struct get_req *r = xcalloc(sizeof *r);
     get_add(r, 42, 100);
     get_sync(r, "get after clear");
-    CHECK(r->status[0] == stored_status(), "get after clear: %s", status_name(r->status[0]));
+    CHECK(r->status[0] == stored_status(), "get after clear: %s", kvh_util_status_name(r->status[0]));
     if (r->status[0] == KVH_OK) {
         check_chunk(42, 1, 100, r->out_len[0], &r->out_meta[0], r->buf[0]);
     }
     get_free(r);
     rc = g.vt.clear(g.backend);
-    CHECK(rc == KVH_OK, "second clear: %s", status_name(rc));
+    CHECK(rc == KVH_OK, "second clear: %s", kvh_util_status_name(rc));
     phase_end("removes every chunk%s; the backend works afterwards", pinned ? " (pinned too)" : "");
 }
 
@@ -1564,7 +1539,7 @@ static void *concurrency_thread(void *arg) {
         struct get_req *r = xcalloc(sizeof *r);
         get_add(r, id, size);
         get_sync(r, "concurrent get");
-        CHECK(r->status[0] == stored_status(), "concurrent get %s: %s", r->keys.text[0], status_name(r->status[0]));
+        CHECK(r->status[0] == stored_status(), "concurrent get %s: %s", r->keys.text[0], kvh_util_status_name(r->status[0]));
         if (r->status[0] == KVH_OK) {
             check_chunk(id, 1, size, r->out_len[0], &r->out_meta[0], r->buf[0]);
         }
@@ -1575,23 +1550,23 @@ static void *concurrency_thread(void *arg) {
             kvh_status pinned = key_call1(CALL_PIN, id);
             kvh_status unpinned = key_call1(CALL_UNPIN, id);
             CHECK(g.hits ? pinned == KVH_OK && unpinned == KVH_OK : ok_or_missing(pinned) && ok_or_missing(unpinned),
-                  "concurrent pin/unpin: %s, %s", status_name(pinned), status_name(unpinned));
+                  "concurrent pin/unpin: %s, %s", kvh_util_status_name(pinned), kvh_util_status_name(unpinned));
         }
         if (has_cap(KVH_CAP_PREFETCH) && round % 3 == 0) {
             kvh_status s = key_call1(CALL_PREFETCH, id);
-            CHECK(g.hits ? s == KVH_OK : s != KVH_OK, "concurrent prefetch: %s", status_name(s));
+            CHECK(g.hits ? s == KVH_OK : s != KVH_OK, "concurrent prefetch: %s", kvh_util_status_name(s));
         }
         if (has_cap(KVH_CAP_HEALTH) && round % 8 == 0) {
             char message[128];
             CHECK(g.vt.health(g.backend, (kvh_message_buf){ message, sizeof message }) == KVH_OK, "concurrent health");
         }
         kvh_status removed = key_call1(round % 2 ? CALL_FORCE_REMOVE : CALL_REMOVE, id);
-        CHECK(g.hits ? removed == KVH_OK : ok_or_missing(removed), "concurrent remove: %s", status_name(removed));
+        CHECK(g.hits ? removed == KVH_OK : ok_or_missing(removed), "concurrent remove: %s", kvh_util_status_name(removed));
 
         r = xcalloc(sizeof *r);
         get_add(r, id, size);
         get_sync(r, "concurrent get after remove");
-        CHECK(r->status[0] == KVH_ERR_NOT_FOUND, "concurrent get after remove: %s", status_name(r->status[0]));
+        CHECK(r->status[0] == KVH_ERR_NOT_FOUND, "concurrent get after remove: %s", kvh_util_status_name(r->status[0]));
         get_free(r);
     }
     return NULL;
@@ -1692,9 +1667,9 @@ static void phase_destroy(void) {
             refused_busy++;
             check_last_error("put/get refused with BUSY");
         } else if (ops[i].kind == OP_PUT && g.quirk == QUIRK_PUT_THROWS) {
-            CHECK(ops[i].rc == KVH_ERR_PANIC, "put: want PANIC from the throwing fixture, got %s", status_name(ops[i].rc));
+            CHECK(ops[i].rc == KVH_ERR_PANIC, "put: want PANIC from the throwing fixture, got %s", kvh_util_status_name(ops[i].rc));
         } else {
-            CHECK(ops[i].rc == KVH_OK, "op %d returned %s", i, status_name(ops[i].rc));
+            CHECK(ops[i].rc == KVH_OK, "op %d returned %s", i, kvh_util_status_name(ops[i].rc));
         }
     }
 
@@ -1704,7 +1679,7 @@ static void phase_destroy(void) {
             in_flight += atomic_load(&ops[i].op->fired) == 0;
         } else {
             CHECK(atomic_load(&ops[i].op->fired) == 0, "op %d returned %s, yet its completion fired", i,
-                  status_name(ops[i].rc));
+                  kvh_util_status_name(ops[i].rc));
         }
     }
     if (pending > 0 && refused_busy == 0) {
