@@ -354,7 +354,7 @@ impl Backend for FsBackend {
         OptionSpec::optional(
             c"io_threads",
             c"2",
-            c"threads serving put and get (1 to 256)",
+            c"threads serving put and get (1 to 256); a get of fewer chunks than threads has each chunk of 2 MiB or more read in parts by several of them",
         ),
         OptionSpec::optional(
             c"o_direct",
