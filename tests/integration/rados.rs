@@ -1532,6 +1532,20 @@ fn within_timeout(op_timeout_s: u64) -> Duration {
     Duration::from_secs(op_timeout_s + 7)
 }
 
+/// Run `op` with the OSD down: it must return within the outage bound of `op_timeout_s` (the caller
+/// checks what it returned).
+fn fails_within<R>(op_timeout_s: u64, what: &str, op: impl FnOnce() -> R) -> R {
+    let started = Instant::now();
+    let r = op();
+    let took = started.elapsed();
+    assert!(
+        took < within_timeout(op_timeout_s),
+        "{what} took {took:?} with the OSD down"
+    );
+    println!("OSD down, op_timeout_s={op_timeout_s}: {what} answered in {took:?}");
+    r
+}
+
 fn is_outage(status: Status) -> bool {
     status == Status::TIMEOUT || status == Status::UNAVAILABLE
 }
@@ -1579,80 +1593,33 @@ fn an_osd_outage_fails_calls_in_time_the_chain_keeps_serving_and_the_plugin_reco
     let during: Vec<(ChunkKey, u64, usize)> = (0..20)
         .map(|i| (key(200 + i), 200 + i as u64, 70_000))
         .collect();
-    let started = Instant::now();
-    let statuses = put_items(&p, &during);
-    let took = started.elapsed();
+    let statuses = fails_within(t, "put of 20 striped chunks", || put_items(&p, &during));
     assert!(
         statuses.iter().all(|s| is_outage(*s)),
         "put during the outage: {statuses:?}"
     );
-    assert!(
-        took < within_timeout(t),
-        "put of 20 chunks took {took:?} with the OSD down"
-    );
-    println!("OSD down, op_timeout_s={t}: put of 20 striped chunks failed in {took:?}");
     // get, contains, remove, health: the same.
     let keys: Vec<ChunkKey> = before.iter().map(|(k, _, _)| k.clone()).collect();
-    let started = Instant::now();
-    for (item, _) in get_chunks(&p, &keys, 300_000) {
+    for (item, _) in fails_within(t, "get of 6 chunks", || get_chunks(&p, &keys, 300_000)) {
         assert!(
             matches!(item, GetItem::Failed(s, _) if is_outage(s)),
             "get during the outage: {item:?}"
         );
     }
-    assert!(
-        started.elapsed() < within_timeout(t),
-        "get took {:?}",
-        started.elapsed()
-    );
-    println!(
-        "OSD down: get of 6 chunks failed in {:?}",
-        started.elapsed()
-    );
     let many: Vec<ChunkKey> = (0..40).map(|i| key(300 + i)).collect();
-    let started = Instant::now();
-    for presence in p.contains(&many, false).unwrap() {
+    for presence in fails_within(t, "contains of 40 keys", || p.contains(&many, false)).unwrap() {
         assert!(
             matches!(presence, Presence::Failed(s, _) if is_outage(s)),
             "{presence:?}"
         );
     }
-    assert!(
-        started.elapsed() < within_timeout(t),
-        "contains of 40 keys took {:?}",
-        started.elapsed()
-    );
-    println!(
-        "OSD down: contains of 40 keys failed in {:?}",
-        started.elapsed()
-    );
-    let started = Instant::now();
-    for status in p.remove(&many[..10], false).unwrap() {
+    for status in fails_within(t, "remove of 10 keys", || p.remove(&many[..10], false)).unwrap() {
         assert!(is_outage(status), "remove during the outage: {status}");
     }
-    assert!(
-        started.elapsed() < within_timeout(t),
-        "remove took {:?}",
-        started.elapsed()
-    );
-    println!(
-        "OSD down: remove of 10 keys failed in {:?}",
-        started.elapsed()
-    );
-    let started = Instant::now();
-    let e = health(&p).expect_err("unhealthy with the OSD down");
+    let e = fails_within(t, "health", || health(&p)).expect_err("unhealthy with the OSD down");
     assert!(
         e.contains("probe failed") && e.contains("mon_host v2:127.0.0.1"),
         "{e}"
-    );
-    assert!(
-        started.elapsed() < within_timeout(t),
-        "health took {:?}",
-        started.elapsed()
-    );
-    println!(
-        "OSD down: health said UNAVAILABLE in {:?}: {e}",
-        started.elapsed()
     );
 
     // The chain keeps serving from the hot cache; a put is still stored there; a key only in rados is

@@ -449,56 +449,33 @@ fn redis_conforms_over_tls_with_client_certificates_and_refuses_bad_trust() {
     assert_eq!(keys_matching(server.port, "tlsonly:").len(), 1);
     drop(p);
 
+    let refused = |opts: &[(&str, &str)]| load("rt", &redis_so(), "redis", opts).unwrap_err();
     // No client certificate: the server refuses the handshake.
-    let e = load("rt", &redis_so(), "redis", &tls[..2]).unwrap_err();
+    let e = refused(&tls[..2]);
     println!("without a client certificate: {e}");
     assert!(e.contains(&format!("127.0.0.1:{tls_port}")), "{e}");
     // A CA that did not sign the server's certificate: the plugin refuses the server.
     let other = pki.file("other-ca.crt");
-    let e = load(
-        "rt",
-        &redis_so(),
-        "redis",
-        &[
-            ("url", url.as_str()),
-            ("tls_ca_file", other.as_str()),
-            ("tls_cert_file", cert.as_str()),
-            ("tls_key_file", key_file.as_str()),
-        ],
-    )
-    .unwrap_err();
+    let e = refused(&[
+        ("url", url.as_str()),
+        ("tls_ca_file", other.as_str()),
+        ("tls_cert_file", cert.as_str()),
+        ("tls_key_file", key_file.as_str()),
+    ]);
     assert!(
         e.contains(&format!("127.0.0.1:{tls_port}")) && e.to_lowercase().contains("certificate"),
         "{e}"
     );
     // TLS files without TLS, half a client identity, a missing file.
     let plain = server.url();
-    let e = load(
-        "rt",
-        &redis_so(),
-        "redis",
-        &[("url", plain.as_str()), ("tls_ca_file", ca.as_str())],
-    )
-    .unwrap_err();
+    let e = refused(&[("url", plain.as_str()), ("tls_ca_file", ca.as_str())]);
     assert!(e.contains("need TLS"), "{e}");
-    let e = load(
-        "rt",
-        &redis_so(),
-        "redis",
-        &[("url", url.as_str()), ("tls_cert_file", cert.as_str())],
-    )
-    .unwrap_err();
+    let e = refused(&[("url", url.as_str()), ("tls_cert_file", cert.as_str())]);
     assert!(e.contains("give both or neither"), "{e}");
-    let e = load(
-        "rt",
-        &redis_so(),
-        "redis",
-        &[
-            ("url", url.as_str()),
-            ("tls_ca_file", "/nonexistent/ca.pem"),
-        ],
-    )
-    .unwrap_err();
+    let e = refused(&[
+        ("url", url.as_str()),
+        ("tls_ca_file", "/nonexistent/ca.pem"),
+    ]);
     assert!(e.contains("tls_ca_file `/nonexistent/ca.pem`"), "{e}");
     let _ = std::fs::remove_dir_all(&pki.dir);
 }

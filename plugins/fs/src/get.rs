@@ -114,7 +114,7 @@ pub fn run_get(
             return p.fail(&Error::new(Status::INVALID_ARG, why));
         }
     };
-    let ways = threads / request.len();
+    let ways = threads / request.len().max(1);
     let mut work = Vec::with_capacity(request.len().max(threads));
     for dst in dsts {
         if ways < 2 {
