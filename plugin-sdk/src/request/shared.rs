@@ -232,3 +232,26 @@ impl std::fmt::Debug for SharedGet {
         write!(f, "SharedGet({} items)", self.len())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(ptr: usize, len: usize) -> abi::kvh_mut_bytes {
+        abi::kvh_mut_bytes {
+            ptr: ptr as *mut u8,
+            len,
+        }
+    }
+
+    #[test]
+    fn overlap_is_found_in_any_order_and_empty_buffers_never_overlap() {
+        assert!(!overlapping(&[]));
+        assert!(!overlapping(&[b(4096, 100), b(4196, 100), b(8192, 1)]));
+        assert!(overlapping(&[b(4096, 101), b(4196, 100)]));
+        assert!(overlapping(&[b(8192, 10), b(100, 10), b(8195, 1)]));
+        assert!(overlapping(&[b(4096, 10), b(4096, 10)]));
+        // NULL or empty buffers take no bytes.
+        assert!(!overlapping(&[b(4096, 0), b(4096, 10), b(0, 10), b(0, 10)]));
+    }
+}
