@@ -49,7 +49,7 @@ pub use key::{ChunkMeta, Key};
 pub use logging::Host;
 pub use request::{
     Batch, Contains, ContainsBatch, DstPart, Get, KeyBatch, Op, Pending, Prefetch, Put, Remove,
-    Request, SharedGet, Submit,
+    Request, SharedGet, SharedPut, Submit,
 };
 pub use status::{Error, Status};
 

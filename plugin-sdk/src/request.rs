@@ -16,7 +16,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 mod shared;
-pub use shared::{DstPart, SharedGet};
+pub use shared::{DstPart, SharedGet, SharedPut};
 
 thread_local! {
     /// Set when a request is deferred during the current trampoline call, so a panic after `defer`

@@ -892,3 +892,48 @@ fn a_chunk_verified_in_parts_detects_a_flipped_byte_in_any_part() {
         assert_eq!(chunk_files(&dir.0).len(), 1, "corrupt files are removed");
     }
 }
+
+#[test]
+fn a_put_request_is_written_by_several_threads_and_made_visible_in_order() {
+    for (threads, direct) in [("1", "false"), ("3", "false"), ("3", "true")] {
+        let dir = TempDir::new("put-order");
+        // 8 MiB of capacity: the 9 MiB chunk cannot fit; keys 1 and 5 are the same (the later wins).
+        let p = must_load_fs(
+            &dir,
+            &[
+                ("io_threads", threads),
+                ("o_direct", direct),
+                ("max_size_gib", "0.0078125"),
+            ],
+        );
+        let keys: Vec<ChunkKey> = [0, 1, 2, 3, 4, 1].iter().map(|&n| fkey(9300 + n)).collect();
+        let sizes = [1 << 20, 700_000, 4097, 9 << 20, 1 << 20, 300_000];
+        let data: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| bytes(700 + i as u64, n))
+            .collect();
+        let st = put(&p, &keys, &data, 6);
+        let want = [
+            Status::OK,
+            Status::OK,
+            Status::OK,
+            Status::NO_SPACE,
+            Status::OK,
+            Status::OK,
+        ];
+        assert_eq!(st, want, "io_threads={threads} o_direct={direct}");
+        let unique = [0usize, 5, 2, 4];
+        let ks: Vec<ChunkKey> = unique.iter().map(|&i| keys[i].clone()).collect();
+        let ds: Vec<Vec<u8>> = unique.iter().map(|&i| data[i].clone()).collect();
+        expect_hits(&p, &ks, &ds, 6);
+        assert_eq!(
+            get(&p, &keys[3..4], &[10 << 20]).0[0],
+            GetItem::Miss,
+            "the chunk that did not fit"
+        );
+        let h = health(&p);
+        assert!(h.contains("reserved=0 "), "nothing stays reserved: {h}");
+        assert_eq!(chunk_files(&dir.0).len(), 4, "{h}");
+    }
+}

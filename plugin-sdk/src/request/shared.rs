@@ -1,9 +1,15 @@
-//! A get request filled by several threads at once: [`Pending::share`] splits it into a [`SharedGet`]
-//! (keys and results, shareable) and one [`DstPart`] per item (its destination buffer, which can be
-//! split further and sent to other threads). The request completes when the last of them is dropped,
-//! so no thread can write a destination buffer after the host got it back.
+//! Requests served by several threads at once.
+//!
+//! - A get: [`Pending::<Get>::share`] splits it into a [`SharedGet`] (keys and results, shareable) and
+//!   one [`DstPart`] per item (its destination buffer, which can be split further and sent to other
+//!   threads).
+//! - A put: [`Pending::<Put>::share`] makes a [`SharedPut`] (keys, data, metadata and results,
+//!   shareable).
+//!
+//! The request completes when the last of these handles is dropped, so no thread can touch a host
+//! buffer after the host got it back.
 
-use super::{Batch, Get, Pending};
+use super::{Batch, Get, Op, Pending, Put};
 use crate::key::{ChunkMeta, Key};
 use crate::status::{Error, Status};
 use crate::{abi, ffi};
@@ -12,7 +18,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 /// The shared half of a get request made by [`Pending::share`]: keys, capacities and the per-item
 /// results, usable from any thread. Clones are cheap and refer to the same request.
 #[derive(Clone)]
-pub struct SharedGet(Arc<Shared>);
+pub struct SharedGet(Arc<Shared<Get>>);
+
+/// A put request made shareable by [`Pending::<Put>::share`]: keys, data, metadata and the per-item
+/// results, usable from any thread. Clones are cheap and refer to the same request.
+#[derive(Clone)]
+pub struct SharedPut(Arc<Shared<Put>>);
 
 /// The destination buffer of one item of a shared get request, or a part of it. `Send`, so a part can
 /// be filled on another thread; parts never overlap.
@@ -21,21 +32,48 @@ pub struct DstPart {
     len: usize,
     item: usize,
     offset: usize,
-    _request: Arc<Shared>,
+    _request: Arc<Shared<Get>>,
 }
 
-struct Shared {
+struct Shared<O: Op> {
     /// `Some` until dropped; then completed with `failure` or OK.
-    pending: Option<Pending<Get>>,
+    pending: Option<Pending<O>>,
     /// Serialises writes to the host's per-item result arrays.
     results: Mutex<()>,
     failure: Mutex<Option<Error>>,
 }
 
-// SAFETY: through `&Shared` the request is only read (keys and capacities, host data that stays valid
-// and unchanged until completion) and its result slots are written under `results`; the destination
-// buffers are reached only through `DstPart`s, which are disjoint. Completion happens in `drop`, once.
-unsafe impl Sync for Shared {}
+// SAFETY: through `&Shared` the request is only read (keys, capacities, put data and metadata: host data
+// that stays valid and unchanged until completion) and its result slots are written under `results`;
+// get destination buffers are reached only through `DstPart`s, which are disjoint. Completion happens in
+// `drop`, once.
+unsafe impl<O: Op> Sync for Shared<O> {}
+
+impl<O: Op> Shared<O> {
+    fn new(pending: Pending<O>) -> Arc<Self> {
+        Arc::new(Shared {
+            pending: Some(pending),
+            results: Mutex::new(()),
+            failure: Mutex::new(None),
+        })
+    }
+
+    fn batch(&self) -> &Batch<O> {
+        // `pending` is taken only in `drop`, when no handle is left.
+        self.pending.as_ref().expect("request completed early")
+    }
+
+    /// Run `f` with the result slots to itself.
+    fn write<R>(&self, f: impl FnOnce(&Batch<O>) -> R) -> R {
+        let _g = self.results.lock().unwrap_or_else(PoisonError::into_inner);
+        f(self.batch())
+    }
+
+    fn fail(&self, err: Error) {
+        let mut f = self.failure.lock().unwrap_or_else(PoisonError::into_inner);
+        f.get_or_insert(err);
+    }
+}
 
 // SAFETY: a `DstPart` is the only handle to its bytes of a host destination buffer (parts are made
 // disjoint by `share` and `split_at`); the buffer stays writable until completion, which cannot happen
@@ -56,11 +94,7 @@ impl Pending<Get> {
         if overlapping(&dsts) {
             return Err(self);
         }
-        let shared = Arc::new(Shared {
-            pending: Some(self),
-            results: Mutex::new(()),
-            failure: Mutex::new(None),
-        });
+        let shared = Shared::new(self);
         let parts = dsts
             .into_iter()
             .enumerate()
@@ -87,7 +121,14 @@ fn overlapping(dsts: &[abi::kvh_mut_bytes]) -> bool {
     spans.windows(2).any(|w| w[0].1 > w[1].0)
 }
 
-impl Drop for Shared {
+impl Pending<Put> {
+    /// Share this request between threads (see [`SharedPut`]).
+    pub fn share(self) -> SharedPut {
+        SharedPut(Shared::new(self))
+    }
+}
+
+impl<O: Op> Drop for Shared<O> {
     fn drop(&mut self) {
         let failure = self
             .failure
@@ -103,63 +144,63 @@ impl Drop for Shared {
     }
 }
 
-impl SharedGet {
-    fn batch(&self) -> &Batch<Get> {
-        // `pending` is taken only in `drop`, when no `SharedGet` is left.
-        self.0.pending.as_ref().expect("request completed early")
-    }
+/// The methods both shared requests have: size, keys, whole-request failure.
+macro_rules! shared_request_methods {
+    ($t:ident) => {
+        impl $t {
+            /// Number of items.
+            pub fn len(&self) -> usize {
+                self.0.batch().len()
+            }
+            /// True for an empty batch.
+            pub fn is_empty(&self) -> bool {
+                self.len() == 0
+            }
+            /// Key of item `i`.
+            pub fn key(&self, i: usize) -> Key<'_> {
+                self.0.batch().key(i)
+            }
+            /// Complete the whole request with `err` instead of OK (the first such call wins).
+            pub fn fail(&self, err: Error) {
+                self.0.fail(err);
+            }
+        }
+    };
+}
+shared_request_methods!(SharedGet);
+shared_request_methods!(SharedPut);
 
-    /// Number of items.
-    pub fn len(&self) -> usize {
-        self.batch().len()
-    }
-    /// True for an empty batch.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    /// Key of item `i`.
-    pub fn key(&self, i: usize) -> Key<'_> {
-        self.batch().key(i)
-    }
+impl SharedGet {
     /// Capacity of the destination buffer of item `i`.
     pub fn capacity(&self, i: usize) -> usize {
-        self.batch().capacity(i)
+        self.0.batch().capacity(i)
     }
     /// Report a hit: `len` bytes were written into item `i`'s buffer, with `meta`.
     pub fn set_found(&self, i: usize, len: usize, meta: ChunkMeta) {
-        let _g = self
-            .0
-            .results
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        self.batch().set_found(i, len, meta);
+        self.0.write(|b| b.set_found(i, len, meta));
     }
     /// Report that item `i` needs `needed` bytes, more than its capacity.
     pub fn set_too_small(&self, i: usize, needed: usize) {
-        let _g = self
-            .0
-            .results
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        self.batch().set_too_small(i, needed);
+        self.0.write(|b| b.set_too_small(i, needed));
     }
     /// Report a miss or an error for item `i`.
     pub fn set_status(&self, i: usize, status: Status) {
-        let _g = self
-            .0
-            .results
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        self.batch().set_status(i, status);
+        self.0.write(|b| b.set_status(i, status));
     }
-    /// Complete the whole request with `err` instead of OK (the first such call wins).
-    pub fn fail(&self, err: Error) {
-        let mut f = self
-            .0
-            .failure
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        f.get_or_insert(err);
+}
+
+impl SharedPut {
+    /// Bytes of chunk `i` (borrowed from the host until completion).
+    pub fn data(&self, i: usize) -> &[u8] {
+        self.0.batch().data(i)
+    }
+    /// Metadata of chunk `i`.
+    pub fn meta(&self, i: usize) -> ChunkMeta {
+        self.0.batch().meta(i)
+    }
+    /// Report the outcome of chunk `i`.
+    pub fn set_status(&self, i: usize, status: Status) {
+        self.0.write(|b| b.set_status(i, status));
     }
 }
 
@@ -230,6 +271,12 @@ impl std::fmt::Debug for DstPart {
 impl std::fmt::Debug for SharedGet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "SharedGet({} items)", self.len())
+    }
+}
+
+impl std::fmt::Debug for SharedPut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SharedPut({} chunks)", self.len())
     }
 }
 

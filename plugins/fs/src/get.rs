@@ -13,6 +13,7 @@
 
 use crate::format::{DataHasher, Header};
 use crate::store::{IoBufs, OpenChunk, ReadOutcome, Store};
+use crate::Part;
 use crossbeam_channel::{Receiver, Sender};
 use kvhost_plugin_sdk::{log, DstPart, Error, Get, Pending, SharedGet, Status};
 use parking_lot::Mutex;
@@ -27,7 +28,7 @@ const SPLIT_MIN: usize = 1 << 20;
 const PART_ALIGN: usize = 64 << 10;
 
 /// Work for one I/O thread: all of one item, or a range of a chunk read in parts.
-pub enum Part {
+pub enum GetPart {
     /// Look the item up and read all of it.
     Item { request: SharedGet, dst: DstPart },
     /// An opened chunk too small to split (or not splittable).
@@ -118,7 +119,7 @@ pub fn run_get(
     let mut work = Vec::with_capacity(request.len().max(threads));
     for dst in dsts {
         if ways < 2 {
-            work.push(Part::Item {
+            work.push(GetPart::Item {
                 request: request.clone(),
                 dst,
             });
@@ -132,7 +133,7 @@ pub fn run_get(
     if threads > 1 {
         for part in work.by_ref() {
             // The receiving end lives as long as this thread.
-            let _ = parts.0.send(part);
+            let _ = parts.0.send(Part::Get(part));
         }
     }
     if let Some(part) = mine {
@@ -141,13 +142,17 @@ pub fn run_get(
     for part in work {
         run_part(store, part, bufs);
     }
-    while let Ok(part) = parts.1.try_recv() {
-        run_part(store, part, bufs);
-    }
+    crate::drain(store, parts.1, bufs);
 }
 
 /// Open the chunk of `dst`'s item and queue it as up to `ways` parts (one if it is small).
-fn split(store: &Arc<Store>, request: &SharedGet, dst: DstPart, ways: usize, out: &mut Vec<Part>) {
+fn split(
+    store: &Arc<Store>,
+    request: &SharedGet,
+    dst: DstPart,
+    ways: usize,
+    out: &mut Vec<GetPart>,
+) {
     let i = dst.item();
     let key = request.key(i);
     let chunk = match store.open_chunk(key.key_hash(), key.canonical(), dst.len()) {
@@ -157,7 +162,7 @@ fn split(store: &Arc<Store>, request: &SharedGet, dst: DstPart, ways: usize, out
     let len = chunk.data_len();
     let n = ways.min(len / SPLIT_MIN);
     if n < 2 || !chunk.splittable(dst.as_ptr()) {
-        out.push(Part::Opened {
+        out.push(GetPart::Opened {
             request: request.clone(),
             dst,
             chunk,
@@ -191,7 +196,7 @@ fn split(store: &Arc<Store>, request: &SharedGet, dst: DstPart, ways: usize, out
     for index in 0..count {
         let mid = step.min(rest.len());
         let (part, tail) = rest.split_at(mid);
-        out.push(Part::Range(RangePart {
+        out.push(GetPart::Range(RangePart {
             read: read.clone(),
             index,
             dst: Some(part),
@@ -231,15 +236,15 @@ fn hash_in_order(frontier: &Mutex<Frontier>, index: usize, part: Option<DstPart>
 }
 
 /// Run one part on this thread.
-pub fn run_part(store: &Store, part: Part, bufs: &mut IoBufs) {
+pub fn run_part(store: &Store, part: GetPart, bufs: &mut IoBufs) {
     match part {
-        Part::Item { request, mut dst } => {
+        GetPart::Item { request, mut dst } => {
             let i = dst.item();
             let key = request.key(i);
             let outcome = store.read(key.key_hash(), key.canonical(), dst.bytes(), bufs);
             report(&request, i, outcome);
         }
-        Part::Opened {
+        GetPart::Opened {
             request,
             mut dst,
             chunk,
@@ -249,7 +254,7 @@ pub fn run_part(store: &Store, part: Part, bufs: &mut IoBufs) {
             let outcome = store.read_opened(chunk, key.canonical(), dst.bytes(), bufs);
             report(&request, i, outcome);
         }
-        Part::Range(mut part) => {
+        GetPart::Range(mut part) => {
             let r = &*part.read;
             let Some(dst) = part.dst.as_mut() else { return };
             let offset = dst.offset();

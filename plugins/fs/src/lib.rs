@@ -18,19 +18,18 @@ mod get;
 mod index;
 mod io;
 mod pool;
+mod put;
 mod store;
 
 use crossbeam_channel::{Receiver, Sender};
-use get::Part;
 use kvhost_plugin_sdk::abi;
 use kvhost_plugin_sdk::log;
 use kvhost_plugin_sdk::*;
 use parking_lot::{Mutex, RwLock};
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use store::{Fsync, IoBufs, PutItem, Settings, Staged, Store};
+use store::{Fsync, IoBufs, Settings, Store};
 
 enum Job {
     Put(Pending<Put>),
@@ -126,7 +125,6 @@ fn settings_from(ctx: &CreateContext) -> Result<(Settings, usize), Error> {
             verify_always,
             simulate_no_direct: false,
             pool_files: pool_files_for(io_threads),
-            put_threads: io_threads,
         },
         io_threads,
     ))
@@ -250,11 +248,35 @@ enum Work {
     Part(Part),
 }
 
+/// A piece of a request that any I/O thread can run (see `get.rs` and `put.rs`).
+pub(crate) enum Part {
+    Get(get::GetPart),
+    Stage(put::StagePart),
+}
+
+fn run_part(store: &Store, part: Part, bufs: &mut IoBufs) {
+    match part {
+        Part::Get(p) => get::run_part(store, p, bufs),
+        Part::Stage(p) => put::run_stage(p, bufs),
+    }
+}
+
+/// Run the parts still queued, by any request: the thread that queued some runs them if no other
+/// thread has taken them yet.
+pub(crate) fn drain(store: &Store, parts: &Receiver<Part>, bufs: &mut IoBufs) {
+    while let Ok(part) = parts.try_recv() {
+        run_part(store, part, bufs);
+    }
+}
+
 fn serve(store: &Arc<Store>, q: &Queues, work: Work, bufs: &mut IoBufs) {
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match work {
-        Work::Job(Job::Put(p)) => run_put(store, p, bufs),
+        Work::Job(Job::Put(p)) => {
+            put::run_put(store, p, bufs, q.threads, &q.parts.0);
+            drain(store, &q.parts.1, bufs);
+        }
         Work::Job(Job::Get(p)) => get::run_get(store, p, bufs, q.threads, (&q.parts.0, &q.parts.1)),
-        Work::Part(part) => get::run_part(store, part, bufs),
+        Work::Part(part) => run_part(store, part, bufs),
     }));
     if outcome.is_err() {
         // The request (or part) was dropped while unwinding, which completed it with CANCELED or
@@ -262,67 +284,6 @@ fn serve(store: &Arc<Store>, q: &Queues, work: Work, bufs: &mut IoBufs) {
         log::error!("fs: an I/O thread panicked while serving a request");
         *bufs = IoBufs::default();
     }
-}
-
-/// Items of a put staged (and holding an open file) at a time.
-const PUT_WINDOW: usize = 64;
-
-fn run_put(store: &Store, p: Pending<Put>, bufs: &mut IoBufs) {
-    let fsync = store.settings().fsync;
-    let mut dirs: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
-    let mut staged: Vec<(usize, Staged)> = Vec::with_capacity(PUT_WINDOW.min(p.len()));
-    for start in (0..p.len()).step_by(PUT_WINDOW) {
-        let window = start..(start + PUT_WINDOW).min(p.len());
-        let items: Vec<PutItem<'_>> = window
-            .clone()
-            .map(|i| {
-                let key = p.key(i);
-                PutItem {
-                    key_hash: key.key_hash(),
-                    canonical: key.canonical(),
-                    data: p.data(i),
-                    meta: p.meta(i),
-                }
-            })
-            .collect();
-        for (i, r) in window.zip(store.stage_many(&items, bufs)) {
-            match r {
-                Ok(s) => staged.push((i, s)),
-                Err(e) => {
-                    log::debug!("fs: put {}: {e}", p.key(i).canonical());
-                    p.set_status(i, e.status);
-                }
-            }
-        }
-        for (i, s) in staged.drain(..) {
-            let shard = s.shard();
-            let synced = if fsync == Fsync::Batch {
-                store.sync_staged(s)
-            } else {
-                Ok(s)
-            };
-            match synced.and_then(|s| store.commit(s)) {
-                Ok(()) => {
-                    p.set_status(i, Status::OK);
-                    dirs.entry(shard).or_default().push(i);
-                }
-                Err(e) => {
-                    log::warn!("fs: put {}: {e}", p.key(i).canonical());
-                    p.set_status(i, e.status);
-                }
-            }
-        }
-    }
-    if fsync != Fsync::None {
-        for (shard, items) in dirs {
-            if let Err(e) = store.sync_dir(shard) {
-                log::warn!("{e}");
-                // Visible but maybe not durable: report the put as failed.
-                items.iter().for_each(|&i| p.set_status(i, e.status));
-            }
-        }
-    }
-    p.complete(Status::OK);
 }
 
 impl Backend for FsBackend {

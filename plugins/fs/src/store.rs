@@ -74,8 +74,6 @@ pub struct Settings {
     pub simulate_no_direct: bool,
     /// Files the temporary-file pool keeps ready (0: no pool).
     pub pool_files: usize,
-    /// Threads that write the chunks of one put request (the I/O thread count).
-    pub put_threads: usize,
 }
 
 /// What the start-up scan found.
@@ -133,9 +131,6 @@ const STRIPES: usize = 256;
 /// Buffered transfers are checksummed in pieces of this size, each while it is still in cache.
 const PIECE: usize = 1 << 20;
 const LOCK_FILE: &str = ".kvhost-fs.lock";
-/// Bytes a put request's window must hold before its chunks are written by several threads (a
-/// thread start costs some tens of microseconds).
-const PARALLEL_PUT_MIN: usize = 1 << 20;
 /// Threads `flush` fdatasyncs files from (one per 8 files, at most this many).
 const FLUSH_THREADS: usize = 8;
 
@@ -150,19 +145,6 @@ impl IoBufs {
     fn bounce(&mut self) -> &mut AlignedBuf {
         self.bounce.get_or_insert_with(|| AlignedBuf::new(BOUNCE))
     }
-}
-
-/// One chunk of a put request.
-#[derive(Clone, Copy, Debug)]
-pub struct PutItem<'a> {
-    /// `kvh_key.key_hash`.
-    pub key_hash: u64,
-    /// The canonical key.
-    pub canonical: &'a str,
-    /// The bytes.
-    pub data: &'a [u8],
-    /// Its metadata.
-    pub meta: ChunkMeta,
 }
 
 /// A chunk written to its temporary file, with its capacity reserved, not yet visible.
@@ -535,46 +517,6 @@ impl Store {
                 Err(io_error(format!("fs: write {}", tmp.display()), &e))
             }
         }
-    }
-
-    /// [`stage`](Self::stage) every item, results in item order. With several items and at least
-    /// [`PARALLEL_PUT_MIN`] bytes, up to `put_threads` threads (this one and short-lived helpers) take
-    /// items in turn, so several chunk files are written at once; committing stays in order.
-    pub fn stage_many(
-        &self,
-        items: &[PutItem<'_>],
-        bufs: &mut IoBufs,
-    ) -> Vec<Result<Staged, Error>> {
-        let stage = |it: &PutItem<'_>, bufs: &mut IoBufs| {
-            self.stage(it.key_hash, it.canonical, it.data, &it.meta, bufs)
-        };
-        let bytes: usize = items.iter().map(|it| it.data.len()).sum();
-        let helpers = self.settings.put_threads.min(items.len()).saturating_sub(1);
-        if helpers == 0 || bytes < PARALLEL_PUT_MIN {
-            return items.iter().map(|it| stage(it, bufs)).collect();
-        }
-        let next = AtomicUsize::new(0);
-        let slots: Vec<Mutex<Option<Result<Staged, Error>>>> =
-            items.iter().map(|_| Mutex::new(None)).collect();
-        let work = |bufs: &mut IoBufs| loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(it) = items.get(i) else { return };
-            *slots[i].lock() = Some(stage(it, bufs));
-        };
-        std::thread::scope(|s| {
-            for _ in 0..helpers {
-                // Fewer helpers if a thread cannot be started: the others take its items.
-                let _ = std::thread::Builder::new()
-                    .name("kvhost-fs-put".into())
-                    .spawn_scoped(s, || work(&mut IoBufs::default()));
-            }
-            work(bufs);
-        });
-        // Every item was taken by a thread that ran to the end (a panic would have unwound above).
-        slots
-            .into_iter()
-            .map(|m| m.into_inner().expect("every item is staged"))
-            .collect()
     }
 
     fn open_new(&self, dir: &Path, tmp: &Path, direct: bool) -> io::Result<File> {

@@ -4,7 +4,7 @@
 use crate::format;
 use crate::io::AlignedBuf;
 use crate::pool::POOL_DIR;
-use crate::store::{Fsync, IoBufs, PutItem, ReadOutcome, Settings, Store};
+use crate::store::{Fsync, IoBufs, ReadOutcome, Settings, Store};
 use kvhost_plugin_sdk::{ChunkMeta, Status};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -41,7 +41,6 @@ fn settings(root: &Path, o_direct: bool, simulate_no_direct: bool) -> Settings {
         verify_always: true,
         simulate_no_direct,
         pool_files: 0,
-        put_threads: 2,
     }
 }
 
@@ -386,74 +385,4 @@ fn flush_syncs_many_files_and_keeps_them_when_one_fails() {
     // A file gone by now is skipped; everything else is synced.
     store.flush().unwrap();
     store.flush().unwrap();
-}
-
-#[test]
-fn a_put_request_is_staged_by_several_threads_and_committed_in_order() {
-    for o_direct in [false, true] {
-        let d = TempDir::new("stage-many");
-        let mut s = pooled(&d.0, o_direct, 4);
-        s.put_threads = 3;
-        s.capacity = 8 << 20;
-        let store = Store::open(s).unwrap();
-        prep_all(&store);
-        // Chunk 3 is larger than the capacity; chunks 1 and 5 are the same key (the later wins).
-        let keys = [
-            "m@1@0@0@half",
-            "m@1@0@1@half",
-            "m@1@0@2@half",
-            "m@1@0@3@half",
-            "m@1@0@4@half",
-            "m@1@0@1@half",
-        ];
-        let sizes = [1 << 20, 700_000, 4097, 9 << 20, 1 << 20, 300_000];
-        let datas: Vec<Vec<u8>> = sizes
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| bytes(50 + i as u64, n))
-            .collect();
-        let items: Vec<PutItem<'_>> = keys
-            .iter()
-            .zip(&datas)
-            .map(|(k, d)| PutItem {
-                key_hash: format::key_hash_of(k),
-                canonical: k,
-                data: d,
-                meta: meta(d.len()),
-            })
-            .collect();
-        let results = store.stage_many(&items, &mut IoBufs::default());
-        assert_eq!(results.len(), items.len());
-        for (i, r) in results.into_iter().enumerate() {
-            match r {
-                Ok(staged) => {
-                    assert_ne!(i, 3);
-                    store.commit(staged).unwrap();
-                }
-                Err(e) => {
-                    assert_eq!((i, e.status), (3, Status::NO_SPACE));
-                }
-            }
-        }
-        for (i, k) in keys.iter().enumerate() {
-            let (out, got) = get(&store, k, 10 << 20, 0);
-            match i {
-                3 => assert_eq!(out, ReadOutcome::Miss),
-                1 => assert!(
-                    got[..300_000] == datas[5][..],
-                    "the later put of a key wins"
-                ),
-                _ => {
-                    assert!(matches!(out, ReadOutcome::Hit { .. }), "{i}: {out:?}");
-                    assert!(got[..sizes[i]] == datas[i][..], "{i} o_direct={o_direct}");
-                }
-            }
-        }
-        // Nothing reserved is left behind.
-        assert!(
-            store.health().unwrap().contains("reserved=0 "),
-            "{}",
-            store.health().unwrap()
-        );
-    }
 }
