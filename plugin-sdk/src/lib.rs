@@ -29,6 +29,11 @@
 //! export_backend!(null, Null);
 //! ```
 //!
+//! Asynchronous operations: [`Request::defer`] turns a request into a [`Pending`] that a worker thread
+//! completes. To serve one request on several threads at once, [`Pending::<Get>::share`] hands out each
+//! item's destination buffer as a [`DstPart`] (splittable, disjoint) and [`Pending::<Put>::share`] makes a
+//! [`SharedPut`]; the request completes when the last handle drops (see `plugins/fs/src/get.rs`).
+//!
 //! Plugins must be built with `panic = "unwind"` (the default): the SDK turns panics into
 //! `KVH_ERR_PANIC` and poisons the backend; with `panic = "abort"` a panic would end the host process.
 
