@@ -21,8 +21,8 @@ use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// Chunks smaller than this are read by one thread (handing a part to another thread costs tens of
-/// microseconds on a busy machine).
+/// The smallest part of a split chunk, so chunks under twice this are read by one thread (handing a
+/// part to another thread costs tens of microseconds on a busy machine).
 const SPLIT_MIN: usize = 1 << 20;
 /// Part boundaries fall on multiples of this (a multiple of the O_DIRECT block).
 const PART_ALIGN: usize = 64 << 10;
