@@ -1034,13 +1034,29 @@ struct Exporter {
         return KVH_ERR_PANIC;
     }
 
-    template <class Batch, class Call>
-    static kvh_status run_async(T *backend, const char *op, const typename Batch::raw_type *batch, kvh_completion done,
-                                Call call) noexcept {
+    /** The body of every async trampoline: the NULL checks (`arrays_present(*batch)` says whether the
+     *  batch's arrays are there, `arrays` names them for the error), then `call(backend, req)` behind the
+     *  exception boundary. */
+    template <class Batch, class Present, class Call>
+    static kvh_status run_async(kvh_backend *b, const char *op, const typename Batch::raw_type *batch, kvh_completion done,
+                                const char *arrays, Present arrays_present, Call call) noexcept {
+        if (b == nullptr) {
+            return KVH_ERR_NULL_PARAM;
+        }
+        T *backend = self(b);
+        if (batch == nullptr) {
+            return null_param(backend, op, "batch");
+        }
+        if (done.complete == nullptr) {
+            return null_param(backend, op, "done.complete");
+        }
+        if (batch->len > 0 && !arrays_present(*batch)) {
+            return null_param(backend, op, arrays);
+        }
         const uint64_t serial = last_error_slot().serial;
         Request<Batch> req(batch, done);
         try {
-            const Status s = call(req);
+            const Status s = call(static_cast<Backend *>(backend), req);
             return finish_async(backend, op, req.deferred(), s, serial);
         } catch (const Error &e) {
             report_error(backend, op, e);
@@ -1055,96 +1071,44 @@ struct Exporter {
     }
 
     static kvh_status tr_put(kvh_backend *b, const kvh_put_batch *batch, kvh_completion done) noexcept {
-        if (b == nullptr) {
-            return KVH_ERR_NULL_PARAM;
-        }
-        T *backend = self(b);
-        if (batch == nullptr) {
-            return null_param(backend, "put", "batch");
-        }
-        if (done.complete == nullptr) {
-            return null_param(backend, "put", "done.complete");
-        }
-        if (batch->len > 0 && (batch->keys == nullptr || batch->src == nullptr || batch->meta == nullptr || batch->item_status == nullptr)) {
-            return null_param(backend, "put", "keys, src, meta or item_status");
-        }
-        return run_async<PutBatch>(backend, "put", batch, done,
-                                   [backend](Request<PutBatch> &req) { return static_cast<Backend *>(backend)->put(req); });
+        return run_async<PutBatch>(
+            b, "put", batch, done, "keys, src, meta or item_status",
+            [](const kvh_put_batch &r) {
+                return r.keys != nullptr && r.src != nullptr && r.meta != nullptr && r.item_status != nullptr;
+            },
+            [](Backend *backend, Request<PutBatch> &req) { return backend->put(req); });
     }
 
     static kvh_status tr_get(kvh_backend *b, const kvh_get_batch *batch, kvh_completion done) noexcept {
-        if (b == nullptr) {
-            return KVH_ERR_NULL_PARAM;
-        }
-        T *backend = self(b);
-        if (batch == nullptr) {
-            return null_param(backend, "get", "batch");
-        }
-        if (done.complete == nullptr) {
-            return null_param(backend, "get", "done.complete");
-        }
-        if (batch->len > 0 && (batch->keys == nullptr || batch->dst == nullptr || batch->out_len == nullptr ||
-                               batch->out_meta == nullptr || batch->item_status == nullptr)) {
-            return null_param(backend, "get", "keys, dst, out_len, out_meta or item_status");
-        }
-        return run_async<GetBatch>(backend, "get", batch, done,
-                                   [backend](Request<GetBatch> &req) { return static_cast<Backend *>(backend)->get(req); });
+        return run_async<GetBatch>(
+            b, "get", batch, done, "keys, dst, out_len, out_meta or item_status",
+            [](const kvh_get_batch &r) {
+                return r.keys != nullptr && r.dst != nullptr && r.out_len != nullptr && r.out_meta != nullptr &&
+                       r.item_status != nullptr;
+            },
+            [](Backend *backend, Request<GetBatch> &req) { return backend->get(req); });
     }
 
+    static bool key_arrays(const kvh_key_batch &r) noexcept { return r.keys != nullptr && r.item_status != nullptr; }
+
     static kvh_status tr_prefetch(kvh_backend *b, const kvh_key_batch *batch, kvh_completion done) noexcept {
-        if (b == nullptr) {
-            return KVH_ERR_NULL_PARAM;
-        }
-        T *backend = self(b);
-        if (batch == nullptr) {
-            return null_param(backend, "prefetch", "batch");
-        }
-        if (done.complete == nullptr) {
-            return null_param(backend, "prefetch", "done.complete");
-        }
-        if (batch->len > 0 && (batch->keys == nullptr || batch->item_status == nullptr)) {
-            return null_param(backend, "prefetch", "keys or item_status");
-        }
-        return run_async<KeyBatch>(backend, "prefetch", batch, done,
-                                   [backend](Request<KeyBatch> &req) { return static_cast<Backend *>(backend)->prefetch(req); });
+        return run_async<KeyBatch>(b, "prefetch", batch, done, "keys or item_status", key_arrays,
+                                   [](Backend *backend, Request<KeyBatch> &req) { return backend->prefetch(req); });
     }
 
     static kvh_status tr_contains_async(kvh_backend *b, const kvh_contains_batch *batch, kvh_completion done) noexcept {
-        if (b == nullptr) {
-            return KVH_ERR_NULL_PARAM;
-        }
-        T *backend = self(b);
-        if (batch == nullptr) {
-            return null_param(backend, "contains_async", "batch");
-        }
-        if (done.complete == nullptr) {
-            return null_param(backend, "contains_async", "done.complete");
-        }
-        if (batch->len > 0 && (batch->keys == nullptr || batch->out_meta == nullptr || batch->item_status == nullptr)) {
-            return null_param(backend, "contains_async", "keys, out_meta or item_status");
-        }
-        return run_async<ContainsBatch>(backend, "contains_async", batch, done, [backend](Request<ContainsBatch> &req) {
-            return static_cast<Backend *>(backend)->contains_async(req);
-        });
+        return run_async<ContainsBatch>(
+            b, "contains_async", batch, done, "keys, out_meta or item_status",
+            [](const kvh_contains_batch &r) {
+                return r.keys != nullptr && r.out_meta != nullptr && r.item_status != nullptr;
+            },
+            [](Backend *backend, Request<ContainsBatch> &req) { return backend->contains_async(req); });
     }
 
     static kvh_status tr_remove_async(kvh_backend *b, const kvh_key_batch *batch, bool force, kvh_completion done) noexcept {
-        if (b == nullptr) {
-            return KVH_ERR_NULL_PARAM;
-        }
-        T *backend = self(b);
-        if (batch == nullptr) {
-            return null_param(backend, "remove_async", "batch");
-        }
-        if (done.complete == nullptr) {
-            return null_param(backend, "remove_async", "done.complete");
-        }
-        if (batch->len > 0 && (batch->keys == nullptr || batch->item_status == nullptr)) {
-            return null_param(backend, "remove_async", "keys or item_status");
-        }
-        return run_async<KeyBatch>(backend, "remove_async", batch, done, [backend, force](Request<KeyBatch> &req) {
-            return static_cast<Backend *>(backend)->remove_async(req, force);
-        });
+        return run_async<KeyBatch>(
+            b, "remove_async", batch, done, "keys or item_status", key_arrays,
+            [force](Backend *backend, Request<KeyBatch> &req) { return backend->remove_async(req, force); });
     }
 
     template <class Call>
@@ -1156,7 +1120,7 @@ struct Exporter {
         if (batch == nullptr) {
             return null_param(backend, op, "batch");
         }
-        if (batch->len > 0 && (batch->keys == nullptr || batch->item_status == nullptr)) {
+        if (batch->len > 0 && !key_arrays(*batch)) {
             return null_param(backend, op, "keys or item_status");
         }
         const uint64_t serial = last_error_slot().serial;

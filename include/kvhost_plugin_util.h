@@ -167,11 +167,17 @@ static KVH_UTIL_UNUSED void kvh_util_log(const kvh_host_api *host, const char *t
     free(heap_text);
 }
 
+/* Bytes of a last-error message kept (longer ones are truncated on a character boundary). Define it
+ * before including this header to change it. */
+#ifndef KVH_UTIL_LAST_ERROR_CAP
+#define KVH_UTIL_LAST_ERROR_CAP 512
+#endif
+
 /* This thread's last error, and the backend that set it. */
 static _Thread_local struct {
     const kvh_backend *backend;
     size_t len;
-    char text[256];
+    char text[KVH_UTIL_LAST_ERROR_CAP];
 } kvh_util_tls_last_error;
 
 /* Record this thread's last error for `backend` (what its `last_error` entry then reports). */

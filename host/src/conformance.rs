@@ -662,7 +662,7 @@ fn contains_async(c: &Ctx<'_>) -> Result<String, String> {
     }
     let empty = c
         .plugin
-        .contains_wait(Vec::new(), false, WAIT)
+        .contains_wait(&[], false, WAIT)
         .map_err(|e| format!("empty batch: {e}"))?;
     if !empty.is_empty() {
         return Err("an empty lookup returned items".to_string());
@@ -670,7 +670,7 @@ fn contains_async(c: &Ctx<'_>) -> Result<String, String> {
     if c.plugin.has(abi::KVH_CAP_PIN) && !c.discards {
         let pinned = c
             .plugin
-            .contains_wait(stored.clone(), true, WAIT)
+            .contains_wait(&stored, true, WAIT)
             .map_err(|e| format!("pinning lookup: {e}"))?;
         if pinned.iter().any(|p| !matches!(p, Presence::Present(_))) {
             return Err(format!("pinning lookup: {pinned:?}"));
@@ -693,7 +693,7 @@ fn remove_async(c: &Ctx<'_>) -> Result<String, String> {
     c.expect_put_ok(keys.clone(), vec![pattern(5, 4096 + 1); 3])?;
     let removed = c
         .plugin
-        .remove_wait(keys.clone(), false, WAIT)
+        .remove_wait(&keys, false, WAIT)
         .map_err(|e| e.to_string())?;
     // A discarding plugin may answer either; any other must have removed every key.
     let fine = |s: &Status| *s == Status::OK || (c.discards && *s == Status::NOT_FOUND);
@@ -710,7 +710,7 @@ fn remove_async(c: &Ctx<'_>) -> Result<String, String> {
     }
     let again = c
         .plugin
-        .remove_wait(keys[..1].to_vec(), true, WAIT)
+        .remove_wait(&keys[..1], true, WAIT)
         .map_err(|e| e.to_string())?;
     if again[0] != Status::NOT_FOUND {
         return Err(format!(
@@ -719,7 +719,7 @@ fn remove_async(c: &Ctx<'_>) -> Result<String, String> {
         ));
     }
     c.plugin
-        .remove_wait(Vec::new(), true, WAIT)
+        .remove_wait(&[], true, WAIT)
         .map_err(|e| format!("empty batch: {e}"))?;
     Ok("removed keys are gone from contains and get; a second remove finds nothing".to_string())
 }

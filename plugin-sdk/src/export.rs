@@ -344,14 +344,7 @@ pub unsafe extern "C" fn contains<B: Backend>(
     let (Some(inst), Some(raw)) = (unsafe { instance::<B>(be) }, unsafe { batch.as_ref() }) else {
         return abi::KVH_ERR_NULL_PARAM;
     };
-    if !arrays_ok(
-        raw.len,
-        &[
-            !raw.keys.is_null(),
-            !raw.out_meta.is_null(),
-            !raw.item_status.is_null(),
-        ],
-    ) {
+    if !contains_arrays(raw) {
         return abi::KVH_ERR_NULL_PARAM;
     }
     guarded(inst, "contains", |b| {
@@ -495,6 +488,15 @@ fn key_arrays(r: &abi::kvh_key_batch) -> bool {
     arrays_ok(r.len, &[!r.keys.is_null(), !r.item_status.is_null()])
 }
 
+fn contains_arrays(r: &abi::kvh_contains_batch) -> bool {
+    let ptrs = [
+        !r.keys.is_null(),
+        !r.out_meta.is_null(),
+        !r.item_status.is_null(),
+    ];
+    arrays_ok(r.len, &ptrs)
+}
+
 /// `prefetch` trampoline.
 ///
 /// # Safety
@@ -521,19 +523,16 @@ pub unsafe extern "C" fn contains_async<B: Backend>(
     batch: *const abi::kvh_contains_batch,
     done: abi::kvh_completion,
 ) -> abi::kvh_status {
-    let arrays = |r: &abi::kvh_contains_batch| {
-        let ptrs = [
-            !r.keys.is_null(),
-            !r.out_meta.is_null(),
-            !r.item_status.is_null(),
-        ];
-        arrays_ok(r.len, &ptrs)
-    };
     // SAFETY: forwarded host contract.
     unsafe {
-        submit_async(be, batch, done, "contains_async", arrays, |b: &B, req| {
-            b.contains_async(req)
-        })
+        submit_async(
+            be,
+            batch,
+            done,
+            "contains_async",
+            contains_arrays,
+            |b: &B, req| b.contains_async(req),
+        )
     }
 }
 

@@ -235,18 +235,6 @@ fn key_at<'a>(keys: *const abi::kvh_key, len: usize, i: usize) -> Key<'a> {
 }
 
 impl Batch<Put> {
-    /// Number of chunks.
-    pub fn len(&self) -> usize {
-        self.raw().len
-    }
-    /// True for an empty batch.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    /// Key of chunk `i`.
-    pub fn key(&self, i: usize) -> Key<'_> {
-        key_at(self.raw().keys, self.len(), i)
-    }
     /// Bytes of chunk `i` (borrowed from the host; usually an arena block).
     pub fn data(&self, i: usize) -> &[u8] {
         assert!(i < self.len());
@@ -263,10 +251,6 @@ impl Batch<Put> {
         // SAFETY: `meta` has `len` entries, checked non-null by the trampoline.
         unsafe { *self.raw().meta.add(i) }
     }
-    /// Report the outcome of chunk `i`.
-    pub fn set_status(&self, i: usize, status: Status) {
-        write_status(self.raw().item_status, self.len(), i, status);
-    }
     /// Report the same outcome for every chunk.
     pub fn set_all(&self, status: Status) {
         (0..self.len()).for_each(|i| self.set_status(i, status));
@@ -274,18 +258,6 @@ impl Batch<Put> {
 }
 
 impl Batch<Get> {
-    /// Number of chunks.
-    pub fn len(&self) -> usize {
-        self.raw().len
-    }
-    /// True for an empty batch.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    /// Key of chunk `i`.
-    pub fn key(&self, i: usize) -> Key<'_> {
-        key_at(self.raw().keys, self.len(), i)
-    }
     /// Capacity of the destination buffer of chunk `i`.
     pub fn capacity(&self, i: usize) -> usize {
         assert!(i < self.len());
@@ -337,10 +309,6 @@ impl Batch<Get> {
         unsafe { *raw.out_len.add(i) = needed as u64 };
         write_status(raw.item_status, raw.len, i, Status::BUFFER_TOO_SMALL);
     }
-    /// Report a miss or an error for chunk `i`.
-    pub fn set_status(&self, i: usize, status: Status) {
-        write_status(self.raw().item_status, self.len(), i, status);
-    }
     /// Copy `data` into `dst(i)` and report a hit, or report `BUFFER_TOO_SMALL`.
     pub fn fill(&mut self, i: usize, data: &[u8], meta: ChunkMeta) {
         if data.len() > self.capacity(i) {
@@ -352,11 +320,12 @@ impl Batch<Get> {
     }
 }
 
-/// The methods of a batch over `kvh_key_batch` (`prefetch`, `remove_async`).
-macro_rules! key_batch_methods {
-    ($op:ty) => {
+/// The methods every batch has: its size, its keys and the per-item status. Every ABI batch struct
+/// has `keys`, `item_status` and `len`.
+macro_rules! batch_common_methods {
+    ($($op:ty),*) => {$(
         impl Batch<$op> {
-            /// Number of keys.
+            /// Number of items.
             pub fn len(&self) -> usize {
                 self.raw().len
             }
@@ -364,33 +333,21 @@ macro_rules! key_batch_methods {
             pub fn is_empty(&self) -> bool {
                 self.len() == 0
             }
-            /// Key `i`.
+            /// Key of item `i`.
             pub fn key(&self, i: usize) -> Key<'_> {
                 key_at(self.raw().keys, self.len(), i)
             }
-            /// Report the outcome for key `i` (`OK`, `NOT_FOUND` or an error).
+            /// Report the outcome of item `i` (an error, or `NOT_FOUND`, or `OK` where the operation has
+            /// no result besides the status).
             pub fn set_status(&self, i: usize, status: Status) {
                 write_status(self.raw().item_status, self.len(), i, status);
             }
         }
-    };
+    )*};
 }
-key_batch_methods!(Prefetch);
-key_batch_methods!(Remove);
+batch_common_methods!(Put, Get, Prefetch, Contains, Remove);
 
 impl Batch<Contains> {
-    /// Number of keys.
-    pub fn len(&self) -> usize {
-        self.raw().len
-    }
-    /// True for an empty batch.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    /// Key `i`.
-    pub fn key(&self, i: usize) -> Key<'_> {
-        key_at(self.raw().keys, self.len(), i)
-    }
     /// Whether present keys should be pinned.
     pub fn pin(&self) -> bool {
         self.raw().pin != 0
@@ -406,10 +363,6 @@ impl Batch<Contains> {
     /// Report key `i` as absent.
     pub fn set_absent(&self, i: usize) {
         write_status(self.raw().item_status, self.len(), i, Status::NOT_FOUND);
-    }
-    /// Report an error for key `i`.
-    pub fn set_status(&self, i: usize, status: Status) {
-        write_status(self.raw().item_status, self.len(), i, status);
     }
 }
 

@@ -280,7 +280,7 @@ fn hung_async_lookups_and_removes_time_out_and_late_pins_are_released() {
     let health = |p: &kvhost::plugin::PluginBackend| p.health().unwrap().unwrap();
     let started = Instant::now();
     let e = p
-        .contains_wait(vec![key(1), key(2)], true, Duration::from_millis(200))
+        .contains_wait(&[key(1), key(2)], true, Duration::from_millis(200))
         .unwrap_err();
     assert_eq!(e.status, Status::TIMEOUT);
     assert!(
@@ -289,7 +289,7 @@ fn hung_async_lookups_and_removes_time_out_and_late_pins_are_released() {
         "{e}"
     );
     let e = p
-        .remove_wait(vec![key(3)], true, Duration::from_millis(200))
+        .remove_wait(&[key(3)], true, Duration::from_millis(200))
         .unwrap_err();
     assert_eq!(e.status, Status::TIMEOUT);
     assert!(
@@ -304,7 +304,7 @@ fn hung_async_lookups_and_removes_time_out_and_late_pins_are_released() {
     assert_eq!(p.in_flight(), 1);
     // The next lookup releases them first (then hangs itself).
     let e = p
-        .contains_wait(vec![key(4)], false, Duration::from_millis(50))
+        .contains_wait(&[key(4)], false, Duration::from_millis(50))
         .unwrap_err();
     assert_eq!(e.status, Status::TIMEOUT);
     assert_eq!(health(&p), "pins=0", "the late pins were released");

@@ -327,7 +327,11 @@ struct Pki {
 }
 
 impl Pki {
-    fn make(dir: &std::path::Path) -> Pki {
+    /// A fresh CA and certificates in this run's `pki-<tag>-<pid>` directory (removed on drop).
+    fn make(tag: &str) -> Pki {
+        let dir = &profile_dir()
+            .join("redis-tests")
+            .join(format!("pki-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(dir).unwrap();
         let ssl = |args: &[&str]| {
             let out = Command::new("openssl")
@@ -398,16 +402,18 @@ impl Pki {
     }
 }
 
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 #[test]
 fn redis_conforms_over_tls_with_client_certificates_and_refuses_bad_trust() {
     if !have_redis("tls") {
         return;
     }
-    let pki = Pki::make(
-        &profile_dir()
-            .join("redis-tests")
-            .join(format!("pki-{}", std::process::id())),
-    );
+    let pki = Pki::make("single");
     let tls_port = free_port();
     let server = Server::start(&[
         "--tls-port",
@@ -477,7 +483,6 @@ fn redis_conforms_over_tls_with_client_certificates_and_refuses_bad_trust() {
         ("tls_ca_file", "/nonexistent/ca.pem"),
     ]);
     assert!(e.contains("tls_ca_file `/nonexistent/ca.pem`"), "{e}");
-    let _ = std::fs::remove_dir_all(&pki.dir);
 }
 
 #[test]
@@ -485,11 +490,7 @@ fn redis_cluster_conforms_over_tls() {
     if !have_redis("tls cluster") {
         return;
     }
-    let pki = Pki::make(
-        &profile_dir()
-            .join("redis-tests")
-            .join(format!("pki-c-{}", std::process::id())),
-    );
+    let pki = Pki::make("cluster");
     let tls_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     // Plain ports stay open for the test's own probes and `redis-cli --cluster create`; the cluster bus
     // and every connection of the plugin use TLS.
@@ -547,7 +548,6 @@ fn redis_cluster_conforms_over_tls() {
     .unwrap_err();
     assert!(e.contains(&format!("127.0.0.1:{}", tls_ports[0])), "{e}");
     drop(cluster);
-    let _ = std::fs::remove_dir_all(&pki.dir);
 }
 
 #[test]
@@ -755,20 +755,29 @@ fn concurrent_writers_and_a_reader_never_see_a_mix_of_parts_and_leave_no_garbage
     );
 }
 
+/// A one-tier chain config over `server` with a 64 MiB hot cache, `blocking_timeout_secs` and the
+/// plugin options `opts`.
+fn chain_config(server: &Server, blocking_timeout_secs: &str, opts: &[(&str, &str)]) -> Config {
+    let mut y = format!(
+        "chunk_size: 16\nmax_local_cpu_size: 0.0625\nlocal_cpu_prefault: false\nblocking_timeout_secs: {blocking_timeout_secs}\n\
+         storage_plugins: [rd]\nextra_config:\n  storage_plugin.rd.module_path: \"{}\"\n  \
+         storage_plugin.rd.class_name: redis\n  storage_plugin.rd.url: \"{}\"\n",
+        redis_so(),
+        server.url()
+    );
+    for (k, v) in opts {
+        y.push_str(&format!("  storage_plugin.rd.{k}: {v}\n"));
+    }
+    Config::from_yaml(&y, None).unwrap_or_else(|e| panic!("{e}\n{y}"))
+}
+
 #[test]
 fn the_chain_promotes_redis_hits_into_the_hot_cache() {
     if !have_redis("chain") {
         return;
     }
     let server = Server::start(&[]);
-    let y = format!(
-        "chunk_size: 16\nmax_local_cpu_size: 0.0625\nlocal_cpu_prefault: false\nblocking_timeout_secs: 10\n\
-         storage_plugins: [rd]\nextra_config:\n  storage_plugin.rd.module_path: \"{}\"\n  \
-         storage_plugin.rd.class_name: redis\n  storage_plugin.rd.url: \"{}\"\n  storage_plugin.rd.part_size_mib: 0.5\n",
-        redis_so(),
-        server.url()
-    );
-    let config = Config::from_yaml(&y, None).unwrap_or_else(|e| panic!("{e}\n{y}"));
+    let config = chain_config(&server, "10", &[("part_size_mib", "0.5")]);
     let keys: Vec<ChunkKey> = (0..4).map(|i| key(7000 + i)).collect();
     let data: Vec<Vec<u8>> = (0..4)
         .map(|i| bytes(i, 300_000 + i as usize * 250_001))
@@ -830,15 +839,11 @@ fn a_stalled_server_never_holds_a_host_thread_past_the_read_timeout() {
     }
     let server = Server::start(&[]);
     // The plugin would wait 4 s for a reply; the host waits 0.4 s.
-    let y = format!(
-        "chunk_size: 16\nmax_local_cpu_size: 0.0625\nlocal_cpu_prefault: false\nblocking_timeout_secs: 0.4\n\
-         storage_plugins: [rd]\nextra_config:\n  storage_plugin.rd.module_path: \"{}\"\n  \
-         storage_plugin.rd.class_name: redis\n  storage_plugin.rd.url: \"{}\"\n  \
-         storage_plugin.rd.command_timeout_ms: 4000\n  storage_plugin.rd.pool_size: 2\n",
-        redis_so(),
-        server.url()
+    let config = chain_config(
+        &server,
+        "0.4",
+        &[("command_timeout_ms", "4000"), ("pool_size", "2")],
     );
-    let config = Config::from_yaml(&y, None).unwrap();
     let chain = Chain::from_config(&config).unwrap_or_else(|e| panic!("{e}"));
     let (a, b, c) = (key(801), key(802), key(803));
     let data = bytes(8, 100_000);
@@ -896,15 +901,11 @@ fn a_server_restart_fails_fast_while_down_keeps_the_host_serving_and_reconnects(
         return;
     }
     let mut server = Server::start(&["--appendonly", "yes", "--appendfsync", "always"]);
-    let y = format!(
-        "chunk_size: 16\nmax_local_cpu_size: 0.0625\nlocal_cpu_prefault: false\nblocking_timeout_secs: 10\n\
-         storage_plugins: [rd]\nextra_config:\n  storage_plugin.rd.module_path: \"{}\"\n  \
-         storage_plugin.rd.class_name: redis\n  storage_plugin.rd.url: \"{}\"\n  \
-         storage_plugin.rd.down_ms: 300\n  storage_plugin.rd.command_timeout_ms: 2000\n",
-        redis_so(),
-        server.url()
+    let config = chain_config(
+        &server,
+        "10",
+        &[("down_ms", "300"), ("command_timeout_ms", "2000")],
     );
-    let config = Config::from_yaml(&y, None).unwrap();
     let chain = Chain::from_config(&config).unwrap_or_else(|e| panic!("{e}"));
     let p = load_single(&server, &[("down_ms", "300")]).unwrap();
     let a = key(1);

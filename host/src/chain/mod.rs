@@ -459,8 +459,7 @@ impl Chain {
             return Vec::new();
         };
         let started = Instant::now();
-        let presence = match plugin.contains_wait(keys.to_vec(), false, inner.settings.read_timeout)
-        {
+        let presence = match plugin.contains_wait(keys, false, inner.settings.read_timeout) {
             Ok(p) => p,
             Err(e) => {
                 inc(&m.errors);
@@ -625,7 +624,7 @@ impl Chain {
         let started = Instant::now();
         let want_pin = pin && tier.has(abi::KVH_CAP_PIN);
         let timeout = self.inner.settings.read_timeout;
-        let presence = match plugin.contains_wait(keys.to_vec(), want_pin, timeout) {
+        let presence = match plugin.contains_wait(keys, want_pin, timeout) {
             Ok(p) => p,
             Err(e) => {
                 inc(&tier.metrics.errors);

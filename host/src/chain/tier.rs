@@ -239,7 +239,7 @@ impl Worker {
             let keys: Vec<ChunkKey> = batch.iter().map(|j| j.key.clone()).collect();
             let started = Instant::now();
             let timeout = self.settings.lookup_timeout;
-            if let Ok(presence) = self.plugin.contains_wait(keys, false, timeout) {
+            if let Ok(presence) = self.plugin.contains_wait(&keys, false, timeout) {
                 self.metrics.lookup_latency.record(started.elapsed());
                 let mut i = 0;
                 batch.retain(|job| {

@@ -651,59 +651,57 @@ impl PluginBackend {
         });
     }
 
-    /// [`contains_async`](Self::contains_async) and wait up to `timeout`. Keys the plugin pinned for a
-    /// lookup that completes after the timeout are unpinned on a host thread: by the next lookup, or by
-    /// the chain's pin monitor.
+    /// [`contains_async`](Self::contains_async) and wait up to `timeout`; without `contains_async`, the
+    /// synchronous [`contains`](Self::contains) (no copy of the keys, no channel). Keys the plugin pinned
+    /// for a lookup that completes after the timeout are unpinned on a host thread: by the next lookup,
+    /// or by the chain's pin monitor.
     pub fn contains_wait(
         &self,
-        keys: Vec<ChunkKey>,
+        keys: &[ChunkKey],
         pin: bool,
         timeout: Duration,
     ) -> Result<Vec<Presence>, PluginError> {
+        if self.vt.contains_async.is_none() {
+            return self.contains(keys, pin);
+        }
         self.release_orphan_pins();
-        let (tx, rx) = crossbeam_channel::bounded(1);
         let orphans = self.orphan_pins.clone();
         let pinned = pin && self.has(abi::KVH_CAP_PIN);
-        self.contains_async(keys, pin, move |d: ContainsDone| {
-            if let Err(late) = tx.send(d) {
-                let d = late.into_inner();
-                if pinned && d.error.is_none() {
-                    let mut o = orphans.lock();
-                    for (k, p) in d.keys.into_iter().zip(&d.items) {
-                        if matches!(p, Presence::Present(_)) {
-                            o.push(k);
+        let d = self.wait_for("contains", timeout, |tx| {
+            self.contains_async(keys.to_vec(), pin, move |d: ContainsDone| {
+                if let Err(late) = tx.send(d) {
+                    let d = late.into_inner();
+                    if pinned && d.error.is_none() {
+                        let mut o = orphans.lock();
+                        for (k, p) in d.keys.into_iter().zip(&d.items) {
+                            if matches!(p, Presence::Present(_)) {
+                                o.push(k);
+                            }
                         }
                     }
                 }
-            }
-        });
-        let d = rx
-            .recv_timeout(timeout)
-            .map_err(|_| self.timeout_error("contains", timeout))?;
-        match d.error {
-            Some(e) => Err(e),
-            None => Ok(d.items),
-        }
+            })
+        })?;
+        d.error.map_or(Ok(d.items), Err)
     }
 
-    /// [`remove_async`](Self::remove_async) and wait up to `timeout`.
+    /// [`remove_async`](Self::remove_async) and wait up to `timeout`; without `remove_async`, the
+    /// synchronous [`remove`](Self::remove).
     pub fn remove_wait(
         &self,
-        keys: Vec<ChunkKey>,
+        keys: &[ChunkKey],
         force: bool,
         timeout: Duration,
     ) -> Result<Vec<Status>, PluginError> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        self.remove_async(keys, force, move |d| {
-            let _ = tx.send(d);
-        });
-        let d = rx
-            .recv_timeout(timeout)
-            .map_err(|_| self.timeout_error("remove", timeout))?;
-        match d.error {
-            Some(e) => Err(e),
-            None => Ok(d.items),
+        if self.vt.remove_async.is_none() {
+            return self.remove(keys, force);
         }
+        let d = self.wait_for("remove", timeout, |tx| {
+            self.remove_async(keys.to_vec(), force, move |d| {
+                let _ = tx.send(d);
+            })
+        })?;
+        d.error.map_or(Ok(d.items), Err)
     }
 
     /// Unpin keys whose pinning lookup completed after the host stopped waiting.
@@ -723,12 +721,11 @@ impl PluginBackend {
         request: PutRequest<B>,
         timeout: Duration,
     ) -> Result<PutDone<B>, PluginError> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        self.put(request, move |d| {
-            let _ = tx.send(d);
-        });
-        rx.recv_timeout(timeout)
-            .map_err(|_| self.timeout_error("put", timeout))
+        self.wait_for("put", timeout, |tx| {
+            self.put(request, move |d| {
+                let _ = tx.send(d);
+            })
+        })
     }
 
     /// [`get`](Self::get) and wait up to `timeout` (see [`put_wait`](Self::put_wait)).
@@ -737,12 +734,11 @@ impl PluginBackend {
         request: GetRequest<B>,
         timeout: Duration,
     ) -> Result<GetDone<B>, PluginError> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        self.get(request, move |d| {
-            let _ = tx.send(d);
-        });
-        rx.recv_timeout(timeout)
-            .map_err(|_| self.timeout_error("get", timeout))
+        self.wait_for("get", timeout, |tx| {
+            self.get(request, move |d| {
+                let _ = tx.send(d);
+            })
+        })
     }
 
     /// [`prefetch`](Self::prefetch) and wait up to `timeout`.
@@ -751,12 +747,25 @@ impl PluginBackend {
         keys: Vec<ChunkKey>,
         timeout: Duration,
     ) -> Result<PrefetchDone, PluginError> {
+        self.wait_for("prefetch", timeout, |tx| {
+            self.prefetch(keys, move |d| {
+                let _ = tx.send(d);
+            })
+        })
+    }
+
+    /// Start an operation whose completion sends its result on the given channel, and wait for that
+    /// result up to `timeout`.
+    fn wait_for<D>(
+        &self,
+        op: &'static str,
+        timeout: Duration,
+        start: impl FnOnce(crossbeam_channel::Sender<D>),
+    ) -> Result<D, PluginError> {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        self.prefetch(keys, move |d| {
-            let _ = tx.send(d);
-        });
+        start(tx);
         rx.recv_timeout(timeout)
-            .map_err(|_| self.timeout_error("prefetch", timeout))
+            .map_err(|_| self.timeout_error(op, timeout))
     }
 
     fn timeout_error(&self, op: &'static str, timeout: Duration) -> PluginError {

@@ -4,8 +4,8 @@
 //! item when the request has at least as many items as there are threads, else each large chunk is
 //! split into ranges read at once by several threads (a page-cache copy or a device read of one 4 MiB
 //! chunk then takes a fraction of the time). The thread that took the request runs the first part and
-//! then whatever parts are still queued; the request completes when its last part is done, on whichever
-//! thread finished it, so no thread waits for another.
+//! then whatever parts are still queued (see `serve` in `lib.rs`); the request completes when its last
+//! part is done, on whichever thread finished it, so no thread waits for another.
 //!
 //! A chunk whose checksum must be verified is hashed in order (XXH3 is a stream): each part, once read,
 //! is hashed by the first thread that finds every part before it hashed, so hashing the first part
@@ -14,7 +14,7 @@
 use crate::format::{DataHasher, Header};
 use crate::store::{IoBufs, OpenChunk, ReadOutcome, Store};
 use crate::Part;
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
 use kvhost_plugin_sdk::{log, DstPart, Error, Get, Pending, SharedGet, Status};
 use parking_lot::Mutex;
 use std::io;
@@ -29,13 +29,12 @@ const PART_ALIGN: usize = 64 << 10;
 
 /// Work for one I/O thread: all of one item, or a range of a chunk read in parts.
 pub enum GetPart {
-    /// Look the item up and read all of it.
-    Item { request: SharedGet, dst: DstPart },
-    /// An opened chunk too small to split (or not splittable).
-    Opened {
+    /// Read all of one item: look it up and open it here, or use the chunk already opened (one too
+    /// small to split, or not splittable).
+    Item {
         request: SharedGet,
         dst: DstPart,
-        chunk: OpenChunk,
+        chunk: Option<OpenChunk>,
     },
     /// One range of a chunk read in parts.
     Range(RangePart),
@@ -105,7 +104,7 @@ pub fn run_get(
     p: Pending<Get>,
     bufs: &mut IoBufs,
     threads: usize,
-    parts: (&Sender<Part>, &Receiver<Part>),
+    parts: &Sender<Part>,
 ) {
     let (request, dsts) = match p.share() {
         Ok(x) => x,
@@ -122,6 +121,7 @@ pub fn run_get(
             work.push(GetPart::Item {
                 request: request.clone(),
                 dst,
+                chunk: None,
             });
         } else {
             split(store, &request, dst, ways, &mut work);
@@ -133,7 +133,7 @@ pub fn run_get(
     if threads > 1 {
         for part in work.by_ref() {
             // The receiving end lives as long as this thread.
-            let _ = parts.0.send(Part::Get(part));
+            let _ = parts.send(Part::Get(part));
         }
     }
     if let Some(part) = mine {
@@ -142,7 +142,6 @@ pub fn run_get(
     for part in work {
         run_part(store, part, bufs);
     }
-    crate::drain(store, parts.1, bufs);
 }
 
 /// Open the chunk of `dst`'s item and queue it as up to `ways` parts (one if it is small).
@@ -162,10 +161,10 @@ fn split(
     let len = chunk.data_len();
     let n = ways.min(len / SPLIT_MIN);
     if n < 2 || !chunk.splittable(dst.as_ptr()) {
-        out.push(GetPart::Opened {
+        out.push(GetPart::Item {
             request: request.clone(),
             dst,
-            chunk,
+            chunk: Some(chunk),
         });
         return;
     }
@@ -238,20 +237,17 @@ fn hash_in_order(frontier: &Mutex<Frontier>, index: usize, part: Option<DstPart>
 /// Run one part on this thread.
 pub fn run_part(store: &Store, part: GetPart, bufs: &mut IoBufs) {
     match part {
-        GetPart::Item { request, mut dst } => {
-            let i = dst.item();
-            let key = request.key(i);
-            let outcome = store.read(key.key_hash(), key.canonical(), dst.bytes(), bufs);
-            report(&request, i, outcome);
-        }
-        GetPart::Opened {
+        GetPart::Item {
             request,
             mut dst,
             chunk,
         } => {
             let i = dst.item();
             let key = request.key(i);
-            let outcome = store.read_opened(chunk, key.canonical(), dst.bytes(), bufs);
+            let outcome = match chunk {
+                Some(c) => store.read_opened(c, key.canonical(), dst.bytes(), bufs),
+                None => store.read(key.key_hash(), key.canonical(), dst.bytes(), bufs),
+            };
             report(&request, i, outcome);
         }
         GetPart::Range(mut part) => {

@@ -221,7 +221,8 @@ fn prep(store: &Store) {
 /// What an I/O thread takes work from.
 struct Queues {
     jobs: Receiver<Job>,
-    /// Parts of get requests, shared by the I/O threads (see `get.rs`); served before new jobs.
+    /// Parts of get and put requests, shared by the I/O threads (see `get.rs`, `put.rs`); served
+    /// before new jobs.
     parts: (Sender<Part>, Receiver<Part>),
     threads: usize,
 }
@@ -261,22 +262,17 @@ fn run_part(store: &Store, part: Part, bufs: &mut IoBufs) {
     }
 }
 
-/// Run the parts still queued, by any request: the thread that queued some runs them if no other
-/// thread has taken them yet.
-pub(crate) fn drain(store: &Store, parts: &Receiver<Part>, bufs: &mut IoBufs) {
-    while let Ok(part) = parts.try_recv() {
-        run_part(store, part, bufs);
-    }
-}
-
 fn serve(store: &Arc<Store>, q: &Queues, work: Work, bufs: &mut IoBufs) {
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match work {
-        Work::Job(Job::Put(p)) => {
-            put::run_put(store, p, bufs, q.threads, &q.parts.0);
-            drain(store, &q.parts.1, bufs);
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        match work {
+            Work::Job(Job::Put(p)) => put::run_put(store, p, bufs, q.threads, &q.parts.0),
+            Work::Job(Job::Get(p)) => get::run_get(store, p, bufs, q.threads, &q.parts.0),
+            Work::Part(part) => return run_part(store, part, bufs),
         }
-        Work::Job(Job::Get(p)) => get::run_get(store, p, bufs, q.threads, (&q.parts.0, &q.parts.1)),
-        Work::Part(part) => run_part(store, part, bufs),
+        // The parts a request just queued: this thread runs those no other thread has taken yet.
+        while let Ok(part) = q.parts.1.try_recv() {
+            run_part(store, part, bufs);
+        }
     }));
     if outcome.is_err() {
         // The request (or part) was dropped while unwinding, which completed it with CANCELED or

@@ -158,32 +158,29 @@ fn commit(run: &PutRun, staged: Vec<(usize, Result<Staged, Error>)>) {
     let store = &run.store;
     let batch_sync = store.settings().fsync == Fsync::Batch;
     for (i, r) in staged {
-        let done = r
-            .map_err(|e| {
+        let s = match r {
+            Ok(s) => s,
+            Err(e) => {
                 log::debug!("fs: put {}: {e}", run.request.key(i).canonical());
-                e
-            })
-            .and_then(|s| {
-                let shard = s.shard();
-                let synced = if batch_sync {
-                    store.sync_staged(s)
-                } else {
-                    Ok(s)
-                };
-                synced
-                    .and_then(|s| store.commit(s))
-                    .map(|()| shard)
-                    .map_err(|e| {
-                        log::warn!("fs: put {}: {e}", run.request.key(i).canonical());
-                        e
-                    })
-            });
-        match done {
-            Ok(shard) => {
+                run.request.set_status(i, e.status);
+                continue;
+            }
+        };
+        let shard = s.shard();
+        let synced = if batch_sync {
+            store.sync_staged(s)
+        } else {
+            Ok(s)
+        };
+        match synced.and_then(|s| store.commit(s)) {
+            Ok(()) => {
                 run.request.set_status(i, Status::OK);
                 run.dirs.lock().entry(shard).or_default().push(i);
             }
-            Err(e) => run.request.set_status(i, e.status),
+            Err(e) => {
+                log::warn!("fs: put {}: {e}", run.request.key(i).canonical());
+                run.request.set_status(i, e.status);
+            }
         }
     }
 }

@@ -811,7 +811,7 @@ impl Store {
         bufs: &mut IoBufs,
     ) -> ReadOutcome {
         let result = if c.direct {
-            self.read_direct(&c.file, c.data_offset, c.data_len, dst, bufs, c.check)
+            self.read_direct(&c, dst, bufs)
         } else {
             read_buffered(&c.file, c.data_offset, dst, bufs, c.check)
         };
@@ -954,42 +954,32 @@ impl Store {
 
     fn read_direct(
         &self,
-        file: &File,
-        data_offset: u64,
-        data_len: u64,
+        c: &OpenChunk,
         dst: &mut [u8],
         bufs: &mut IoBufs,
-        check: bool,
     ) -> io::Result<Result<(usize, ChunkMeta, Header), ReadFail>> {
-        let bounce = bufs.bounce();
+        let (file, data_offset, data_len, check) = (&c.file, c.data_offset, c.data_len, c.check);
         let len = data_len as usize;
         if fio::is_aligned(dst.as_ptr())
             && data_len >= ALIGN
             && data_offset as usize + ALIGN as usize <= BOUNCE
         {
-            // One request: header into the bounce buffer, aligned data straight into `dst`, the tail
-            // into the bounce buffer.
-            let (n, tail, tail_buf) = fio::direct_split(len);
-            let (h, rest) = bounce.as_mut().split_at_mut(data_offset as usize);
-            let t = &mut rest[..tail_buf];
-            let got = {
-                let (d, _) = dst.split_at_mut(n);
-                let mut iov = [IoSliceMut::new(h), IoSliceMut::new(d), IoSliceMut::new(t)];
-                fio::preadv_full(file, &mut iov, 0)?
-            };
-            let (fixed, hdr) = match format::decode(&h[..got.min(h.len())]) {
-                Ok(x) => x,
-                Err(why) => return Ok(Err(ReadFail::Corrupt(why))),
-            };
-            if hdr.data_offset == data_offset && hdr.data_len == data_len {
-                if got < data_offset as usize + len {
-                    return Ok(Err(ReadFail::Corrupt("truncated")));
+            // One request for header, data and tail, as for one part of a split read.
+            match self.read_part(c, 0, &mut dst[..len], bufs) {
+                Ok(Some(Ok((fixed, hdr))))
+                    if (hdr.data_offset, hdr.data_len) == (data_offset, data_len) =>
+                {
+                    return Ok(verify(&fixed, hdr, &dst[..len], check));
                 }
-                dst[n..len].copy_from_slice(&t[..tail]);
-                return Ok(verify(&fixed, hdr, &dst[..len], check));
+                Ok(Some(Err(why))) => return Ok(Err(ReadFail::Corrupt(why))),
+                // Short, or replaced by a chunk of another size since the lookup: the general way
+                // below tells a truncated file from a replaced one.
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {}
+                Err(e) => return Err(e),
             }
-            // Replaced by a chunk of another size since the lookup: read it the general way.
         }
+        let bounce = bufs.bounce();
         let first = fio::first_direct_read(data_offset, data_len, dst, BOUNCE);
         let buf = &mut bounce.as_mut()[..first];
         let got = fio::read_full_at(file, buf, 0)?;

@@ -249,14 +249,19 @@ fn worker(engine: &Engine, rx: &Receiver<Job>) {
     }
 }
 
-/// Look up every key of `b` and report it; the first node error, if any.
-fn lookup(engine: &Engine, b: &Batch<Contains>) -> Option<String> {
-    let keys: Vec<(u64, &str)> = (0..b.len())
+/// `(key_hash, canonical)` of each of `n` keys, as the engine takes them.
+fn hashed_keys<'a>(n: usize, key: impl Fn(usize) -> Key<'a>) -> Vec<(u64, &'a str)> {
+    (0..n)
         .map(|i| {
-            let k = b.key(i);
+            let k = key(i);
             (k.key_hash(), k.canonical())
         })
-        .collect();
+        .collect()
+}
+
+/// Look up every key of `b` and report it; the first node error, if any.
+fn lookup(engine: &Engine, b: &Batch<Contains>) -> Option<String> {
+    let keys = hashed_keys(b.len(), |i| b.key(i));
     let (found, err) = engine.contains(&keys);
     for (i, f) in found.into_iter().enumerate() {
         match f {
@@ -270,12 +275,7 @@ fn lookup(engine: &Engine, b: &Batch<Contains>) -> Option<String> {
 
 /// Remove every key of `b` and report it; the first node error, if any.
 fn unlink(engine: &Engine, b: &Batch<Remove>) -> Option<String> {
-    let keys: Vec<(u64, &str)> = (0..b.len())
-        .map(|i| {
-            let k = b.key(i);
-            (k.key_hash(), k.canonical())
-        })
-        .collect();
+    let keys = hashed_keys(b.len(), |i| b.key(i));
     let (statuses, err) = engine.remove(&keys);
     for (i, s) in statuses.into_iter().enumerate() {
         b.set_status(i, s);
@@ -397,12 +397,7 @@ impl Backend for RedisBackend {
     }
 
     fn contains(&self, batch: &mut ContainsBatch<'_>) -> Result<(), Error> {
-        let keys: Vec<(u64, &str)> = (0..batch.len())
-            .map(|i| {
-                let k = batch.key(i);
-                (k.key_hash(), k.canonical())
-            })
-            .collect();
+        let keys = hashed_keys(batch.len(), |i| batch.key(i));
         let (found, err) = self.engine.contains(&keys);
         for (i, f) in found.into_iter().enumerate() {
             match f {
@@ -444,12 +439,7 @@ impl Backend for RedisBackend {
     }
 
     fn remove(&self, batch: &mut KeyBatch<'_>, _force: bool) -> Result<(), Error> {
-        let keys: Vec<(u64, &str)> = (0..batch.len())
-            .map(|i| {
-                let k = batch.key(i);
-                (k.key_hash(), k.canonical())
-            })
-            .collect();
+        let keys = hashed_keys(batch.len(), |i| batch.key(i));
         let (statuses, err) = self.engine.remove(&keys);
         for (i, s) in statuses.into_iter().enumerate() {
             batch.set_status(i, s);
