@@ -11,9 +11,11 @@
 //! - No lock is held while a plugin runs; a failing plugin costs its own keys, never the call.
 
 mod inflight;
+mod lent;
 pub mod metrics;
 mod tier;
 
+pub use lent::{LentGetDone, LentPutItem};
 pub use metrics::{LatencySummary, TierStats};
 pub use tier::{Backpressure, TierSettings};
 
@@ -220,6 +222,7 @@ struct Inner {
     hot: HotCache,
     tiers: Vec<Arc<Tier>>,
     inflight: Arc<Inflight>,
+    lent_puts: lent::LentPuts,
     settings: ChainSettings,
     hot_metrics: metrics::TierMetrics,
     pins: Mutex<HashMap<String, LookupPins>>,
@@ -291,6 +294,7 @@ impl Chain {
             hot,
             tiers,
             inflight,
+            lent_puts: lent::LentPuts::default(),
             settings,
             hot_metrics: metrics::TierMetrics::default(),
             pins: Mutex::new(HashMap::new()),
@@ -785,7 +789,7 @@ impl Chain {
             lookups: inner.lookups.load(Ordering::Relaxed),
             forced_unpins: inner.forced_unpins.load(Ordering::Relaxed),
             pinned_lookups: inner.pins.lock().len() as u64,
-            puts_in_flight: inner.inflight.len() as u64,
+            puts_in_flight: (inner.inflight.len() + inner.lent_puts.len()) as u64,
             demotions_dropped: inner.demotions_dropped.load(Ordering::Relaxed),
         }
     }
