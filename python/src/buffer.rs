@@ -151,11 +151,6 @@ impl Lent {
             _owner: obj.clone().unbind(),
         })
     }
-
-    /// The address range, for overlap checks.
-    pub fn range(&self) -> std::ops::Range<usize> {
-        self.ptr as usize..self.ptr as usize + self.len
-    }
 }
 
 fn type_name(obj: &Bound<'_, PyAny>) -> String {
@@ -165,46 +160,94 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
         .unwrap_or_else(|_| "an unknown type".into())
 }
 
-/// A lent source buffer; clones share it (one per plugin tier of a write-through put).
+/// A lent source: `len` bytes at `off` in a lent buffer. Clones share it (one per plugin tier of a
+/// write-through put).
 #[derive(Clone, Debug)]
-pub struct Src(pub Arc<Lent>);
+pub struct Src {
+    pub lent: Arc<Lent>,
+    off: usize,
+    len: usize,
+}
 
-impl SrcBuf for Src {
-    fn bytes(&self) -> &[u8] {
-        if self.0.len == 0 {
-            return &[];
-        }
-        // SAFETY: `ptr..ptr+len` is the exporter's live, contiguous memory (see `Lent`), non-null when
-        // `len > 0`; it stays in place while `_owner` lives, which outlives this borrow.
-        unsafe { std::slice::from_raw_parts(self.0.ptr, self.0.len) }
+impl Src {
+    /// The whole buffer.
+    pub fn whole(lent: Arc<Lent>) -> Src {
+        let len = lent.len;
+        Src { lent, off: 0, len }
+    }
+
+    /// `len` bytes at `off`, checked against the buffer's bounds.
+    pub fn region(lent: Arc<Lent>, off: usize, len: usize) -> PyResult<Src> {
+        check_region(&lent, off, len)?;
+        Ok(Src { lent, off, len })
     }
 }
 
-/// A lent destination buffer. The binding creates one per buffer per operation and refuses overlapping
-/// destinations, so the `&mut` it hands a plugin is the only one.
+fn check_region(lent: &Lent, off: usize, len: usize) -> PyResult<()> {
+    match off.checked_add(len) {
+        Some(end) if end <= lent.len => Ok(()),
+        _ => Err(PyValueError::new_err(format!(
+            "region of {len} bytes at offset {off} is outside the {}-byte buffer",
+            lent.len
+        ))),
+    }
+}
+
+impl SrcBuf for Src {
+    fn bytes(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `off..off+len` lies inside the exporter's live, contiguous memory (checked when the
+        // region was made; `ptr` is non-null when the buffer is not empty); it stays in place while the
+        // `Lent`'s owner lives, which outlives this borrow.
+        unsafe { std::slice::from_raw_parts(self.lent.ptr.add(self.off), self.len) }
+    }
+}
+
+/// A lent destination: `len` bytes at `off` in a writable lent buffer. The binding creates one per
+/// destination per operation and refuses overlapping destinations, so the `&mut` it hands a plugin is
+/// the only one.
 #[derive(Debug)]
-pub struct Dst(pub Arc<Lent>);
+pub struct Dst {
+    pub lent: Arc<Lent>,
+    off: usize,
+    len: usize,
+}
 
 impl Dst {
-    /// A destination over a writable lent buffer.
-    pub fn new(lent: Arc<Lent>) -> PyResult<Dst> {
+    /// `len` bytes at `off` of a writable lent buffer (the whole buffer: `0, lent.len`).
+    pub fn new(lent: Arc<Lent>, off: usize, len: usize) -> PyResult<Dst> {
         if !lent.writable {
             return Err(PyBufferError::new_err(
                 "the destination buffer is read-only (pass a bytearray, a writable memoryview or array)",
             ));
         }
-        Ok(Dst(lent))
+        check_region(&lent, off, len)?;
+        Ok(Dst { lent, off, len })
+    }
+
+    /// The whole of a writable lent buffer.
+    pub fn whole(lent: Arc<Lent>) -> PyResult<Dst> {
+        let len = lent.len;
+        Dst::new(lent, 0, len)
+    }
+
+    /// The address range, for overlap checks.
+    pub fn range(&self) -> std::ops::Range<usize> {
+        let start = self.lent.ptr as usize + self.off;
+        start..start + self.len
     }
 }
 
 impl DstBuf for Dst {
     fn bytes_mut(&mut self) -> &mut [u8] {
-        if self.0.len == 0 {
+        if self.len == 0 {
             return &mut [];
         }
         // SAFETY: as in `Src::bytes`, and the exporter granted write access (`Dst::new` checked it). No
         // other `Dst` covers these bytes during the operation (the binding refuses overlapping
         // destinations), so this is the only mutable view the host creates.
-        unsafe { std::slice::from_raw_parts_mut(self.0.ptr, self.0.len) }
+        unsafe { std::slice::from_raw_parts_mut(self.lent.ptr.add(self.off), self.len) }
     }
 }

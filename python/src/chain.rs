@@ -124,21 +124,39 @@ pub fn meta_to_py<'py>(
 /// Source buffers from Python objects.
 pub fn lend_sources(bufs: &Bound<'_, PyAny>) -> PyResult<Vec<Src>> {
     bufs.try_iter()?
-        .map(|b| Ok(Src(Arc::new(Lent::new(&b?, false)?))))
+        .map(|b| Ok(Src::whole(Arc::new(Lent::new(&b?, false)?))))
         .collect()
 }
 
-/// Destination buffers from Python objects; refuses overlapping ones (plugins fill a batch's buffers
-/// from several threads at once).
+/// Destination buffers from Python objects; refuses overlapping ones.
 pub fn lend_destinations(bufs: &Bound<'_, PyAny>) -> PyResult<Vec<Dst>> {
     let dsts: Vec<Dst> = bufs
         .try_iter()?
-        .map(|b| Dst::new(Arc::new(Lent::new(&b?, true)?)))
+        .map(|b| Dst::whole(Arc::new(Lent::new(&b?, true)?)))
         .collect::<PyResult<_>>()?;
+    check_disjoint(dsts)
+}
+
+/// `(offset, length)` pairs of one buffer as regions.
+fn regions(offsets: &Bound<'_, PyAny>, lens: &Bound<'_, PyAny>) -> PyResult<Vec<(usize, usize)>> {
+    let offsets: Vec<usize> = offsets.extract()?;
+    let lens: Vec<usize> = lens.extract()?;
+    if offsets.len() != lens.len() {
+        return Err(PyValueError::new_err(format!(
+            "{} offsets but {} lengths",
+            offsets.len(),
+            lens.len()
+        )));
+    }
+    Ok(offsets.into_iter().zip(lens).collect())
+}
+
+/// Plugins fill a batch's destinations from several threads at once: refuse overlapping ones.
+fn check_disjoint(dsts: Vec<Dst>) -> PyResult<Vec<Dst>> {
     let mut ranges: Vec<(std::ops::Range<usize>, usize)> = dsts
         .iter()
         .enumerate()
-        .map(|(i, d)| (d.0.range(), i))
+        .map(|(i, d)| (d.range(), i))
         .filter(|(r, _)| !r.is_empty())
         .collect();
     ranges.sort_by_key(|(r, _)| r.start);
@@ -232,44 +250,15 @@ fn all_failed(errors: &[String], n: usize, op: &str) -> PyResult<()> {
     Ok(())
 }
 
-#[pymethods]
 impl PyChain {
-    #[new]
-    #[pyo3(signature = (config, *, key_format = "auto", plugin_dirs = Vec::new(), hot_cache = None))]
-    fn new(
-        config: &Bound<'_, PyAny>,
-        key_format: &str,
-        plugin_dirs: Vec<PathBuf>,
-        hot_cache: Option<bool>,
-    ) -> PyResult<Self> {
-        PyChain::open(
-            config,
-            KeyFormat::parse(key_format)?,
-            plugin_dirs,
-            hot_cache,
-        )
-    }
-
-    /// Store chunks from buffers (no copy without a hot cache: the plugins read them). `metas[i]` is
-    /// `None` or `(fmt, dtype, shape)`. Returns per chunk whether it was stored; raises `PluginError`
-    /// when every chunk failed.
-    #[pyo3(signature = (keys, bufs, metas = None))]
-    fn put(
+    fn put_sources(
         &self,
         py: Python<'_>,
-        keys: &Bound<'_, PyAny>,
-        bufs: &Bound<'_, PyAny>,
-        metas: Option<&Bound<'_, PyAny>>,
+        keys: Vec<ChunkKey>,
+        bufs: Vec<Src>,
+        metas: Option<Vec<kvhost::plugin::ChunkMeta>>,
     ) -> PyResult<Vec<bool>> {
-        let keys = self.keys(keys)?;
-        let bufs = lend_sources(bufs)?;
-        let metas = match metas {
-            Some(m) => m
-                .try_iter()?
-                .map(|m| meta_from_py(&m?))
-                .collect::<PyResult<Vec<_>>>()?,
-            None => vec![Default::default(); keys.len()],
-        };
+        let metas = metas.unwrap_or_else(|| vec![Default::default(); keys.len()]);
         if bufs.len() != keys.len() || metas.len() != keys.len() {
             return Err(PyValueError::new_err(format!(
                 "put: {} keys, {} buffers and {} metadata entries",
@@ -293,16 +282,12 @@ impl PyChain {
         Ok(items.iter().map(|i| i.is_ok()).collect())
     }
 
-    /// Read chunks straight into writable buffers. Returns per chunk the bytes written, or `None` when
-    /// no tier has it. A buffer smaller than its chunk raises `ValueError` naming the size needed.
-    fn get_into(
+    fn get_destinations(
         &self,
         py: Python<'_>,
-        keys: &Bound<'_, PyAny>,
-        bufs: &Bound<'_, PyAny>,
+        keys: Vec<ChunkKey>,
+        dsts: Vec<Dst>,
     ) -> PyResult<Vec<Option<usize>>> {
-        let keys = self.keys(keys)?;
-        let dsts = lend_destinations(bufs)?;
         if dsts.len() != keys.len() {
             return Err(PyValueError::new_err(format!(
                 "get_into: {} keys but {} buffers",
@@ -341,6 +326,100 @@ impl PyChain {
             tracing::warn!(target: "kvhost::python", "get_into: {} of {n} chunk(s) failed; first: {first}", errors.len());
         }
         Ok(out)
+    }
+}
+
+#[pymethods]
+impl PyChain {
+    #[new]
+    #[pyo3(signature = (config, *, key_format = "auto", plugin_dirs = Vec::new(), hot_cache = None))]
+    fn new(
+        config: &Bound<'_, PyAny>,
+        key_format: &str,
+        plugin_dirs: Vec<PathBuf>,
+        hot_cache: Option<bool>,
+    ) -> PyResult<Self> {
+        PyChain::open(
+            config,
+            KeyFormat::parse(key_format)?,
+            plugin_dirs,
+            hot_cache,
+        )
+    }
+
+    /// Store chunks from buffers (no copy without a hot cache: the plugins read them). `metas[i]` is
+    /// `None` or `(fmt, dtype, shape)`. Returns per chunk whether it was stored; raises `PluginError`
+    /// when every chunk failed.
+    #[pyo3(signature = (keys, bufs, metas = None))]
+    fn put(
+        &self,
+        py: Python<'_>,
+        keys: &Bound<'_, PyAny>,
+        bufs: &Bound<'_, PyAny>,
+        metas: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Vec<bool>> {
+        let keys = self.keys(keys)?;
+        let bufs = lend_sources(bufs)?;
+        let metas = match metas {
+            Some(m) => Some(
+                m.try_iter()?
+                    .map(|m| meta_from_py(&m?))
+                    .collect::<PyResult<Vec<_>>>()?,
+            ),
+            None => None,
+        };
+        self.put_sources(py, keys, bufs, metas)
+    }
+
+    /// Read chunks straight into writable buffers. Returns per chunk the bytes written, or `None` when
+    /// no tier has it. A buffer smaller than its chunk raises `ValueError` naming the size needed.
+    fn get_into(
+        &self,
+        py: Python<'_>,
+        keys: &Bound<'_, PyAny>,
+        bufs: &Bound<'_, PyAny>,
+    ) -> PyResult<Vec<Option<usize>>> {
+        let keys = self.keys(keys)?;
+        let dsts = lend_destinations(bufs)?;
+        self.get_destinations(py, keys, dsts)
+    }
+    /// Store regions of one buffer: `keys[i]` gets `lens[i]` bytes at `offsets[i]` of `owner` (a
+    /// buffer or a CPU tensor, kept alive until the plugins are done). For page pools, whose pages are
+    /// regions of one large tensor. Otherwise as `put`.
+    fn put_regions(
+        &self,
+        py: Python<'_>,
+        keys: &Bound<'_, PyAny>,
+        owner: &Bound<'_, PyAny>,
+        offsets: &Bound<'_, PyAny>,
+        lens: &Bound<'_, PyAny>,
+    ) -> PyResult<Vec<bool>> {
+        let keys = self.keys(keys)?;
+        let lent = Arc::new(Lent::new(owner, false)?);
+        let bufs = regions(offsets, lens)?
+            .into_iter()
+            .map(|(off, len)| Src::region(lent.clone(), off, len))
+            .collect::<PyResult<Vec<_>>>()?;
+        self.put_sources(py, keys, bufs, None)
+    }
+
+    /// Read chunks into regions of one writable buffer or CPU tensor (see `put_regions`); as
+    /// `get_into` otherwise.
+    fn get_regions(
+        &self,
+        py: Python<'_>,
+        keys: &Bound<'_, PyAny>,
+        owner: &Bound<'_, PyAny>,
+        offsets: &Bound<'_, PyAny>,
+        lens: &Bound<'_, PyAny>,
+    ) -> PyResult<Vec<Option<usize>>> {
+        let keys = self.keys(keys)?;
+        let lent = Arc::new(Lent::new(owner, true)?);
+        let dsts = regions(offsets, lens)?
+            .into_iter()
+            .map(|(off, len)| Dst::new(lent.clone(), off, len))
+            .collect::<PyResult<Vec<_>>>()?;
+        self.get_destinations(py, keys, check_disjoint(dsts)?)
     }
 
     /// Per key whether any tier stores it.

@@ -299,7 +299,7 @@ impl L2Client {
             }
             Err(e) => return self.refuse(id, format!("set: {e}")),
         };
-        let holds: Vec<Arc<Lent>> = srcs.iter().map(|s| s.0.clone()).collect();
+        let holds: Vec<Arc<Lent>> = srcs.iter().map(|s| s.lent.clone()).collect();
         let once = Arc::new(Once {
             id,
             done: AtomicBool::new(false),
@@ -347,7 +347,7 @@ impl L2Client {
             }
             Err(e) => return self.refuse(id, format!("get: {e}")),
         };
-        let holds: Vec<Arc<Lent>> = dsts.iter().map(|d| d.0.clone()).collect();
+        let holds: Vec<Arc<Lent>> = dsts.iter().map(|d| d.lent.clone()).collect();
         let once = Arc::new(Once {
             id,
             done: AtomicBool::new(false),
