@@ -74,14 +74,16 @@ impl Lent {
     pub fn new(obj: &Bound<'_, PyAny>, writable: bool) -> PyResult<Lent> {
         match PyMemoryView::from(obj) {
             Ok(view) => Self::from_memoryview(view, writable),
-            Err(e) if e.is_instance_of::<PyTypeError>(obj.py()) => Self::from_tensor(obj)
-                .map_err(|_| {
-                    PyTypeError::new_err(format!(
-                        "expected a buffer (bytes, bytearray, memoryview, numpy array) or a CPU torch \
-                         tensor, got {}",
-                        type_name(obj)
-                    ))
-                }),
+            Err(e) if e.is_instance_of::<PyTypeError>(obj.py()) => {
+                if obj.hasattr("data_ptr")? && obj.hasattr("is_contiguous")? {
+                    return Self::from_tensor(obj);
+                }
+                Err(PyTypeError::new_err(format!(
+                    "expected a buffer (bytes, bytearray, memoryview, numpy array) or a CPU torch \
+                     tensor, got {}",
+                    type_name(obj)
+                )))
+            }
             Err(e) => Err(e),
         }
     }

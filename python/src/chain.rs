@@ -103,6 +103,24 @@ pub fn meta_from_py(obj: &Bound<'_, PyAny>) -> PyResult<kvhost::plugin::ChunkMet
     Ok(meta)
 }
 
+/// One metadata entry per key from a Python iterable.
+pub fn metas_from_py(
+    metas: &Bound<'_, PyAny>,
+    n: usize,
+) -> PyResult<Vec<kvhost::plugin::ChunkMeta>> {
+    let metas = metas
+        .try_iter()?
+        .map(|m| meta_from_py(&m?))
+        .collect::<PyResult<Vec<_>>>()?;
+    if metas.len() != n {
+        return Err(PyValueError::new_err(format!(
+            "{n} keys but {} metadata entries",
+            metas.len()
+        )));
+    }
+    Ok(metas)
+}
+
 /// `(length, fmt, dtype, shape)` for Python.
 pub fn meta_to_py<'py>(
     py: Python<'py>,
@@ -360,14 +378,7 @@ impl PyChain {
     ) -> PyResult<Vec<bool>> {
         let keys = self.keys(keys)?;
         let bufs = lend_sources(bufs)?;
-        let metas = match metas {
-            Some(m) => Some(
-                m.try_iter()?
-                    .map(|m| meta_from_py(&m?))
-                    .collect::<PyResult<Vec<_>>>()?,
-            ),
-            None => None,
-        };
+        let metas = metas.map(|m| metas_from_py(m, keys.len())).transpose()?;
         self.put_sources(py, keys, bufs, metas)
     }
 

@@ -13,7 +13,7 @@
 //! dropped.
 
 use crate::buffer::Lent;
-use crate::chain::{lend_destinations, lend_sources, PyChain};
+use crate::chain::{lend_destinations, lend_sources, metas_from_py, PyChain};
 use crate::keys::{self, KeyFormat};
 use kvhost::chain::Chain;
 use kvhost::plugin::{GetItem, Presence};
@@ -184,6 +184,33 @@ pub struct L2Client {
 }
 
 impl L2Client {
+    fn over(chain: &PyChain) -> PyResult<Self> {
+        let efd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).map_err(|e| {
+            crate::errors::KvhostError::new_err(format!("NativeL2Client: eventfd: {e}"))
+        })?;
+        let shared = Arc::new(Shared {
+            completions: Completions {
+                queue: Mutex::new(Vec::new()),
+                efd,
+            },
+            deadlines: Mutex::new((BinaryHeap::new(), false)),
+            wake: Condvar::new(),
+            timeout: chain.timeout,
+        });
+        let weak = Arc::downgrade(&shared);
+        std::thread::Builder::new()
+            .name("kvhost-l2-deadlines".into())
+            .spawn(move || watch(weak))
+            .map_err(|e| crate::errors::KvhostError::new_err(format!("NativeL2Client: {e}")))?;
+        Ok(L2Client {
+            chain: chain.chain.clone(),
+            key_format: chain.key_format,
+            shared,
+            next_id: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
+        })
+    }
+
     fn id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
@@ -214,7 +241,6 @@ impl L2Client {
     #[new]
     #[pyo3(signature = (config = None, *, hot_cache = false, key_format = "object", plugin_dirs = Vec::new(), **chain_keys))]
     fn new(
-        py: Python<'_>,
         config: Option<&Bound<'_, PyAny>>,
         hot_cache: bool,
         key_format: &str,
@@ -245,31 +271,13 @@ impl L2Client {
             plugin_dirs,
             Some(hot_cache),
         )?;
-        let efd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).map_err(|e| {
-            crate::errors::KvhostError::new_err(format!("NativeL2Client: eventfd: {e}"))
-        })?;
-        let shared = Arc::new(Shared {
-            completions: Completions {
-                queue: Mutex::new(Vec::new()),
-                efd,
-            },
-            deadlines: Mutex::new((BinaryHeap::new(), false)),
-            wake: Condvar::new(),
-            timeout: chain.timeout,
-        });
-        let weak = Arc::downgrade(&shared);
-        std::thread::Builder::new()
-            .name("kvhost-l2-deadlines".into())
-            .spawn(move || watch(weak))
-            .map_err(|e| crate::errors::KvhostError::new_err(format!("NativeL2Client: {e}")))?;
-        let _ = py;
-        Ok(L2Client {
-            chain: chain.chain.clone(),
-            key_format: chain.key_format,
-            shared,
-            next_id: AtomicU64::new(1),
-            closed: AtomicBool::new(false),
-        })
+        L2Client::over(&chain)
+    }
+
+    /// A client over an existing `kvhost.Chain` (sharing its plugins), with the chain's key format.
+    #[staticmethod]
+    fn for_chain(chain: &Bound<'_, PyChain>) -> PyResult<Self> {
+        L2Client::over(chain.get())
     }
 
     /// The eventfd LMCache polls; readable when `drain_completions` has something.
@@ -277,12 +285,15 @@ impl L2Client {
         self.shared.completions.efd.as_raw_fd()
     }
 
-    /// Store `bufs[i]` under `keys[i]`; the plugins read LMCache's memory directly.
+    /// Store `bufs[i]` under `keys[i]`; the plugins read LMCache's memory directly. `metas` (a kvhost
+    /// extension) gives each chunk's `(fmt, dtype, shape)`.
+    #[pyo3(signature = (keys, bufs, metas = None))]
     fn submit_batch_set(
         &self,
         py: Python<'_>,
         keys: &Bound<'_, PyAny>,
         bufs: &Bound<'_, PyAny>,
+        metas: Option<&Bound<'_, PyAny>>,
     ) -> u64 {
         let id = self.id();
         let keys = match self.keys(keys) {
@@ -306,7 +317,11 @@ impl L2Client {
         });
         self.shared
             .arm(Overdue::Warn(once.clone(), "set", keys.len()));
-        let metas = vec![Default::default(); keys.len()];
+        let metas = match metas.map(|m| metas_from_py(m, keys.len())) {
+            None => vec![Default::default(); keys.len()],
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return self.refuse(id, format!("set: {e}")),
+        };
         let (chain, shared) = (self.chain.clone(), self.shared.clone());
         py.detach(move || {
             chain.put_lent(keys, srcs, metas, move |items| {

@@ -20,7 +20,7 @@ use super::{Chain, PutOutcome};
 use crate::key::ChunkKey;
 use crate::plugin::{DstBuf, GetItem, GetRequest, Presence, PutRequest, SrcBuf, Status};
 use kvhost_plugin_sdk::{abi, ChunkMeta};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -29,18 +29,21 @@ use std::time::Instant;
 /// Keys with a lent-buffer put in flight (LMCache's `exists_in_put_tasks` for those puts), with the
 /// number of puts of each.
 #[derive(Default)]
-pub(crate) struct LentPuts(Mutex<HashMap<ChunkKey, u32>>);
+pub(crate) struct LentPuts {
+    keys: Mutex<HashMap<ChunkKey, u32>>,
+    drained: Condvar,
+}
 
 impl LentPuts {
     fn begin(&self, keys: &[ChunkKey]) {
-        let mut map = self.0.lock();
+        let mut map = self.keys.lock();
         for k in keys {
             *map.entry(k.clone()).or_insert(0) += 1;
         }
     }
 
     fn end(&self, keys: &[ChunkKey]) {
-        let mut map = self.0.lock();
+        let mut map = self.keys.lock();
         for k in keys {
             if let Some(n) = map.get_mut(k) {
                 *n -= 1;
@@ -49,14 +52,33 @@ impl LentPuts {
                 }
             }
         }
+        if map.is_empty() {
+            self.drained.notify_all();
+        }
     }
 
     pub(crate) fn contains(&self, key: &ChunkKey) -> bool {
-        self.0.lock().contains_key(key)
+        self.keys.lock().contains_key(key)
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.0.lock().len()
+        self.keys.lock().len()
+    }
+
+    /// Wait until no lent put is in flight; false at the deadline.
+    pub(crate) fn wait_empty(&self, deadline: Instant) -> bool {
+        let mut map = self.keys.lock();
+        while !map.is_empty() {
+            if self.drained.wait_until(&mut map, deadline).timed_out() {
+                return map.is_empty();
+            }
+        }
+        true
+    }
+
+    /// Keys still in flight.
+    pub(crate) fn keys(&self) -> Vec<ChunkKey> {
+        self.keys.lock().keys().cloned().collect()
     }
 }
 
@@ -271,13 +293,20 @@ impl Chain {
     }
 
     /// Remove keys from the hot cache and every tier at once; `on_done` gets, per key, whether any
-    /// tier held it, once every tier has answered. Unlike [`remove`](Self::remove) it does not wait
-    /// for puts of these keys still in flight.
+    /// tier held it, once every tier has answered. A write-through put of one of these keys still
+    /// queued from the hot cache is waited for first (up to the read timeout), so it cannot bring the
+    /// key back; that wait is the only one, and only with a hot cache.
     pub fn remove_lent<F>(&self, keys: Vec<ChunkKey>, on_done: F)
     where
         F: FnOnce(Vec<bool>) + Send + 'static,
     {
         let inner = &self.inner;
+        let deadline = Instant::now() + inner.settings.read_timeout;
+        for k in &keys {
+            if inner.inflight.contains(k) && !inner.inflight.wait_key(k, deadline) {
+                tracing::warn!(target: "kvhost::chain", key = %k, "remove: a put of this key is still in flight");
+            }
+        }
         let removed: Vec<bool> = keys.iter().map(|k| inner.hot.remove(k)).collect();
         let plugins: Vec<_> = inner
             .tiers

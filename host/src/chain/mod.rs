@@ -802,20 +802,24 @@ impl Chain {
         if inner.closed.swap(true, Ordering::AcqRel) {
             return report;
         }
-        report.in_flight_at_start = inner.inflight.len();
+        report.in_flight_at_start = inner.inflight.len() + inner.lent_puts.len();
         let deadline = Instant::now() + timeout;
         inner.hot.set_evict_hook(None);
         for t in &inner.tiers {
             t.close_queue();
         }
-        if !inner.inflight.wait_empty(deadline) {
+        let drained = inner.inflight.wait_empty(deadline);
+        // Lent-buffer puts too: their callers have not been told yet whether they are stored.
+        if !(drained && inner.lent_puts.wait_empty(deadline)) {
             report.unfinished = inner
                 .inflight
                 .keys()
                 .iter()
+                .chain(inner.lent_puts.keys().iter())
                 .map(|k| k.to_string())
                 .collect();
             report.unfinished.sort();
+            report.unfinished.dedup();
             tracing::warn!(
                 target: "kvhost::chain",
                 "close: {} put(s) still in flight after {timeout:?}: {}",

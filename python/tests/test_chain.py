@@ -1,0 +1,226 @@
+"""kvhost.Chain in-process: round trips through real plugins, every buffer kind, keys, typed errors,
+buffer lifetimes, the GIL, hung plugins and close."""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+import weakref
+
+import pytest
+
+import kvhost
+from conftest import plugin_config
+
+KEY = "test-model@1@0@{:x}@bfloat16"
+
+
+def keys(n: int, start: int = 1) -> list[str]:
+    return [KEY.format(i) for i in range(start, start + n)]
+
+
+def test_import_does_not_import_engines():
+    import sys
+
+    assert "lmcache" not in sys.modules or "kvhost.lmcache" not in sys.modules
+    assert "sglang" not in sys.modules
+    assert kvhost.__version__
+
+
+@pytest.mark.parametrize("hot_cache", [False, True])
+def test_round_trip_mem(mem_config, dirs, hot_cache):
+    with kvhost.Chain(mem_config, plugin_dirs=dirs, hot_cache=hot_cache) as chain:
+        ks = keys(8)
+        data = [os.urandom(4096 + 1000 * i) for i in range(8)]
+        assert chain.put(ks, data) == [True] * 8
+        assert chain.contains(ks + keys(1, 100)) == [True] * 8 + [False]
+        bufs = [bytearray(len(d) + 7) for d in data]
+        lens = chain.get_into(ks, bufs)
+        assert lens == [len(d) for d in data]
+        for b, d in zip(bufs, data):
+            assert bytes(b[: len(d)]) == d
+            assert bytes(b[len(d):]) == b"\0" * 7  # nothing written past the chunk
+        assert chain.lookup(ks[:3] + keys(1, 100) + ks[3:]) == 3
+        assert chain.remove(ks[:2]) == [True, True]
+        assert chain.contains(ks[:3]) == [False, False, True]
+        stats = chain.stats()
+        assert stats["tiers"][0]["name"] == "LocalCPUBackend"
+        assert stats["tiers"][1]["name"] == "mem"
+
+
+def test_buffer_kinds(mem_config, dirs):
+    np = pytest.importorskip("numpy")
+    with kvhost.Chain(mem_config, plugin_dirs=dirs) as chain:
+        payload = os.urandom(1 << 16)
+        arr = np.frombuffer(payload, dtype=np.float16).copy()
+        sources = [payload, bytearray(payload), memoryview(payload), arr]
+        ks = keys(len(sources))
+        assert chain.put(ks, sources) == [True] * len(sources)
+        out = np.zeros_like(arr)
+        dst = [bytearray(len(payload)), memoryview(bytearray(len(payload))), out, np.zeros(len(payload), np.uint8)]
+        assert chain.get_into(ks, dst) == [len(payload)] * 4
+        for d in dst:
+            assert bytes(memoryview(d).cast("B")) == payload
+        with pytest.raises(BufferError, match="writable"):
+            chain.get_into(ks[:1], [payload])
+        with pytest.raises(BufferError, match="contiguous"):
+            chain.put(ks[:1], [np.zeros((8, 8), np.uint8)[:, ::2]])
+        with pytest.raises(TypeError, match="buffer"):
+            chain.put(ks[:1], [12345])
+        shared = bytearray(100)
+        with pytest.raises(ValueError, match="overlap"):
+            chain.get_into(ks[:2], [memoryview(shared)[:60], memoryview(shared)[50:]])
+
+
+def test_torch_tensors(mem_config, dirs):
+    torch = pytest.importorskip("torch")
+    with kvhost.Chain(mem_config, plugin_dirs=dirs) as chain:
+        src = torch.randn(4, 256, dtype=torch.bfloat16)
+        (k,) = keys(1)
+        assert chain.put([k], [src], [(1, 3, tuple(src.shape))]) == [True]
+        assert chain.meta([k]) == [(src.numel() * 2, 1, 3, (4, 256))]
+        dst = torch.empty_like(src)
+        assert chain.get_into([k], [dst]) == [src.numel() * 2]
+        assert torch.equal(src, dst)
+        with pytest.raises(ValueError, match="non-contiguous"):
+            chain.put([k], [src.t()])
+
+
+def test_region_api(mem_config, dirs):
+    torch = pytest.importorskip("torch")
+    with kvhost.Chain(mem_config, plugin_dirs=dirs) as chain:
+        pool = torch.randint(0, 255, (16, 4096), dtype=torch.uint8)
+        ks = keys(4)
+        offs, lens = [0, 4096 * 3, 4096 * 7, 4096 * 15], [4096] * 4
+        assert chain.put_regions(ks, pool, offs, lens) == [True] * 4
+        out = torch.zeros_like(pool)
+        assert chain.get_regions(ks, out, [4096 * i for i in range(4)], lens) == [4096] * 4
+        for i, row in enumerate([0, 3, 7, 15]):
+            assert torch.equal(out[i], pool[row])
+        with pytest.raises(ValueError, match="outside"):
+            chain.put_regions(ks[:1], pool, [16 * 4096 - 10], [4096])
+
+
+def test_keys_every_form(mem_config, dirs):
+    with kvhost.Chain(mem_config, plugin_dirs=dirs) as chain:
+
+        class EngineKey:  # duck-typed LMCache CacheEngineKey
+            def to_string(self):
+                return KEY.format(0xABC)
+
+        object_key = "Qwen/Qwen2-7B@08000100@0@00ff0a0b"
+        salted = object_key + "@user1"
+        assert chain.put([EngineKey(), object_key, salted], [b"a", b"b", b"c"]) == [True] * 3
+        assert chain.contains([KEY.format(0xABC), object_key, salted]) == [True] * 3
+        # The salt isolates: same content key, other salt, not found.
+        assert chain.contains([object_key + "@user2"]) == [False]
+        with pytest.raises(ValueError, match="neither a CacheEngineKey"):
+            chain.contains(["not-a-key"])
+        with pytest.raises(ValueError, match="key_format"):
+            kvhost.Chain(chain_config := {"storage_plugins": []}, key_format="bogus")
+        del chain_config
+
+
+def test_fs_persists_across_chains(dirs, fs_dir):
+    cfg = plugin_config("fs", "kvhost_fs", "fs", {"path": fs_dir})
+    ks = keys(4)
+    data = [os.urandom(1 << 18) for _ in ks]
+    with kvhost.Chain(cfg, plugin_dirs=dirs) as chain:
+        assert chain.put(ks, data) == [True] * 4
+        chain.flush()
+    with kvhost.Chain(cfg, plugin_dirs=dirs) as chain:
+        bufs = [bytearray(1 << 18) for _ in ks]
+        assert chain.get_into(ks, bufs) == [1 << 18] * 4
+        assert [bytes(b) for b in bufs] == data
+
+
+def test_config_errors_name_the_cause(dirs, fixtures, tmp_path):
+    with pytest.raises(kvhost.ConfigError, match="nope.yaml"):
+        kvhost.Chain(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("chunk_size: [1, 2\n")
+    with pytest.raises(kvhost.ConfigError, match="bad.yaml"):
+        kvhost.Chain(bad)
+    with pytest.raises(kvhost.PluginLoadError, match="kvhost_nothere"):
+        kvhost.Chain(plugin_config("x", "kvhost_nothere", "x"), plugin_dirs=dirs)
+    with pytest.raises(kvhost.PluginLoadError, match="wrong_class"):
+        kvhost.Chain(plugin_config("m", "kvhost_mem", "wrong_class"), plugin_dirs=dirs)
+    failing = plugin_config("f", str(fixtures / "libfx_create_fails.so"), "create_fails")
+    with pytest.raises(kvhost.PluginLoadError, match="create"):
+        kvhost.Chain(failing)
+    assert issubclass(kvhost.PluginLoadError, kvhost.KvhostError)
+
+
+def test_hung_plugin_times_out_and_close_returns(fixtures):
+    cfg = plugin_config("h", str(fixtures / "libfx_hang.so"), "hang", blocking_timeout_secs=0.5)
+    chain = kvhost.Chain(cfg)
+    buf = bytearray(1024)
+    started = time.monotonic()
+    with pytest.raises(kvhost.OperationTimeout, match="did not complete"):
+        chain.get_into(keys(1), [buf])
+    assert time.monotonic() - started < 5
+    assert sum(n for _, n in chain.pending()) == 1
+    with pytest.raises(kvhost.OperationTimeout):
+        chain.put(keys(1), [b"x" * 100])
+    started = time.monotonic()
+    chain.close(timeout=0.2)
+    assert time.monotonic() - started < 10
+    with pytest.raises(kvhost.ChainClosed):
+        chain.contains(keys(1))
+
+
+def test_buffer_outlives_every_python_reference(dirs):
+    """A slow plugin still holds the buffer after the caller dropped it: it must stay alive."""
+    cfg = plugin_config("mem", "kvhost_mem", "mem", {"delay_us": 300_000})
+    chain = kvhost.Chain(cfg, plugin_dirs=dirs)
+
+    class Buf(bytearray):
+        pass
+
+    b = Buf(os.urandom(1 << 20))
+    expected = bytes(b)
+    ref = weakref.ref(b)
+    (k,) = keys(1)
+    t = threading.Thread(target=chain.put, args=([k], [b]))
+    t.start()
+    time.sleep(0.05)  # the put is inside the plugin now
+    del b
+    gc.collect()
+    assert ref() is not None, "the buffer was freed while the plugin held it"
+    t.join()
+    gc.collect()
+    # The plugin is done with it: the last reference goes (possibly via PyO3's deferred decref pool,
+    # drained the next time the binding takes the GIL).
+    chain.contains([k])
+    gc.collect()
+    assert ref() is None, "the buffer leaked"
+    out = bytearray(1 << 20)
+    assert chain.get_into([k], [out]) == [1 << 20]
+    assert bytes(out) == expected
+    chain.close()
+
+
+def test_gil_released_while_plugin_works(dirs):
+    cfg = plugin_config("mem", "kvhost_mem", "mem", {"delay_us": 500_000})
+    chain = kvhost.Chain(cfg, plugin_dirs=dirs)
+    ticks = 0
+    stop = threading.Event()
+
+    def spin():
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+
+    t = threading.Thread(target=spin)
+    t.start()
+    time.sleep(0.05)
+    before = ticks
+    chain.put(keys(1), [b"x" * 4096])  # ~0.5 s inside the plugin
+    during = ticks - before
+    stop.set()
+    t.join()
+    chain.close()
+    # With the GIL held for 0.5 s the other thread would not count at all.
+    assert during > 10_000, f"the other thread made {during} steps while the plugin worked"
