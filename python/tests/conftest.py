@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +23,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+# The LMCache L2 harness is shared with the benchmark.
+sys.path.insert(0, str(REPO / "python" / "bench"))
 
 
 def plugin_dirs() -> list[str]:

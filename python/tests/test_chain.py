@@ -171,35 +171,58 @@ def test_hung_plugin_times_out_and_close_returns(fixtures):
         chain.contains(keys(1))
 
 
+class Buf(bytearray):
+    """A bytearray that can be weakly referenced."""
+
+
 def test_buffer_outlives_every_python_reference(dirs):
-    """A slow plugin still holds the buffer after the caller dropped it: it must stay alive."""
-    cfg = plugin_config("mem", "kvhost_mem", "mem", {"delay_us": 300_000})
-    chain = kvhost.Chain(cfg, plugin_dirs=dirs)
+    """The asynchronous client returns at once; the caller drops every reference while the (slow)
+    plugin still reads the buffer: it must stay alive until the completion is drained, then go."""
+    from kvhost.lmcache import NativeL2Client
 
-    class Buf(bytearray):
-        pass
-
+    client = NativeL2Client(**plugin_config("mem", "kvhost_mem", "mem", {"delay_us": 300_000}), plugin_dirs=dirs)
     b = Buf(os.urandom(1 << 20))
     expected = bytes(b)
     ref = weakref.ref(b)
-    (k,) = keys(1)
-    t = threading.Thread(target=chain.put, args=([k], [b]))
-    t.start()
-    time.sleep(0.05)  # the put is inside the plugin now
+    key = "m@00000000@0@01"
+    fid = client.submit_batch_set([key], [memoryview(b)])
     del b
     gc.collect()
     assert ref() is not None, "the buffer was freed while the plugin held it"
-    t.join()
+    got = []
+    deadline = time.monotonic() + 10
+    while not got and time.monotonic() < deadline:
+        got = client.drain_completions()
+        time.sleep(0.01)
+    assert got == [(fid, True, "", [True])]
     gc.collect()
-    # The plugin is done with it: the last reference goes (possibly via PyO3's deferred decref pool,
-    # drained the next time the binding takes the GIL).
-    chain.contains([k])
+    assert ref() is None, "the buffer leaked after its completion was drained"
+    out = Buf(1 << 20)
+    fid = client.submit_batch_get([key], [memoryview(out)])
+    del out  # the destination too
     gc.collect()
-    assert ref() is None, "the buffer leaked"
-    out = bytearray(1 << 20)
-    assert chain.get_into([k], [out]) == [1 << 20]
-    assert bytes(out) == expected
-    chain.close()
+    got = []
+    while not got and time.monotonic() < deadline + 10:
+        got = client.drain_completions()
+        time.sleep(0.01)
+    assert got == [(fid, True, "", [True])]
+    client.close()
+
+
+def test_timed_out_buffer_stays_alive_until_the_plugin_lets_go(fixtures):
+    cfg = plugin_config("h", str(fixtures / "libfx_hang.so"), "hang", blocking_timeout_secs=0.3)
+    chain = kvhost.Chain(cfg)
+    b = Buf(4096)
+    ref = weakref.ref(b)
+    with pytest.raises(kvhost.OperationTimeout):
+        chain.get_into(keys(1), [b])
+    del b
+    gc.collect()
+    assert ref() is not None, "the buffer was freed while the hung plugin still held it"
+    chain.close(timeout=0.1)  # destroy completes (cancels) the operation: the plugin lets go
+    chain.tier_names()  # any call that takes the GIL runs PyO3's deferred decrefs
+    gc.collect()
+    assert ref() is None, "the buffer leaked after the plugin let go"
 
 
 def test_gil_released_while_plugin_works(dirs):

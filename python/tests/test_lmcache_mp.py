@@ -21,7 +21,7 @@ from conftest import plugin_config, plugin_dirs  # noqa: E402
 
 import kvhost  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
+HARNESS = Path(l2.__file__).resolve()
 
 
 def spec(chain: dict, **params) -> dict:
@@ -69,7 +69,7 @@ def test_store_lookup_load_delete_and_restart(fs_dir, count, chunk_bytes):
 
     # A second process on the same directory finds and loads what this one stored.
     out = subprocess.run(
-        [sys.executable, str(HERE / "lmcache_l2.py"), json.dumps(s), str(count), str(chunk_bytes), str(count)],
+        [sys.executable, str(HARNESS), json.dumps(s), str(count), str(chunk_bytes), str(count)],
         capture_output=True, text=True, timeout=600, env={**os.environ, "LMCACHE_LOG_LEVEL": "ERROR"},
     )
     assert out.returncode == 0, out.stdout + out.stderr

@@ -11,6 +11,7 @@ mod fs;
 mod lmcache_compat;
 mod loader;
 mod logstore;
+mod python;
 mod rados;
 mod redis;
 mod sanitizers;

@@ -120,6 +120,59 @@ pub fn lmcache_python(flag: Option<&Path>) -> std::path::PathBuf {
         })
 }
 
+/// The LMCache side-by-side benchmark script and the L2 harness it drives, carried in the binary so
+/// the suite runs from any directory.
+const LMCACHE_BENCH: [(&str, &str); 2] = [
+    (
+        "lmcache_bench.py",
+        include_str!("../../../python/bench/lmcache_bench.py"),
+    ),
+    (
+        "lmcache_l2.py",
+        include_str!("../../../python/bench/lmcache_l2.py"),
+    ),
+];
+
+/// `--suite lmcache`: runs the script with LMCache's Python; its exit code is the suite's (1 when a row
+/// misses its target).
+pub fn run_lmcache(args: &BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let python = lmcache_python(args.lmcache_python.as_deref());
+    if !python.is_file() {
+        return Err(format!(
+            "no LMCache Python at {}: install LMCache 0.5.6 and this repository's package into a \
+             virtualenv (`pip install lmcache==0.5.6 ./python`), or pass --lmcache-python",
+            python.display()
+        )
+        .into());
+    }
+    let dir = std::env::temp_dir().join(format!("kvhost-lmcache-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    for (name, text) in LMCACHE_BENCH {
+        std::fs::write(dir.join(name), text)?;
+    }
+    let plugin_dirs = std::env::join_paths(crate::loader::plugin_dirs(
+        &crate::Config::embedded_default()?,
+    ))?;
+    let mut cmd = std::process::Command::new(&python);
+    cmd.arg(dir.join("lmcache_bench.py"))
+        .arg("--plugin-dirs")
+        .arg(&plugin_dirs)
+        .env("LMCACHE_LOG_LEVEL", "ERROR");
+    if args.quick {
+        cmd.arg("--quick");
+    }
+    if let Some(path) = &args.json {
+        cmd.arg("--json").arg(path);
+    }
+    let status = cmd.status();
+    let _ = std::fs::remove_dir_all(&dir);
+    let code = status
+        .map_err(|e| format!("cannot run {}: {e}", python.display()))?
+        .code()
+        .unwrap_or(2);
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(2)))
+}
+
 pub fn run_serve(args: &BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let python = lmcache_python(args.lmcache_python.as_deref());
     if !python.is_file() {

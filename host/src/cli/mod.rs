@@ -82,10 +82,10 @@ pub struct BenchArgs {
     /// Stop after this many requests instead.
     #[arg(long)]
     pub requests: Option<u64>,
-    /// Micro and serve suites: small sizes, to check every row runs.
+    /// Micro, serve and lmcache suites: small sizes, to check every row runs.
     #[arg(long)]
     pub quick: bool,
-    /// Serve suite: a Python with LMCache installed. Default: $KVHOST_LMCACHE_PYTHON, else
+    /// Serve and lmcache suites: a Python with LMCache installed. Default: $KVHOST_LMCACHE_PYTHON, else
     /// ~/.cache/kvhost/lmcache-venv/bin/python.
     #[arg(long)]
     pub lmcache_python: Option<PathBuf>,
@@ -100,6 +100,9 @@ pub enum Suite {
     Micro,
     /// `kvhost serve` against LMCache's own server (needs LMCache installed: `--lmcache-python`).
     Serve,
+    /// The `kvhost` Python package inside LMCache against LMCache's own connectors (`fs_native`,
+    /// `resp`, `LocalDiskBackend`), side by side; needs LMCache and the package installed.
+    Lmcache,
 }
 
 /// Log output formats.
@@ -222,6 +225,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             Suite::Micro => bench::run_micro(args.json.as_deref(), args.quick),
             Suite::Workload => bench::run_workload(&args),
             Suite::Serve => bench::run_serve(&args),
+            Suite::Lmcache => bench::run_lmcache(&args),
         },
     }
 }
