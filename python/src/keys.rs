@@ -10,6 +10,7 @@ use kvhost::ChunkKey;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyString;
+use std::fmt::Write;
 
 /// How strings are read as keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,20 +67,20 @@ pub fn from_object_key(s: &str) -> Result<ChunkKey, String> {
     // LMCache's own 64-bit view of a hash: the low 64 bits of the big-endian integer.
     let tail = &hash[hash.len().saturating_sub(16)..];
     let hash64 = u64::from_str_radix(tail, 16).map_err(|e| format!("object key `{s}`: {e}"))?;
-    let mut tags = vec![("kv_rank", rank), ("group", group), ("hash", hash)];
-    if let Some(salt) = fields.get(4) {
-        tags.push(("salt", salt));
-    }
-    ChunkKey::build(
-        model,
+    // The canonical text, written once (this runs per key on the data path), then parsed and checked
+    // like any other key.
+    let mut text = String::with_capacity(s.len() + 64);
+    let _ = write!(
+        text,
+        "{model}@{}@{}@{hash64:x}@mp@kv_rank%{rank}@group%{group}@hash%{hash}",
         (kv_rank >> 24) & 0xff,
-        (kv_rank >> 16) & 0xff,
-        i128::from(hash64),
-        "mp",
-        None,
-        &tags,
-    )
-    .map_err(|e| format!("object key `{s}`: {e}"))
+        (kv_rank >> 16) & 0xff
+    );
+    if let Some(salt) = fields.get(4) {
+        text.push_str("@salt%");
+        text.push_str(salt);
+    }
+    ChunkKey::parse(&text).map_err(|e| format!("object key `{s}`: {e}"))
 }
 
 /// A key from a string in `format`.

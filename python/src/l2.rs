@@ -22,8 +22,7 @@ use parking_lot::{Condvar, Mutex};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 use rustix::event::{eventfd, EventfdFlags};
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -76,30 +75,19 @@ enum Overdue {
 
 struct Deadline {
     at: Instant,
-    seq: u64,
     what: Overdue,
 }
 
-impl PartialEq for Deadline {
-    fn eq(&self, o: &Self) -> bool {
-        (self.at, self.seq) == (o.at, o.seq)
-    }
-}
-impl Eq for Deadline {}
-impl PartialOrd for Deadline {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Deadline {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        (self.at, self.seq).cmp(&(o.at, o.seq))
-    }
+/// Deadlines in the order they fall due: every operation gets the same timeout, so the queue is
+/// sorted by construction.
+struct Deadlines {
+    queue: VecDeque<Deadline>,
+    stopped: bool,
 }
 
 struct Shared {
     completions: Completions,
-    deadlines: Mutex<(BinaryHeap<Reverse<Deadline>>, bool)>,
+    deadlines: Mutex<Deadlines>,
     wake: Condvar,
     timeout: Duration,
 }
@@ -107,40 +95,37 @@ struct Shared {
 impl Shared {
     fn arm(&self, what: Overdue) {
         let mut d = self.deadlines.lock();
-        let seq = d.0.len() as u64;
-        d.0.push(Reverse(Deadline {
+        d.queue.push_back(Deadline {
             at: Instant::now() + self.timeout,
-            seq,
             what,
-        }));
-        self.wake.notify_one();
+        });
+        // The thread sleeps until the front deadline; a later one needs no wake-up (a wake-up per
+        // operation costs a context switch).
+        if d.queue.len() == 1 {
+            self.wake.notify_one();
+        }
     }
 }
 
-/// The deadline thread: one per client, asleep until the earliest deadline.
+/// The deadline thread: one per client, asleep until the front deadline.
 fn watch(shared: Weak<Shared>) {
     loop {
         let Some(s) = shared.upgrade() else { return };
         let due = {
             let mut d = s.deadlines.lock();
-            loop {
-                if d.1 {
-                    return;
+            if d.stopped {
+                return;
+            }
+            match d.queue.front().map(|f| f.at) {
+                Some(at) if at <= Instant::now() => d.queue.pop_front().map(|x| x.what),
+                Some(at) => {
+                    s.wake.wait_until(&mut d, at);
+                    None
                 }
-                let now = Instant::now();
-                match d.0.peek() {
-                    Some(Reverse(first)) if first.at <= now => {
-                        break d.0.pop().map(|Reverse(x)| x.what);
-                    }
-                    Some(Reverse(first)) => {
-                        let at = first.at;
-                        s.wake.wait_until(&mut d, at);
-                    }
-                    None => {
-                        s.wake.wait_for(&mut d, Duration::from_secs(1));
-                        // Let a dropped client go.
-                        break None;
-                    }
+                None => {
+                    // Wake now and then so a dropped client lets this thread go.
+                    s.wake.wait_for(&mut d, Duration::from_secs(1));
+                    None
                 }
             }
         };
@@ -193,7 +178,10 @@ impl L2Client {
                 queue: Mutex::new(Vec::new()),
                 efd,
             },
-            deadlines: Mutex::new((BinaryHeap::new(), false)),
+            deadlines: Mutex::new(Deadlines {
+                queue: VecDeque::new(),
+                stopped: false,
+            }),
             wake: Condvar::new(),
             timeout: chain.timeout,
         });
@@ -547,7 +535,7 @@ impl L2Client {
             );
         }
         let mut d = self.shared.deadlines.lock();
-        d.1 = true;
+        d.stopped = true;
         self.shared.wake.notify_all();
     }
 }

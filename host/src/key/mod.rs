@@ -186,8 +186,14 @@ impl ChunkKey {
             i128::try_from(magnitude)
                 .map_err(|_| bad_num("chunk_hash", hash_text, "128-bit hash"))?
         };
-        // Canonical form: a re-formatted hash must equal the text (no leading zeros, lower case).
-        if hex(chunk_hash) != hash_text {
+        // Canonical form, as `hex` writes it: lower case, no leading zeros, no `-0` (checked without
+        // formatting: this runs for every key that enters the host).
+        let canonical = digits
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            && (digits == "0" && !neg || !digits.starts_with('0'));
+        debug_assert_eq!(canonical, hex(chunk_hash) == hash_text);
+        if !canonical {
             return Err(bad_num(
                 "chunk_hash",
                 hash_text,
