@@ -17,8 +17,10 @@ Keys of the extra config read here (SGLang itself needs ``backend_name``, ``modu
   "storage_plugin.fs.class_name":"fs","storage_plugin.fs.path":"/mnt/nvme/kv-{tp_rank}"}}``.
   Exactly one of the two. In both, ``{tp_rank}``, ``{tp_size}``, ``{pp_rank}``, ``{pp_size}``,
   ``{dp_rank}`` and ``{attn_cp_rank}`` are replaced by this rank's values (in the path of
-  ``kvhost_config``, and in every string of ``kvhost``): each TP rank is its own process and a
-  per-process plugin such as ``fs`` needs a directory of its own.
+  ``kvhost_config``, and in every string of ``kvhost``; not inside the YAML file): each rank is a
+  process of its own, and a per-process plugin such as ``fs`` needs a directory of its own, e.g.
+  ``/mnt/nvme/kv-tp{tp_rank}`` (add ``-pp{pp_rank}`` with pipeline parallelism and ``-dp{dp_rank}``
+  with DP attention, where TP ranks are counted within each DP group).
 - ``kvhost_plugin_dirs`` (optional): a list of directories (or one ``os.pathsep``-separated string)
   where the plugin ``.so`` files are, searched before the config's own ``plugin_dir``.
 - ``interface_v1`` (SGLang's, strongly recommended): ``1`` selects the zero-copy page path
@@ -26,8 +28,6 @@ Keys of the extra config read here (SGLang itself needs ``backend_name``, ``modu
   the legacy ``batch_set``/``batch_get``; that works too, under keys of its own.
 - ``kvhost_skip_existing`` (optional, default ``true``): before a write, ask the chain which parts it
   already holds and store only the others (keys are content hashes, so a held part is the same bytes).
-- ``kvhost_clear_track_pages`` (optional, default 65536): how many page keys this instance
-  remembers for :meth:`HiCacheStorage.clear` (see there); ``0`` remembers none.
 
 The chain is built without kvhost's CPU hot cache: SGLang's host pool already is the CPU tier.
 
@@ -42,7 +42,14 @@ MLA pages are the same on every TP rank, so their keys say ``1@0`` instead of th
 
 Failures on the data path (a plugin error, a timeout, a closed chain) are logged and reported as
 ``False``/``0``/``None``; they are never raised into SGLang's storage threads. A bad config raises
-:class:`kvhost.ConfigError` or :class:`kvhost.PluginLoadError` at construction.
+:class:`kvhost.ConfigError` or :class:`kvhost.PluginLoadError` at construction (or, for a host pool
+without zero-copy page buffers under ``interface_v1``, at ``register_mem_pool_host``, which fails
+SGLang's attach).
+
+Timeouts: a plugin that does not complete within the chain's ``blocking_timeout_secs`` (default 10 s)
+fails the call, but keeps the pool memory it was lent until it completes: a late load still writes
+into the pages, and a late store still reads them, after SGLang has been told the call failed. Keep
+the timeout well above the plugins' worst latency.
 
 Not supported: the v2 interface (``batch_*_v2``; hybrid models with Mamba/SWA/indexer side pools) and
 head splitting across heterogeneous TP sizes (``tp_lcm_size``): pages are then keyed per TP rank as
@@ -71,8 +78,6 @@ __all__ = ["HiCacheStorage"]
 logger = logging.getLogger(__name__)
 
 _HEX = re.compile(r"[0-9a-f]+\Z")
-_PLACEHOLDERS = ("tp_rank", "tp_size", "pp_rank", "pp_size", "dp_rank", "attn_cp_rank")
-_DEFAULT_CLEAR_TRACK_PAGES = 65536
 
 
 def _escape(text: str) -> str:
@@ -123,13 +128,6 @@ class HiCacheStorage(_SglangHiCacheStorage):
         extra = dict(storage_config.extra_config or {})
         self.zero_copy = _as_bool(extra.get("interface_v1", 0))
         self.skip_existing = _as_bool(extra.get("kvhost_skip_existing", True))
-        try:
-            self._track_cap = int(extra.get("kvhost_clear_track_pages", _DEFAULT_CLEAR_TRACK_PAGES))
-        except (TypeError, ValueError):
-            raise kvhost.ConfigError(
-                "kvhost_clear_track_pages must be an integer, got "
-                f"{extra.get('kvhost_clear_track_pages')!r}"
-            ) from None
         self.metrics_enabled = bool(getattr(storage_config, "enable_storage_metrics", False))
 
         cfg = self._chain_config(storage_config, extra)
@@ -143,13 +141,6 @@ class HiCacheStorage(_SglangHiCacheStorage):
         self.chain = kvhost.Chain(
             cfg, key_format="engine", plugin_dirs=[str(d) for d in plugin_dirs], hot_cache=False
         )
-        plugins = self.chain.tier_names()[1:]
-        if not plugins:
-            self.chain.close()
-            raise kvhost.ConfigError(
-                "the kvhost config for SGLang names no storage plugin (`storage_plugins` is empty): "
-                "nothing would be stored"
-            )
 
         sc = storage_config
         self._is_mla = bool(sc.is_mla_model)
@@ -182,13 +173,10 @@ class HiCacheStorage(_SglangHiCacheStorage):
         self.mem_pool_host = None
         self._key_tail: Optional[str] = None
         self._parts: Optional[int] = None
-        self._owners: List[_Owner] = []
-        self._owner_bases: List[int] = []
+        self._owner_index: Tuple[List[int], List[_Owner]] = ([], [])
         self._bytes_per_page = 0
 
         self._lock = threading.Lock()
-        self._stored_pages: Dict[str, None] = {}
-        self._untracked = 0
         self._closed = False
         self._metrics: Dict[str, List[float]] = {
             "prefetch_pgs": [],
@@ -198,7 +186,7 @@ class HiCacheStorage(_SglangHiCacheStorage):
         }
         logger.info(
             "kvhost HiCacheStorage: chain %s, %s, model %r, rank %s/%s%s",
-            " -> ".join(plugins),
+            " -> ".join(self.chain.tier_names()[1:]),
             "zero-copy v1 pages" if self.zero_copy else "legacy flat pages",
             model,
             sc.tp_rank,
@@ -295,14 +283,15 @@ class HiCacheStorage(_SglangHiCacheStorage):
                 continue
             flat = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,))
             found[base] = _Owner(base, nbytes, flat)
-        self._owners = sorted(found.values(), key=lambda o: o.base)
-        self._owner_bases = [o.base for o in self._owners]
+        owners = sorted(found.values(), key=lambda o: o.base)
+        self._owner_index = ([o.base for o in owners], owners)  # one assignment: readers see either
 
     def _owner_of(self, ptr: int, nbytes: int) -> Optional[_Owner]:
         for attempt in range(2):
-            i = bisect_right(self._owner_bases, ptr) - 1
-            if i >= 0 and ptr + nbytes <= self._owners[i].end:
-                return self._owners[i]
+            bases, owners = self._owner_index
+            i = bisect_right(bases, ptr) - 1
+            if i >= 0 and ptr + nbytes <= owners[i].end:
+                return owners[i]
             if attempt == 0 and self.mem_pool_host is not None:
                 self._scan_owners()  # the pool may have (re)allocated a buffer
         return None
@@ -329,18 +318,6 @@ class HiCacheStorage(_SglangHiCacheStorage):
 
     def _flat_keys(self, keys: Sequence[str]) -> List[str]:
         return [f"{self._stem(k)}@part%flat" for k in keys]
-
-    def _track(self, keys: Sequence[str]) -> None:
-        if self._track_cap <= 0:
-            return
-        with self._lock:
-            for k in keys:
-                if k in self._stored_pages:
-                    continue
-                if len(self._stored_pages) >= self._track_cap:
-                    self._untracked += 1
-                else:
-                    self._stored_pages[k] = None
 
     # ---- zero-copy pages (interface_v1) ----------------------------------------------------
 
@@ -609,41 +586,11 @@ class HiCacheStorage(_SglangHiCacheStorage):
     # ---- management ------------------------------------------------------------------------
 
     def clear(self) -> None:
-        """Remove stored pages.
-
-        With a kvhost that exposes ``Chain.clear``, every tier that can clear is emptied (fs, mem).
-        Otherwise this removes the pages this instance stored and still remembers (up to
-        ``kvhost_clear_track_pages``; a warning says how many it could not remember). Pages stored
-        by earlier runs or other processes are then left in place.
-        """
+        """Empty every tier of the chain that can clear (``fs``, ``mem``, ``redis``…; see each
+        plugin's capabilities in ``kvhost plugins``)."""
         try:
-            clear = getattr(self.chain, "clear", None)
-            if clear is not None:
-                clear()
-                with self._lock:
-                    self._stored_pages.clear()
-                    self._untracked = 0
-                logger.info("kvhost HiCacheStorage: cleared the chain")
-                return
-            with self._lock:
-                pages = list(self._stored_pages)
-                self._stored_pages.clear()
-                untracked, self._untracked = self._untracked, 0
-            batch = 128
-            for i in range(0, len(pages), batch):
-                chunk = pages[i : i + batch]
-                keys = self._flat_keys(chunk)
-                if self._parts:
-                    keys += self._part_keys(chunk, self._parts)
-                self.chain.remove(keys)
-            logger.info("kvhost HiCacheStorage: removed %d page(s) stored by this instance", len(pages))
-            if untracked:
-                logger.warning(
-                    "kvhost HiCacheStorage: clear could not remove %d page(s) beyond "
-                    "kvhost_clear_track_pages=%d (this kvhost has no Chain.clear)",
-                    untracked,
-                    self._track_cap,
-                )
+            self.chain.clear()
+            logger.info("kvhost HiCacheStorage: cleared the chain")
         except Exception as e:
             self._log_failure("clear", 0, e)
 
@@ -679,7 +626,6 @@ class HiCacheStorage(_SglangHiCacheStorage):
     # ---- helpers -----------------------------------------------------------------------------
 
     def _after_set(self, keys: List[str], ok: List[bool], written: int, started: float) -> None:
-        self._track([k for k, s in zip(keys, ok) if s])
         if self.metrics_enabled:
             self._record("backup", sum(ok), written, started)
 

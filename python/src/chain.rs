@@ -231,6 +231,14 @@ impl PyChain {
         hot_cache: Option<bool>,
     ) -> PyResult<PyChain> {
         let cfg = load_config(config, plugin_dirs, hot_cache)?;
+        if !cfg.local_cpu && cfg.plugins.is_empty() {
+            return Err(errors::ConfigError::new_err(format!(
+                "config {}: no storage_plugins and no hot cache (local_cpu: false): nothing would be stored",
+                cfg.source
+                    .as_ref()
+                    .map_or_else(|| "<dict>".to_string(), |p| p.display().to_string())
+            )));
+        }
         let timeout = Duration::from_secs_f64(cfg.blocking_timeout_secs.max(0.001));
         let chain = config
             .py()
@@ -508,6 +516,14 @@ impl PyChain {
                 .try_for_each(|p| p.flush().map_err(|e| e.to_string()))
         })
         .map_err(PluginError::new_err)
+    }
+
+    /// Remove everything from the hot cache and from every plugin that can clear
+    /// (`KVH_CAP_CLEAR`); returns the hot-cache entries removed.
+    fn clear(&self, py: Python<'_>) -> PyResult<usize> {
+        self.check_open()?;
+        let chain = self.chain.clone();
+        Ok(py.detach(move || chain.clear()))
     }
 
     /// Per-tier counters and latencies, hot cache first (`dict`).

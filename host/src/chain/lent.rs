@@ -123,7 +123,11 @@ impl Chain {
         if inner.closed.load(Ordering::Acquire) {
             return on_done(vec![Err("the chain is closed".into()); n]);
         }
-        if inner.settings.cache.retain || inner.tiers.is_empty() {
+        if !inner.settings.cache.retain && inner.tiers.is_empty() {
+            let why = "the chain keeps nothing: no plugin tier and no hot cache (local_cpu: false)";
+            return on_done(vec![Err(why.into()); n]);
+        }
+        if inner.settings.cache.retain {
             let items = keys
                 .iter()
                 .zip(&bufs)
