@@ -8,6 +8,7 @@ mod cli;
 mod conformance;
 mod faults;
 mod fs;
+mod lent;
 mod lmcache_compat;
 mod loader;
 mod logstore;

@@ -268,8 +268,8 @@ impl Chain {
         op.next_tier(0);
     }
 
-    /// Which keys are stored anywhere in the chain (hot cache, puts in flight, then each tier for the
-    /// keys not found yet), without blocking in a plugin that has `contains_async`.
+    /// Which keys are stored anywhere in the chain (hot cache, arena puts in flight, then each tier for
+    /// the keys not found yet), without blocking in a plugin that has `contains_async`.
     pub fn exists_lent<F>(&self, keys: Vec<ChunkKey>, on_done: F)
     where
         F: FnOnce(Vec<Presence>) + Send + 'static,
@@ -278,13 +278,12 @@ impl Chain {
         let items: Vec<Option<Presence>> = keys
             .iter()
             .map(|k| {
-                if let Some(h) = inner.hot.get(k).or_else(|| inner.inflight.get(k)) {
-                    Some(Presence::Present(h.meta()))
-                } else if inner.lent_puts.contains(k) {
-                    Some(Presence::Present(ChunkMeta::default()))
-                } else {
-                    None
-                }
+                // A lent put still in flight is not readable yet: `put_in_flight` says so instead.
+                inner
+                    .hot
+                    .get(k)
+                    .or_else(|| inner.inflight.get(k))
+                    .map(|h| Presence::Present(h.meta()))
             })
             .collect();
         ExistsOp {
