@@ -402,6 +402,7 @@ impl PyChain {
         let dsts = lend_destinations(bufs)?;
         self.get_destinations(py, keys, dsts)
     }
+
     /// Store regions of one buffer: `keys[i]` gets `lens[i]` bytes at `offsets[i]` of `owner` (a
     /// buffer or a CPU tensor, kept alive until the plugins are done). For page pools, whose pages are
     /// regions of one large tensor. Otherwise as `put`.

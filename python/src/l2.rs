@@ -222,6 +222,29 @@ impl L2Client {
         }
         keys::many(keys, self.key_format).map_err(|e| e.to_string())
     }
+
+    /// Arm operation `id`'s deadline: with `lent` buffers (a count of chunks) it only warns, since the
+    /// plugin still holds them; without, it reports the operation failed.
+    fn watch(&self, id: u64, op: &'static str, lent: Option<usize>) -> Arc<Once> {
+        let once = Arc::new(Once {
+            id,
+            done: AtomicBool::new(false),
+        });
+        self.shared.arm(match lent {
+            Some(n) => Overdue::Warn(once.clone(), op, n),
+            None => Overdue::Fail(once.clone(), op),
+        });
+        once
+    }
+}
+
+/// One buffer per key, or why not.
+fn one_per_key<T>(bufs: PyResult<Vec<T>>, keys: usize) -> Result<Vec<T>, String> {
+    match bufs {
+        Ok(b) if b.len() == keys => Ok(b),
+        Ok(b) => Err(format!("{keys} keys but {} buffers", b.len())),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 #[pymethods]
@@ -284,32 +307,20 @@ impl L2Client {
         metas: Option<&Bound<'_, PyAny>>,
     ) -> u64 {
         let id = self.id();
-        let keys = match self.keys(keys) {
-            Ok(k) => k,
-            Err(e) => return self.refuse(id, format!("set: {e}")),
-        };
-        let srcs = match lend_sources(bufs) {
-            Ok(s) if s.len() == keys.len() => s,
-            Ok(s) => {
-                return self.refuse(
-                    id,
-                    format!("set: {} keys but {} buffers", keys.len(), s.len()),
-                )
-            }
+        let batch = self.keys(keys).and_then(|keys| {
+            let srcs = one_per_key(lend_sources(bufs), keys.len())?;
+            let metas = match metas {
+                Some(m) => metas_from_py(m, keys.len()).map_err(|e| e.to_string())?,
+                None => vec![Default::default(); keys.len()],
+            };
+            Ok((keys, srcs, metas))
+        });
+        let (keys, srcs, metas) = match batch {
+            Ok(b) => b,
             Err(e) => return self.refuse(id, format!("set: {e}")),
         };
         let holds: Vec<Arc<Lent>> = srcs.iter().map(|s| s.lent.clone()).collect();
-        let once = Arc::new(Once {
-            id,
-            done: AtomicBool::new(false),
-        });
-        self.shared
-            .arm(Overdue::Warn(once.clone(), "set", keys.len()));
-        let metas = match metas.map(|m| metas_from_py(m, keys.len())) {
-            None => vec![Default::default(); keys.len()],
-            Some(Ok(m)) => m,
-            Some(Err(e)) => return self.refuse(id, format!("set: {e}")),
-        };
+        let once = self.watch(id, "set", Some(keys.len()));
         let (chain, shared) = (self.chain.clone(), self.shared.clone());
         py.detach(move || {
             chain.put_lent(keys, srcs, metas, move |items| {
@@ -336,27 +347,15 @@ impl L2Client {
         bufs: &Bound<'_, PyAny>,
     ) -> u64 {
         let id = self.id();
-        let keys = match self.keys(keys) {
-            Ok(k) => k,
-            Err(e) => return self.refuse(id, format!("get: {e}")),
-        };
-        let dsts = match lend_destinations(bufs) {
-            Ok(d) if d.len() == keys.len() => d,
-            Ok(d) => {
-                return self.refuse(
-                    id,
-                    format!("get: {} keys but {} buffers", keys.len(), d.len()),
-                )
-            }
+        let batch = self
+            .keys(keys)
+            .and_then(|keys| Ok((one_per_key(lend_destinations(bufs), keys.len())?, keys)));
+        let (dsts, keys) = match batch {
+            Ok(b) => b,
             Err(e) => return self.refuse(id, format!("get: {e}")),
         };
         let holds: Vec<Arc<Lent>> = dsts.iter().map(|d| d.lent.clone()).collect();
-        let once = Arc::new(Once {
-            id,
-            done: AtomicBool::new(false),
-        });
-        self.shared
-            .arm(Overdue::Warn(once.clone(), "get", keys.len()));
+        let once = self.watch(id, "get", Some(keys.len()));
         let names: Vec<ChunkKey> = keys.clone();
         let (chain, shared) = (self.chain.clone(), self.shared.clone());
         py.detach(move || {
@@ -415,11 +414,7 @@ impl L2Client {
             Ok(k) => k,
             Err(e) => return self.refuse(id, format!("exists: {e}")),
         };
-        let once = Arc::new(Once {
-            id,
-            done: AtomicBool::new(false),
-        });
-        self.shared.arm(Overdue::Fail(once.clone(), "exists"));
+        let once = self.watch(id, "exists", None);
         let (chain, shared) = (self.chain.clone(), self.shared.clone());
         py.detach(move || {
             chain.exists_lent(keys, move |items| {
@@ -462,11 +457,7 @@ impl L2Client {
             Ok(k) => k,
             Err(e) => return self.refuse(id, format!("delete: {e}")),
         };
-        let once = Arc::new(Once {
-            id,
-            done: AtomicBool::new(false),
-        });
-        self.shared.arm(Overdue::Fail(once.clone(), "delete"));
+        let once = self.watch(id, "delete", None);
         let (chain, shared) = (self.chain.clone(), self.shared.clone());
         py.detach(move || {
             chain.remove_lent(keys, move |removed| {

@@ -18,7 +18,9 @@ use super::metrics::{add, inc};
 use super::tier::Tier;
 use super::{Chain, PutOutcome};
 use crate::key::ChunkKey;
-use crate::plugin::{DstBuf, GetItem, GetRequest, Presence, PutRequest, SrcBuf, Status};
+use crate::plugin::{
+    DstBuf, GetItem, GetRequest, PluginBackend, Presence, PutRequest, SrcBuf, Status,
+};
 use kvhost_plugin_sdk::{abi, ChunkMeta};
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
@@ -370,6 +372,18 @@ impl<F: FnOnce(Vec<LentPutItem>)> PutJoin<F> {
     }
 }
 
+/// The first tier from `t` on that can be read (it keeps data, and close has not released it).
+fn readable_tier(chain: &Chain, t: usize) -> Option<(usize, Arc<Tier>, Arc<PluginBackend>)> {
+    let tiers = &chain.inner.tiers;
+    (t..tiers.len()).find_map(|t| {
+        let tier = &tiers[t];
+        if tier.has(abi::KVH_CAP_DISCARDS) {
+            return None;
+        }
+        tier.plugin().map(|p| (t, tier.clone(), p))
+    })
+}
+
 /// A lent get walking the tiers.
 struct GetOp<B, F> {
     chain: Chain,
@@ -388,15 +402,8 @@ impl<B: DstBuf, F: FnOnce(LentGetDone<B>) + Send + 'static> GetOp<B, F> {
         let missing: Vec<usize> = (0..self.keys.len())
             .filter(|&i| self.items[i].is_none())
             .collect();
-        let tiers = &self.chain.inner.tiers;
-        let next = (t..tiers.len()).find_map(|t| {
-            let tier = &tiers[t];
-            if tier.has(abi::KVH_CAP_DISCARDS) {
-                return None;
-            }
-            tier.plugin().map(|p| (t, tier.clone(), p))
-        });
-        let Some((t, tier, plugin)) = next.filter(|_| !missing.is_empty()) else {
+        let next = readable_tier(&self.chain, t).filter(|_| !missing.is_empty());
+        let Some((t, tier, plugin)) = next else {
             return self.finish();
         };
         let request = GetRequest {
@@ -466,15 +473,8 @@ impl<F: FnOnce(Vec<Presence>) + Send + 'static> ExistsOp<F> {
         let missing: Vec<usize> = (0..self.keys.len())
             .filter(|&i| !matches!(self.items[i], Some(Presence::Present(_))))
             .collect();
-        let tiers = &self.chain.inner.tiers;
-        let next = (t..tiers.len()).find_map(|t| {
-            let tier = &tiers[t];
-            if tier.has(abi::KVH_CAP_DISCARDS) {
-                return None;
-            }
-            tier.plugin().map(|p| (t, tier.clone(), p))
-        });
-        let Some((t, tier, plugin)) = next.filter(|_| !missing.is_empty()) else {
+        let next = readable_tier(&self.chain, t).filter(|_| !missing.is_empty());
+        let Some((t, tier, plugin)) = next else {
             let items = self
                 .items
                 .into_iter()
