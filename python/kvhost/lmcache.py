@@ -31,7 +31,13 @@ __all__ = ["NativeL2Client", "StoragePlugin"]
 def __getattr__(name: str):
     # LMCache's base class is imported only when the in-process plugin is asked for.
     if name == "StoragePlugin":
-        from ._lmcache_plugin import StoragePlugin
+        try:
+            from ._lmcache_plugin import StoragePlugin
+        except ImportError as e:
+            raise ImportError(
+                f"kvhost.lmcache.StoragePlugin subclasses LMCache's StoragePluginInterface and needs "
+                f"LMCache installed (pip install lmcache): {e}"
+            ) from e
 
         globals()["StoragePlugin"] = StoragePlugin
         return StoragePlugin
