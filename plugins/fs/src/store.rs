@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, IoSliceMut, Write};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime};
@@ -128,7 +128,9 @@ const MAX_DIRTY: usize = 1 << 16;
 /// Free space below which `health` reports `NO_SPACE`.
 const MIN_FREE: u64 = 16 << 20;
 const STRIPES: usize = 256;
-/// Buffered transfers are checksummed in pieces of this size, each while it is still in cache.
+/// Buffered writes are at most this size, at file offsets that are multiples of it (larger ones run
+/// into dirty-page throttling); verified buffered reads are checksummed in pieces of this size, each
+/// while it is still in cache.
 const PIECE: usize = 1 << 20;
 const LOCK_FILE: &str = ".kvhost-fs.lock";
 /// Threads `flush` fdatasyncs files from (one per 8 files, at most this many).
@@ -535,9 +537,10 @@ impl Store {
     }
 
     /// Write header and data to the temporary file `tmp`: `pooled` if given (a pool file opened in
-    /// the `direct` mode), else a new file. Buffered: the data is checksummed and written in
-    /// [`PIECE`]s (each hashed while it is in cache), then the header goes in front. O_DIRECT: the
-    /// data is checksummed first, then header and data are written in one request.
+    /// the `direct` mode), else a new file. The data is checksummed first, so that the header can be
+    /// written first. Buffered: header and data are written front to back from offset 0, in writes
+    /// ending on multiples of [`PIECE`] ([`fio::write_front_to_back`]). O_DIRECT: header and data are
+    /// written in one request. Either way the file is complete before it is renamed into place.
     #[allow(clippy::too_many_arguments)]
     fn write_temp(
         &self,
@@ -579,14 +582,9 @@ impl Store {
             None => self.open_new(dir, tmp, false)?,
         };
         let mut hasher = hdr.hasher();
-        let mut pos = data_offset;
-        for piece in data.chunks(PIECE) {
-            hasher.update(piece);
-            f.write_all_at(piece, pos)?;
-            pos += piece.len() as u64;
-        }
+        hasher.update(data);
         hdr.encode(hasher.digest(), &mut bufs.header);
-        f.write_all_at(&bufs.header, 0)?;
+        fio::write_front_to_back(&f, &bufs.header, data, PIECE)?;
         self.finish_temp(f)
     }
 
@@ -813,7 +811,7 @@ impl Store {
         let result = if c.direct {
             self.read_direct(&c, dst, bufs)
         } else {
-            read_buffered(&c.file, c.data_offset, dst, bufs, c.check)
+            read_buffered(&c.file, c.data_offset, c.data_len, dst, bufs, c.check)
         };
         match self.conclude(&c, canonical, result) {
             Some(outcome) => outcome,
@@ -1268,18 +1266,41 @@ fn open_read(path: &Path, direct: bool) -> io::Result<File> {
     o.open(path)
 }
 
-/// Buffered read: the header into a small buffer, the data straight into `dst`.
+/// Buffered read of a chunk the index has at `data_offset` with `data_len` bytes (`dst` holds at least
+/// `data_len`): header and data in one `preadv` of exactly `data_offset + data_len` bytes, the header
+/// into a small buffer and the data straight into `dst[..data_len]`; when verifying, header and first
+/// [`PIECE`] in one `preadv`, then the rest piece by piece, each hashed right after it is read.
+///
+/// `dst` is never written past the index's `data_len`. If the header disagrees with the index (the
+/// file was replaced by a chunk of another length since the lookup), the data is read again into
+/// `dst[..header's data_len]` from where the header says (or `TOO_SMALL` is reported), as a read of
+/// the new file alone would; bytes of `dst` past the new length may then hold what the first read
+/// put there (as with [`Store::read_part`]).
 fn read_buffered(
     file: &File,
     data_offset: u64,
+    data_len: u64,
     dst: &mut [u8],
     bufs: &mut IoBufs,
     check: bool,
 ) -> io::Result<Result<(usize, ChunkMeta, Header), ReadFail>> {
     let head = &mut bufs.header;
-    head.resize((data_offset as usize).max(FIXED_LEN), 0);
-    let got = fio::read_full_at(file, head, 0)?;
-    let (fixed, hdr) = match format::decode(&head[..got]) {
+    let head_len = (data_offset as usize).max(FIXED_LEN);
+    head.resize(head_len, 0);
+    // The data right behind the header, as long as the index says (the first piece when verifying).
+    let mut first = if head_len as u64 == data_offset {
+        (data_len as usize).min(dst.len())
+    } else {
+        0
+    };
+    if check {
+        first = first.min(PIECE);
+    }
+    let got = {
+        let mut iov = [IoSliceMut::new(head), IoSliceMut::new(&mut dst[..first])];
+        fio::preadv_full(file, &mut iov, 0)?
+    };
+    let (fixed, hdr) = match format::decode(&bufs.header[..got.min(head_len)]) {
         Ok(x) => x,
         Err(why) => return Ok(Err(ReadFail::Corrupt(why))),
     };
@@ -1287,16 +1308,26 @@ fn read_buffered(
         return Ok(Err(ReadFail::TooSmall(hdr.data_len)));
     }
     let len = hdr.data_len as usize;
+    let done = if (hdr.data_offset, hdr.data_len) == (data_offset, data_len) {
+        if got < head_len + first {
+            return Ok(Err(ReadFail::Corrupt("truncated")));
+        }
+        first
+    } else {
+        0
+    };
     if !check {
-        if fio::read_full_at(file, &mut dst[..len], hdr.data_offset)? < len {
+        if fio::read_full_at(file, &mut dst[done..len], hdr.data_offset + done as u64)? < len - done
+        {
             return Ok(Err(ReadFail::Corrupt("truncated")));
         }
         return Ok(Ok((len, hdr.meta, hdr)));
     }
     // Hash each piece right after reading it, while it is in cache.
     let mut h = fixed.hasher(hdr.canonical.as_bytes());
-    let mut pos = hdr.data_offset;
-    for piece in dst[..len].chunks_mut(PIECE) {
+    h.update(&dst[..done]);
+    let mut pos = hdr.data_offset + done as u64;
+    for piece in dst[done..len].chunks_mut(PIECE) {
         if fio::read_full_at(file, piece, pos)? < piece.len() {
             return Ok(Err(ReadFail::Corrupt("truncated")));
         }

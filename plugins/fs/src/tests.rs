@@ -386,3 +386,193 @@ fn flush_syncs_many_files_and_keeps_them_when_one_fails() {
     store.flush().unwrap();
     store.flush().unwrap();
 }
+
+/// A buffered chunk file byte for byte: the header (checksummed over the data) at offset 0, the data
+/// at `data_offset`, nothing after (the format as it has always been written).
+fn expected_file(canonical: &str, data: &[u8]) -> Vec<u8> {
+    let h = format::PendingHeader::new(
+        format::key_hash_of(canonical),
+        canonical,
+        data.len() as u64,
+        &meta(data.len()),
+    );
+    let mut hasher = h.hasher();
+    hasher.update(data);
+    let mut out = vec![0u8; h.data_offset() as usize];
+    h.encode(hasher.digest(), &mut out);
+    out.extend_from_slice(data);
+    out
+}
+
+/// Sizes around the 1 MiB boundaries the buffered writes end on (the first write holds the header).
+const EDGES: [usize; 8] = [
+    0,
+    1,
+    (1 << 20) - 4097,
+    (1 << 20) - 4096,
+    (1 << 20) - 4095,
+    (2 << 20) - 4096,
+    4 << 20,
+    (4 << 20) + 5,
+];
+
+#[test]
+fn buffered_files_are_the_header_then_the_data() {
+    let d = TempDir::new("layout");
+    let store = Store::open(settings(&d.0, false, false)).unwrap();
+    // A short key (data at 4096) and a long one (data at 8192).
+    let long = "x".repeat(5000);
+    for (i, &n) in EDGES.iter().enumerate() {
+        for k in [
+            format!("l@1@0@{i:x}@half"),
+            format!("l@1@0@{i:x}{long}@half"),
+        ] {
+            let data = bytes(i as u64, n);
+            put(&store, &k, &data);
+            let raw = std::fs::read(store.path_of(format::key_hash_of(&k), &k)).unwrap();
+            assert!(
+                raw == expected_file(&k, &data),
+                "file of {n} bytes, key of {}",
+                k.len()
+            );
+        }
+    }
+}
+
+/// Read `canonical` into a destination of `cap` bytes filled with 0xA5.
+fn get_filled(store: &Store, canonical: &str, cap: usize) -> (ReadOutcome, Vec<u8>) {
+    let mut bufs = IoBufs::default();
+    let mut dst = vec![0xA5u8; cap];
+    let h = format::key_hash_of(canonical);
+    let out = store.read(h, canonical, &mut dst, &mut bufs);
+    (out, dst)
+}
+
+#[test]
+fn buffered_reads_write_nothing_past_the_chunk() {
+    let sizes = [0, 1, 4095, 4096, (1 << 20) - 1, 1 << 20, (3 << 20) + 5];
+    for verify_always in [false, true] {
+        let d = TempDir::new("slack");
+        let mut s = settings(&d.0, false, false);
+        s.verify_always = verify_always;
+        {
+            let store = Store::open(s.clone()).unwrap();
+            for (i, &n) in sizes.iter().enumerate() {
+                put(&store, &format!("s@1@0@{i:x}@half"), &bytes(i as u64, n));
+            }
+        }
+        // After a restart the first read of each chunk verifies it; the second does not (unless
+        // verify_always).
+        let store = Store::open(s).unwrap();
+        for round in 0..2 {
+            for (i, &n) in sizes.iter().enumerate() {
+                let (out, got) = get_filled(&store, &format!("s@1@0@{i:x}@half"), n + 8197);
+                let what = format!("size {n} verify_always={verify_always} round {round}");
+                assert_eq!(
+                    out,
+                    ReadOutcome::Hit {
+                        len: n,
+                        meta: meta(n)
+                    },
+                    "{what}"
+                );
+                assert!(got[..n] == bytes(i as u64, n)[..], "bytes, {what}");
+                assert!(got[n..].iter().all(|&b| b == 0xA5), "slack, {what}");
+            }
+        }
+    }
+}
+
+#[test]
+fn buffered_reads_of_truncated_files_or_another_key_are_corrupt() {
+    let n = (2 << 20) + 7;
+    for verify_always in [false, true] {
+        let d = TempDir::new("truncated");
+        let mut s = settings(&d.0, false, false);
+        s.verify_always = verify_always;
+        let store = Store::open(s).unwrap();
+        // Cut in the fixed header, in the key, in the padding, at the data, in the first and the last
+        // MiB of the data, one byte short.
+        let cuts = [
+            0,
+            50,
+            100,
+            4000,
+            4096,
+            4096 + 1000,
+            4096 + (2 << 20),
+            4096 + n - 1,
+        ];
+        for (i, &cut) in cuts.iter().enumerate() {
+            let k = format!("t@1@0@{i:x}@half");
+            put(&store, &k, &bytes(i as u64, n));
+            let p = store.path_of(format::key_hash_of(&k), &k);
+            let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+            f.set_len(cut as u64).unwrap();
+            drop(f);
+            let what = format!("cut at {cut} verify_always={verify_always}");
+            assert_eq!(
+                get_filled(&store, &k, n + 10).0,
+                ReadOutcome::Failed(Status::CORRUPT),
+                "{what}"
+            );
+            assert!(!p.exists(), "{what}: removed");
+            assert_eq!(get_filled(&store, &k, n + 10).0, ReadOutcome::Miss);
+        }
+        // A file holding another key (of the same length).
+        let (a, b) = ("o@1@0@a@half", "o@1@0@b@half");
+        put(&store, a, &bytes(1, n));
+        put(&store, b, &bytes(2, n));
+        let pa = store.path_of(format::key_hash_of(a), a);
+        std::fs::copy(store.path_of(format::key_hash_of(b), b), &pa).unwrap();
+        assert_eq!(
+            get_filled(&store, a, n).0,
+            ReadOutcome::Failed(Status::CORRUPT)
+        );
+        assert!(!pa.exists());
+    }
+}
+
+#[test]
+fn a_buffered_file_replaced_by_another_length_is_read_as_its_header_says() {
+    // The file of a key is replaced by one of the same key and another length between the lookup
+    // and the read (done here by copying it in behind the index's back).
+    for verify_always in [false, true] {
+        for (n_old, n_new) in [(300_000, 200_000), (200_000, 300_000), (5 << 20, 3 << 20)] {
+            let (d, other) = (TempDir::new("replaced"), TempDir::new("replacement"));
+            let mut s = settings(&d.0, false, false);
+            s.verify_always = verify_always;
+            let store = Store::open(s).unwrap();
+            let k = "r@1@0@1@half";
+            put(&store, k, &bytes(1, n_old));
+            {
+                let o = Store::open(settings(&other.0, false, false)).unwrap();
+                put(&o, k, &bytes(2, n_new));
+                let p = o.path_of(format::key_hash_of(k), k);
+                std::fs::copy(p, store.path_of(format::key_hash_of(k), k)).unwrap();
+            }
+            let what = format!("{n_old} -> {n_new} verify_always={verify_always}");
+            if n_new > n_old {
+                assert_eq!(
+                    get_filled(&store, k, n_old).0,
+                    ReadOutcome::TooSmall(n_new as u64),
+                    "{what}"
+                );
+            }
+            let (out, got) = get_filled(&store, k, n_old.max(n_new) + 100);
+            assert_eq!(
+                out,
+                ReadOutcome::Hit {
+                    len: n_new,
+                    meta: meta(n_new)
+                },
+                "{what}"
+            );
+            assert!(got[..n_new] == bytes(2, n_new)[..], "bytes, {what}");
+            assert!(
+                got[n_old.max(n_new)..].iter().all(|&b| b == 0xA5),
+                "past both lengths, {what}"
+            );
+        }
+    }
+}
