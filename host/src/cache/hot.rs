@@ -14,6 +14,7 @@
 
 use super::alloc::{Allocator, Block};
 use super::arena::{Arena, ArenaOptions};
+use super::copy_pool::CopyPool;
 use super::policy::{Policy, PolicyKind};
 use crate::key::ChunkKey;
 use kvhost_plugin_sdk::ChunkMeta;
@@ -39,6 +40,9 @@ pub struct CacheConfig {
     pub shards: usize,
     /// How many eviction candidates to examine before giving up (pinned entries are skipped).
     pub max_eviction_scan: usize,
+    /// Threads that share a copy of 1 MiB or more, the caller's included (`copy_threads`; 0 or 1:
+    /// the caller's thread only). Defaults to the number of cores.
+    pub copy_threads: usize,
 }
 
 impl CacheConfig {
@@ -51,6 +55,7 @@ impl CacheConfig {
             arena: ArenaOptions::default(),
             shards: 64,
             max_eviction_scan: 4096,
+            copy_threads: CopyPool::default_threads(),
         }
     }
 }
@@ -209,6 +214,7 @@ pub(crate) struct Inner {
     config: CacheConfig,
     counters: CacheCounters,
     evict_hook: Mutex<Option<Arc<EvictHook>>>,
+    copier: CopyPool,
 }
 
 /// The hot cache. Cheap to clone (shared).
@@ -283,9 +289,10 @@ impl HotCache {
                 state: Mutex::new(state),
                 space: Condvar::new(),
                 refs: (0..max_entries).map(|_| AtomicU32::new(0)).collect(),
-                config,
                 counters: CacheCounters::default(),
                 evict_hook: Mutex::new(None),
+                copier: CopyPool::new(config.copy_threads),
+                config,
             }),
         })
     }
@@ -293,6 +300,17 @@ impl HotCache {
     /// Install the eviction hook (write-back demotion).
     pub fn set_evict_hook(&self, hook: Option<EvictHook>) {
         *self.inner.evict_hook.lock() = hook.map(Arc::new);
+    }
+
+    /// Copy `src` into `dst` (same length), splitting copies of 1 MiB or more over the copy pool.
+    /// Every copy into or out of the arena goes through here.
+    pub fn copy(&self, dst: &mut [u8], src: &[u8]) {
+        self.inner.copier.copy(dst, src);
+    }
+
+    /// The copy pool (its size and how much work its helpers took).
+    pub fn copier(&self) -> &CopyPool {
+        &self.inner.copier
     }
 
     /// The configuration.

@@ -9,11 +9,13 @@
 
 pub mod alloc;
 pub mod arena;
+pub mod copy_pool;
 mod hot;
 pub mod policy;
 
 pub use alloc::{Allocator, Block};
 pub use arena::ArenaOptions;
+pub use copy_pool::CopyPool;
 pub use hot::{
     CacheConfig, CacheCounters, CacheError, CacheSnapshot, ChunkHandle, EvictHook, HotCache,
     StagedBlock,

@@ -136,7 +136,7 @@ impl Chain {
                 .zip(&metas)
                 .map(|((k, b), m)| {
                     let src = b.bytes();
-                    match self.put_with(k, src.len(), *m, |dst| dst.copy_from_slice(src)) {
+                    match self.put_with(k, src.len(), *m, |dst| inner.hot.copy(dst, src)) {
                         PutOutcome::Stored | PutOutcome::Duplicate => Ok(()),
                         PutOutcome::NoSpace(e) => Err(e.to_string()),
                         PutOutcome::Closed => Err("the chain is closed".into()),
@@ -245,7 +245,7 @@ impl Chain {
                     needed: h.len() as u64,
                 }
             } else {
-                dst[..h.len()].copy_from_slice(h.bytes());
+                inner.hot.copy(&mut dst[..h.len()], h.bytes());
                 inc(&m.hits);
                 add(&m.bytes_out, h.len() as u64);
                 GetItem::Hit {

@@ -13,6 +13,7 @@
 mod inflight;
 mod lent;
 pub mod metrics;
+mod prefix;
 mod tier;
 
 pub use lent::{LentGetDone, LentPutItem};
@@ -76,6 +77,9 @@ impl ChainSettings {
         cache.policy = config.cache_policy.parse().unwrap_or(PolicyKind::Lru);
         cache.arena.explicit_huge_pages = config.local_cpu_use_hugepages;
         cache.arena.prefault = config.local_cpu_prefault;
+        if let Some(n) = config.copy_threads {
+            cache.copy_threads = n;
+        }
         ChainSettings {
             cache,
             write_policy: if config.write_policy == "write_back" {
@@ -415,7 +419,7 @@ impl Chain {
         keys.iter()
             .zip(data)
             .zip(metas)
-            .map(|((k, d), m)| self.put_with(k, d.len(), *m, |dst| dst.copy_from_slice(d)))
+            .map(|((k, d), m)| self.put_with(k, d.len(), *m, |dst| self.inner.hot.copy(dst, d)))
             .collect()
     }
 

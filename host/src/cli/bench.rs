@@ -7,12 +7,15 @@ use crate::chain::Chain;
 use std::path::Path;
 use std::process::ExitCode;
 
-pub fn run_micro(json: Option<&Path>, quick: bool) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    let opts = if quick {
+/// `--suite micro`: exits 1 when a judged row misses its target (or cannot run).
+pub fn run_micro(args: &BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let quick = args.quick;
+    let mut opts = if quick {
         MicroOptions::quick()
     } else {
         MicroOptions::full()
     };
+    opts.noop_module = args.noop_plugin.clone();
     let bar = indicatif::ProgressBar::new_spinner();
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
     let rows = micro::run(opts, |step| {
@@ -25,16 +28,20 @@ pub fn run_micro(json: Option<&Path>, quick: bool) -> Result<ExitCode, Box<dyn s
     println!(
         "targets met: {met} of {judged}{}",
         if quick {
-            " (quick run: sizes too small to judge)"
+            " (quick run: sizes too small to judge fairly)"
         } else {
             ""
         }
     );
-    if let Some(path) = json {
+    if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&rows)?)?;
         println!("wrote {}", path.display());
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(if micro::all_met(&rows) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 pub fn run_workload(args: &BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {

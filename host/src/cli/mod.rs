@@ -85,6 +85,13 @@ pub struct BenchArgs {
     /// Micro, serve and lmcache suites: small sizes, to check every row runs.
     #[arg(long)]
     pub quick: bool,
+    /// Micro suite: the module path of row b's no-op plugin (loaded from its `.so`).
+    #[arg(long, default_value = "kvhost_noop")]
+    pub noop_plugin: String,
+    /// Micro suite: also run LMCache's own `LocalCPUBackend` through the same sizes in the same run
+    /// and print kvhost/LMCache ratios (needs the LMCache virtualenv; exit code 3 without it).
+    #[arg(long)]
+    pub vs_lmcache: bool,
     /// Serve and lmcache suites: a Python with LMCache installed. Default: $KVHOST_LMCACHE_PYTHON, else
     /// ~/.cache/kvhost/lmcache-venv/bin/python.
     #[arg(long)]
@@ -222,7 +229,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             drain_timeout,
         }),
         Command::Bench(args) => match args.suite {
-            Suite::Micro => bench::run_micro(args.json.as_deref(), args.quick),
+            Suite::Micro => bench::run_micro(&args),
             Suite::Workload => bench::run_workload(&args),
             Suite::Serve => bench::run_serve(&args),
             Suite::Lmcache => bench::run_lmcache(&args),

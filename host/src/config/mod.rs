@@ -204,6 +204,9 @@ pub struct Config {
     pub skip_existing_in_tiers: bool,
     /// How long a promotion into the hot cache waits for room when nothing is evictable.
     pub promotion_wait_ms: u64,
+    /// Threads that share a hot-cache copy of 1 MiB or more, the caller's included (0 or 1: the
+    /// caller's thread only); `None`: one per core.
+    pub copy_threads: Option<usize>,
     /// The storage plugins in lookup order (priority, then list position).
     pub plugins: Vec<PluginSpec>,
     /// Extra plugin directories from the config (`plugin_dir`), searched first.
@@ -465,6 +468,7 @@ impl Config {
             tier_max_inflight_batches: raw.tier_max_inflight_batches.unwrap_or(4).max(1),
             skip_existing_in_tiers: raw.skip_existing_in_tiers.unwrap_or(true),
             promotion_wait_ms: raw.promotion_wait_ms.unwrap_or(100),
+            copy_threads: raw.copy_threads,
             plugins,
             plugin_dirs,
             on_plugin_error,

@@ -98,6 +98,7 @@ raw_config! {
     tier_max_inflight_batches: usize,
     skip_existing_in_tiers: bool,
     promotion_wait_ms: u64,
+    copy_threads: usize,
 }
 
 /// LMCache config keys that kvhost accepts without using (so an LMCache config loads cleanly).

@@ -161,3 +161,19 @@ fn embedded_default_parses() {
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
     assert_eq!(c.full_chunk_bytes(), 2 * 32 * 256 * 8 * 128 * 2);
 }
+
+#[test]
+fn copy_threads_reaches_the_hot_cache_and_defaults_to_one_per_core() {
+    use crate::chain::ChainSettings;
+    let c = Config::from_yaml("copy_threads: 0\n", None).unwrap();
+    assert_eq!(c.copy_threads, Some(0));
+    assert_eq!(ChainSettings::from_config(&c).cache.copy_threads, 0);
+    let d = Config::from_yaml("", None).unwrap();
+    assert_eq!(d.copy_threads, None);
+    assert_eq!(
+        ChainSettings::from_config(&d).cache.copy_threads,
+        crate::cache::CopyPool::default_threads()
+    );
+    let bad = Config::from_yaml("copy_threads: many\n", None).unwrap_err();
+    assert!(bad.to_string().contains("copy_threads"), "{bad}");
+}

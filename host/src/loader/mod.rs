@@ -254,9 +254,6 @@ fn valid_class_name(name: &str) -> bool {
 
 /// Load, check and create one plugin.
 pub fn load(spec: &PluginSpec, config: &Config) -> Result<PluginBackend, LoadError> {
-    if spec.module_path == BUILTIN {
-        return load_from(spec, Path::new("<builtin>"), config);
-    }
     let dirs = plugin_dirs(config);
     let path = resolve(&spec.module_path, &config.base_dir(), &dirs).map_err(|searched| {
         LoadError::NotFound {
@@ -363,21 +360,6 @@ const KNOWN_CAPS: u64 = abi::KVH_CAP_PIN
 pub type EntryFn =
     unsafe extern "C" fn(*const abi::kvh_host_api) -> *const abi::kvh_plugin_descriptor;
 
-/// Backends linked into the host binary, by class name (`module_path: builtin`).
-static BUILTINS: std::sync::LazyLock<parking_lot::Mutex<Vec<(String, EntryFn)>>> =
-    std::sync::LazyLock::new(|| parking_lot::Mutex::new(Vec::new()));
-
-/// Make class `class` available as `module_path: builtin`, served by an entry point linked into the
-/// host (for example a Rust plugin crate used as a library). It passes the same checks as a library.
-pub fn register_builtin(class: &str, entry: EntryFn) {
-    let mut b = BUILTINS.lock();
-    b.retain(|(c, _)| c != class);
-    b.push((class.to_string(), entry));
-}
-
-/// The `module_path` that names a built-in backend.
-pub const BUILTIN: &str = "builtin";
-
 /// Open a library and run every check on class `spec.class_name` without creating a backend.
 pub(crate) fn inspect(
     spec: &PluginSpec,
@@ -401,26 +383,6 @@ pub(crate) fn inspect(
             ),
         });
     }
-    if spec.module_path == BUILTIN {
-        let entry = BUILTINS
-            .lock()
-            .iter()
-            .find(|(c, _)| c == &spec.class_name)
-            .map(|(_, e)| *e);
-        let Some(entry) = entry else {
-            let known: Vec<String> = BUILTINS.lock().iter().map(|(c, _)| c.clone()).collect();
-            return Err(LoadError::MissingSymbol {
-                plugin,
-                path: path.to_path_buf(),
-                symbol: format!("builtin class `{}`", spec.class_name),
-                exported: known
-                    .iter()
-                    .map(|c| format!("kvh_plugin_{c}_v{}", abi::KVH_ABI_MAJOR))
-                    .collect(),
-            });
-        };
-        return inspect_entry(spec, path, entry, None);
-    }
     let lib = library::open(path).map_err(|reason| LoadError::Open {
         plugin: plugin.clone(),
         path: path.to_path_buf(),
@@ -436,7 +398,7 @@ pub(crate) fn inspect(
     inspect_entry(spec, path, entry, Some(lib))
 }
 
-/// Checks 1 to 7 on an entry point (from a library, or built in when `lib` is `None`).
+/// Checks 1 to 7 on an entry point (`lib`: its library, for the Rust layout check).
 fn inspect_entry(
     spec: &PluginSpec,
     path: &Path,
