@@ -1,7 +1,8 @@
 //! The CPU hot cache: LMCache's `LocalCPUBackend`, on one arena.
 //!
-//! - **Index.** Sharded maps from key to entry id (`parking_lot` mutexes), hashed by the key's
-//!   precomputed XXH3, so lookups from many threads rarely meet.
+//! - **Index.** Sharded open-addressing tables from key to entry id (`parking_lot` mutexes, see
+//!   [`super::index`]), placed by the key's precomputed XXH3, so lookups from many threads rarely
+//!   meet and a prefix walk can prefetch the next keys' slots.
 //! - **State.** Entries, the eviction policy and the allocator share one lock, taken for O(1) work
 //!   only; copies happen outside every lock.
 //! - **Lock order.** The state lock may be held while taking a shard lock (eviction removes victims
@@ -15,12 +16,11 @@
 use super::alloc::{Allocator, Block};
 use super::arena::{Arena, ArenaOptions};
 use super::copy_pool::CopyPool;
+use super::index::IndexShard;
 use super::policy::{Policy, PolicyKind};
 use crate::key::ChunkKey;
 use kvhost_plugin_sdk::ChunkMeta;
 use parking_lot::{Condvar, Mutex};
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -133,25 +133,10 @@ pub struct CacheSnapshot {
     pub referenced: u64,
 }
 
-/// Identity hasher: keys carry their XXH3 already.
-#[derive(Default)]
-struct KeyHasher(u64);
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `write_u64` is used by `ChunkKey`; fold anything else in for correctness.
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
+type Shard = IndexShard;
 
-type Shard = Mutex<HashMap<ChunkKey, u32, BuildHasherDefault<KeyHasher>>>;
+/// How many keys ahead a prefix walk prefetches (enough loads in flight to cover DRAM latency).
+const PREFETCH_AHEAD: usize = 8;
 
 #[derive(Debug)]
 struct Entry {
@@ -278,12 +263,7 @@ impl HotCache {
             inner: Arc::new(Inner {
                 arena,
                 shards: (0..shards)
-                    .map(|_| {
-                        Mutex::new(HashMap::with_capacity_and_hasher(
-                            per_shard,
-                            Default::default(),
-                        ))
-                    })
+                    .map(|_| IndexShard::new(per_shard / 2))
                     .collect(),
                 shard_mask: shards as u64 - 1,
                 state: Mutex::new(state),
@@ -361,14 +341,27 @@ impl HotCache {
         self.shard(key).lock().contains_key(key)
     }
 
-    /// The number of leading keys of `keys` that are cached.
+    /// The number of leading keys of `keys` that are cached. Memory latency bound on a large index,
+    /// so the index lines of the keys [`PREFETCH_AHEAD`] places on are requested while each key is
+    /// compared, keeping that many loads in flight; nothing is allocated.
     pub fn prefix_hits(&self, keys: &[ChunkKey]) -> usize {
-        keys.iter().take_while(|k| self.contains(k)).count()
+        for k in keys.iter().take(PREFETCH_AHEAD) {
+            self.shard(k).prefetch(k.key_hash());
+        }
+        for (i, k) in keys.iter().enumerate() {
+            if let Some(next) = keys.get(i + PREFETCH_AHEAD) {
+                self.shard(next).prefetch(next.key_hash());
+            }
+            if !self.contains(k) {
+                return i;
+            }
+        }
+        keys.len()
     }
 
     /// A handle to `key`'s chunk, touching it for the eviction policy.
     pub fn get(&self, key: &ChunkKey) -> Option<ChunkHandle> {
-        let Some(id) = self.shard(key).lock().get(key).copied() else {
+        let Some(id) = self.shard(key).lock().get(key) else {
             self.inner.counters.misses.fetch_add(1, Ordering::Relaxed);
             return None;
         };
@@ -510,7 +503,7 @@ impl HotCache {
         s.indexed -= 1;
         {
             let mut shard = self.shard(&key).lock();
-            if shard.get(&key) == Some(&id) {
+            if shard.get(&key) == Some(id) {
                 shard.remove(&key);
             }
         }
@@ -574,7 +567,7 @@ impl HotCache {
         if !self.inner.config.retain {
             return handle;
         }
-        let replaced = self.shard(key).lock().insert(key.clone(), id);
+        let replaced = self.shard(key).insert(key.clone(), id);
         let mut s = self.inner.state.lock();
         if let Some(old) = replaced {
             let e = &s.entries[old as usize];

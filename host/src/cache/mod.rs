@@ -11,6 +11,7 @@ pub mod alloc;
 pub mod arena;
 pub mod copy_pool;
 mod hot;
+mod index;
 pub mod policy;
 
 pub use alloc::{Allocator, Block};

@@ -16,6 +16,7 @@ pub fn run_micro(args: &BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error
         MicroOptions::full()
     };
     opts.noop_module = args.noop_plugin.clone();
+    opts.rows = args.rows.clone();
     let bar = indicatif::ProgressBar::new_spinner();
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
     let rows = micro::run(opts, |step| {

@@ -85,6 +85,9 @@ pub struct BenchArgs {
     /// Micro, serve and lmcache suites: small sizes, to check every row runs.
     #[arg(long)]
     pub quick: bool,
+    /// Micro suite: run only these rows, by letter (for example `cg`); default all.
+    #[arg(long)]
+    pub rows: Option<String>,
     /// Micro suite: the module path of row b's no-op plugin (loaded from its `.so`).
     #[arg(long, default_value = "kvhost_noop")]
     pub noop_plugin: String,

@@ -55,9 +55,15 @@ pub struct MicroOptions {
     pub reps: usize,
     /// The module path of row b's no-op plugin.
     pub noop_module: String,
+    /// Which rows to run, by letter (`None`: all).
+    pub rows: Option<String>,
 }
 
 impl MicroOptions {
+    fn wants(&self, row: char) -> bool {
+        self.rows.as_ref().is_none_or(|r| r.contains(row))
+    }
+
     /// The full suite.
     pub fn full() -> Self {
         MicroOptions {
@@ -66,6 +72,7 @@ impl MicroOptions {
             calls: 2_000_000,
             reps: 5,
             noop_module: "kvhost_noop".into(),
+            rows: None,
         }
     }
     /// A fast smoke run (for tests): same code, small sizes, numbers not meaningful.
@@ -76,6 +83,7 @@ impl MicroOptions {
             calls: 20_000,
             reps: 3,
             noop_module: "kvhost_noop".into(),
+            rows: None,
         }
     }
 }
@@ -158,30 +166,46 @@ pub(crate) fn human(size: usize) -> String {
 /// Run the suite; rows that cannot run are reported as failed (a miss).
 pub fn run(opts: MicroOptions, mut progress: impl FnMut(&str)) -> Vec<Row> {
     let mut rows = Vec::new();
-    let src = mapped(opts.working_set, 0x5a);
-    let mut dst = mapped(opts.working_set, 0);
+    let copies = opts.wants('a') || opts.wants('d') || opts.wants('e');
+    let set = if copies { opts.working_set } else { 4096 };
+    let src = mapped(set, 0x5a);
+    let mut dst = mapped(set, 0);
     for size in [256 << 10, 1 << 20, 4 << 20, 32 << 20] {
-        if size > opts.working_set / 4 {
+        if size > opts.working_set / 4 || !opts.wants('a') {
             continue;
         }
         progress(&format!("a: {}", human(size)));
         rows.extend(copy::row_a(size, &opts, &src, &mut dst));
     }
-    progress("b: no-op plugin call");
-    rows.push(abi::row_b(&opts).unwrap_or_else(|e| failed("b. per-op cost, dlopen'd no-op", &e)));
-    progress("c: contains and lookup");
-    rows.extend(index::row_c(&opts));
-    progress("f: bookkeeping");
-    rows.extend(index::row_f(&opts));
-    progress("g: 1,000-key prefix walk");
-    rows.extend(index::row_g(&opts));
-    progress("d: put while evicting");
-    rows.push(copy::row_d(&opts, &src));
-    progress("e: promotion through mem");
-    rows.push(
-        copy::row_e(&opts, &src, &mut dst)
-            .unwrap_or_else(|e| failed("e. get with a mem-plugin hit", &e)),
-    );
+    if opts.wants('b') {
+        progress("b: no-op plugin call");
+        rows.push(
+            abi::row_b(&opts).unwrap_or_else(|e| failed("b. per-op cost, dlopen'd no-op", &e)),
+        );
+    }
+    if opts.wants('c') {
+        progress("c: contains and lookup");
+        rows.extend(index::row_c(&opts));
+    }
+    if opts.wants('f') {
+        progress("f: bookkeeping");
+        rows.extend(index::row_f(&opts));
+    }
+    if opts.wants('g') {
+        progress("g: 1,000-key prefix walk");
+        rows.extend(index::row_g(&opts));
+    }
+    if opts.wants('d') {
+        progress("d: put while evicting");
+        rows.push(copy::row_d(&opts, &src));
+    }
+    if opts.wants('e') {
+        progress("e: promotion through mem");
+        rows.push(
+            copy::row_e(&opts, &src, &mut dst)
+                .unwrap_or_else(|e| failed("e. get with a mem-plugin hit", &e)),
+        );
+    }
     rows
 }
 
