@@ -215,6 +215,44 @@ fn micro_bench_exit_code_says_whether_every_target_was_met() {
 }
 
 #[test]
+fn micro_vs_lmcache_without_lmcache_says_so_with_its_own_exit_code() {
+    let o = run(&[
+        "bench",
+        "--suite",
+        "micro",
+        "--vs-lmcache",
+        "--quick",
+        "--lmcache-python",
+        "/nonexistent/bin/python",
+    ]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(3), "{t}");
+    assert!(
+        t.contains("no LMCache Python at /nonexistent/bin/python"),
+        "{t}"
+    );
+}
+
+#[test]
+#[ignore = "needs the LMCache 0.5.6 virtualenv (~/.cache/kvhost/lmcache-venv): run with --ignored"]
+fn micro_vs_lmcache_prints_every_ratio_and_exits_by_its_targets() {
+    let o = run(&["bench", "--suite", "micro", "--vs-lmcache", "--quick"]);
+    let t = text(&o);
+    for row in [
+        "vs. put-with-copy 256 KiB",
+        "vs. get-with-copy 4 MiB",
+        "vs. put without the copy",
+        "vs. get without the copy",
+        "vs. contains over",
+        "vs. 1000-key prefix walk",
+    ] {
+        assert!(t.contains(row), "missing `{row}`:\n{t}");
+    }
+    let missed = t.lines().any(|l| l.trim_end().ends_with(" NO"));
+    assert_eq!(o.status.code(), Some(if missed { 1 } else { 0 }), "{t}");
+}
+
+#[test]
 fn serve_drains_and_exits_zero_on_sigterm() {
     let cfg = small_config("serve", SMALL);
     let port = {

@@ -7,7 +7,11 @@ use crate::chain::Chain;
 use std::path::Path;
 use std::process::ExitCode;
 
-/// `--suite micro`: exits 1 when a judged row misses its target (or cannot run).
+/// `--suite micro --vs-lmcache` without an LMCache virtualenv: nothing was compared.
+pub const EXIT_NO_LMCACHE: u8 = 3;
+
+/// `--suite micro`: exits 1 when a judged row misses its target (or cannot run); with
+/// `--vs-lmcache`, 3 when there is no LMCache virtualenv and 2 when LMCache's side fails.
 pub fn run_micro(args: &BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let quick = args.quick;
     let mut opts = if quick {
@@ -19,9 +23,23 @@ pub fn run_micro(args: &BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error
     opts.rows = args.rows.clone();
     let bar = indicatif::ProgressBar::new_spinner();
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
-    let rows = micro::run(opts, |step| {
-        bar.set_message(format!("micro benchmark: {step}"))
-    });
+    let step = |step: &str| bar.set_message(format!("micro benchmark: {step}"));
+    let rows = if args.vs_lmcache {
+        let python = lmcache_python(args.lmcache_python.as_deref());
+        match micro::vs_lmcache::run(&python, &opts, step) {
+            Ok(rows) => rows,
+            Err(e) => {
+                bar.finish_and_clear();
+                eprintln!("kvhost bench --suite micro --vs-lmcache: {e}");
+                return Ok(ExitCode::from(match e {
+                    micro::vs_lmcache::VsError::NoLmcache(_) => EXIT_NO_LMCACHE,
+                    _ => 2,
+                }));
+            }
+        }
+    } else {
+        micro::run(opts, step)
+    };
     bar.finish_and_clear();
     print!("{}", micro::table(&rows));
     let met = rows.iter().filter(|r| r.met == Some(true)).count();

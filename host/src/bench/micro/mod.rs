@@ -15,6 +15,7 @@
 mod abi;
 mod copy;
 mod index;
+pub mod vs_lmcache;
 
 use crate::cache::{CacheConfig, PolicyKind};
 use crate::chain::{Chain, ChainSettings, TierSettings, WritePolicy};
