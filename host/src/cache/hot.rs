@@ -21,7 +21,7 @@ use super::policy::{Policy, PolicyKind};
 use crate::key::ChunkKey;
 use kvhost_plugin_sdk::ChunkMeta;
 use parking_lot::{Condvar, Mutex};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -135,6 +135,9 @@ pub struct CacheSnapshot {
 
 type Shard = IndexShard;
 
+/// How often a stage waiting for room re-checks without being notified.
+const WAIT_SLICE: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// How many keys ahead a prefix walk prefetches (enough loads in flight to cover DRAM latency).
 const PREFETCH_AHEAD: usize = 8;
 
@@ -196,6 +199,9 @@ pub(crate) struct Inner {
     state: Mutex<State>,
     space: Condvar,
     refs: Box<[AtomicU32]>,
+    /// `Entry::indexed` of each id, readable without the state lock: the last handle of an indexed
+    /// entry drops without taking the lock (nothing to free). Written under the state lock.
+    indexed: Box<[AtomicBool]>,
     config: CacheConfig,
     counters: CacheCounters,
     evict_hook: Mutex<Option<Arc<EvictHook>>>,
@@ -269,6 +275,7 @@ impl HotCache {
                 state: Mutex::new(state),
                 space: Condvar::new(),
                 refs: (0..max_entries).map(|_| AtomicU32::new(0)).collect(),
+                indexed: (0..max_entries).map(|_| AtomicBool::new(false)).collect(),
                 counters: CacheCounters::default(),
                 evict_hook: Mutex::new(None),
                 copier: CopyPool::new(config.copy_threads),
@@ -464,12 +471,10 @@ impl HotCache {
             };
             match deadline {
                 Some(d) if waiting_helps => {
-                    if self.inner.space.wait_until(&mut s, d).timed_out()
-                        && s.alloc.free_bytes() < bytes
-                    {
-                        self.inner.counters.no_space.fetch_add(1, Ordering::Relaxed);
-                        return Some(Err(full));
-                    }
+                    // In slices: a handle's last drop notifies without the lock (see `release`), so
+                    // a notification can slip in between the eviction attempt and this wait.
+                    let slice = d.min(Instant::now() + WAIT_SLICE);
+                    self.inner.space.wait_until(&mut s, slice);
                 }
                 _ => {
                     self.inner.counters.no_space.fetch_add(1, Ordering::Relaxed);
@@ -498,6 +503,7 @@ impl HotCache {
         let e = &mut s.entries[id as usize];
         let key = e.key.clone().expect("indexed entries have keys");
         e.indexed = false;
+        self.inner.indexed[id as usize].store(false, Ordering::SeqCst);
         let len = e.len;
         s.used_bytes -= len;
         s.indexed -= 1;
@@ -583,6 +589,7 @@ impl HotCache {
         }
         let e = &mut s.entries[id as usize];
         e.indexed = true;
+        self.inner.indexed[id as usize].store(true, Ordering::SeqCst);
         s.used_bytes += len;
         s.indexed += 1;
         s.policy.insert(id, key.key_hash());
@@ -595,11 +602,14 @@ impl HotCache {
     fn retire(&self, s: &mut State, id: u32) {
         let e = &mut s.entries[id as usize];
         e.indexed = false;
+        // SeqCst pairs with `release`: of this store-then-load and its decrement-then-load, at least
+        // one sees the other, so the entry is never left unindexed, unreferenced and unfreed.
+        self.inner.indexed[id as usize].store(false, Ordering::SeqCst);
         let len = e.len;
         s.used_bytes -= len;
         s.indexed -= 1;
         s.policy.remove(id);
-        if self.inner.refs[id as usize].load(Ordering::Acquire) == 0 {
+        if self.inner.refs[id as usize].load(Ordering::SeqCst) == 0 {
             Self::free_entry(s, id);
             self.inner.space.notify_all();
         }
@@ -644,7 +654,13 @@ impl HotCache {
 impl Inner {
     /// Drop one reference to entry `id`; free it if that was the last and it is not indexed.
     fn release(&self, id: u32) {
-        if self.refs[id as usize].fetch_sub(1, Ordering::AcqRel) != 1 {
+        if self.refs[id as usize].fetch_sub(1, Ordering::SeqCst) != 1 {
+            return;
+        }
+        if self.indexed[id as usize].load(Ordering::SeqCst) {
+            // Still indexed: nothing to free (eviction or `retire` frees it, under the lock). It is
+            // evictable now: wake a waiting stage (which also re-checks every `WAIT_SLICE`).
+            self.space.notify_all();
             return;
         }
         let mut s = self.state.lock();
@@ -823,6 +839,34 @@ mod tests {
             });
             assert_eq!(c.snapshot().allocated_bytes, 0, "round {round}");
         }
+    }
+
+    #[test]
+    fn handles_of_indexed_entries_drop_without_freeing_and_removal_still_frees() {
+        // The last handle of an indexed entry drops without the state lock; racing it against
+        // `remove` must still free every block exactly once, and never an indexed one.
+        let c = cache(64 << 20);
+        for round in 0..2_000 {
+            let k = key(round);
+            drop(put(&c, &k, 4096));
+            let handles: Vec<_> = (0..4).map(|_| c.get(&k).expect("indexed")).collect();
+            std::thread::scope(|s| {
+                for h in handles {
+                    s.spawn(move || drop(h));
+                }
+                s.spawn(|| assert!(c.remove(&k)));
+            });
+            assert_eq!(c.snapshot().allocated_bytes, 0, "round {round}");
+        }
+        let kept = put(&c, &key(-1), 4096);
+        drop(kept);
+        drop(c.get(&key(-1)));
+        assert_eq!(c.snapshot().entries, 1);
+        assert_eq!(
+            c.snapshot().blocks,
+            1,
+            "an indexed, unreferenced entry keeps its block"
+        );
     }
 
     #[test]
