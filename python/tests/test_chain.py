@@ -39,6 +39,24 @@ def test_import_does_not_import_engines():
     assert out.stdout.strip() == kvhost.__version__
 
 
+@pytest.mark.parametrize("copy_threads", [0, 2])
+def test_large_chunks_cross_the_hot_cache_through_the_copy_pool(mem_config, dirs, copy_threads):
+    """Chunks of 1 MiB and more are copied into and out of the hot cache over the copy pool (split
+    between the caller and its helpers with copy_threads: 2, on the caller alone with 0): odd sizes at
+    an odd destination offset come back byte for byte, nothing written around them."""
+    cfg = dict(mem_config, copy_threads=copy_threads, max_local_cpu_size=0.25)
+    with kvhost.Chain(cfg, plugin_dirs=dirs, hot_cache=True) as chain:
+        sizes = [1 << 20, (1 << 20) + 1, (4 << 20) + 4093, 3 << 20, 4096]
+        ks = keys(len(sizes), 500)
+        data = [os.urandom(n) for n in sizes]
+        assert chain.put(ks, data) == [True] * len(sizes)
+        bufs = [bytearray(n + 5) for n in sizes]
+        assert chain.get_into(ks, [memoryview(b)[1:] for b in bufs]) == sizes
+        for b, d in zip(bufs, data):
+            assert b[0] == 0 and bytes(b[1:1 + len(d)]) == d and bytes(b[1 + len(d):]) == b"\0" * 4
+        assert chain.stats()["tiers"][0]["name"] == "LocalCPUBackend"
+
+
 @pytest.mark.parametrize("hot_cache", [False, True])
 def test_round_trip_mem(mem_config, dirs, hot_cache):
     with kvhost.Chain(mem_config, plugin_dirs=dirs, hot_cache=hot_cache) as chain:
