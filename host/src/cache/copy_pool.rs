@@ -23,8 +23,10 @@ pub const SPLIT_MIN: usize = 1 << 20;
 /// Bytes per claimed piece: small enough that two threads finish together, large enough that the
 /// per-piece atomic is noise.
 const PIECE: usize = 256 << 10;
-/// Copies made without the pool after helpers were late (see `CopyPool::copy`).
+/// Copies made without the pool after helpers were late once (see `CopyPool::copy`).
 const BACKOFF_COPIES: u32 = 64;
+/// The longest back-off, after helpers were late many times in a row.
+const BACKOFF_MAX: u32 = 4096;
 /// How long an idle helper spins before parking.
 const SPIN: Duration = Duration::from_micros(100);
 
@@ -54,6 +56,8 @@ struct Shared {
     stop: AtomicBool,
     /// Copies left to make on the caller's thread alone after helpers were late.
     backoff: AtomicU32,
+    /// The length of the last back-off (doubled while helpers keep being late).
+    backoff_stretch: AtomicU32,
     /// Pieces copied by helpers (how much of the work the pool took).
     helper_pieces: AtomicU64,
 }
@@ -114,6 +118,7 @@ impl CopyPool {
             stop: AtomicBool::new(false),
             helper_pieces: AtomicU64::new(0),
             backoff: AtomicU32::new(0),
+            backoff_stretch: AtomicU32::new(BACKOFF_COPIES / 2),
         });
         let helpers = (1..threads.max(1))
             .filter_map(|i| {
@@ -170,12 +175,13 @@ impl CopyPool {
         });
         s.jobs.lock().push(job.clone());
         s.open.fetch_add(1, Ordering::SeqCst);
-        if s.sleepers.load(Ordering::SeqCst) > 0 {
+        let parked = s.sleepers.load(Ordering::SeqCst) > 0;
+        if parked {
             // Under `sleep`, so a helper between its last check and its wait cannot miss this.
             let _g = s.sleep.lock();
             s.wake.notify_all();
         }
-        job.run();
+        let mine = job.run();
         {
             let mut jobs = s.jobs.lock();
             jobs.retain(|j| !Arc::ptr_eq(j, &job));
@@ -193,9 +199,23 @@ impl CopyPool {
             }
         }
         // A helper that sat on a piece (descheduled: more runnable threads than cores) made this copy
-        // slower than the caller alone; copy alone for a while before trying the pool again.
-        if started.elapsed() > own + own / 4 {
-            s.backoff.store(BACKOFF_COPIES, Ordering::Relaxed);
+        // slower than the caller alone, and a spinning helper that gets no core only steals the
+        // caller's: copy alone for a while before trying the pool again.
+        // Each late copy in a row doubles the stretch (up to BACKOFF_MAX), so a machine that stays
+        // oversubscribed pays for a retry only rarely; a split copy that went well resets it.
+        // A helper that was awake (spinning) yet took no piece is not getting a core either.
+        let starved = !parked && mine == pieces;
+        if starved || started.elapsed() > own + own / 4 {
+            let stretch = s
+                .backoff_stretch
+                .load(Ordering::Relaxed)
+                .clamp(BACKOFF_COPIES, BACKOFF_MAX / 2)
+                * 2;
+            s.backoff_stretch.store(stretch, Ordering::Relaxed);
+            s.backoff.store(stretch, Ordering::Relaxed);
+        } else {
+            s.backoff_stretch
+                .store(BACKOFF_COPIES / 2, Ordering::Relaxed);
         }
     }
 }
