@@ -1,7 +1,7 @@
 //! Rows a, d and e: copies into and out of the hot cache against the machine's copy limits, measured
 //! over the same bytes in the same run.
 
-use super::{gbps, hot_only_chain, human, keys, median, meta, MicroOptions, Row};
+use super::{finish, gbps, hot_only_chain, human, keys, median, meta, MicroOptions, Row};
 use crate::cache::{copy_pool::SPLIT_MIN, CacheConfig};
 use crate::chain::{Chain, ChainSettings};
 use crate::config::Config;
@@ -96,6 +96,8 @@ pub(super) fn row_a(
         black_box(dst[0]);
         get.push(gbps(bytes, t.elapsed()));
     }
+    drop(hot);
+    finish(chain);
     let single = median(single);
     let (best_t, multi) = threads
         .iter()
@@ -154,6 +156,8 @@ pub(super) fn row_d(opts: &MicroOptions, src: &MmapMut) -> Row {
         .counters()
         .evictions
         .load(std::sync::atomic::Ordering::Relaxed);
+    drop(hot);
+    finish(chain);
     let (a, b) = (median(full), median(free));
     Row {
         name: format!("d. put while full and evicting (1 MiB chunks, {evictions} evictions)"),

@@ -2,7 +2,7 @@
 //! large index (one and two threads), put and get without the copy, and the 1,000-key prefix walk an
 //! inference engine makes once per request.
 
-use super::{hot_only_chain, keys, median, meta, MicroOptions, Row};
+use super::{finish, hot_only_chain, keys, median, meta, MicroOptions, Row};
 use crate::chain::Chain;
 use crate::key::ChunkKey;
 use std::hint::black_box;
@@ -87,6 +87,7 @@ pub(super) fn row_c(opts: &MicroOptions) -> Vec<Row> {
         l1.push(rate(walks * SHORT_WALK, on_threads(1, lookup)));
         l2.push(rate(walks * SHORT_WALK, on_threads(2, lookup)));
     }
+    finish(chain);
     let one = |name: &str, v: f64| Row {
         name: format!("c. {name} over {n} cached keys, 1 thread"),
         value: v,
@@ -142,7 +143,7 @@ pub(super) fn row_f(opts: &MicroOptions) -> Vec<Row> {
             gets.push(get.as_nanos() as f64 / n as f64);
         }
     }
-    chain.clear();
+    finish(chain);
     let mk = |what: &str, threads: usize, ns: f64, one: Option<f64>| Row {
         name: format!(
             "f. {what} without the copy, {threads} thread{} ({:.2} M ops/s)",
@@ -215,6 +216,7 @@ pub(super) fn row_g(opts: &MicroOptions) -> Vec<Row> {
             WALK / 2,
         ));
     }
+    finish(chain);
     let (hit, full, miss) = (median(hit), median(full), median(miss));
     let row = |name: String, v: f64, judged: bool| Row {
         name,

@@ -145,6 +145,13 @@ pub(crate) fn hot_only_chain(capacity: usize, prefault: bool) -> Chain {
     Chain::new(settings, Vec::new()).expect("hot cache")
 }
 
+/// Close a benchmark's chain so its arena is unmapped now: the chain's pin monitor keeps a dropped
+/// chain alive until its next check (30 s here), and arenas left behind would press on the
+/// measurements that follow (and on LMCache's side in `--vs-lmcache`).
+pub(crate) fn finish(chain: Chain) {
+    chain.close(Duration::from_secs(10));
+}
+
 pub(crate) fn meta(len: usize) -> ChunkMeta {
     ChunkMeta {
         length: len as u64,

@@ -6,7 +6,7 @@
 //! order alternates rep by rep), with the same chunk sizes, chunk counts and fresh keys; each row keeps
 //! the median of each side. Ratios are kvhost over LMCache, as speed-ups (higher is better for kvhost).
 
-use super::{hot_only_chain, human, keys, mapped, median, meta, MicroOptions, Row};
+use super::{finish, hot_only_chain, human, keys, mapped, median, meta, MicroOptions, Row};
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -130,6 +130,8 @@ fn kvhost_copy(size: usize, n: usize) -> (f64, f64) {
         hot.copy(&mut dst[i * size..(i + 1) * size], h.bytes());
     }
     let get = t.elapsed();
+    drop(hot);
+    finish(chain);
     assert!(src[..] == dst[..], "kvhost returned different bytes");
     let gb = |d: std::time::Duration| (n * size) as f64 / d.as_secs_f64() / 1e9;
     (gb(put), gb(get))
@@ -152,6 +154,7 @@ fn kvhost_book(size: usize, n: usize) -> (f64, f64) {
         );
     }
     let get = t.elapsed();
+    finish(chain);
     (
         put.as_nanos() as f64 / n as f64,
         get.as_nanos() as f64 / n as f64,
@@ -186,6 +189,7 @@ fn kvhost_index(n: usize, calls: usize) -> (f64, f64) {
         assert_eq!(chain.prefix_len(&ks[s..s + WALK]), WALK, "prefix walk");
     }
     let walk = t.elapsed();
+    finish(chain);
     (
         n as f64 / contains.as_secs_f64() / 1e6,
         walk.as_secs_f64() * 1e6 / calls as f64,
