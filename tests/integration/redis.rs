@@ -33,7 +33,7 @@ fn redis_so() -> String {
 }
 
 /// Whether redis-server can run here; otherwise the test says NOT RUN (or fails when required).
-fn have_redis(test: &str) -> bool {
+pub fn have_redis(test: &str) -> bool {
     let ok = Command::new("redis-server")
         .arg("--version")
         .stdout(Stdio::null())
@@ -61,7 +61,7 @@ fn free_port() -> u16 {
 }
 
 /// One `redis-server` process on 127.0.0.1, in its own scratch directory; killed (by pid) on drop.
-struct Server {
+pub struct Server {
     port: u16,
     dir: PathBuf,
     extra: Vec<String>,
@@ -69,7 +69,7 @@ struct Server {
 }
 
 impl Server {
-    fn start(extra: &[&str]) -> Server {
+    pub fn start(extra: &[&str]) -> Server {
         static N: AtomicUsize = AtomicUsize::new(0);
         let dir = profile_dir().join("redis-tests").join(format!(
             "{}-{}",
@@ -135,7 +135,7 @@ impl Server {
         format!("127.0.0.1:{}", self.port)
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("redis://{}", self.addr())
     }
 

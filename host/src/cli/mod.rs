@@ -153,20 +153,17 @@ pub enum Command {
         drain_timeout: f64,
     },
     /// Run the conformance suite against one plugin class.
-    Conformance {
-        /// Path to the .so, or a name searched in the plugin directories.
-        #[arg(long)]
-        plugin: String,
-        /// Backend class (the entry point is kvh_plugin_<class>_v1).
-        #[arg(long)]
-        class: String,
-        /// Plugin option, repeatable.
-        #[arg(long = "option", short = 'o', value_name = "KEY=VALUE", value_parser = parse_kv)]
-        options: Vec<(String, String)>,
-    },
+    ///
+    /// The suite keeps at most one instance alive at a time: the checks share one instance, and the
+    /// check that destroys it is followed by a fresh one made with the same options, so a store that
+    /// locks its directory or file passes with one `-o path=…`. Option values may also contain
+    /// `{instance}`, replaced by a number that is fresh for each instance the suite makes
+    /// (1, 2, …), for stores that want a separate place per instance. Exit codes: 0 every check
+    /// passed or was skipped, 1 a check failed or the plugin did not load, 2 usage error.
+    Conformance(conformance::Args),
 }
 
-fn parse_kv(s: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_kv(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.trim().to_string(), v.to_string()))
         .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
@@ -201,11 +198,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     match cli.command {
         Command::Check { config } => check::run(config.as_deref()),
         Command::Plugins { paths } => plugins::run(&paths),
-        Command::Conformance {
-            plugin,
-            class,
-            options,
-        } => conformance::run(&plugin, &class, options),
+        Command::Conformance(args) => conformance::run(args),
         Command::Serve {
             config,
             listen,
