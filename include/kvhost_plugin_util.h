@@ -16,8 +16,17 @@
  *   the ABI's `last_error` entry reports. The slot remembers which backend set it, so one backend never
  *   reports another's error when a thread uses several.
  *
- * Threads: every function may be called from any thread. The last-error slot is per thread and per
- * plugin (each plugin that includes this header has its own).
+ * Threads: every function may be called from any thread.
+ *
+ * Linkage: every function is `static` (internal linkage), so any number of translation units of one
+ * plugin may include this header and link together. The last-error slot is per thread and, by
+ * default, per translation unit: errors set in one .c file are seen by `kvh_util_last_error` called
+ * in the same file. A plugin of several files that sets errors in one and answers `last_error` in
+ * another defines KVH_UTIL_SHARED_LAST_ERROR before including this header in every file, and
+ * KVH_UTIL_DEFINE_LAST_ERROR as well in exactly one of them: the slot is then one hidden-visibility
+ * variable shared by the whole plugin and never exported from it.
+ *
+ * Languages: C11 and C++17 (the slot is `_Thread_local` in C and `thread_local` in C++).
  */
 #ifndef KVHOST_PLUGIN_UTIL_H
 #define KVHOST_PLUGIN_UTIL_H
@@ -152,7 +161,7 @@ static KVH_UTIL_UNUSED void kvh_util_log(const kvh_host_api *host, const char *t
     if (written >= 0 && (size_t)written < sizeof stack_text) {
         len = (size_t)written;
     } else if (written >= 0) {
-        heap_text = malloc((size_t)written + 1);
+        heap_text = (char *)malloc((size_t)written + 1);
         if (heap_text != NULL && vsnprintf(heap_text, (size_t)written + 1, fmt, args_again) == written) {
             text = heap_text;
             len = (size_t)written;
@@ -162,7 +171,9 @@ static KVH_UTIL_UNUSED void kvh_util_log(const kvh_host_api *host, const char *t
     }
     va_end(args_again);
     if (written >= 0) {
-        host->log(host->host_ctx, level, (kvh_str){ target, strlen(target) }, (kvh_str){ text, len });
+        kvh_str target_str = { target, strlen(target) };
+        kvh_str text_str = { text, len };
+        host->log(host->host_ctx, level, target_str, text_str);
     }
     free(heap_text);
 }
@@ -173,12 +184,37 @@ static KVH_UTIL_UNUSED void kvh_util_log(const kvh_host_api *host, const char *t
 #define KVH_UTIL_LAST_ERROR_CAP 512
 #endif
 
+#ifdef __cplusplus
+#define KVH_UTIL_THREAD_LOCAL thread_local
+#else
+#define KVH_UTIL_THREAD_LOCAL _Thread_local
+#endif
+
 /* This thread's last error, and the backend that set it. */
-static _Thread_local struct {
+struct kvh_util_last_error_slot {
     const kvh_backend *backend;
     size_t len;
     char text[KVH_UTIL_LAST_ERROR_CAP];
-} kvh_util_tls_last_error;
+};
+
+#if defined(KVH_UTIL_SHARED_LAST_ERROR)
+#if !defined(__GNUC__) && !defined(__clang__)
+#error "KVH_UTIL_SHARED_LAST_ERROR needs __attribute__((visibility)) (GCC or Clang) to keep the slot inside the plugin"
+#endif
+#ifdef __cplusplus
+extern "C" {
+#endif
+/* One slot for the whole plugin: hidden, so the dynamic linker never exports or interposes it. */
+extern __attribute__((visibility("hidden"))) KVH_UTIL_THREAD_LOCAL struct kvh_util_last_error_slot kvh_util_tls_last_error;
+#ifdef KVH_UTIL_DEFINE_LAST_ERROR
+__attribute__((visibility("hidden"))) KVH_UTIL_THREAD_LOCAL struct kvh_util_last_error_slot kvh_util_tls_last_error;
+#endif
+#ifdef __cplusplus
+}
+#endif
+#else
+static KVH_UTIL_THREAD_LOCAL struct kvh_util_last_error_slot kvh_util_tls_last_error;
+#endif
 
 /* Record this thread's last error for `backend` (what its `last_error` entry then reports). */
 static KVH_UTIL_UNUSED void kvh_util_set_last_error(const kvh_backend *backend, const char *fmt, ...) KVH_UTIL_PRINTF(2, 3);

@@ -107,7 +107,9 @@ fn plugins_lists_classes_and_names_non_plugins() {
         dir.to_str().unwrap(),
     ]);
     let t = text(&o);
-    assert!(o.status.success(), "{t}");
+    // The fixtures directory holds defective classes: the listing names each and exits 1.
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(t.contains(": refused: "), "{t}");
     assert!(
         t.contains("class mem v0.1.0 (ABI 1.2)") && t.contains("option capacity_bytes"),
         "{t}"
@@ -119,6 +121,53 @@ fn plugins_lists_classes_and_names_non_plugins() {
     assert!(
         t.contains("built for another ABI major: abi_v2 (ABI 2)"),
         "{t}"
+    );
+}
+
+#[test]
+fn plugins_exits_zero_when_every_class_loads() {
+    let o = run(&["plugins", plugins_dir().to_str().unwrap()]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains(", 0 refused") && !t.contains("refused:"), "{t}");
+}
+
+/// Log lines carry no colour codes when stderr is not a terminal; on a terminal (a pseudo-terminal
+/// from `script`) they do, unless NO_COLOR is set.
+#[test]
+fn log_colours_only_on_a_terminal_and_never_with_no_color() {
+    // An unknown config key is a warning: one log line on stderr.
+    let cfg = small_config("colour", &format!("{SMALL}no_such_key: 1\n"));
+    let o = run(&["check", "--config", cfg.to_str().unwrap()]);
+    let t = text(&o);
+    assert!(t.contains("no_such_key"), "{t}");
+    assert!(!t.contains('\x1b'), "colour codes on a pipe: {t:?}");
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("\n** terminal half of log_colours_only_on_a_terminal_and_never_with_no_color NOT RUN: no `script` (util-linux) **\n");
+        return;
+    }
+    let on_tty = |no_color: Option<&str>| {
+        let line = format!("{} check --config {}", binary().display(), cfg.display());
+        let mut c = Command::new("script");
+        c.args(["-qec", &line, "/dev/null"])
+            .env_remove("RUST_LOG")
+            .env_remove("LMCACHE_CONFIG_FILE")
+            .env_remove("NO_COLOR")
+            .stdin(Stdio::null());
+        if let Some(v) = no_color {
+            c.env("NO_COLOR", v);
+        }
+        text(&c.output().expect("run script"))
+    };
+    let coloured = on_tty(None);
+    assert!(
+        coloured.contains("no_such_key") && coloured.contains('\x1b'),
+        "{coloured:?}"
+    );
+    let plain = on_tty(Some("1"));
+    assert!(
+        plain.contains("no_such_key") && !plain.contains('\x1b'),
+        "{plain:?}"
     );
 }
 
