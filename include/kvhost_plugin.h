@@ -15,7 +15,8 @@
  * any host thread, concurrently, on the same backend. Completion callbacks and host_api functions may
  * be called from any plugin thread.
  *
- * Async rule: put, get, prefetch, contains_async and remove_async return KVH_PENDING (the completion
+ * Async rule: put, get, prefetch, contains_async and remove_async (all five are asynchronous
+ * operations) return KVH_PENDING (the completion
  * fires exactly once, later, from any thread) or any other status (the completion never fires).
  */
 
@@ -62,7 +63,7 @@ typedef struct kvh_backend kvh_backend;
  * Minor version of this ABI. Additive changes only: new trailing fields, new capability bits, new
  * status codes. A host accepts a plugin with any minor; fields the plugin did not know are absent.
  */
-#define KVH_ABI_MINOR 2
+#define KVH_ABI_MINOR 3
 
 /**
  * Capability: `pin` and `unpin` are implemented (non-NULL) and pins are honoured.
@@ -120,6 +121,11 @@ typedef struct kvh_backend kvh_backend;
 #define KVH_CAP_ASYNC_REMOVE (1 << 9)
 
 /**
+ * Capability: `stats` is implemented (since ABI 1.3; vtable of at least `KVH_VTABLE_V1_3_SIZE` bytes).
+ */
+#define KVH_CAP_STATS (1 << 10)
+
+/**
  * Log level: error.
  */
 #define KVH_LOG_ERROR 1
@@ -153,6 +159,22 @@ typedef struct kvh_backend kvh_backend;
  * Option spec flag: the value is a secret (a password); the host never prints it.
  */
 #define KVH_OPTION_SECRET (1 << 1)
+
+/**
+ * Bytes of `kvh_stat.name`, including the terminating NUL: names are at most 47 bytes.
+ */
+#define KVH_STAT_NAME_CAP 48
+
+/**
+ * `kvh_stat.kind`: a count that only grows while the backend lives (evictions, bytes written). The
+ * host may show its rate.
+ */
+#define KVH_STAT_COUNTER 1
+
+/**
+ * `kvh_stat.kind`: a level that may go up and down (bytes used, entries, capacity).
+ */
+#define KVH_STAT_GAUGE 2
 
 /**
  * `kvh_key.layer_id` when the key is not per-layer.
@@ -258,6 +280,16 @@ typedef struct kvh_backend kvh_backend;
  * `sizeof(kvh_backend_vtable)` in ABI 1.2 (adds `contains_async` and `remove_async`).
  */
 #define KVH_VTABLE_V1_2_SIZE 128
+
+/**
+ * `sizeof(kvh_backend_vtable)` in ABI 1.3 (adds `stats`).
+ */
+#define KVH_VTABLE_V1_3_SIZE 136
+
+/**
+ * `sizeof(kvh_stats_buf)` in ABI 1.3.
+ */
+#define KVH_STATS_BUF_V1_3_SIZE 32
 
 /**
  * `sizeof(kvh_host_api)` in ABI 1.0.
@@ -707,6 +739,62 @@ typedef struct kvh_key_batch {
 } kvh_key_batch;
 
 /**
+ * One named number a backend reports through `stats` (ABI 1.3). Written by the plugin into an array
+ * the host owns, so no pointer crosses the boundary and nothing needs to outlive the call.
+ *
+ * Well-known names (report those that apply, with these kinds, in these units):
+ * `evictions` (counter: chunks dropped to make room), `bytes_used` (gauge: bytes of chunk data held),
+ * `capacity_bytes` (gauge: the most chunk data the store will hold; a store that reports it is checked
+ * by the conformance suite's capacity check), `entries` (gauge: chunks held), `no_space` (counter:
+ * put items refused with `KVH_ERR_NO_SPACE`). Any other name is plugin-specific and shown as given.
+ */
+typedef struct kvh_stat {
+  /**
+   * The name, NUL-terminated UTF-8 of at most 47 bytes from `[a-z0-9_]`, unique within one answer.
+   */
+  char name[KVH_STAT_NAME_CAP];
+  /**
+   * The value.
+   */
+  uint64_t value;
+  /**
+   * `KVH_STAT_COUNTER` or `KVH_STAT_GAUGE`.
+   */
+  uint32_t kind;
+  /**
+   * Zero. Reserved.
+   */
+  uint32_t reserved;
+} kvh_stat;
+
+/**
+ * The array `stats` fills. Owned by the host, valid for the call.
+ */
+typedef struct kvh_stats_buf {
+  /**
+   * `sizeof(kvh_stats_buf)` as the host compiled it; fields past it do not exist.
+   */
+  uint32_t struct_size;
+  /**
+   * Zero. Reserved.
+   */
+  uint32_t reserved;
+  /**
+   * `cap` host-owned entries; the plugin writes `items[0..len)`.
+   */
+  struct kvh_stat *items;
+  /**
+   * Number of entries in `items` (the host passes at least 16).
+   */
+  size_t cap;
+  /**
+   * Written by the plugin: the number of entries written (`KVH_OK`), or the number it needs when
+   * that is more than `cap` (`KVH_ERR_BUFFER_TOO_SMALL`; the host may call again with a larger array).
+   */
+  size_t len;
+} kvh_stats_buf;
+
+/**
  * The operations of one backend class. Static, owned by the plugin. Grows only at the end.
  *
  * Required: `create`, `destroy`, `contains`, `put`, `get`, `remove`. Each optional operation is non-NULL
@@ -830,6 +918,15 @@ typedef struct kvh_backend_vtable {
                              const struct kvh_key_batch *batch,
                              bool force,
                              struct kvh_completion done);
+  /**
+   * `[any-thread]` `KVH_CAP_STATS`, since ABI 1.3. Fill `out->items` with the backend's counters and
+   * gauges (see `kvh_stat` for the well-known names) and set `out->len`. Synchronous and quick: no
+   * I/O, no waiting on queued work; called for every metrics scrape and table. Returns `KVH_OK`, or
+   * `KVH_ERR_BUFFER_TOO_SMALL` with `out->len` set to the entries needed (then the host ignores
+   * `items`), or another error.
+   */
+  kvh_status (*stats)(kvh_backend *backend,
+                      struct kvh_stats_buf *out);
 } kvh_backend_vtable;
 
 /**
@@ -1014,7 +1111,11 @@ typedef void (*kvh_complete_fn)(void *user_data,
 #define KVH_STATIC_ASSERT(cond, msg) _Static_assert(cond, msg)
 #endif
 KVH_STATIC_ASSERT(sizeof(kvh_plugin_descriptor) == KVH_DESCRIPTOR_V1_0_SIZE, "kvh_plugin_descriptor size");
-KVH_STATIC_ASSERT(sizeof(kvh_backend_vtable) == KVH_VTABLE_V1_2_SIZE, "kvh_backend_vtable size");
+KVH_STATIC_ASSERT(sizeof(kvh_backend_vtable) == KVH_VTABLE_V1_3_SIZE, "kvh_backend_vtable size");
+KVH_STATIC_ASSERT(sizeof(kvh_stats_buf) == KVH_STATS_BUF_V1_3_SIZE, "kvh_stats_buf size");
+KVH_STATIC_ASSERT(sizeof(kvh_stat) == 64, "kvh_stat size");
+KVH_STATIC_ASSERT(offsetof(kvh_stat, value) == 48, "stat.value offset");
+KVH_STATIC_ASSERT(offsetof(kvh_backend_vtable, stats) == 128, "vtable.stats offset");
 KVH_STATIC_ASSERT(sizeof(kvh_host_api) == KVH_HOST_API_V1_0_SIZE, "kvh_host_api size");
 KVH_STATIC_ASSERT(sizeof(kvh_model_metadata) == KVH_MODEL_METADATA_V1_0_SIZE, "kvh_model_metadata size");
 KVH_STATIC_ASSERT(sizeof(kvh_key) == 96, "kvh_key size");

@@ -12,6 +12,8 @@
  * - kvh_util_status_name: the name of a `kvh_status`, for log lines;
  * - kvh_util_log_enabled, kvh_util_log: format a message and hand it to the host's logger under the
  *   plugin's target, skipping the formatting when the host would drop it;
+ * - kvh_util_stats_begin, kvh_util_stat, kvh_util_stats_end: fill the `stats` entry's array (ABI 1.3),
+ *   counting what does not fit so the host can offer a larger one;
  * - kvh_util_set_last_error, kvh_util_last_error, kvh_util_null_param: the per-thread "last error"
  *   the ABI's `last_error` entry reports. The slot remembers which backend set it, so one backend never
  *   reports another's error when a thread uses several.
@@ -176,6 +178,32 @@ static KVH_UTIL_UNUSED void kvh_util_log(const kvh_host_api *host, const char *t
         host->log(host->host_ctx, level, target_str, text_str);
     }
     free(heap_text);
+}
+
+/* `stats` (ABI 1.3): start an answer (nothing written yet). */
+static KVH_UTIL_UNUSED void kvh_util_stats_begin(kvh_stats_buf *out) {
+    out->len = 0;
+}
+
+/* `stats`: add one entry. `name` is 1-47 bytes of [a-z0-9_] (longer names are cut at 47); `kind` is
+ * KVH_STAT_COUNTER or KVH_STAT_GAUGE. An entry past the host's array is counted, not written. */
+static KVH_UTIL_UNUSED void kvh_util_stat(kvh_stats_buf *out, const char *name, uint32_t kind, uint64_t value) {
+    if (out->items != NULL && out->len < out->cap) {
+        kvh_stat *stat = &out->items[out->len];
+        size_t len = strlen(name);
+        len = len < KVH_STAT_NAME_CAP - 1 ? len : KVH_STAT_NAME_CAP - 1;
+        memset(stat->name, 0, sizeof stat->name);
+        memcpy(stat->name, name, len);
+        stat->value = value;
+        stat->kind = kind;
+        stat->reserved = 0;
+    }
+    out->len++;
+}
+
+/* `stats`: the status to return: KVH_OK, or KVH_ERR_BUFFER_TOO_SMALL with `len` the entries needed. */
+static KVH_UTIL_UNUSED kvh_status kvh_util_stats_end(const kvh_stats_buf *out) {
+    return out->len <= out->cap ? KVH_OK : KVH_ERR_BUFFER_TOO_SMALL;
 }
 
 /* Bytes of a last-error message kept (longer ones are truncated on a character boundary). Define it

@@ -26,7 +26,7 @@ use core::ffi::{c_char, c_void};
 pub const KVH_ABI_MAJOR: u16 = 1;
 /// Minor version of this ABI. Additive changes only: new trailing fields, new capability bits, new
 /// status codes. A host accepts a plugin with any minor; fields the plugin did not know are absent.
-pub const KVH_ABI_MINOR: u16 = 2;
+pub const KVH_ABI_MINOR: u16 = 3;
 
 /// Result of an operation. One of the `KVH_OK`, `KVH_PENDING` or `KVH_ERR_*` codes. Readers must treat
 /// unknown values as errors (a future minor may add codes).
@@ -100,6 +100,9 @@ pub const KVH_CAP_ASYNC_CONTAINS: u64 = 1 << 8;
 /// bytes). Set it when removing needs I/O.
 pub const KVH_CAP_ASYNC_REMOVE: u64 = 1 << 9;
 
+/// Capability: `stats` is implemented (since ABI 1.3; vtable of at least `KVH_VTABLE_V1_3_SIZE` bytes).
+pub const KVH_CAP_STATS: u64 = 1 << 10;
+
 /// Log level: error.
 pub const KVH_LOG_ERROR: i32 = 1;
 /// Log level: warning.
@@ -115,6 +118,14 @@ pub const KVH_LOG_TRACE: i32 = 5;
 pub const KVH_OPTION_REQUIRED: u32 = 1 << 0;
 /// Option spec flag: the value is a secret (a password); the host never prints it.
 pub const KVH_OPTION_SECRET: u32 = 1 << 1;
+
+/// Bytes of `kvh_stat.name`, including the terminating NUL: names are at most 47 bytes.
+pub const KVH_STAT_NAME_CAP: usize = 48;
+/// `kvh_stat.kind`: a count that only grows while the backend lives (evictions, bytes written). The
+/// host may show its rate.
+pub const KVH_STAT_COUNTER: u32 = 1;
+/// `kvh_stat.kind`: a level that may go up and down (bytes used, entries, capacity).
+pub const KVH_STAT_GAUGE: u32 = 2;
 
 /// `kvh_key.layer_id` when the key is not per-layer.
 pub const KVH_NO_LAYER: i32 = -1;
@@ -161,6 +172,10 @@ pub const KVH_VTABLE_V1_0_SIZE: u32 = 104;
 pub const KVH_VTABLE_V1_1_SIZE: u32 = 112;
 /// `sizeof(kvh_backend_vtable)` in ABI 1.2 (adds `contains_async` and `remove_async`).
 pub const KVH_VTABLE_V1_2_SIZE: u32 = 128;
+/// `sizeof(kvh_backend_vtable)` in ABI 1.3 (adds `stats`).
+pub const KVH_VTABLE_V1_3_SIZE: u32 = 136;
+/// `sizeof(kvh_stats_buf)` in ABI 1.3.
+pub const KVH_STATS_BUF_V1_3_SIZE: u32 = 32;
 /// `sizeof(kvh_host_api)` in ABI 1.0.
 pub const KVH_HOST_API_V1_0_SIZE: u32 = 48;
 /// `sizeof(kvh_model_metadata)` in ABI 1.0.
@@ -442,6 +457,44 @@ pub struct kvh_key_batch {
     pub len: usize,
 }
 
+/// One named number a backend reports through `stats` (ABI 1.3). Written by the plugin into an array
+/// the host owns, so no pointer crosses the boundary and nothing needs to outlive the call.
+///
+/// Well-known names (report those that apply, with these kinds, in these units):
+/// `evictions` (counter: chunks dropped to make room), `bytes_used` (gauge: bytes of chunk data held),
+/// `capacity_bytes` (gauge: the most chunk data the store will hold; a store that reports it is checked
+/// by the conformance suite's capacity check), `entries` (gauge: chunks held), `no_space` (counter:
+/// put items refused with `KVH_ERR_NO_SPACE`). Any other name is plugin-specific and shown as given.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct kvh_stat {
+    /// The name, NUL-terminated UTF-8 of at most 47 bytes from `[a-z0-9_]`, unique within one answer.
+    pub name: [c_char; KVH_STAT_NAME_CAP],
+    /// The value.
+    pub value: u64,
+    /// `KVH_STAT_COUNTER` or `KVH_STAT_GAUGE`.
+    pub kind: u32,
+    /// Zero. Reserved.
+    pub reserved: u32,
+}
+
+/// The array `stats` fills. Owned by the host, valid for the call.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct kvh_stats_buf {
+    /// `sizeof(kvh_stats_buf)` as the host compiled it; fields past it do not exist.
+    pub struct_size: u32,
+    /// Zero. Reserved.
+    pub reserved: u32,
+    /// `cap` host-owned entries; the plugin writes `items[0..len)`.
+    pub items: *mut kvh_stat,
+    /// Number of entries in `items` (the host passes at least 16).
+    pub cap: usize,
+    /// Written by the plugin: the number of entries written (`KVH_OK`), or the number it needs when
+    /// that is more than `cap` (`KVH_ERR_BUFFER_TOO_SMALL`; the host may call again with a larger array).
+    pub len: usize,
+}
+
 /// The plugin's backend instance. Opaque to the host; created by `create`, freed by `destroy`.
 #[repr(C)]
 #[derive(StableAbi)]
@@ -574,6 +627,14 @@ pub struct kvh_backend_vtable {
             done: kvh_completion,
         ) -> kvh_status,
     >,
+    /// `[any-thread]` `KVH_CAP_STATS`, since ABI 1.3. Fill `out->items` with the backend's counters and
+    /// gauges (see `kvh_stat` for the well-known names) and set `out->len`. Synchronous and quick: no
+    /// I/O, no waiting on queued work; called for every metrics scrape and table. Returns `KVH_OK`, or
+    /// `KVH_ERR_BUFFER_TOO_SMALL` with `out->len` set to the entries needed (then the host ignores
+    /// `items`), or another error.
+    pub stats: Option<
+        unsafe extern "C" fn(backend: *mut kvh_backend, out: *mut kvh_stats_buf) -> kvh_status,
+    >,
 }
 
 /// What an entry point returns: one backend class. Static, owned by the plugin. Grows only at the end.
@@ -628,7 +689,11 @@ pub type kvh_plugin_entry_fn =
 const _: () = {
     use core::mem::size_of;
     assert!(size_of::<kvh_plugin_descriptor>() == KVH_DESCRIPTOR_V1_0_SIZE as usize);
-    assert!(size_of::<kvh_backend_vtable>() == KVH_VTABLE_V1_2_SIZE as usize);
+    assert!(size_of::<kvh_backend_vtable>() == KVH_VTABLE_V1_3_SIZE as usize);
+    assert!(size_of::<kvh_stats_buf>() == KVH_STATS_BUF_V1_3_SIZE as usize);
+    assert!(size_of::<kvh_stat>() == 64);
+    assert!(core::mem::offset_of!(kvh_stat, value) == 48);
+    assert!(core::mem::offset_of!(kvh_backend_vtable, stats) == 128);
     assert!(size_of::<kvh_host_api>() == KVH_HOST_API_V1_0_SIZE as usize);
     assert!(size_of::<kvh_model_metadata>() == KVH_MODEL_METADATA_V1_0_SIZE as usize);
     assert!(size_of::<kvh_chunk_meta>() == 40);

@@ -47,6 +47,7 @@ mod ffi;
 mod key;
 mod logging;
 mod request;
+mod stats;
 mod status;
 
 pub use backend::{Backend, CreateContext, ModelMetadata, OptionSpec};
@@ -56,6 +57,7 @@ pub use request::{
     Batch, Contains, ContainsBatch, DstPart, Get, KeyBatch, Op, Pending, Prefetch, Put, Remove,
     Request, SharedGet, SharedPut, Submit,
 };
+pub use stats::{valid_stat_name, Stats};
 pub use status::{Error, Status};
 
 /// The `log` crate the SDK forwards to the host; use its macros in a plugin.

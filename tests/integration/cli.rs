@@ -66,6 +66,8 @@ fn check_prints_the_chain_and_exits_zero() {
         "mem",
         "log",
         "capacity_bytes=4294967296",
+        // mem's ABI 1.3 stats column.
+        "evictions=0 bytes_used=0 capacity_bytes=4294967296 entries=0",
         "check: ok (2 plugin(s) loaded)",
     ] {
         assert!(t.contains(part), "`{part}` missing:\n{t}");
@@ -111,7 +113,7 @@ fn plugins_lists_classes_and_names_non_plugins() {
     assert_eq!(o.status.code(), Some(1), "{t}");
     assert!(t.contains(": refused: "), "{t}");
     assert!(
-        t.contains("class mem v0.1.0 (ABI 1.2)") && t.contains("option capacity_bytes"),
+        t.contains("class mem v0.1.0 (ABI 1.3)") && t.contains("option capacity_bytes"),
         "{t}"
     );
     assert!(

@@ -12,6 +12,7 @@ mod lent;
 mod lmcache_compat;
 mod loader;
 mod logstore;
+mod plugin_stats;
 mod python;
 mod rados;
 mod redis;

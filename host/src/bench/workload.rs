@@ -287,7 +287,7 @@ pub fn run(
             ("get".into(), q(&get_h).0, q(&get_h).1),
             ("put".into(), q(&put_h).0, q(&put_h).1),
         ],
-        tiers: chain.stats().tiers,
+        tiers: chain.stats_with_plugins(),
     }
 }
 
@@ -367,5 +367,14 @@ pub fn render(r: &WorkloadReport) -> String {
         ]);
     }
     out += &crate::cli::table::render(&rows);
+    let reported: Vec<_> = r.tiers.iter().filter(|t| !t.plugin.is_empty()).collect();
+    if !reported.is_empty() {
+        out.push_str("\nplugin stats (ABI 1.3, as each plugin reports them):\n");
+        let mut rows = vec![vec!["tier".to_string(), "stats".to_string()]];
+        for t in reported {
+            rows.push(vec![t.name.clone(), crate::plugin::stats_line(&t.plugin)]);
+        }
+        out += &crate::cli::table::render(&rows);
+    }
     out
 }

@@ -131,7 +131,7 @@ pub struct TierStats {
     pub no_space: u64,
     /// Errors.
     pub errors: u64,
-    /// Evictions (hot cache only).
+    /// Evictions: the hot cache's own, or what a plugin tier reports through `stats` (0 without it).
     pub evictions: u64,
     /// Promotions out of this tier.
     pub promotions: u64,
@@ -147,6 +147,9 @@ pub struct TierStats {
     pub get_latency: LatencySummary,
     /// Lookup latency.
     pub lookup_latency: LatencySummary,
+    /// The plugin's own counters and gauges (ABI 1.3 `stats`), when asked for; empty otherwise.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub plugin: Vec<crate::plugin::PluginStat>,
 }
 
 impl TierMetrics {
@@ -171,6 +174,7 @@ impl TierMetrics {
             put_latency: self.put_latency.summary(),
             get_latency: self.get_latency.summary(),
             lookup_latency: self.lookup_latency.summary(),
+            plugin: Vec::new(),
         }
     }
 }

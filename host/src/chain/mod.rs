@@ -13,10 +13,12 @@
 mod inflight;
 mod lent;
 pub mod metrics;
+mod plugin_stats;
 mod tier;
 
 pub use lent::{LentGetDone, LentPutItem};
 pub use metrics::{LatencySummary, TierStats};
+pub use plugin_stats::TierPluginStats;
 pub use tier::{Backpressure, TierSettings};
 
 use crate::cache::{

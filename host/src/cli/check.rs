@@ -38,6 +38,7 @@ pub fn run(config_path: Option<&Path>) -> Result<ExitCode, Box<dyn std::error::E
         "abi",
         "capabilities",
         "health",
+        "stats",
         "options",
     ]
     .map(String::from)
@@ -51,6 +52,7 @@ pub fn run(config_path: Option<&Path>) -> Result<ExitCode, Box<dyn std::error::E
         "-".into(),
         "pin,prefetch".into(),
         "ok".into(),
+        "-".into(),
         format!(
             "local_cpu={} max_local_cpu_size={}GiB cache_policy={} write_policy={}",
             config.local_cpu, config.max_local_cpu_size, config.cache_policy, config.write_policy
@@ -62,6 +64,14 @@ pub fn run(config_path: Option<&Path>) -> Result<ExitCode, Box<dyn std::error::E
         let health = match p.health() {
             None => "-".to_string(),
             Some(Ok(text)) => format!("ok: {text}"),
+            Some(Err(e)) => {
+                unhealthy += 1;
+                format!("FAILED: {} {}", e.status, e.message)
+            }
+        };
+        let stats = match p.stats() {
+            None => "-".to_string(),
+            Some(Ok(stats)) => crate::plugin::stats_line(&stats),
             Some(Err(e)) => {
                 unhealthy += 1;
                 format!("FAILED: {} {}", e.status, e.message)
@@ -85,6 +95,7 @@ pub fn run(config_path: Option<&Path>) -> Result<ExitCode, Box<dyn std::error::E
             format!("{}.{}", info.abi.0, info.abi.1),
             capability_names(info.capabilities).join(","),
             health,
+            stats,
             options,
         ]);
     }

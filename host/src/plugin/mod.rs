@@ -8,6 +8,7 @@
 
 mod ffi;
 mod ops;
+mod stats;
 
 pub use ffi::unknown_completions;
 pub(crate) use ffi::{
@@ -17,6 +18,7 @@ pub use ops::{
     ContainsDone, DstBuf, GetDone, GetItem, GetRequest, KeyOpDone, PrefetchDone, PutDone,
     PutRequest, RemoveDone, SrcBuf,
 };
+pub use stats::{stats_line, PluginStat, StatKind};
 
 use kvhost_plugin_sdk::abi;
 pub use kvhost_plugin_sdk::{ChunkMeta, Status};
@@ -100,6 +102,7 @@ pub fn capability_names(caps: u64) -> Vec<&'static str> {
         (abi::KVH_CAP_CLEAR, "clear"),
         (abi::KVH_CAP_ASYNC_CONTAINS, "async_contains"),
         (abi::KVH_CAP_ASYNC_REMOVE, "async_remove"),
+        (abi::KVH_CAP_STATS, "stats"),
     ]
     .iter()
     .filter(|(bit, _)| caps & bit != 0)

@@ -267,6 +267,31 @@ pub fn render(chain: &Chain, server: &ServerStats, model_name: &str, worker_id: 
         }
     }
 
+    // What each plugin reports about itself (ABI 1.3 `stats`): one untyped family, `kind` saying
+    // which samples are counters and which gauges.
+    o.family(
+        "kvhost_plugin_stat",
+        "untyped",
+        "Counters and gauges a plugin tier reports through its stats entry.",
+    );
+    for p in chain.plugin_stats() {
+        for s in p.stats.unwrap_or_default() {
+            let kind = match s.kind {
+                crate::plugin::StatKind::Counter => "counter",
+                crate::plugin::StatKind::Gauge => "gauge",
+            };
+            o.sample(
+                "kvhost_plugin_stat",
+                &format!(
+                    "tier=\"{}\",name=\"{}\",kind=\"{kind}\"",
+                    escape(&p.tier),
+                    s.name
+                ),
+                s.value as f64,
+            );
+        }
+    }
+
     // The server.
     o.family(
         "kvhost_serve_requests_total",
