@@ -166,6 +166,7 @@ fn run_readme_command(class: &str, env: &[(&str, &str)]) -> String {
 fn readme_conformance_line_for_mem_passes() {
     let text = run_readme_command("mem", &[]);
     assert!(text.contains("PASS  remove_pinned"), "{text}");
+    assert!(text.contains("PASS  capacity"), "{text}");
 }
 
 #[test]
@@ -179,12 +180,14 @@ fn readme_conformance_line_for_fs_passes() {
     let text = run_readme_command("fs", &[]);
     assert!(text.contains("PASS  destroy_in_flight"), "{text}");
     assert!(text.contains("PASS  clear"), "{text}");
+    assert!(text.contains("PASS  capacity"), "{text}");
 }
 
 #[test]
 fn readme_conformance_line_for_logstore_passes() {
     let text = run_readme_command("logstore", &[]);
     assert!(text.contains("PASS  destroy_in_flight"), "{text}");
+    assert!(text.contains("PASS  capacity"), "{text}");
 }
 
 #[test]
@@ -296,5 +299,31 @@ fn a_hung_completion_fails_after_the_given_timeout() {
     assert!(
         started.elapsed() < std::time::Duration::from_secs(15),
         "{text}"
+    );
+}
+
+/// A store that reports a capacity it does not enforce fails the capacity check.
+#[test]
+fn a_store_that_holds_more_than_its_capacity_fails() {
+    let path = rust_fixture();
+    let factory = || {
+        let c = config_for(
+            "rust_mem",
+            path.to_str().unwrap(),
+            "rust_mem",
+            &[("claimed_capacity_bytes", "1048576")],
+        );
+        kvhost::loader::load(&c.plugins[0], &c)
+    };
+    let options = conformance::Options {
+        only: vec!["capacity".to_string()],
+        ..Default::default()
+    };
+    let report = conformance::run_with(&factory, &options);
+    assert!(!report.passed(), "{report}");
+    let failures = report.failures().join("\n");
+    assert!(
+        failures.contains("neither evicted nor refused"),
+        "{failures}"
     );
 }

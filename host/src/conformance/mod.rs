@@ -6,6 +6,7 @@
 //! every time. Every check uses fresh keys. A plugin advertising `KVH_CAP_DISCARDS` is checked for
 //! consistent misses instead of round trips.
 
+mod capacity;
 mod checks;
 mod report;
 mod semantics;
@@ -54,9 +55,19 @@ pub struct CheckInfo {
 
 type Outcome2 = Result<String, String>;
 
+/// What a check that may not apply to this plugin found.
+pub(crate) enum Verdict {
+    /// It applied and passed.
+    Pass(String),
+    /// It does not apply (why).
+    Skip(String),
+}
+
 enum Body {
     /// Runs on the shared instance.
     Shared(fn(&Ctx<'_>) -> Outcome2),
+    /// Runs on the shared instance and may find it does not apply.
+    MaySkip(fn(&Ctx<'_>) -> Result<Verdict, String>),
     /// Takes the instance and destroys it; the next check gets a fresh one.
     Consumes(fn(Ctx<'_>) -> Outcome2),
 }
@@ -100,6 +111,7 @@ const CHECKS: &[Check] = &[
     check("health", Some(abi::KVH_CAP_HEALTH), "health answers OK", Body::Shared(checks::health)),
     check("contains_async", Some(abi::KVH_CAP_ASYNC_CONTAINS), "16 asynchronous lookups in flight at once agree with contains, and each completes once", Body::Shared(checks::contains_async)),
     check("remove_async", Some(abi::KVH_CAP_ASYNC_REMOVE), "asynchronous remove removes, and a second one is NOT_FOUND", Body::Shared(checks::remove_async)),
+    check("capacity", Some(abi::KVH_CAP_STATS), "filling twice the reported capacity_bytes evicts or refuses with NO_SPACE, never holds more, loses nothing that evictions does not count, and keeps a pinned chunk", Body::MaySkip(capacity::capacity)),
     check("clear", Some(abi::KVH_CAP_CLEAR), "clear removes every chunk", Body::Shared(checks::clear)),
     check("destroy_in_flight", None, "destroy with puts, gets and async lookups/removes queued completes every one of them before it returns", Body::Consumes(checks::destroy_in_flight)),
     check("create_after_destroy", None, "a fresh instance with the same options comes up after a destroy (locks and files were released) and serves a round trip", Body::Shared(checks::create_after_destroy)),
@@ -181,11 +193,22 @@ pub fn run_with(factory: &Factory<'_>, options: &Options) -> Report {
                 }
             }
         }
+        let mut skipped = None;
         let result = match check.body {
-            Body::Shared(f) => {
+            Body::Shared(_) | Body::MaySkip(_) => {
                 let c = ctx.as_ref().expect("made above");
                 let stale_before = c.plugin.stale_completions();
-                let result = guarded(|| f(c));
+                let result = guarded(|| match check.body {
+                    Body::Shared(f) => f(c),
+                    Body::MaySkip(f) => f(c).map(|v| match v {
+                        Verdict::Pass(d) => d,
+                        Verdict::Skip(d) => {
+                            skipped = Some(d.clone());
+                            d
+                        }
+                    }),
+                    Body::Consumes(_) => unreachable!("matched above"),
+                });
                 let stale = c.plugin.stale_completions() - stale_before;
                 match result {
                     Ok(_) if stale > 0 => Err(format!(
@@ -199,9 +222,10 @@ pub fn run_with(factory: &Factory<'_>, options: &Options) -> Report {
                 guarded(move || f(c))
             }
         };
-        let (outcome, detail) = match result {
-            Ok(d) => (Outcome::Pass, d),
-            Err(d) => (Outcome::Fail, d),
+        let (outcome, detail) = match (result, skipped) {
+            (Ok(_), Some(why)) => (Outcome::Skip, why),
+            (Ok(d), None) => (Outcome::Pass, d),
+            (Err(d), _) => (Outcome::Fail, d),
         };
         report.push(name, outcome, detail, started.elapsed());
     }
