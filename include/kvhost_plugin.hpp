@@ -699,24 +699,6 @@ class CreateArgs {
 /* ================================================================================================ */
 
 /**
- * Base class of a C++ backend. Subclass it, override the four required operations, override the
- * optional ones you support and declare their bits in `static constexpr uint64_t capabilities`, then
- * export the class with KVH_EXPORT_BACKEND.
- *
- * Construction: the subclass has a constructor taking `const kvh::CreateArgs &` (throw kvh::Error to
- * refuse, e.g. KVH_ERR_INVALID_CONFIG), or a static factory
- *     static std::unique_ptr<T> create(const kvh::CreateArgs &args, kvh::CreateError &error);
- * returning nullptr after filling `error` (used instead of the constructor when it exists).
- *
- * Threads: every data-path method (`contains` ... `remove_async`) may be called from any host thread,
- * concurrently; make them thread-safe. The constructor, `shutdown()` and the destructor run on a
- * [control] thread with no other call in progress on this backend.
- *
- * Every method may throw: kvh::Error becomes its status (message kept for last_error); any other
- * exception becomes KVH_ERR_PANIC, logged at error level and kept for last_error (the host then
- * poisons the backend). Overrides must be public (the export checks them at compile time).
- */
-/**
  * What Backend::stats() fills (ABI 1.3): the host's array of named counters and gauges. Entries past
  * the array are counted, not written, so the host can offer a larger one. Names are 1-47 bytes of
  * [a-z0-9_]; see kvh_stat for the well-known ones (evictions, bytes_used, capacity_bytes, entries,
@@ -748,6 +730,24 @@ private:
     kvh_stats_buf *out_;
 };
 
+/**
+ * Base class of a C++ backend. Subclass it, override the four required operations, override the
+ * optional ones you support and declare their bits in `static constexpr uint64_t capabilities`, then
+ * export the class with KVH_EXPORT_BACKEND.
+ *
+ * Construction: the subclass has a constructor taking `const kvh::CreateArgs &` (throw kvh::Error to
+ * refuse, e.g. KVH_ERR_INVALID_CONFIG), or a static factory
+ *     static std::unique_ptr<T> create(const kvh::CreateArgs &args, kvh::CreateError &error);
+ * returning nullptr after filling `error` (used instead of the constructor when it exists).
+ *
+ * Threads: every data-path method (`contains` ... `remove_async`) may be called from any host thread,
+ * concurrently; make them thread-safe. The constructor, `shutdown()` and the destructor run on a
+ * [control] thread with no other call in progress on this backend.
+ *
+ * Every method may throw: kvh::Error becomes its status (message kept for last_error); any other
+ * exception becomes KVH_ERR_PANIC, logged at error level and kept for last_error (the host then
+ * poisons the backend). Overrides must be public (the export checks them at compile time).
+ */
 class Backend {
   public:
     /** Informational and operation capability bits (KVH_CAP_*). Hide it in the subclass. */

@@ -17,6 +17,7 @@ mod python;
 mod rados;
 mod redis;
 mod sanitizers;
+mod sdk_kit;
 mod serve;
 mod stress;
 mod util;

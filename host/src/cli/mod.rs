@@ -3,7 +3,9 @@
 mod bench;
 mod check;
 mod conformance;
+mod new_plugin;
 mod plugins;
+mod sdk;
 mod serve;
 pub(crate) mod table;
 
@@ -161,6 +163,38 @@ pub enum Command {
     /// (1, 2, …), for stores that want a separate place per instance. Exit codes: 0 every check
     /// passed or was skipped, 1 a check failed or the plugin did not load, 2 usage error.
     Conformance(conformance::Args),
+    /// The plugin author's kit: install the headers and pkg-config file.
+    #[command(subcommand)]
+    Sdk(SdkCommand),
+    /// Write a buildable plugin skeleton (a bounded in-memory store with every required entry, its
+    /// build file and a README with the conformance command) into DIR.
+    NewPlugin {
+        /// Language of the skeleton.
+        #[arg(long, value_enum)]
+        lang: new_plugin::Lang,
+        /// Class name (entry point kvh_plugin_<NAME>_v1): a lowercase letter, then [a-z0-9_].
+        name: String,
+        /// Directory to write into (created; existing files are never overwritten).
+        dir: PathBuf,
+        /// Rust only: the kvhost plugin-sdk directory Cargo.toml points at. Default: this binary's
+        /// checkout, when it was built from one.
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+}
+
+/// `kvhost sdk` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum SdkCommand {
+    /// Write include/kvhost/{kvhost_plugin.h, kvhost_plugin.hpp, kvhost_plugin_util.h},
+    /// lib/pkgconfig/kvhost-plugin.pc and share/kvhost/lsan.supp under PREFIX (the copies compiled
+    /// into this binary, so they match the ABI it speaks). Then:
+    /// `PKG_CONFIG_PATH=PREFIX/lib/pkgconfig cc $(pkg-config --cflags kvhost-plugin) -shared -fPIC …`.
+    Install {
+        /// Where to install (e.g. /usr/local or ~/.local).
+        #[arg(long)]
+        prefix: PathBuf,
+    },
 }
 
 pub(crate) fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -210,6 +244,13 @@ pub fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Check { config } => check::run(config.as_deref()),
         Command::Plugins { paths } => plugins::run(&paths),
         Command::Conformance(args) => conformance::run(args),
+        Command::Sdk(SdkCommand::Install { prefix }) => sdk::install(&prefix),
+        Command::NewPlugin {
+            lang,
+            name,
+            dir,
+            sdk,
+        } => new_plugin::run(lang, &name, &dir, sdk),
         Command::Serve {
             config,
             listen,
