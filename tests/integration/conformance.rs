@@ -327,3 +327,40 @@ fn a_store_that_holds_more_than_its_capacity_fails() {
         "{failures}"
     );
 }
+
+/// `{instance}` in an option value gives each instance the suite makes a place of its own.
+#[test]
+fn instance_placeholders_give_each_instance_its_own_directory() {
+    let dir = std::env::temp_dir().join(format!("kvhost-instance-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let path = format!("path={}/fs-{{instance}}", dir.display());
+    let out = std::process::Command::new(crate::cli::binary())
+        .args([
+            "conformance",
+            "--plugin",
+            "kvhost_fs",
+            "--class",
+            "fs",
+            "-o",
+            &path,
+        ])
+        .args([
+            "--check",
+            "destroy_in_flight",
+            "--check",
+            "create_after_destroy",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    // create (1), then the fresh instance after destroy_in_flight (2).
+    for n in [1, 2] {
+        assert!(
+            dir.join(format!("fs-{n}")).is_dir(),
+            "fs-{n} missing: {text}"
+        );
+    }
+    assert!(!dir.join("fs-3").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
