@@ -24,6 +24,7 @@ const C_FIXTURES: &[&str] = &[
     "fx_hang",
     "fx_abi_1_0",
     "fx_not_a_plugin",
+    "fx_bad_stats",
 ];
 
 /// C++ fixtures: `fixtures/cpp/<name>.cpp` becomes `lib<name>.so`.

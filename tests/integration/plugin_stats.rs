@@ -156,3 +156,46 @@ fn plugin_evictions_reach_the_tier_stats_and_metrics() {
     let value: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(value >= reported, "{line}");
 }
+
+/// Whatever a plugin's stats entry reports is checked before it is believed; each defect is named
+/// and the plugin keeps serving.
+#[test]
+fn malformed_stats_are_refused_with_the_reason() {
+    let path = fixture("fx_bad_stats");
+    let p = |mode: &str| {
+        must_load(
+            "bad",
+            path.to_str().unwrap(),
+            "bad_stats",
+            &[("mode", mode)],
+        )
+    };
+    let good = p("good").stats().unwrap().unwrap();
+    assert_eq!(
+        good,
+        [PluginStat {
+            name: "evictions".into(),
+            value: 42,
+            kind: StatKind::Counter
+        }]
+    );
+    for (mode, expect) in [
+        (
+            "bad_name",
+            "entry 0: the name is not 1-47 bytes of [a-z0-9_] ending in a NUL: \"Bad Name\"",
+        ),
+        ("unterminated", "entry 0: the name is not 1-47 bytes"),
+        ("bad_kind", "entry 0 (`entries`): unknown kind 7"),
+        ("duplicate", "entry 1: `entries` reported twice"),
+        ("lie_len", "reported 37 entries into an array of 32"),
+        ("greedy", "asked for a larger array twice"),
+        ("huge", "asked for 1000000 entries after being offered 32"),
+        ("fail", "IO"),
+    ] {
+        let plugin = p(mode);
+        let e = plugin.stats().unwrap().unwrap_err().to_string();
+        assert!(e.contains(expect), "{mode}: {e}");
+        // Still serving.
+        assert!(plugin.contains(&[key(1)], false).is_ok(), "{mode}");
+    }
+}
