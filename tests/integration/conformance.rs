@@ -364,3 +364,33 @@ fn instance_placeholders_give_each_instance_its_own_directory() {
     assert!(!dir.join("fs-3").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The stats check holds well-known names to the kinds the header gives them.
+#[test]
+fn a_well_known_stat_of_the_wrong_kind_fails_the_stats_check() {
+    let path = fixture("fx_bad_stats");
+    let run = |mode: &str| {
+        let factory = || {
+            let c = config_for(
+                "bad",
+                path.to_str().unwrap(),
+                "bad_stats",
+                &[("mode", mode)],
+            );
+            kvhost::loader::load(&c.plugins[0], &c)
+        };
+        let options = conformance::Options {
+            only: vec!["stats".to_string()],
+            ..Default::default()
+        };
+        conformance::run_with(&factory, &options)
+    };
+    let good = run("good");
+    assert!(good.passed(), "{good}");
+    let wrong = run("wrong_kind");
+    let failures = wrong.failures().join("\n");
+    assert!(
+        failures.contains("stats: `evictions` is a Gauge; the header makes it a Counter"),
+        "{wrong}"
+    );
+}

@@ -1,7 +1,8 @@
-//! The capacity check: a store that reports `capacity_bytes` (ABI 1.3 `stats`) is filled past it.
+//! The checks of ABI 1.3 `stats`: what it reports, and, for a store that reports `capacity_bytes`,
+//! filling it past that.
 
 use super::{meta_for, pattern, Ctx, Verdict};
-use crate::plugin::{GetItem, PluginStat, Presence, PutRequest};
+use crate::plugin::{GetItem, PluginStat, Presence, PutRequest, StatKind};
 use kvhost_plugin_sdk::{abi, Status};
 
 /// The largest capacity the check fills (twice over); a larger store is skipped with a hint.
@@ -137,4 +138,52 @@ pub(super) fn capacity(c: &Ctx<'_>) -> Result<Verdict, String> {
         "capacity {cap}: {n} puts of {chunk} bytes -> {stored} stored, {no_space} NO_SPACE, {lost} evicted{evicted}{}",
         if pins { "; the pinned chunk survived" } else { "" }
     )))
+}
+
+/// The well-known stat names and the kind the header gives each.
+const WELL_KNOWN: &[(&str, StatKind)] = &[
+    ("evictions", StatKind::Counter),
+    ("no_space", StatKind::Counter),
+    ("bytes_used", StatKind::Gauge),
+    ("capacity_bytes", StatKind::Gauge),
+    ("entries", StatKind::Gauge),
+];
+
+/// `stats` answers (the host has checked names and kinds), well-known names have their documented
+/// kinds, and no counter goes down across some traffic.
+pub(super) fn stats_report(c: &Ctx<'_>) -> Result<String, String> {
+    let before = stats(c)?;
+    let keys: Vec<_> = (0..4).map(|_| c.key()).collect();
+    c.put(
+        keys.clone(),
+        (0..4).map(|i| pattern(50 + i, 3000)).collect(),
+    )?;
+    c.get(keys.clone(), vec![3000; 4])?;
+    c.plugin.remove(&keys, true).map_err(|e| e.to_string())?;
+    let after = stats(c)?;
+    for s in &after {
+        if let Some((_, kind)) = WELL_KNOWN.iter().find(|(n, _)| *n == s.name) {
+            if s.kind != *kind {
+                return Err(format!(
+                    "`{}` is a {:?}; the header makes it a {kind:?}",
+                    s.name, s.kind
+                ));
+            }
+        }
+        if s.kind == StatKind::Counter {
+            if let Some(b) = before.iter().find(|b| b.name == s.name) {
+                if s.value < b.value {
+                    return Err(format!(
+                        "counter `{}` went down from {} to {}",
+                        s.name, b.value, s.value
+                    ));
+                }
+            }
+        }
+    }
+    Ok(format!(
+        "{} stats ({}); counters never went down",
+        after.len(),
+        crate::plugin::stats_line(&after)
+    ))
 }

@@ -111,6 +111,7 @@ const CHECKS: &[Check] = &[
     check("health", Some(abi::KVH_CAP_HEALTH), "health answers OK", Body::Shared(checks::health)),
     check("contains_async", Some(abi::KVH_CAP_ASYNC_CONTAINS), "16 asynchronous lookups in flight at once agree with contains, and each completes once", Body::Shared(checks::contains_async)),
     check("remove_async", Some(abi::KVH_CAP_ASYNC_REMOVE), "asynchronous remove removes, and a second one is NOT_FOUND", Body::Shared(checks::remove_async)),
+    check("stats", Some(abi::KVH_CAP_STATS), "stats answers with valid names and kinds, the well-known names have the kinds the header gives them, and no counter goes down", Body::Shared(capacity::stats_report)),
     check("capacity", Some(abi::KVH_CAP_STATS), "filling twice the reported capacity_bytes evicts or refuses with NO_SPACE, never holds more, loses nothing that evictions does not count, and keeps a pinned chunk", Body::MaySkip(capacity::capacity)),
     check("clear", Some(abi::KVH_CAP_CLEAR), "clear removes every chunk", Body::Shared(checks::clear)),
     check("destroy_in_flight", None, "destroy with puts, gets and async lookups/removes queued completes every one of them before it returns", Body::Consumes(checks::destroy_in_flight)),
