@@ -266,3 +266,31 @@ fn json_logs_carry_the_plugin_name() {
         "{stderr}"
     );
 }
+
+#[test]
+fn check_prints_each_config_warning_once() {
+    let cfg = small_config("warn-once", &format!("{SMALL}bogus_key: 1\n"));
+    let out = run(&["check", "-c", cfg.to_str().unwrap()]);
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert_eq!(
+        all.matches("unknown config key `bogus_key`").count(),
+        1,
+        "stdout and stderr together:\n{all}"
+    );
+}
+
+#[test]
+fn check_refuses_a_hot_cache_larger_than_the_machine() {
+    let cfg = small_config(
+        "huge-arena",
+        &SMALL.replace("max_local_cpu_size: 0.05", "max_local_cpu_size: 1e12"),
+    );
+    let out = run(&["check", "-c", cfg.to_str().unwrap()]);
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(
+        all.contains("max_local_cpu_size 1000000000000 GiB") && all.contains("machine's memory ("),
+        "{all}"
+    );
+}

@@ -1,13 +1,21 @@
 //! `kvhost check`: is this config and its plugins sound?
 
 use super::table;
+use crate::config::{machine, Config};
 use crate::loader;
 use crate::plugin::capability_names;
 use std::path::Path;
 use std::process::ExitCode;
 
 pub fn run(config_path: Option<&Path>) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    let config = super::load_config(config_path)?;
+    // Loaded without logging: the warnings are printed below, each once.
+    let config = match config_path
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("LMCACHE_CONFIG_FILE").map(Into::into))
+    {
+        Some(p) => Config::from_file_unlogged(&p)?,
+        None => Config::embedded_default_unlogged()?,
+    };
     let origin = config
         .source
         .as_ref()
@@ -52,8 +60,14 @@ pub fn run(config_path: Option<&Path>) -> Result<ExitCode, Box<dyn std::error::E
         "pin,prefetch".into(),
         "ok".into(),
         format!(
-            "local_cpu={} max_local_cpu_size={}GiB cache_policy={} write_policy={}",
-            config.local_cpu, config.max_local_cpu_size, config.cache_policy, config.write_policy
+            "local_cpu={} max_local_cpu_size={}GiB ({}) cache_policy={} write_policy={}",
+            config.local_cpu,
+            config.max_local_cpu_size,
+            machine::physical_memory_bytes().map_or("machine memory unknown".to_string(), |m| {
+                format!("of {} machine memory", machine::gib_text(m))
+            }),
+            config.cache_policy,
+            config.write_policy
         ),
     ]);
     let mut unhealthy = 0;

@@ -9,6 +9,7 @@
 //! plugin. The legacy `external_backends` / `external_backend.<name>.*` form still works, with a
 //! deprecation warning.
 
+pub mod machine;
 mod raw;
 
 use raw::{RawConfig, StringList};
@@ -231,6 +232,32 @@ impl Config {
         Self::from_yaml_with_env(&text, Some(path), std::env::vars())
     }
 
+    /// Like [`Config::from_file`], but the warnings are left in [`Config::warnings`] and not logged:
+    /// for callers that show them themselves (`kvhost check`), so each is printed once.
+    pub fn from_file_unlogged(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::load(
+            &text,
+            Some(path),
+            std::env::vars(),
+            machine::physical_memory_bytes(),
+        )
+    }
+
+    /// Like [`Config::embedded_default`], but the warnings are not logged (see
+    /// [`Config::from_file_unlogged`]).
+    pub fn embedded_default_unlogged() -> Result<Config, ConfigError> {
+        Self::load(
+            DEFAULT_CONFIG_YAML,
+            None,
+            std::env::vars(),
+            machine::physical_memory_bytes(),
+        )
+    }
+
     /// The embedded default config, with the process environment applied.
     pub fn embedded_default() -> Result<Config, ConfigError> {
         Self::from_yaml_with_env(DEFAULT_CONFIG_YAML, None, std::env::vars())
@@ -241,11 +268,31 @@ impl Config {
         Self::from_yaml_with_env(text, path, std::iter::empty())
     }
 
-    /// Parse YAML text and apply `LMCACHE_*` variables from `env`.
+    /// Parse YAML text and apply `LMCACHE_*` variables from `env`; log the warnings.
     pub fn from_yaml_with_env(
         text: &str,
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let config = Self::load(text, path, env, machine::physical_memory_bytes())?;
+        config.log_warnings();
+        Ok(config)
+    }
+
+    /// Log each of [`Config::warnings`] once at WARN.
+    pub fn log_warnings(&self) {
+        for w in &self.warnings {
+            tracing::warn!(target: "kvhost::config", "{w}");
+        }
+    }
+
+    /// Parse, apply the environment and resolve, checking the hot cache against `machine_memory`
+    /// bytes (not checked when unknown). Logs nothing.
+    fn load(
+        text: &str,
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        machine_memory: Option<u64>,
     ) -> Result<Config, ConfigError> {
         let origin = path.map_or_else(
             || "<embedded default>".to_string(),
@@ -256,11 +303,7 @@ impl Config {
         for (var, value) in env {
             raw.apply_env(&var, &value, &mut warnings)?;
         }
-        let config = Self::resolve(raw, path, &origin, warnings)?;
-        for w in &config.warnings {
-            tracing::warn!(target: "kvhost::config", "{w}");
-        }
-        Ok(config)
+        Self::resolve(raw, path, &origin, warnings, machine_memory)
     }
 
     fn resolve(
@@ -268,6 +311,7 @@ impl Config {
         path: Option<&Path>,
         origin: &str,
         mut warnings: Vec<String>,
+        machine_memory: Option<u64>,
     ) -> Result<Config, ConfigError> {
         let invalid = |message: String| ConfigError::Invalid {
             origin: origin.to_string(),
@@ -280,34 +324,54 @@ impl Config {
             .map(|(k, v)| (k, raw::value_text(&v)))
             .collect();
 
-        let mut names: Vec<(String, &'static str)> = Vec::new();
-        for n in raw
+        // (name, key prefix, position in its own list)
+        let mut names: Vec<(String, &'static str, usize)> = Vec::new();
+        for (i, n) in raw
             .storage_plugins
-            .map(StringList::into_vec)
+            .map(StringList::into_names)
             .unwrap_or_default()
+            .into_iter()
+            .enumerate()
         {
-            names.push((n, "storage_plugin"));
+            names.push((n, "storage_plugin", i));
         }
         if let Some(legacy) = raw.external_backends {
             warnings.push("`external_backends` is deprecated: use `storage_plugins` and `storage_plugin.<name>.*`".into());
-            for n in legacy.into_vec() {
-                names.push((n, "external_backend"));
+            for (i, n) in legacy.into_names().into_iter().enumerate() {
+                names.push((n, "external_backend", i));
             }
         }
 
         let mut plugins: Vec<PluginSpec> = Vec::new();
         let mut claimed: Vec<String> = Vec::new();
-        for (position, (name, prefix_root)) in names.iter().enumerate() {
-            if name.is_empty() || name.contains(char::is_whitespace) {
+        for (position, (name, prefix_root, index)) in names.iter().enumerate() {
+            let list = format!("{prefix_root}s");
+            if name.is_empty() {
                 return Err(invalid(format!(
-                    "plugin name `{name}` in {prefix_root}s is empty or has spaces"
+                    "{list}[{index}]: the plugin name is empty"
                 )));
             }
-            if let Some(first) = plugins.iter().find(|p| &p.name == name) {
+            if name.contains(char::is_whitespace) {
                 return Err(invalid(format!(
-                    "duplicate plugin name `{name}` in storage_plugins (positions {} and {position}); names must be unique",
-                    first.position
+                    "{list}[{index}]: plugin name `{}` has whitespace",
+                    name.escape_debug()
                 )));
+            }
+            if let Some((_, first_root, first_index)) =
+                names[..position].iter().find(|(n, ..)| n == name)
+            {
+                let first_list = format!("{first_root}s");
+                return Err(invalid(if first_list == list {
+                    format!(
+                        "duplicate plugin name `{name}` in {list} (positions {first_index} and {index}); names must be unique"
+                    )
+                } else {
+                    format!(
+                        "plugin `{name}` is named by both `{first_list}` (position {first_index}) and `{list}` \
+                         (position {index}); name it once, in `storage_plugins` (`external_backends` is the \
+                         deprecated form)"
+                    )
+                }));
             }
             if RESERVED_NAMES.contains(&name.as_str()) || name.starts_with("RemoteBackend") {
                 return Err(invalid(format!(
@@ -432,6 +496,16 @@ impl Config {
             return Err(invalid(format!(
                 "max_local_cpu_size {max_local_cpu_size} GiB must be a non-negative number"
             )));
+        }
+        let arena_bytes = machine::gib_to_bytes(max_local_cpu_size);
+        if let Some(memory) = machine_memory {
+            if arena_bytes > memory {
+                return Err(invalid(format!(
+                    "max_local_cpu_size {max_local_cpu_size} GiB ({arena_bytes} bytes) is more than this \
+                     machine's memory ({memory} bytes, {}): the hot-cache arena could not be mapped",
+                    machine::gib_text(memory)
+                )));
+            }
         }
 
         let mut model = ModelSpec::default();
