@@ -128,6 +128,7 @@ fn hot_only_chain(capacity: usize, prefault: bool) -> Chain {
         promotion_wait: Duration::from_millis(100),
         pin_timeout: Duration::from_secs(300),
         pin_check_interval: Duration::from_secs(30),
+        breaker: Default::default(),
     };
     Chain::new(settings, Vec::new()).expect("hot cache")
 }

@@ -156,10 +156,16 @@ impl Chain {
         let tiers: Vec<(Arc<Tier>, _)> = inner
             .tiers
             .iter()
+            .filter(|t| t.breaker.allow())
             .filter_map(|t| t.plugin().map(|p| (t.clone(), p)))
             .collect();
         if tiers.is_empty() {
-            return on_done(vec![Err("the chain is closed".into()); n]);
+            let why = if inner.closed.load(std::sync::atomic::Ordering::Acquire) {
+                "the chain is closed"
+            } else {
+                "every tier is skipped: its circuit breaker is open"
+            };
+            return on_done(vec![Err(why.into()); n]);
         }
         inner.lent_puts.begin(&keys);
         let join = Arc::new(PutJoin {
@@ -377,7 +383,7 @@ fn readable_tier(chain: &Chain, t: usize) -> Option<(usize, Arc<Tier>, Arc<Plugi
     let tiers = &chain.inner.tiers;
     (t..tiers.len()).find_map(|t| {
         let tier = &tiers[t];
-        if tier.has(abi::KVH_CAP_DISCARDS) {
+        if tier.has(abi::KVH_CAP_DISCARDS) || !tier.breaker.allow() {
             return None;
         }
         tier.plugin().map(|p| (t, tier.clone(), p))

@@ -10,11 +10,14 @@
 //!   timeout.
 //! - No lock is held while a plugin runs; a failing plugin costs its own keys, never the call.
 
+pub mod breaker;
 mod inflight;
 mod lent;
 pub mod metrics;
 mod tier;
+mod unreported;
 
+pub use breaker::{BreakerSettings, BreakerState, BreakerStats};
 pub use lent::{LentGetDone, LentPutItem};
 pub use metrics::{LatencySummary, TierStats};
 pub use tier::{Backpressure, TierSettings};
@@ -66,12 +69,15 @@ pub struct ChainSettings {
     pub pin_timeout: Duration,
     /// How often the pin monitor looks.
     pub pin_check_interval: Duration,
+    /// Per-tier circuit breaker.
+    pub breaker: BreakerSettings,
 }
 
 impl ChainSettings {
     /// Settings from a config.
     pub fn from_config(config: &Config) -> ChainSettings {
-        let mut cache = CacheConfig::new((config.max_local_cpu_size * (1u64 << 30) as f64) as u64);
+        let hot_bytes = crate::config::machine::gib_to_bytes(config.max_local_cpu_size);
+        let mut cache = CacheConfig::new(hot_bytes);
         cache.retain = config.local_cpu;
         cache.policy = config.cache_policy.parse().unwrap_or(PolicyKind::Lru);
         cache.arena.explicit_huge_pages = config.local_cpu_use_hugepages;
@@ -100,6 +106,16 @@ impl ChainSettings {
             promotion_wait: Duration::from_millis(config.promotion_wait_ms),
             pin_timeout: Duration::from_secs_f64(config.pin_timeout_sec),
             pin_check_interval: Duration::from_secs_f64(config.pin_check_interval_sec),
+            breaker: BreakerSettings {
+                failures: config.tier_breaker_failures,
+                max_inflight_bytes: config.tier_max_inflight_bytes.unwrap_or(if hot_bytes > 0 {
+                    hot_bytes / 2
+                } else {
+                    1 << 30
+                }),
+                put_deadline: Duration::from_secs_f64(config.tier_put_deadline_secs),
+                probe_interval: Duration::from_secs_f64(config.tier_breaker_probe_secs),
+            },
         }
     }
 }
@@ -260,7 +276,14 @@ impl Chain {
         let inflight = Arc::new(Inflight::default());
         let tiers: Vec<Arc<Tier>> = plugins
             .into_iter()
-            .map(|p| Tier::start(p, settings.tier.clone(), inflight.clone()))
+            .map(|p| {
+                Tier::start(
+                    p,
+                    settings.tier.clone(),
+                    settings.breaker.clone(),
+                    inflight.clone(),
+                )
+            })
             .collect();
         let demotions_dropped = Arc::new(AtomicU64::new(0));
         if settings.write_policy == WritePolicy::WriteBack {
@@ -309,6 +332,13 @@ impl Chain {
             .name("kvhost-pin-monitor".into())
             .spawn(move || pin_monitor(weak))
             .expect("spawn pin monitor");
+        if !inner.tiers.is_empty() {
+            let weak = Arc::downgrade(&inner);
+            std::thread::Builder::new()
+                .name("kvhost-breakers".into())
+                .spawn(move || breaker_monitor(weak))
+                .expect("spawn breaker monitor");
+        }
         Ok(Chain { inner })
     }
 
@@ -444,7 +474,7 @@ impl Chain {
             if missing.is_empty() {
                 break;
             }
-            if tier.has(abi::KVH_CAP_DISCARDS) {
+            if tier.has(abi::KVH_CAP_DISCARDS) || !tier.breaker.allow() {
                 continue;
             }
             let ks: Vec<ChunkKey> = missing.iter().map(|&i| keys[i].clone()).collect();
@@ -467,6 +497,7 @@ impl Chain {
             Ok(p) => p,
             Err(e) => {
                 inc(&m.errors);
+                tier.breaker.failure(&format!("lookup: {e}"));
                 tracing::warn!(target: "kvhost::chain", tier = %tier.name, "{e}");
                 return Vec::new();
             }
@@ -500,10 +531,20 @@ impl Chain {
             Ok(d) => d,
             Err(e) => {
                 inc(&m.errors);
+                tier.breaker.failure(&format!("get: {e}"));
                 tracing::warn!(target: "kvhost::chain", tier = %tier.name, "{e}");
                 return Vec::new();
             }
         };
+        let answered = done
+            .items
+            .iter()
+            .any(|i| matches!(i, GetItem::Hit { .. } | GetItem::Miss));
+        if answered {
+            tier.breaker.success();
+        } else {
+            tier.breaker.failure("get: no item of the batch answered");
+        }
         m.get_latency.record(started.elapsed());
         let mut out = Vec::new();
         let GetRequest {
@@ -526,6 +567,15 @@ impl Chain {
                 GetItem::Miss => inc(&m.misses),
                 other => {
                     inc(&m.errors);
+                    match &other {
+                        GetItem::Failed(s, _) if *s == crate::plugin::Status::CORRUPT => {
+                            inc(&m.corrupt)
+                        }
+                        GetItem::Failed(s, _) if *s == crate::plugin::Status::NO_RESULT => {
+                            unreported::log(&tier.name, "get", key)
+                        }
+                        _ => {}
+                    }
                     tracing::debug!(target: "kvhost::chain", tier = %tier.name, key = %key, "get: {other:?}");
                 }
             }
@@ -619,7 +669,7 @@ impl Chain {
         pin: bool,
         pins: &mut LookupPins,
     ) -> usize {
-        if tier.has(abi::KVH_CAP_DISCARDS) {
+        if tier.has(abi::KVH_CAP_DISCARDS) || !tier.breaker.allow() {
             return 0;
         }
         let Some(plugin) = tier.plugin() else {
@@ -632,6 +682,7 @@ impl Chain {
             Ok(p) => p,
             Err(e) => {
                 inc(&tier.metrics.errors);
+                tier.breaker.failure(&format!("lookup: {e}"));
                 tracing::warn!(target: "kvhost::chain", tier = %tier.name, "{e}");
                 return 0;
             }
@@ -777,12 +828,11 @@ impl Chain {
         hot_stats.evictions = c.evictions.load(Ordering::Relaxed);
         hot_stats.no_space = c.no_space.load(Ordering::Relaxed);
         let mut tiers = vec![hot_stats];
-        tiers.extend(
-            inner
-                .tiers
-                .iter()
-                .map(|t| t.metrics.stats(&t.name, t.queue_depth() as u64)),
-        );
+        tiers.extend(inner.tiers.iter().map(|t| {
+            let mut s = t.metrics.stats(&t.name, t.queue_depth() as u64);
+            s.breaker = Some(t.breaker.stats());
+            s
+        }));
         ChainStats {
             hot,
             tiers,
@@ -867,6 +917,45 @@ fn release_pins(inner: &Inner, pins: LookupPins) {
         };
         if let Err(e) = plugin.unpin(&keys) {
             tracing::warn!(target: "kvhost::chain", tier = %inner.tiers[t].name, "{e}");
+        }
+    }
+}
+
+/// Trips breakers whose tier has a put past its deadline, and probes open ones.
+fn breaker_monitor(inner: std::sync::Weak<Inner>) {
+    loop {
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        {
+            let mut stop = strong.stop.0.lock();
+            if !*stop {
+                let _ = strong.stop.1.wait_for(&mut stop, Duration::from_millis(50));
+            }
+            if *stop || strong.closed.load(Ordering::Acquire) {
+                return;
+            }
+        }
+        for tier in &strong.tiers {
+            tier.breaker
+                .tick(|| probe(tier, strong.settings.read_timeout));
+        }
+    }
+}
+
+/// A breaker's probe: the plugin's `health`, or, without one, a lookup of one key answered in time.
+fn probe(tier: &Tier, timeout: Duration) -> Result<String, String> {
+    let plugin = tier.plugin().ok_or("the tier is closed")?;
+    match plugin.health() {
+        Some(Ok(text)) => Ok(format!("health: {text}")),
+        Some(Err(e)) => Err(e.to_string()),
+        None => {
+            let key = ChunkKey::new("kvhost/breaker-probe", 1, 0, 1, "bfloat16")
+                .map_err(|e| e.to_string())?;
+            plugin
+                .contains_wait(&[key], false, timeout)
+                .map(|_| "a lookup answered".to_string())
+                .map_err(|e| e.to_string())
         }
     }
 }

@@ -46,6 +46,7 @@ pub fn run(config_path: Option<&Path>) -> Result<ExitCode, Box<dyn std::error::E
         "abi",
         "capabilities",
         "health",
+        "breaker",
         "options",
     ]
     .map(String::from)
@@ -59,6 +60,7 @@ pub fn run(config_path: Option<&Path>) -> Result<ExitCode, Box<dyn std::error::E
         "-".into(),
         "pin,prefetch".into(),
         "ok".into(),
+        "-".into(),
         format!(
             "local_cpu={} max_local_cpu_size={}GiB ({}) cache_policy={} write_policy={}",
             config.local_cpu,
@@ -73,11 +75,13 @@ pub fn run(config_path: Option<&Path>) -> Result<ExitCode, Box<dyn std::error::E
     let mut unhealthy = 0;
     for (i, p) in plugins.iter().enumerate() {
         let info = p.info();
+        let mut unhealthy_now = false;
         let health = match p.health() {
             None => "-".to_string(),
             Some(Ok(text)) => format!("ok: {text}"),
             Some(Err(e)) => {
                 unhealthy += 1;
+                unhealthy_now = true;
                 format!("FAILED: {} {}", e.status, e.message)
             }
         };
@@ -99,10 +103,28 @@ pub fn run(config_path: Option<&Path>) -> Result<ExitCode, Box<dyn std::error::E
             format!("{}.{}", info.abi.0, info.abi.1),
             capability_names(info.capabilities).join(","),
             health,
+            // What the chain's probe would conclude now: a failing health keeps the breaker open.
+            if unhealthy_now {
+                "open (health failing)"
+            } else {
+                "closed"
+            }
+            .to_string(),
             options,
         ]);
     }
     print!("{}", table::render(&rows));
+    if !plugins.is_empty() {
+        let b = crate::chain::ChainSettings::from_config(&config).breaker;
+        println!(
+            "circuit breaker per tier: opens after {} consecutive failures, a put outstanding {:.1} s, \
+             or {} arena bytes in flight (tier_max_inflight_bytes); probes health every {:.1} s",
+            b.failures,
+            b.put_deadline.as_secs_f64(),
+            b.max_inflight_bytes,
+            b.probe_interval.as_secs_f64()
+        );
+    }
     for s in &skipped {
         println!("skipped: {}", s.error);
     }

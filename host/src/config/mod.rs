@@ -205,6 +205,15 @@ pub struct Config {
     pub skip_existing_in_tiers: bool,
     /// How long a promotion into the hot cache waits for room when nothing is evictable.
     pub promotion_wait_ms: u64,
+    /// Arena bytes one tier's puts may hold (queued or being stored) before its circuit breaker
+    /// trips; `None`: half the hot cache (1 GiB without one).
+    pub tier_max_inflight_bytes: Option<u64>,
+    /// A tier put outstanding this long trips the tier's breaker; default `blocking_timeout_secs`.
+    pub tier_put_deadline_secs: f64,
+    /// Consecutive failed operations that trip a tier's breaker (0: never on failures).
+    pub tier_breaker_failures: u32,
+    /// How often an open breaker probes its tier (`health`), seconds.
+    pub tier_breaker_probe_secs: f64,
     /// The storage plugins in lookup order (priority, then list position).
     pub plugins: Vec<PluginSpec>,
     /// Extra plugin directories from the config (`plugin_dir`), searched first.
@@ -508,6 +517,33 @@ impl Config {
             }
         }
 
+        let blocking_timeout_secs = raw.blocking_timeout_secs.unwrap_or(10.0);
+        let positive = |key: &str, v: f64| {
+            if v.is_finite() && v > 0.0 && v < 1e9 {
+                Ok(v)
+            } else {
+                Err(invalid(format!(
+                    "{key} {v}: expected a positive number of seconds"
+                )))
+            }
+        };
+        let tier_put_deadline_secs = positive(
+            "tier_put_deadline_secs",
+            raw.tier_put_deadline_secs.unwrap_or(blocking_timeout_secs),
+        )?;
+        let tier_breaker_probe_secs = positive(
+            "tier_breaker_probe_secs",
+            raw.tier_breaker_probe_secs.unwrap_or(1.0),
+        )?;
+        let tier_max_inflight_bytes = match raw.tier_max_inflight_bytes {
+            Some(0) => {
+                return Err(invalid(
+                    "tier_max_inflight_bytes must be positive".to_string(),
+                ))
+            }
+            other => other,
+        };
+
         let mut model = ModelSpec::default();
         if let Some(m) = raw.model {
             m.apply(&mut model);
@@ -527,7 +563,7 @@ impl Config {
             local_cpu_use_hugepages: raw.local_cpu_use_hugepages.unwrap_or(false),
             cache_policy,
             save_unfull_chunk: raw.save_unfull_chunk.unwrap_or(false),
-            blocking_timeout_secs: raw.blocking_timeout_secs.unwrap_or(10.0),
+            blocking_timeout_secs,
             pin_timeout_sec: raw.pin_timeout_sec.unwrap_or(300.0),
             write_policy,
             pin_check_interval_sec: raw.pin_check_interval_sec.unwrap_or(30.0),
@@ -539,6 +575,10 @@ impl Config {
             tier_max_inflight_batches: raw.tier_max_inflight_batches.unwrap_or(4).max(1),
             skip_existing_in_tiers: raw.skip_existing_in_tiers.unwrap_or(true),
             promotion_wait_ms: raw.promotion_wait_ms.unwrap_or(100),
+            tier_max_inflight_bytes,
+            tier_put_deadline_secs,
+            tier_breaker_failures: raw.tier_breaker_failures.unwrap_or(5),
+            tier_breaker_probe_secs,
             plugins,
             plugin_dirs,
             on_plugin_error,

@@ -108,6 +108,10 @@ raw_config! {
     tier_max_inflight_batches: usize,
     skip_existing_in_tiers: bool,
     promotion_wait_ms: u64,
+    tier_max_inflight_bytes: u64,
+    tier_put_deadline_secs: f64,
+    tier_breaker_failures: u32,
+    tier_breaker_probe_secs: f64,
 }
 
 /// LMCache config keys that kvhost accepts without using (so an LMCache config loads cleanly).

@@ -229,6 +229,7 @@ pub fn render(chain: &Chain, server: &ServerStats, model_name: &str, worker_id: 
             o.sample(name, &format!("tier=\"{}\"", escape(&t.name)), f(t) as f64);
         }
     }
+    breaker_families(&mut o, &stats.tiers);
     o.family(
         "kvhost_tier_bytes_total",
         "counter",
@@ -384,4 +385,61 @@ pub fn start(
             }
         })?;
     Ok(bound)
+}
+
+/// Circuit-breaker and integrity families of the plugin tiers (issue 13).
+fn breaker_families(o: &mut Out, tiers: &[crate::chain::TierStats]) {
+    type Read = fn(&crate::chain::BreakerStats) -> f64;
+    let families: [(&str, &str, &str, Read); 5] = [
+        (
+            "kvhost_tier_breaker_open",
+            "gauge",
+            "1 while the tier's circuit breaker is open (the tier is skipped).",
+            |b| f64::from(u8::from(b.state == "open")),
+        ),
+        (
+            "kvhost_tier_breaker_trips_total",
+            "counter",
+            "Times the tier's circuit breaker opened.",
+            |b| b.trips as f64,
+        ),
+        (
+            "kvhost_tier_breaker_skipped_total",
+            "counter",
+            "Operations that skipped the tier while its breaker was open.",
+            |b| b.skipped as f64,
+        ),
+        (
+            "kvhost_tier_breaker_open_seconds_total",
+            "counter",
+            "Seconds the tier's breaker has been open.",
+            |b| b.open_secs,
+        ),
+        (
+            "kvhost_tier_inflight_bytes",
+            "gauge",
+            "Hot-cache arena bytes held by the tier's puts (bounded by tier_max_inflight_bytes).",
+            |b| b.inflight_bytes as f64,
+        ),
+    ];
+    for (name, kind, help, f) in families {
+        o.family(name, kind, help);
+        for t in tiers {
+            if let Some(b) = &t.breaker {
+                o.sample(name, &format!("tier=\"{}\"", escape(&t.name)), f(b));
+            }
+        }
+    }
+    o.family(
+        "kvhost_tier_corrupt_total",
+        "counter",
+        "Get items the tier's plugin reported CORRUPT (never returned).",
+    );
+    for t in tiers.iter().filter(|t| t.breaker.is_some()) {
+        o.sample(
+            "kvhost_tier_corrupt_total",
+            &format!("tier=\"{}\"", escape(&t.name)),
+            t.corrupt as f64,
+        );
+    }
 }
