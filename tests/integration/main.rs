@@ -17,6 +17,7 @@ mod rados;
 mod redis;
 mod sanitizers;
 mod serve;
+mod sick_tier;
 mod stress;
 mod util;
 mod vtable;
