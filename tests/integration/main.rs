@@ -8,6 +8,7 @@ mod cli;
 mod conformance;
 mod faults;
 mod fs;
+mod fuzz;
 mod lent;
 mod lmcache_compat;
 mod loader;

@@ -382,7 +382,7 @@ mod tests {
         b.tick(|| Ok("fine".into()));
         assert_eq!(b.state(), BreakerState::Closed);
         assert!(b.reserve(100, false));
-        assert!(b.reserve(1000, false) == false && b.state() == BreakerState::Closed);
+        assert!(!b.reserve(1000, false) && b.state() == BreakerState::Closed);
         b.release(100);
         assert!(b.reserve(1000, false), "one put always fits an empty tier");
     }
