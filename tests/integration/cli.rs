@@ -294,3 +294,69 @@ fn check_refuses_a_hot_cache_larger_than_the_machine() {
         "{all}"
     );
 }
+
+/// SMALL with a `faulty` tier named `sick` that hangs every call for its first `hang_ms`.
+fn sick_config(name: &str, hang_ms: u64) -> PathBuf {
+    let body = SMALL
+        .replace("storage_plugins: [mem]", "storage_plugins: [sick]")
+        .replace(
+            "storage_plugin.mem.module_path: kvhost_mem\n  storage_plugin.mem.class_name: mem\n",
+            &format!(
+                "storage_plugin.sick.module_path: {}\n  storage_plugin.sick.class_name: faulty\n  \
+             storage_plugin.sick.hang_rate: 1\n  storage_plugin.sick.faults_for_ms: {hang_ms}\n",
+                crate::sick_tier::faulty_so().display()
+            ),
+        );
+    small_config(
+        name,
+        &format!("{body}tier_put_deadline_secs: 0.2\ntier_breaker_probe_secs: 0.1\n"),
+    )
+}
+
+#[test]
+fn check_shows_the_breaker_of_a_sick_tier() {
+    let cfg = sick_config("check-sick", 60_000);
+    let out = run(&["check", "-c", cfg.to_str().unwrap()]);
+    let all = text(&out);
+    assert!(
+        !out.status.success(),
+        "an unhealthy tier fails check:\n{all}"
+    );
+    assert!(all.contains("open (health failing)"), "{all}");
+    assert!(
+        all.contains("circuit breaker per tier: opens after 5 consecutive failures"),
+        "{all}"
+    );
+}
+
+#[test]
+fn bench_fails_when_a_tier_was_open_most_of_the_run_unless_allowed() {
+    let cfg = sick_config("bench-sick", 3_000);
+    let args = [
+        "bench",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--duration",
+        "2",
+    ];
+    let out = run(&args);
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(
+        all.contains("circuit breaker OPEN"),
+        "the trip is logged as it happens:\n{all}"
+    );
+    assert!(
+        all.contains("breaker: open for most of the run: sick"),
+        "{all}"
+    );
+    assert!(
+        all.contains("open (") || all.contains("closed ("),
+        "breaker column:\n{all}"
+    );
+
+    let out = run(&[&args[..], &["--allow-open-breaker"]].concat());
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert!(all.contains("(allowed by --allow-open-breaker)"), "{all}");
+}

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 const KIB: usize = 1024;
 
 /// The faulty plugin's cdylib, built by the workspace (a dependency of this package).
-fn faulty_so() -> PathBuf {
+pub(crate) fn faulty_so() -> PathBuf {
     let deps = profile_dir().join("deps").join("libkvhost_faulty.so");
     if deps.is_file() {
         deps
@@ -198,5 +198,28 @@ fn every_fault_mode_returns_no_corrupted_bytes() {
             );
         }
         chain.close(Duration::from_secs(5));
+    }
+}
+
+#[test]
+fn bad_fault_options_are_refused_naming_the_option() {
+    for (k, v, says) in [
+        ("error_rate", "2", "within 0 and 1"),
+        (
+            "latency",
+            "gaussian",
+            "expected none, fixed, uniform or exponential",
+        ),
+        ("hang_rate", "often", "hang_rate"),
+    ] {
+        let y = format!(
+            "chunk_size: 16\nmax_local_cpu_size: 0.01\nlocal_cpu_prefault: false\nstorage_plugins: [sick]\n\
+             extra_config:\n  storage_plugin.sick.module_path: {}\n  storage_plugin.sick.class_name: faulty\n  \
+             storage_plugin.sick.{k}: {v}\n",
+            faulty_so().display()
+        );
+        let config = Config::from_yaml(&y, None).unwrap();
+        let err = Chain::from_config(&config).expect_err(k).to_string();
+        assert!(err.contains(k) && err.contains(says), "{k}={v}: {err}");
     }
 }

@@ -289,3 +289,36 @@ fn each_unknown_key_is_warned_once() {
     let n = c.warnings.iter().filter(|w| w.contains("bogus")).count();
     assert_eq!(n, 1, "{:?}", c.warnings);
 }
+
+#[test]
+fn breaker_keys_have_defaults_and_are_checked() {
+    let c = Config::from_yaml("blocking_timeout_secs: 4\n", None).unwrap();
+    assert_eq!(
+        c.tier_put_deadline_secs, 4.0,
+        "defaults to blocking_timeout_secs"
+    );
+    assert_eq!(c.tier_max_inflight_bytes, None);
+    assert_eq!(c.tier_breaker_failures, 5);
+    let c = Config::from_yaml(
+        "tier_max_inflight_bytes: 1048576\ntier_put_deadline_secs: 0.5\ntier_breaker_failures: 0\n",
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            c.tier_max_inflight_bytes,
+            c.tier_put_deadline_secs,
+            c.tier_breaker_failures
+        ),
+        (Some(1 << 20), 0.5, 0)
+    );
+    for (text, key) in [
+        ("tier_put_deadline_secs: 0\n", "tier_put_deadline_secs"),
+        ("tier_put_deadline_secs: .nan\n", "tier_put_deadline_secs"),
+        ("tier_breaker_probe_secs: -1\n", "tier_breaker_probe_secs"),
+        ("tier_max_inflight_bytes: 0\n", "tier_max_inflight_bytes"),
+    ] {
+        let err = Config::from_yaml(text, None).unwrap_err().to_string();
+        assert!(err.contains(key), "{text}: {err}");
+    }
+}

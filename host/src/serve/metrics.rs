@@ -443,3 +443,50 @@ fn breaker_families(o: &mut Out, tiers: &[crate::chain::TierStats]) {
         );
     }
 }
+
+#[cfg(test)]
+mod breaker_tests {
+    use super::*;
+    use crate::chain::{BreakerStats, TierStats};
+
+    #[test]
+    fn breaker_families_have_one_sample_per_plugin_tier() {
+        let hot = TierStats {
+            name: "LocalCPUBackend".into(),
+            ..TierStats::default()
+        };
+        let sick = TierStats {
+            name: "si\"ck".into(),
+            corrupt: 3,
+            breaker: Some(BreakerStats {
+                state: "open",
+                trips: 2,
+                skipped: 7,
+                open_secs: 1.5,
+                inflight_bytes: 4096,
+                max_inflight_bytes: 8192,
+            }),
+            ..TierStats::default()
+        };
+        let mut o = Out {
+            text: String::new(),
+            labels: "model_name=\"m\"".into(),
+        };
+        breaker_families(&mut o, &[hot, sick]);
+        let t = o.text;
+        for line in [
+            "kvhost_tier_breaker_open{model_name=\"m\",tier=\"si\\\"ck\"} 1",
+            "kvhost_tier_breaker_trips_total{model_name=\"m\",tier=\"si\\\"ck\"} 2",
+            "kvhost_tier_breaker_skipped_total{model_name=\"m\",tier=\"si\\\"ck\"} 7",
+            "kvhost_tier_breaker_open_seconds_total{model_name=\"m\",tier=\"si\\\"ck\"} 1.5",
+            "kvhost_tier_inflight_bytes{model_name=\"m\",tier=\"si\\\"ck\"} 4096",
+            "kvhost_tier_corrupt_total{model_name=\"m\",tier=\"si\\\"ck\"} 3",
+        ] {
+            assert!(t.contains(line), "missing `{line}` in:\n{t}");
+        }
+        assert!(
+            !t.contains("LocalCPUBackend"),
+            "the hot cache has no breaker:\n{t}"
+        );
+    }
+}
