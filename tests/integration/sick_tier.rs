@@ -150,55 +150,74 @@ fn round_trip(options: &[(&str, &str)], n: i128) -> (Chain, usize) {
     (chain, hits)
 }
 
+/// Run one fault mode: 64 chunks through a tier with `options`; 0 corrupted bytes come back, and the
+/// process is still here (a crash would end the test binary). Returns chunks read back and the tier.
+fn fault_mode(options: &[(&str, &str)]) -> (usize, TierStats) {
+    let (chain, hits) = round_trip(options, 64);
+    let s = sick(&chain);
+    eprintln!(
+        "{options:?}: {hits}/64 read back, {} errors, {} corrupt",
+        s.errors, s.corrupt
+    );
+    chain.close(Duration::from_secs(5));
+    (hits, s)
+}
+
 #[test]
-fn every_fault_mode_returns_no_corrupted_bytes() {
-    let modes: &[&[(&str, &str)]] = &[
-        &[("error_rate", "0.3")],
-        &[("latency", "exponential"), ("latency_us", "500")],
-        &[
-            ("latency", "uniform"),
-            ("latency_us", "300"),
-            ("error_rate", "0.1"),
-        ],
-        &[("corrupt_rate", "0.5")],
-        &[("unreported_rate", "0.3")],
-        &[("hang_rate", "0.2"), ("faults_for_ms", "300")],
-        &[("panic_rate", "0.2")],
-    ];
+fn fault_mode_errors() {
+    let (hits, s) = fault_mode(&[("error_rate", "0.3")]);
+    assert!(s.errors > 0 && hits < 64, "{hits} {s:?}");
+}
+
+#[test]
+fn fault_mode_latency() {
+    let (hits, _) = fault_mode(&[("latency", "exponential"), ("latency_us", "500")]);
+    assert_eq!(hits, 64, "latency alone loses nothing");
+    let (hits, _) = fault_mode(&[("latency", "uniform"), ("latency_us", "300")]);
+    assert_eq!(hits, 64, "latency alone loses nothing");
+}
+
+#[test]
+fn fault_mode_corruption_is_caught_and_counted() {
+    let (hits, s) = fault_mode(&[("corrupt_rate", "0.5")]);
+    assert!(s.corrupt > 0, "corruption was caught and counted: {s:?}");
+    assert!(hits > 0 && hits < 64, "{hits}");
+}
+
+#[test]
+fn fault_mode_unreported_items_are_logged_with_tier_op_and_key() {
     let _ = logs();
-    for options in modes {
-        let (chain, hits) = round_trip(options, 64);
-        let s = sick(&chain);
-        eprintln!(
-            "{options:?}: {hits}/64 read back, {} errors, {} corrupt",
-            s.errors, s.corrupt
-        );
-        if options.iter().any(|(k, _)| *k == "corrupt_rate") {
-            assert!(s.corrupt > 0, "corruption was caught and counted: {s:?}");
-            assert!(hits > 0 && hits < 64, "{hits}");
-        }
-        if options.iter().any(|(k, _)| *k == "latency") && options.len() == 2 {
-            assert_eq!(hits, 64, "latency alone loses nothing");
-        }
-        if options.iter().any(|(k, _)| *k == "unreported_rate") {
-            // Logged naming the tier, the operation and the key (only this test leaves items
-            // unreported, so the process-wide rate limit has room for its lines).
-            let text = logs();
-            let line = text
-                .lines()
-                .find(|l| l.contains("without reporting this item"))
-                .unwrap_or_else(|| panic!("no unreported-item line in:\n{text}"));
-            assert!(
-                line.contains("tier=\"sick\"") && line.contains("key=\"test/model@"),
-                "{line}"
-            );
-            assert!(
-                line.contains("op=\"put\"") || line.contains("op=\"get\""),
-                "{line}"
-            );
-        }
-        chain.close(Duration::from_secs(5));
-    }
+    let (_, s) = fault_mode(&[("unreported_rate", "0.3")]);
+    assert!(s.errors > 0, "{s:?}");
+    // Only this test leaves items unreported, so the process-wide rate limit has room for its lines.
+    let text = logs();
+    let line = text
+        .lines()
+        .find(|l| l.contains("without reporting this item"))
+        .unwrap_or_else(|| panic!("no unreported-item line in:\n{text}"));
+    assert!(
+        line.contains("tier=\"sick\"") && line.contains("key=\"test/model@"),
+        "{line}"
+    );
+    assert!(
+        line.contains("op=\"put\"") || line.contains("op=\"get\""),
+        "{line}"
+    );
+}
+
+#[test]
+fn fault_mode_hangs_that_end() {
+    let (hits, _) = fault_mode(&[("hang_rate", "0.2"), ("faults_for_ms", "300")]);
+    assert_eq!(hits, 64, "hung puts complete when the window ends");
+}
+
+#[test]
+fn fault_mode_worker_panic() {
+    let (_, s) = fault_mode(&[("panic_rate", "0.2")]);
+    assert!(
+        s.errors > 0,
+        "the poisoned backend's failures are counted: {s:?}"
+    );
 }
 
 #[test]
