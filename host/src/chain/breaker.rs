@@ -326,50 +326,6 @@ impl Breaker {
     }
 }
 
-/// Start the chain's breaker thread: every 50 ms it trips breakers whose tier has a put past its
-/// deadline and probes the open ones. It ends when the chain closes or is dropped.
-pub(super) fn start_monitor(inner: &std::sync::Arc<super::Inner>) {
-    if inner.tiers.is_empty() {
-        return;
-    }
-    let weak = std::sync::Arc::downgrade(inner);
-    let spawned = std::thread::Builder::new()
-        .name("kvhost-breakers".into())
-        .spawn(move || loop {
-            std::thread::sleep(Duration::from_millis(50));
-            let Some(inner) = weak.upgrade() else {
-                return;
-            };
-            if inner.closed.load(Ordering::Acquire) {
-                return;
-            }
-            for tier in &inner.tiers {
-                tier.breaker
-                    .tick(|| probe(tier, inner.settings.read_timeout));
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::error!(target: "kvhost::chain", "cannot start the breaker thread ({e}): tiers are not probed or timed");
-    }
-}
-
-/// A breaker's probe: the plugin's `health`, or, without one, a lookup of one key answered in time.
-fn probe(tier: &super::tier::Tier, timeout: Duration) -> Result<String, String> {
-    let plugin = tier.plugin().ok_or("the tier is closed")?;
-    match plugin.health() {
-        Some(Ok(text)) => Ok(format!("health: {text}")),
-        Some(Err(e)) => Err(e.to_string()),
-        None => {
-            let key = crate::key::ChunkKey::new("kvhost/breaker-probe", 1, 0, 1, "bfloat16")
-                .map_err(|e| e.to_string())?;
-            plugin
-                .contains_wait(&[key], false, timeout)
-                .map(|_| "a lookup answered".to_string())
-                .map_err(|e| e.to_string())
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,6 +14,7 @@
 //! - No lock is held while a plugin runs; a failing plugin costs its own keys, never the call.
 
 pub mod breaker;
+mod breaker_probe;
 mod close;
 mod get;
 mod inflight;
@@ -128,7 +129,7 @@ impl Chain {
             closed: AtomicBool::new(false),
         });
         lookup::start_pin_monitor(&inner);
-        breaker::start_monitor(&inner);
+        breaker_probe::start_monitor(&inner);
         Ok(Chain { inner })
     }
 
