@@ -158,6 +158,12 @@ fn config_text() -> impl Strategy<Value = String> {
         Just("tier_max_inflight_bytes"),
         Just("tier_put_deadline_secs"),
         Just("plugin_dir"),
+        Just("blocking_timeout_secs"),
+        Just("pin_timeout_sec"),
+        Just("pin_check_interval_sec"),
+        Just("tier_breaker_probe_secs"),
+        Just("put_batch_bytes"),
+        Just("promotion_wait_ms"),
         Just("storage_plugin.a.module_path"),
         Just("name"),
         Just("bogus"),
@@ -218,7 +224,11 @@ fn fuzz_config_loader() {
         (config_text(), env_pairs()),
         |(text, env)| {
             match Config::from_yaml_with_env(&text, None, env) {
-                Ok(c) => prop_assert!(c.chunk_size > 0),
+                Ok(c) => {
+                    prop_assert!(c.chunk_size > 0);
+                    // What every command does next with a loaded config.
+                    let _ = kvhost::chain::ChainSettings::from_config(&c);
+                }
                 Err(e) => prop_assert!(!e.to_string().is_empty()),
             }
             Ok(())
@@ -226,4 +236,12 @@ fn fuzz_config_loader() {
     );
 }
 
-// Regressions found by the targets above: none so far (each ran 60 s in release; see the report).
+// Regressions found by the targets above follow.
+
+/// Regression (config loader target, round 17): `pin_timeout_sec: -1` loaded and then panicked in
+/// `Duration::from_secs_f64` inside `ChainSettings::from_config`.
+#[test]
+fn fuzz_regression_negative_pin_timeout() {
+    let err = Config::from_yaml_with_env("pin_timeout_sec: -1\n", None, Vec::new()).unwrap_err();
+    assert!(err.to_string().contains("pin_timeout_sec"), "{err}");
+}

@@ -1,9 +1,13 @@
 //! What the machine can give the config: its physical memory, read from `/proc/meminfo`.
 
 /// Total physical memory in bytes (`MemTotal` of `/proc/meminfo`), or `None` where it cannot be read.
+/// Read once per process: it does not change while kvhost runs.
 pub fn physical_memory_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    parse_mem_total(&text)
+    static MEMORY: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *MEMORY.get_or_init(|| {
+        let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+        parse_mem_total(&text)
+    })
 }
 
 /// `MemTotal:  24683772 kB` -> bytes.

@@ -517,16 +517,33 @@ impl Config {
             }
         }
 
-        let blocking_timeout_secs = raw.blocking_timeout_secs.unwrap_or(10.0);
-        let positive = |key: &str, v: f64| {
-            if v.is_finite() && v > 0.0 && v < 1e9 {
+        // Durations are checked here, not where they become `Duration`s (which panics on a
+        // negative, NaN or huge value): under 1e9 s (31 years), finite, positive or not negative.
+        let seconds = |key: &str, v: f64, zero_ok: bool| {
+            if v.is_finite() && (v > 0.0 || (zero_ok && v == 0.0)) && v < 1e9 {
                 Ok(v)
             } else {
+                let what = if zero_ok { "non-negative" } else { "positive" };
                 Err(invalid(format!(
-                    "{key} {v}: expected a positive number of seconds"
+                    "{key} {v}: expected a {what} number of seconds below 1e9"
                 )))
             }
         };
+        let positive = |key: &str, v: f64| seconds(key, v, false);
+        let blocking_timeout_secs = positive(
+            "blocking_timeout_secs",
+            raw.blocking_timeout_secs.unwrap_or(10.0),
+        )?;
+        let pin_timeout_sec = seconds(
+            "pin_timeout_sec",
+            raw.pin_timeout_sec.unwrap_or(300.0),
+            true,
+        )?;
+        let pin_check_interval_sec = seconds(
+            "pin_check_interval_sec",
+            raw.pin_check_interval_sec.unwrap_or(30.0),
+            true,
+        )?;
         let tier_put_deadline_secs = positive(
             "tier_put_deadline_secs",
             raw.tier_put_deadline_secs.unwrap_or(blocking_timeout_secs),
@@ -564,9 +581,9 @@ impl Config {
             cache_policy,
             save_unfull_chunk: raw.save_unfull_chunk.unwrap_or(false),
             blocking_timeout_secs,
-            pin_timeout_sec: raw.pin_timeout_sec.unwrap_or(300.0),
+            pin_timeout_sec,
             write_policy,
-            pin_check_interval_sec: raw.pin_check_interval_sec.unwrap_or(30.0),
+            pin_check_interval_sec,
             local_cpu_prefault: raw.local_cpu_prefault.unwrap_or(true),
             put_queue_depth: raw.put_queue_depth.unwrap_or(1024).max(1),
             put_backpressure,

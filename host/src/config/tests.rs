@@ -322,3 +322,26 @@ fn breaker_keys_have_defaults_and_are_checked() {
         assert!(err.contains(key), "{text}: {err}");
     }
 }
+
+/// Found by the config fuzz target: a negative duration passed the loader and panicked in
+/// `Duration::from_secs_f64` when a command built the chain settings.
+#[test]
+fn durations_that_would_panic_are_refused_by_the_loader() {
+    for text in [
+        "pin_timeout_sec: -1\n",
+        "pin_check_interval_sec: -0.5\n",
+        "blocking_timeout_secs: -1\n",
+        "blocking_timeout_secs: 0\n",
+        "blocking_timeout_secs: 1e300\n",
+        "pin_timeout_sec: .inf\n",
+    ] {
+        let key = text.split(':').next().unwrap();
+        let err = Config::from_yaml(text, None).unwrap_err().to_string();
+        assert!(
+            err.contains(key) && err.contains("number of seconds"),
+            "{text}: {err}"
+        );
+    }
+    let c = Config::from_yaml("pin_timeout_sec: 0\npin_check_interval_sec: 0\n", None).unwrap();
+    let _ = crate::chain::ChainSettings::from_config(&c);
+}
