@@ -242,3 +242,32 @@ fn bad_fault_options_are_refused_naming_the_option() {
         assert!(err.contains(k) && err.contains(says), "{k}={v}: {err}");
     }
 }
+
+#[test]
+fn consecutive_failures_open_the_breaker_and_health_closes_it() {
+    let chain = faulty_chain(
+        16.0,
+        "tier_breaker_failures: 3\ntier_breaker_probe_secs: 0.1\nput_batch_size: 1\n",
+        &[("error_rate", "1"), ("faults_for_ms", "1500")],
+    );
+    let data = bytes(3, 4 * KIB);
+    for i in 0..3 {
+        assert_eq!(put(&chain, &key(i), &data), PutOutcome::Stored);
+        wait_drained(&chain);
+    }
+    let b = breaker(&chain);
+    assert_eq!((b.state, b.trips), ("open", 1), "{b:?}");
+    assert_eq!(sick(&chain).errors, 3);
+    // Skipped while open: neither stored in the tier nor counted as its error.
+    assert_eq!(put(&chain, &key(10), &data), PutOutcome::Stored);
+    assert!(chain.get(&[key(99)])[0].is_none());
+    let b = breaker(&chain);
+    assert!(b.skipped >= 2, "{b:?}");
+    assert_eq!(sick(&chain).errors, 3);
+    wait_until("health closes the breaker", Duration::from_secs(10), || {
+        breaker(&chain).state == "closed"
+    });
+    assert_eq!(put(&chain, &key(20), &data), PutOutcome::Stored);
+    wait_drained(&chain);
+    assert_eq!(sick(&chain).puts, 1, "the healed tier stores again");
+}
