@@ -279,8 +279,16 @@ fn hung_async_lookups_and_removes_time_out_and_late_pins_are_released() {
     let p = must_load("hang", fixture("fx_hang").to_str().unwrap(), "hang", &[]);
     let health = |p: &kvhost::plugin::PluginBackend| p.health().unwrap().unwrap();
     let started = Instant::now();
+    let (late_tx, late_rx) = crossbeam_channel::bounded(1);
     let e = p
-        .contains_wait(&[key(1), key(2)], true, Duration::from_millis(200))
+        .contains_wait_or_late(
+            &[key(1), key(2)],
+            true,
+            Duration::from_millis(200),
+            move |d| {
+                let _ = late_tx.send(d);
+            },
+        )
         .unwrap_err();
     assert_eq!(e.status, Status::TIMEOUT);
     assert!(
@@ -298,16 +306,27 @@ fn hung_async_lookups_and_removes_time_out_and_late_pins_are_released() {
         started.elapsed()
     );
     assert_eq!(p.in_flight(), 2, "both stay pending with their arrays");
-    // The lookup completes after the host gave up, pinning both keys: the host owes two unpins.
+    // The lookup completes after the host gave up, pinning both keys: the late completion reaches
+    // the caller's handler, which owes two unpins (the chain's lookup module pays them; see below).
     p.flush().unwrap();
     assert_eq!(health(&p), "pins=2");
     assert_eq!(p.in_flight(), 1);
-    // The next lookup releases them first (then hangs itself).
+    let late = late_rx
+        .recv_timeout(WAIT)
+        .expect("the late lookup was handed over");
+    assert_eq!(late.keys, [key(1), key(2)]);
+    assert!(late.error.is_none());
+    assert!(
+        late.items.iter().all(|i| matches!(i, Presence::Present(_))),
+        "{late:?}"
+    );
+    p.unpin(&late.keys).unwrap();
+    assert_eq!(health(&p), "pins=0", "the late pins were released");
+    // A plain contains_wait drops a late completion.
     let e = p
         .contains_wait(&[key(4)], false, Duration::from_millis(50))
         .unwrap_err();
     assert_eq!(e.status, Status::TIMEOUT);
-    assert_eq!(health(&p), "pins=0", "the late pins were released");
     // An unpinned late lookup leaves nothing to release.
     p.flush().unwrap();
     assert_eq!(health(&p), "pins=0");

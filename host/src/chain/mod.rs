@@ -69,6 +69,7 @@ struct Inner {
     settings: ChainSettings,
     hot_metrics: metrics::TierMetrics,
     pins: lookup::PinTable,
+    prefetch: prefetch::PrefetchPool,
     demotions_dropped: Arc<AtomicU64>,
     closed: AtomicBool,
 }
@@ -103,6 +104,7 @@ impl Chain {
             .map(|p| Tier::start(p, settings.tier.clone(), inflight.clone()))
             .collect();
         let demotions_dropped = Arc::new(AtomicU64::new(0));
+        let pins = lookup::PinTable::new(tiers.len());
         if settings.write_policy == WritePolicy::WriteBack {
             put::demote_on_evict(&hot, &tiers, &inflight, &demotions_dropped);
         }
@@ -113,7 +115,8 @@ impl Chain {
             lent_puts: lent::LentPuts::default(),
             settings,
             hot_metrics: metrics::TierMetrics::default(),
-            pins: lookup::PinTable::default(),
+            pins,
+            prefetch: prefetch::PrefetchPool::default(),
             demotions_dropped,
             closed: AtomicBool::new(false),
         });
@@ -149,3 +152,6 @@ impl Drop for Inner {
         }
     }
 }
+
+#[cfg(test)]
+pub(crate) mod test_support;

@@ -125,9 +125,6 @@ pub struct PluginBackend {
     vt: abi::kvh_backend_vtable,
     backend: *mut abi::kvh_backend,
     ctx: &'static HostCtx,
-    /// Keys pinned by lookups that completed after their caller stopped waiting; unpinned on the next
-    /// lookup (never from the plugin's completion thread).
-    orphan_pins: Arc<parking_lot::Mutex<Vec<crate::ChunkKey>>>,
 }
 
 // SAFETY: the ABI makes every data-path function `[any-thread]` and concurrent-safe; `destroy` runs
@@ -158,7 +155,6 @@ impl PluginBackend {
             vt,
             backend,
             ctx,
-            orphan_pins: Arc::default(),
         }
     }
 

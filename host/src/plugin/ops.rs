@@ -652,33 +652,35 @@ impl PluginBackend {
     }
 
     /// [`contains_async`](Self::contains_async) and wait up to `timeout`; without `contains_async`, the
-    /// synchronous [`contains`](Self::contains) (no copy of the keys, no channel). Keys the plugin pinned
-    /// for a lookup that completes after the timeout are unpinned on a host thread: by the next lookup,
-    /// or by the chain's pin monitor.
+    /// synchronous [`contains`](Self::contains) (no copy of the keys, no channel). A lookup that
+    /// completes after the timeout is dropped: if it pinned keys, they stay pinned (use
+    /// [`contains_wait_or_late`](Self::contains_wait_or_late) to be handed them).
     pub fn contains_wait(
         &self,
         keys: &[ChunkKey],
         pin: bool,
         timeout: Duration,
     ) -> Result<Vec<Presence>, PluginError> {
+        self.contains_wait_or_late(keys, pin, timeout, drop)
+    }
+
+    /// [`contains_wait`](Self::contains_wait), handing a completion that arrives after the timeout to
+    /// `on_late` (on the plugin's completion thread: it must not call back into the plugin). A
+    /// pinning caller records the late pins there and unpins them later from its own thread.
+    pub fn contains_wait_or_late(
+        &self,
+        keys: &[ChunkKey],
+        pin: bool,
+        timeout: Duration,
+        on_late: impl FnOnce(ContainsDone) + Send + 'static,
+    ) -> Result<Vec<Presence>, PluginError> {
         if self.vt.contains_async.is_none() {
             return self.contains(keys, pin);
         }
-        self.release_orphan_pins();
-        let orphans = self.orphan_pins.clone();
-        let pinned = pin && self.has(abi::KVH_CAP_PIN);
         let d = self.wait_for("contains", timeout, |tx| {
             self.contains_async(keys.to_vec(), pin, move |d: ContainsDone| {
                 if let Err(late) = tx.send(d) {
-                    let d = late.into_inner();
-                    if pinned && d.error.is_none() {
-                        let mut o = orphans.lock();
-                        for (k, p) in d.keys.into_iter().zip(&d.items) {
-                            if matches!(p, Presence::Present(_)) {
-                                o.push(k);
-                            }
-                        }
-                    }
+                    on_late(late.into_inner());
                 }
             })
         })?;
@@ -702,16 +704,6 @@ impl PluginBackend {
             })
         })?;
         d.error.map_or(Ok(d.items), Err)
-    }
-
-    /// Unpin keys whose pinning lookup completed after the host stopped waiting.
-    pub(crate) fn release_orphan_pins(&self) {
-        let keys = std::mem::take(&mut *self.orphan_pins.lock());
-        if !keys.is_empty() {
-            if let Err(e) = self.unpin(&keys) {
-                tracing::warn!(target: "kvhost::plugin", plugin = %self.info.name, "releasing pins of a late lookup: {e}");
-            }
-        }
     }
 
     /// [`put`](Self::put) and wait up to `timeout`. On timeout the operation stays pending: its buffers
