@@ -253,7 +253,7 @@ fn hung_operations_time_out_and_destroy_cancels_them() {
         "{e}"
     );
     assert_eq!(
-        p.in_flight(),
+        p.pending_ops(),
         1,
         "the buffer stays with the pending operation"
     );
@@ -305,12 +305,12 @@ fn hung_async_lookups_and_removes_time_out_and_late_pins_are_released() {
         "the calling thread was held {:?}",
         started.elapsed()
     );
-    assert_eq!(p.in_flight(), 2, "both stay pending with their arrays");
+    assert_eq!(p.pending_ops(), 2, "both stay pending with their arrays");
     // The lookup completes after the host gave up, pinning both keys: the late completion reaches
     // the caller's handler, which owes two unpins (the chain's lookup module pays them; see below).
     p.flush().unwrap();
     assert_eq!(health(&p), "pins=2");
-    assert_eq!(p.in_flight(), 1);
+    assert_eq!(p.pending_ops(), 1);
     let late = late_rx
         .recv_timeout(WAIT)
         .expect("the late lookup was handed over");
@@ -399,7 +399,7 @@ fn a_hung_tier_never_holds_a_lookup_or_remove_past_the_read_timeout() {
     );
     let after = mem.contains(std::slice::from_ref(&k), false).unwrap();
     assert_eq!(after, [Presence::Absent], "the healthy tier removed it");
-    assert_eq!(hung.in_flight(), 3, "lookup x2 and remove");
+    assert_eq!(hung.pending_ops(), 3, "lookup x2 and remove");
 }
 
 #[test]

@@ -40,7 +40,7 @@ use crate::cache::{CacheError, HotCache};
 use crate::config::Config;
 use crate::loader::{self, LoadError};
 use crate::plugin::PluginBackend;
-use inflight::Inflight;
+use inflight::PutsInFlight;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use tier::Tier;
@@ -64,7 +64,7 @@ pub enum ChainError {
 struct Inner {
     hot: HotCache,
     tiers: Vec<Arc<Tier>>,
-    inflight: Arc<Inflight>,
+    inflight: Arc<PutsInFlight>,
     lent_puts: lent::LentPuts,
     settings: ChainSettings,
     hot_metrics: metrics::TierMetrics,
@@ -98,7 +98,7 @@ impl Chain {
     /// Build a chain over already loaded plugins (in lookup order).
     pub fn new(settings: ChainSettings, plugins: Vec<PluginBackend>) -> Result<Chain, ChainError> {
         let hot = HotCache::new(settings.cache.clone())?;
-        let inflight = Arc::new(Inflight::default());
+        let inflight = Arc::new(PutsInFlight::default());
         let tiers: Vec<Arc<Tier>> = plugins
             .into_iter()
             .map(|p| Tier::start(p, settings.tier.clone(), inflight.clone()))

@@ -1,7 +1,7 @@
 //! Put: one copy into an arena block, committed to the hot cache; with write-through the same block is
 //! queued to every plugin tier, with write-back eviction demotes it to the first tier.
 
-use super::inflight::Inflight;
+use super::inflight::PutsInFlight;
 use super::metrics::{add, inc};
 use super::tier::{PutJob, Tier};
 use super::{Chain, WritePolicy};
@@ -30,7 +30,7 @@ pub enum PutOutcome {
 pub(super) fn demote_on_evict(
     hot: &HotCache,
     tiers: &[Arc<Tier>],
-    inflight: &Arc<Inflight>,
+    inflight: &Arc<PutsInFlight>,
     dropped: &Arc<AtomicU64>,
 ) {
     let Some(first) = tiers

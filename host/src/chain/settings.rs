@@ -58,7 +58,7 @@ impl ChainSettings {
                 },
                 max_batch: config.put_batch_size,
                 max_batch_bytes: config.put_batch_bytes,
-                max_inflight_batches: config.tier_max_inflight_batches,
+                max_pending_batches: config.tier_max_inflight_batches,
                 skip_existing: config.skip_existing_in_tiers,
                 lookup_timeout: Duration::from_secs_f64(config.blocking_timeout_secs),
             },
