@@ -71,3 +71,35 @@ impl Chain {
         report
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{hot_only, key, put};
+    use super::*;
+
+    #[test]
+    fn close_releases_lookup_pins_and_a_second_close_does_nothing() {
+        let chain = hot_only(8 << 20);
+        put(&chain, &key(1), 1, 1000);
+        chain.lookup(&[key(1)], Some("req"));
+        assert_eq!(chain.stats().pinned_lookups, 1);
+        let report = chain.close(Duration::from_secs(1));
+        assert!(
+            report.unfinished.is_empty() && report.stuck.is_empty(),
+            "{report:?}"
+        );
+        assert_eq!(report.in_flight_at_start, 0);
+        assert_eq!(chain.stats().pinned_lookups, 0, "close released the pins");
+        assert_eq!(chain.unpin("req"), 0);
+        let again = chain.close(Duration::from_secs(1));
+        assert!(again.destroyed.is_empty() && again.in_flight_at_start == 0);
+    }
+
+    #[test]
+    fn a_closed_chain_still_serves_what_its_hot_cache_holds() {
+        let chain = hot_only(8 << 20);
+        put(&chain, &key(2), 2, 100);
+        chain.close(Duration::from_secs(1));
+        assert!(chain.get(&[key(2)])[0].is_some());
+    }
+}

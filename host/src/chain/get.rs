@@ -143,3 +143,28 @@ impl Chain {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{bytes, hot_only, key, put};
+
+    #[test]
+    fn a_get_returns_hits_in_order_and_none_for_misses() {
+        let chain = hot_only(8 << 20);
+        put(&chain, &key(1), 1, 1000);
+        put(&chain, &key(3), 3, 3000);
+        let got = chain.get(&[key(1), key(2), key(3)]);
+        assert_eq!(got[0].as_ref().unwrap().bytes(), &bytes(1, 1000)[..]);
+        assert!(got[1].is_none());
+        assert_eq!(got[2].as_ref().unwrap().bytes(), &bytes(3, 3000)[..]);
+        let hot = &chain.stats().tiers[0];
+        assert_eq!((hot.hits, hot.misses, hot.bytes_out), (2, 1, 4000));
+    }
+
+    #[test]
+    fn an_empty_get_asks_nothing() {
+        let chain = hot_only(1 << 20);
+        assert!(chain.get(&[]).is_empty());
+        assert_eq!(chain.stats().tiers[0].misses, 0);
+    }
+}

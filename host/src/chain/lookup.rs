@@ -6,7 +6,7 @@ use super::tier::Tier;
 use super::{Chain, Inner, HOT_TIER};
 use crate::cache::ChunkHandle;
 use crate::key::ChunkKey;
-use crate::plugin::Presence;
+use crate::plugin::{ContainsDone, Presence};
 use kvhost_plugin_sdk::abi;
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
@@ -45,10 +45,18 @@ impl LookupPins {
     }
 }
 
-/// The chain's lookup pins by lookup id, with the lookup counters and the pin monitor's stop flag.
+/// Keys a plugin tier pinned for a lookup that completed after the chain stopped waiting. They are
+/// unpinned from a host thread (the tier's next lookup, or the pin monitor), never from the plugin's
+/// completion thread.
+type LatePins = Arc<Mutex<Vec<ChunkKey>>>;
+
+/// The chain's lookup pins by lookup id, the late pins per plugin tier, the lookup counters and the
+/// pin monitor's stop flag.
 #[derive(Default)]
 pub(super) struct PinTable {
     by_lookup: Mutex<HashMap<String, LookupPins>>,
+    /// By tier index.
+    late: Vec<LatePins>,
     /// Lookups served.
     pub(super) lookups: AtomicU64,
     /// Lookups whose pins the pin timeout released.
@@ -57,6 +65,14 @@ pub(super) struct PinTable {
 }
 
 impl PinTable {
+    /// A table for a chain with `tiers` plugin tiers.
+    pub(super) fn new(tiers: usize) -> PinTable {
+        PinTable {
+            late: (0..tiers).map(|_| LatePins::default()).collect(),
+            ..PinTable::default()
+        }
+    }
+
     /// Hold `pins` under `id`; returns the pins `id` held before, which the caller releases.
     fn insert(&self, id: &str, pins: LookupPins) -> Option<LookupPins> {
         self.by_lookup.lock().insert(id.to_string(), pins)
@@ -196,7 +212,19 @@ impl Chain {
         let started = Instant::now();
         let want_pin = pin && tier.has(abi::KVH_CAP_PIN);
         let timeout = self.inner.settings.read_timeout;
-        let presence = match plugin.contains_wait(keys, want_pin, timeout) {
+        release_late_pins(&self.inner, t);
+        let late = self.inner.pins.late[t].clone();
+        let on_late = move |d: ContainsDone| {
+            if want_pin && d.error.is_none() {
+                let present = d.keys.into_iter().zip(&d.items);
+                late.lock().extend(
+                    present
+                        .filter(|(_, p)| matches!(p, Presence::Present(_)))
+                        .map(|(k, _)| k),
+                );
+            }
+        };
+        let presence = match plugin.contains_wait_or_late(keys, want_pin, timeout, on_late) {
             Ok(p) => p,
             Err(e) => {
                 inc(&tier.metrics.errors);
@@ -266,6 +294,21 @@ fn release_pins(inner: &Inner, pins: LookupPins) {
     }
 }
 
+/// Unpin what tier `t` pinned for lookups that completed after the chain stopped waiting.
+fn release_late_pins(inner: &Inner, t: usize) {
+    let keys = std::mem::take(&mut *inner.pins.late[t].lock());
+    if keys.is_empty() {
+        return;
+    }
+    let tier = &inner.tiers[t];
+    let Some(plugin) = tier.plugin() else {
+        return;
+    };
+    if let Err(e) = plugin.unpin(&keys) {
+        tracing::warn!(target: "kvhost::chain", tier = %tier.name, "releasing pins of a late lookup: {e}");
+    }
+}
+
 /// Start the thread that releases pins past the pin timeout. It holds only a weak reference, so it
 /// ends when the chain is dropped or closed.
 pub(super) fn start_pin_monitor(inner: &Arc<Inner>) {
@@ -296,10 +339,87 @@ fn pin_monitor(inner: Weak<Inner>) {
             release_pins(&strong, p);
         }
         // Pins of lookups that completed after the chain stopped waiting, should no lookup come by.
-        for tier in &strong.tiers {
-            if let Some(plugin) = tier.plugin() {
-                plugin.release_orphan_pins();
-            }
+        for t in 0..strong.tiers.len() {
+            release_late_pins(&strong, t);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{hot_only, key, keys, put, settings};
+    use super::*;
+
+    #[test]
+    fn lookup_counts_the_leading_cached_keys_only() {
+        let chain = hot_only(8 << 20);
+        for k in [0, 1, 3] {
+            put(&chain, &key(k), k, 100);
+        }
+        let l = chain.lookup(&keys(4), None);
+        assert_eq!(l.hit_chunks, 2, "key 2 breaks the prefix");
+        assert_eq!(l.by_tier, vec![(HOT_TIER.to_string(), keys(2))]);
+        assert_eq!(chain.lookup(&[key(9), key(0)], None).hit_chunks, 0);
+        assert_eq!(chain.stats().pinned_lookups, 0, "no id, no pins");
+    }
+
+    #[test]
+    fn a_pinned_prefix_survives_clear_until_unpinned() {
+        let chain = hot_only(8 << 20);
+        put(&chain, &key(0), 0, 4096);
+        put(&chain, &key(1), 1, 4096);
+        assert_eq!(chain.lookup(&keys(2), Some("a")).hit_chunks, 2);
+        chain.clear();
+        assert!(
+            chain.hot().snapshot().allocated_bytes > 0,
+            "pinned handles keep their blocks"
+        );
+        assert_eq!(chain.unpin("a"), 2);
+        assert_eq!(chain.hot().snapshot().allocated_bytes, 0);
+        assert_eq!(chain.unpin("a"), 0, "pins are released once");
+    }
+
+    #[test]
+    fn a_second_lookup_with_the_same_id_replaces_its_pins() {
+        let chain = hot_only(8 << 20);
+        put(&chain, &key(0), 0, 100);
+        put(&chain, &key(1), 1, 100);
+        chain.lookup(&keys(2), Some("x"));
+        chain.lookup(&keys(1), Some("x"));
+        assert_eq!(chain.stats().pinned_lookups, 1);
+        assert_eq!(chain.unpin("x"), 1);
+    }
+
+    #[test]
+    fn the_pin_monitor_releases_pins_past_the_timeout() {
+        let mut s = settings(8 << 20);
+        s.pin_timeout = Duration::from_millis(30);
+        let chain = Chain::new(s, Vec::new()).unwrap();
+        put(&chain, &key(0), 0, 100);
+        chain.lookup(&keys(1), Some("slow"));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while chain.stats().forced_unpins == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let st = chain.stats();
+        assert_eq!((st.forced_unpins, st.pinned_lookups), (1, 0));
+        assert_eq!(chain.unpin("slow"), 0);
+    }
+
+    #[test]
+    fn the_pin_table_hands_out_only_expired_pins() {
+        let table = PinTable::default();
+        table.insert("old", LookupPins::new());
+        std::thread::sleep(Duration::from_millis(20));
+        table.insert("new", LookupPins::new());
+        let expired = table.take_expired(Duration::from_millis(15));
+        assert_eq!(expired.len(), 1);
+        assert_eq!(expired[0].0, "old");
+        assert_eq!(table.len(), 1);
+        assert_eq!(table.stop().len(), 1);
+        assert!(
+            table.wait_stop(Duration::from_secs(5)),
+            "stop is seen at once"
+        );
     }
 }

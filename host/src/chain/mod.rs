@@ -44,7 +44,7 @@ use crate::cache::{CacheError, HotCache};
 use crate::config::Config;
 use crate::loader::{self, LoadError};
 use crate::plugin::PluginBackend;
-use inflight::Inflight;
+use inflight::PutsInFlight;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use tier::Tier;
@@ -68,11 +68,12 @@ pub enum ChainError {
 struct Inner {
     hot: HotCache,
     tiers: Vec<Arc<Tier>>,
-    inflight: Arc<Inflight>,
+    inflight: Arc<PutsInFlight>,
     lent_puts: lent::LentPuts,
     settings: ChainSettings,
     hot_metrics: metrics::TierMetrics,
     pins: lookup::PinTable,
+    prefetch: prefetch::PrefetchPool,
     demotions_dropped: Arc<AtomicU64>,
     closed: AtomicBool,
 }
@@ -101,7 +102,7 @@ impl Chain {
     /// Build a chain over already loaded plugins (in lookup order).
     pub fn new(settings: ChainSettings, plugins: Vec<PluginBackend>) -> Result<Chain, ChainError> {
         let hot = HotCache::new(settings.cache.clone())?;
-        let inflight = Arc::new(Inflight::default());
+        let inflight = Arc::new(PutsInFlight::default());
         let tiers: Vec<Arc<Tier>> = plugins
             .into_iter()
             .map(|p| {
@@ -114,6 +115,7 @@ impl Chain {
             })
             .collect();
         let demotions_dropped = Arc::new(AtomicU64::new(0));
+        let pins = lookup::PinTable::new(tiers.len());
         if settings.write_policy == WritePolicy::WriteBack {
             put::demote_on_evict(&hot, &tiers, &inflight, &demotions_dropped);
         }
@@ -124,7 +126,8 @@ impl Chain {
             lent_puts: lent::LentPuts::default(),
             settings,
             hot_metrics: metrics::TierMetrics::default(),
-            pins: lookup::PinTable::default(),
+            pins,
+            prefetch: prefetch::PrefetchPool::default(),
             demotions_dropped,
             closed: AtomicBool::new(false),
         });
@@ -161,3 +164,6 @@ impl Drop for Inner {
         }
     }
 }
+
+#[cfg(test)]
+pub(crate) mod test_support;

@@ -1,7 +1,7 @@
 //! Put: one copy into an arena block, committed to the hot cache; with write-through the same block is
 //! queued to every plugin tier, with write-back eviction demotes it to the first tier.
 
-use super::inflight::Inflight;
+use super::inflight::PutsInFlight;
 use super::metrics::{add, inc};
 use super::tier::{PutJob, Tier};
 use super::{Chain, WritePolicy};
@@ -30,7 +30,7 @@ pub enum PutOutcome {
 pub(super) fn demote_on_evict(
     hot: &HotCache,
     tiers: &[Arc<Tier>],
-    inflight: &Arc<Inflight>,
+    inflight: &Arc<PutsInFlight>,
     dropped: &Arc<AtomicU64>,
 ) {
     let Some(first) = tiers
@@ -150,5 +150,69 @@ impl Chain {
             .zip(metas)
             .map(|((k, d), m)| self.put_with(k, d.len(), *m, |dst| dst.copy_from_slice(d)))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{bytes, hot_only, key, put};
+    use super::*;
+
+    #[test]
+    fn a_put_is_stored_once_and_a_repeat_is_a_duplicate() {
+        let chain = hot_only(8 << 20);
+        assert_eq!(put(&chain, &key(1), 1, 5000), PutOutcome::Stored);
+        assert_eq!(put(&chain, &key(1), 2, 5000), PutOutcome::Duplicate);
+        let got = chain.get(&[key(1)]);
+        assert_eq!(got[0].as_ref().unwrap().bytes(), &bytes(1, 5000)[..]);
+        let s = chain.stats();
+        assert_eq!((s.tiers[0].puts, s.tiers[0].put_skipped), (1, 1));
+        assert_eq!(s.tiers[0].bytes_in, 5000);
+    }
+
+    #[test]
+    fn a_failing_fill_stores_nothing_and_frees_the_block() {
+        let chain = hot_only(8 << 20);
+        let r = chain.try_put_with(&key(2), 4096, ChunkMeta::default(), |_| {
+            Err("socket closed")
+        });
+        assert_eq!(r, Err("socket closed"));
+        assert!(!chain.hot().contains(&key(2)));
+        assert_eq!(chain.hot().snapshot().allocated_bytes, 0);
+    }
+
+    #[test]
+    fn a_put_into_a_cache_full_of_pinned_chunks_is_no_space() {
+        let chain = hot_only(1 << 20);
+        let big = put(&chain, &key(3), 3, 4 << 20);
+        assert!(matches!(big, PutOutcome::NoSpace(_)), "{big:?}");
+        for k in 10..14 {
+            assert_eq!(put(&chain, &key(k), k, 256 << 10), PutOutcome::Stored);
+        }
+        let pinned = chain.lookup(&[key(10), key(11), key(12), key(13)], Some("hold"));
+        assert_eq!(pinned.hit_chunks, 4);
+        let full = put(&chain, &key(20), 20, 256 << 10);
+        assert!(matches!(full, PutOutcome::NoSpace(_)), "{full:?}");
+        assert!(chain.stats().tiers[0].no_space >= 1);
+        assert_eq!(chain.unpin("hold"), 4);
+        assert_eq!(put(&chain, &key(20), 20, 256 << 10), PutOutcome::Stored);
+    }
+
+    #[test]
+    fn a_put_after_close_is_refused() {
+        let chain = hot_only(1 << 20);
+        chain.close(std::time::Duration::from_millis(100));
+        assert_eq!(put(&chain, &key(4), 4, 100), PutOutcome::Closed);
+    }
+
+    #[test]
+    fn the_stored_length_overrides_the_callers_metadata() {
+        let chain = hot_only(1 << 20);
+        let meta = ChunkMeta {
+            length: 1,
+            ..ChunkMeta::default()
+        };
+        chain.put_with(&key(5), 300, meta, |dst| dst.fill(7));
+        assert_eq!(chain.get(&[key(5)])[0].as_ref().unwrap().meta().length, 300);
     }
 }

@@ -68,3 +68,33 @@ impl Chain {
         removed
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{hot_only, key, keys, put};
+
+    #[test]
+    fn remove_counts_only_what_the_hot_cache_held() {
+        let chain = hot_only(8 << 20);
+        for (i, k) in keys(3).iter().enumerate() {
+            put(&chain, k, i as u32, 2000);
+        }
+        assert_eq!(chain.remove(&[key(0), key(2), key(9)]), 2);
+        assert_eq!(
+            chain.get(&keys(3)).iter().filter(|h| h.is_some()).count(),
+            1
+        );
+        assert_eq!(chain.remove(&[key(0)]), 0, "a second remove finds nothing");
+    }
+
+    #[test]
+    fn clear_empties_the_hot_cache_and_frees_its_bytes() {
+        let chain = hot_only(8 << 20);
+        for (i, k) in keys(5).iter().enumerate() {
+            put(&chain, k, i as u32, 10_000);
+        }
+        assert_eq!(chain.clear(), 5);
+        assert_eq!(chain.hot().snapshot().allocated_bytes, 0);
+        assert!(chain.get(&keys(5)).iter().all(|h| h.is_none()));
+    }
+}

@@ -62,7 +62,7 @@ impl ChainSettings {
                 },
                 max_batch: config.put_batch_size,
                 max_batch_bytes: config.put_batch_bytes,
-                max_inflight_batches: config.tier_max_inflight_batches,
+                max_pending_batches: config.tier_max_inflight_batches,
                 skip_existing: config.skip_existing_in_tiers,
                 lookup_timeout: Duration::from_secs_f64(config.blocking_timeout_secs),
             },
@@ -81,5 +81,31 @@ impl ChainSettings {
                 probe_interval: Duration::from_secs_f64(config.tier_breaker_probe_secs),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_follow_the_config() {
+        let y = "max_local_cpu_size: 0.5\nwrite_policy: write_back\nput_backpressure: drop\n\
+                 blocking_timeout_secs: 2.5\npin_timeout_sec: 7\nlocal_cpu: false\n";
+        let s = ChainSettings::from_config(&Config::from_yaml(y, None).unwrap());
+        assert_eq!(s.cache.capacity_bytes, 1 << 29);
+        assert!(!s.cache.retain);
+        assert_eq!(s.write_policy, WritePolicy::WriteBack);
+        assert_eq!(s.tier.backpressure, Backpressure::Drop);
+        assert_eq!(s.read_timeout, Duration::from_millis(2500));
+        assert_eq!(s.pin_timeout, Duration::from_secs(7));
+    }
+
+    #[test]
+    fn the_defaults_are_lmcaches() {
+        let s = ChainSettings::from_config(&Config::from_yaml("", None).unwrap());
+        assert_eq!(s.write_policy, WritePolicy::WriteThrough);
+        assert_eq!(s.tier.backpressure, Backpressure::Block);
+        assert!(s.cache.retain);
     }
 }

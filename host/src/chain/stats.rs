@@ -51,3 +51,26 @@ impl Chain {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{hot_only, key, put};
+    use super::*;
+
+    #[test]
+    fn stats_count_lookups_and_name_the_hot_tier_first() {
+        let chain = hot_only(8 << 20);
+        put(&chain, &key(1), 1, 100);
+        chain.lookup(&[key(1)], None);
+        chain.lookup(&[key(2)], None);
+        let s = chain.stats();
+        assert_eq!(s.lookups, 2);
+        assert_eq!(s.tiers.len(), 1);
+        assert_eq!(s.tiers[0].name, HOT_TIER);
+        assert_eq!(s.hot.entries, 1);
+        assert_eq!(
+            (s.puts_in_flight, s.demotions_dropped, s.forced_unpins),
+            (0, 0, 0)
+        );
+    }
+}

@@ -1,8 +1,10 @@
 //! One plugin tier of the chain: a bounded queue of puts and a worker that batches them into the
-//! plugin. Completions run on the plugin's threads and touch only shared counters, never the plugin.
+//! plugin. Completions run on the plugin's threads: they update the tier's counters, mark the keys
+//! done in the puts in flight (taking its lock), drop the batch's arena handles (which may take the hot
+//! cache's lock) and free a batch slot. They never call into the plugin.
 
 use super::breaker::{Breaker, BreakerSettings, BreakerState};
-use super::inflight::Inflight;
+use super::inflight::PutsInFlight;
 use super::metrics::{add, inc, TierMetrics};
 use crate::cache::ChunkHandle;
 use crate::key::ChunkKey;
@@ -43,15 +45,15 @@ pub struct TierSettings {
     pub max_batch: usize,
     /// Bytes per plugin call (a batch closes at whichever limit comes first).
     pub max_batch_bytes: u64,
-    /// Plugin put calls outstanding at once.
-    pub max_inflight_batches: usize,
+    /// Put batches pending in the plugin at once (config `tier_max_inflight_batches`).
+    pub max_pending_batches: usize,
     /// Ask the plugin which keys it already holds before storing (skip those).
     pub skip_existing: bool,
     /// How long the skip-existing lookup may take before the batch is stored anyway.
     pub lookup_timeout: Duration,
 }
 
-/// Counts outstanding put batches; waiting is bounded so a hung plugin cannot wedge close.
+/// Counts put batches pending in the plugin; waiting is bounded so a hung plugin cannot wedge close.
 #[derive(Default)]
 struct Slots {
     used: Mutex<usize>,
@@ -97,7 +99,7 @@ impl Tier {
         plugin: PluginBackend,
         settings: TierSettings,
         breaker: BreakerSettings,
-        inflight: Arc<Inflight>,
+        inflight: Arc<PutsInFlight>,
     ) -> Arc<Tier> {
         let (tx, rx) = crossbeam_channel::bounded(settings.queue_depth.max(1));
         let plugin = Arc::new(plugin);
@@ -228,7 +230,7 @@ struct Worker {
     metrics: Arc<TierMetrics>,
     settings: TierSettings,
     rx: Receiver<PutJob>,
-    inflight: Arc<Inflight>,
+    inflight: Arc<PutsInFlight>,
     slots: Arc<Slots>,
     abandon: Arc<AtomicBool>,
     breaker: Arc<Breaker>,
@@ -288,7 +290,7 @@ impl Worker {
         }
         if !self
             .slots
-            .acquire(self.settings.max_inflight_batches.max(1), &self.abandon)
+            .acquire(self.settings.max_pending_batches.max(1), &self.abandon)
         {
             for job in &batch {
                 self.finish(job);
