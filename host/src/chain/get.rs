@@ -132,7 +132,7 @@ impl Chain {
                     match &other {
                         GetItem::Failed(s, _) if *s == Status::CORRUPT => inc(&m.corrupt),
                         GetItem::Failed(s, _) if *s == Status::NO_RESULT => {
-                            super::unreported::log(&tier.name, "get", key)
+                            tier.unreported.log("get", key)
                         }
                         _ => {}
                     }

@@ -203,7 +203,7 @@ impl Chain {
                                 inc(&m.errors);
                             }
                             if other == Status::NO_RESULT {
-                                super::unreported::log(&tier.name, "put", &done.request.keys[i]);
+                                tier.unreported.log("put", &done.request.keys[i]);
                             }
                             let why = done.error.as_ref().map(|e| format!(": {e}"));
                             failed.push((
@@ -468,7 +468,7 @@ impl<B: DstBuf, F: FnOnce(LentGetDone<B>) + Send + 'static> GetOp<B, F> {
                         if status == Status::CORRUPT {
                             inc(&m.corrupt);
                         } else if status == Status::NO_RESULT {
-                            super::unreported::log(&tier.name, "get", key);
+                            tier.unreported.log("get", key);
                         }
                         let why = match (&done.error, why.is_empty()) {
                             (Some(e), true) => e.to_string(),

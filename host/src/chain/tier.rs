@@ -6,6 +6,7 @@
 use super::breaker::{Breaker, BreakerSettings, BreakerState};
 use super::inflight::PutsInFlight;
 use super::metrics::{add, inc, TierMetrics};
+use super::unreported::UnreportedLog;
 use crate::cache::ChunkHandle;
 use crate::key::ChunkKey;
 use crate::plugin::{PluginBackend, Presence, PutRequest, Status};
@@ -92,6 +93,8 @@ pub(crate) struct Tier {
     abandon: Arc<AtomicBool>,
     /// Skips the tier while it is sick; bounds the arena bytes its puts hold.
     pub(crate) breaker: Arc<Breaker>,
+    /// Where items the plugin leaves unreported are logged.
+    pub(crate) unreported: Arc<UnreportedLog>,
 }
 
 impl Tier {
@@ -114,6 +117,7 @@ impl Tier {
             workers: Mutex::new(Vec::new()),
             abandon: Arc::new(AtomicBool::new(false)),
             breaker: Arc::new(Breaker::new(plugin.name(), breaker)),
+            unreported: Arc::new(UnreportedLog::new(plugin.name())),
         });
         let worker = Worker {
             plugin,
@@ -124,6 +128,7 @@ impl Tier {
             slots: Arc::new(Slots::default()),
             abandon: tier.abandon.clone(),
             breaker: tier.breaker.clone(),
+            unreported: tier.unreported.clone(),
         };
         let name = format!("kvhost-tier-{}", tier.name);
         let handle = std::thread::Builder::new()
@@ -234,6 +239,7 @@ struct Worker {
     slots: Arc<Slots>,
     abandon: Arc<AtomicBool>,
     breaker: Arc<Breaker>,
+    unreported: Arc<UnreportedLog>,
 }
 
 impl Worker {
@@ -314,6 +320,7 @@ impl Worker {
         let inflight = self.inflight.clone();
         let slots = self.slots.clone();
         let breaker = self.breaker.clone();
+        let unreported = self.unreported.clone();
         let batch_id = breaker.batch_started();
         let started = Instant::now();
         self.plugin
@@ -333,7 +340,7 @@ impl Worker {
                             failed += 1;
                             last_failure = other;
                             if other == Status::NO_RESULT {
-                                super::unreported::log(&tier, "put", &done.request.keys[i]);
+                                unreported.log("put", &done.request.keys[i]);
                             }
                             let n = metrics.errors.fetch_add(1, Ordering::Relaxed) + 1;
                             if n.is_power_of_two() {
