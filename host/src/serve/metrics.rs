@@ -11,6 +11,10 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+// The breaker families live in their own file, a child module that may use `Out`.
+#[path = "breaker_metrics.rs"]
+mod breaker_metrics;
+
 struct Out {
     text: String,
     labels: String,
@@ -51,110 +55,6 @@ fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
-}
-
-/// Circuit-breaker and integrity families of the plugin tiers (issue 13).
-fn breaker_families(o: &mut Out, tiers: &[crate::chain::TierStats]) {
-    type Read = fn(&crate::chain::BreakerStats) -> f64;
-    let families: [(&str, &str, &str, Read); 5] = [
-        (
-            "kvhost_tier_breaker_open",
-            "gauge",
-            "1 while the tier's circuit breaker is open (the tier is skipped).",
-            |b| f64::from(u8::from(b.state == "open")),
-        ),
-        (
-            "kvhost_tier_breaker_trips_total",
-            "counter",
-            "Times the tier's circuit breaker opened.",
-            |b| b.trips as f64,
-        ),
-        (
-            "kvhost_tier_breaker_skipped_total",
-            "counter",
-            "Operations that skipped the tier while its breaker was open.",
-            |b| b.skipped as f64,
-        ),
-        (
-            "kvhost_tier_breaker_open_seconds_total",
-            "counter",
-            "Seconds the tier's breaker has been open.",
-            |b| b.open_secs,
-        ),
-        (
-            "kvhost_tier_inflight_bytes",
-            "gauge",
-            "Hot-cache arena bytes held by the tier's puts (bounded by tier_max_inflight_bytes).",
-            |b| b.inflight_bytes as f64,
-        ),
-    ];
-    for (name, kind, help, f) in families {
-        o.family(name, kind, help);
-        for t in tiers {
-            if let Some(b) = &t.breaker {
-                o.sample(name, &format!("tier=\"{}\"", escape(&t.name)), f(b));
-            }
-        }
-    }
-    o.family(
-        "kvhost_tier_corrupt_total",
-        "counter",
-        "Get items the tier's plugin reported CORRUPT (never returned).",
-    );
-    for t in tiers.iter().filter(|t| t.breaker.is_some()) {
-        o.sample(
-            "kvhost_tier_corrupt_total",
-            &format!("tier=\"{}\"", escape(&t.name)),
-            t.corrupt as f64,
-        );
-    }
-}
-
-#[cfg(test)]
-mod breaker_tests {
-    use super::*;
-    use crate::chain::{BreakerStats, TierStats};
-
-    #[test]
-    fn breaker_families_have_one_sample_per_plugin_tier() {
-        let hot = TierStats {
-            name: "LocalCPUBackend".into(),
-            ..TierStats::default()
-        };
-        let sick = TierStats {
-            name: "si\"ck".into(),
-            corrupt: 3,
-            breaker: Some(BreakerStats {
-                state: "open",
-                trips: 2,
-                skipped: 7,
-                open_secs: 1.5,
-                inflight_bytes: 4096,
-                max_inflight_bytes: 8192,
-            }),
-            ..TierStats::default()
-        };
-        let mut o = Out {
-            text: String::new(),
-            labels: "model_name=\"m\"".into(),
-        };
-        breaker_families(&mut o, &[hot, sick]);
-        let t = o.text;
-        for line in [
-            "kvhost_tier_breaker_open{model_name=\"m\",tier=\"si\\\"ck\"} 1",
-            "kvhost_tier_breaker_trips_total{model_name=\"m\",tier=\"si\\\"ck\"} 2",
-            "kvhost_tier_breaker_skipped_total{model_name=\"m\",tier=\"si\\\"ck\"} 7",
-            "kvhost_tier_breaker_open_seconds_total{model_name=\"m\",tier=\"si\\\"ck\"} 1.5",
-            "kvhost_tier_inflight_bytes{model_name=\"m\",tier=\"si\\\"ck\"} 4096",
-            "kvhost_tier_corrupt_total{model_name=\"m\",tier=\"si\\\"ck\"} 3",
-        ] {
-            assert!(t.contains(line), "missing `{line}` in:\n{t}");
-        }
-        assert!(
-            !t.contains("LocalCPUBackend"),
-            "the hot cache has no breaker:\n{t}"
-        );
-    }
 }
 
 /// A per-tier metric: name, type, help, and how to read it from the tier's stats.
@@ -333,7 +233,7 @@ pub fn render(chain: &Chain, server: &ServerStats, model_name: &str, worker_id: 
             o.sample(name, &format!("tier=\"{}\"", escape(&t.name)), f(t) as f64);
         }
     }
-    breaker_families(&mut o, &stats.tiers);
+    breaker_metrics::families(&mut o, &stats.tiers);
     o.family(
         "kvhost_tier_bytes_total",
         "counter",
