@@ -592,7 +592,9 @@ typedef struct kvh_chunk_meta {
 } kvh_chunk_meta;
 
 /**
- * Arguments of `contains`. Owned by the host, valid for the call.
+ * Arguments of `contains` and `contains_async`. Owned by the host: valid for the call of `contains`;
+ * for `contains_async` that returned `KVH_PENDING`, valid (and its outputs writable) until the
+ * completion callback.
  */
 typedef struct kvh_contains_batch {
   /**

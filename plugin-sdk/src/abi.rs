@@ -387,7 +387,9 @@ pub struct kvh_completion {
     pub user_data: *mut c_void,
 }
 
-/// Arguments of `contains`. Owned by the host, valid for the call.
+/// Arguments of `contains` and `contains_async`. Owned by the host: valid for the call of `contains`;
+/// for `contains_async` that returned `KVH_PENDING`, valid (and its outputs writable) until the
+/// completion callback.
 #[repr(C)]
 #[derive(StableAbi, Clone, Copy, Debug)]
 pub struct kvh_contains_batch {

@@ -135,21 +135,39 @@ fn plugins_exits_zero_when_every_class_loads() {
 }
 
 /// Log lines carry no colour codes when stderr is not a terminal; on a terminal (a pseudo-terminal
-/// from `script`) they do, unless NO_COLOR is set.
+/// from `script`) they do, unless NO_COLOR is set. `bench` logs the config warning through the log
+/// (`check` prints its warnings itself); only the warning's own line is judged, since the progress bar
+/// draws with escape codes on a terminal by design.
 #[test]
 fn log_colours_only_on_a_terminal_and_never_with_no_color() {
     // An unknown config key is a warning: one log line on stderr.
     let cfg = small_config("colour", &format!("{SMALL}no_such_key: 1\n"));
-    let o = run(&["check", "--config", cfg.to_str().unwrap()]);
+    let args = [
+        "bench",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--requests",
+        "1",
+    ];
+    let warning_line = |t: &str| -> String {
+        t.lines()
+            .find(|l| l.contains("no_such_key"))
+            .unwrap_or_else(|| panic!("no warning line in {t:?}"))
+            .to_string()
+    };
+    let o = run(&args);
     let t = text(&o);
-    assert!(t.contains("no_such_key"), "{t}");
-    assert!(!t.contains('\x1b'), "colour codes on a pipe: {t:?}");
+    assert!(o.status.success(), "{t}");
+    assert!(
+        !warning_line(&t).contains('\x1b'),
+        "colour codes on a pipe: {t:?}"
+    );
     if Command::new("script").arg("--version").output().is_err() {
         eprintln!("\n** terminal half of log_colours_only_on_a_terminal_and_never_with_no_color NOT RUN: no `script` (util-linux) **\n");
         return;
     }
     let on_tty = |no_color: Option<&str>| {
-        let line = format!("{} check --config {}", binary().display(), cfg.display());
+        let line = format!("{} {}", binary().display(), args.join(" "));
         let mut c = Command::new("script");
         c.args(["-qec", &line, "/dev/null"])
             .env_remove("RUST_LOG")
@@ -161,16 +179,10 @@ fn log_colours_only_on_a_terminal_and_never_with_no_color() {
         }
         text(&c.output().expect("run script"))
     };
-    let coloured = on_tty(None);
-    assert!(
-        coloured.contains("no_such_key") && coloured.contains('\x1b'),
-        "{coloured:?}"
-    );
-    let plain = on_tty(Some("1"));
-    assert!(
-        plain.contains("no_such_key") && !plain.contains('\x1b'),
-        "{plain:?}"
-    );
+    let coloured = warning_line(&on_tty(None));
+    assert!(coloured.contains('\x1b'), "{coloured:?}");
+    let plain = warning_line(&on_tty(Some("1")));
+    assert!(!plain.contains('\x1b'), "{plain:?}");
 }
 
 #[test]
@@ -316,4 +328,98 @@ fn json_logs_carry_the_plugin_name() {
             .contains("health")),
         "{stderr}"
     );
+}
+
+#[test]
+fn check_prints_each_config_warning_once() {
+    let cfg = small_config("warn-once", &format!("{SMALL}bogus_key: 1\n"));
+    let out = run(&["check", "-c", cfg.to_str().unwrap()]);
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert_eq!(
+        all.matches("unknown config key `bogus_key`").count(),
+        1,
+        "stdout and stderr together:\n{all}"
+    );
+}
+
+#[test]
+fn check_refuses_a_hot_cache_larger_than_the_machine() {
+    let cfg = small_config(
+        "huge-arena",
+        &SMALL.replace("max_local_cpu_size: 0.05", "max_local_cpu_size: 1e12"),
+    );
+    let out = run(&["check", "-c", cfg.to_str().unwrap()]);
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(
+        all.contains("max_local_cpu_size 1000000000000 GiB") && all.contains("machine's memory ("),
+        "{all}"
+    );
+}
+
+/// SMALL with a `faulty` tier named `sick` that hangs every call for its first `hang_ms`.
+fn sick_config(name: &str, hang_ms: u64) -> PathBuf {
+    let body = SMALL
+        .replace("storage_plugins: [mem]", "storage_plugins: [sick]")
+        .replace(
+            "storage_plugin.mem.module_path: kvhost_mem\n  storage_plugin.mem.class_name: mem\n",
+            &format!(
+                "storage_plugin.sick.module_path: {}\n  storage_plugin.sick.class_name: faulty\n  \
+             storage_plugin.sick.hang_rate: 1\n  storage_plugin.sick.faults_for_ms: {hang_ms}\n",
+                crate::sick_tier::faulty_so().display()
+            ),
+        );
+    small_config(
+        name,
+        &format!("{body}tier_put_deadline_secs: 0.2\ntier_breaker_probe_secs: 0.1\n"),
+    )
+}
+
+#[test]
+fn check_shows_the_breaker_of_a_sick_tier() {
+    let cfg = sick_config("check-sick", 60_000);
+    let out = run(&["check", "-c", cfg.to_str().unwrap()]);
+    let all = text(&out);
+    assert!(
+        !out.status.success(),
+        "an unhealthy tier fails check:\n{all}"
+    );
+    assert!(all.contains("open (health failing)"), "{all}");
+    assert!(
+        all.contains("circuit breaker per tier: opens after 5 consecutive failures"),
+        "{all}"
+    );
+}
+
+#[test]
+fn bench_fails_when_a_tier_was_open_most_of_the_run_unless_allowed() {
+    let cfg = sick_config("bench-sick", 3_000);
+    let args = [
+        "bench",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--duration",
+        "2",
+    ];
+    let out = run(&args);
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(
+        all.contains("circuit breaker OPEN"),
+        "the trip is logged as it happens:\n{all}"
+    );
+    assert!(
+        all.contains("breaker: open for most of the run: sick"),
+        "{all}"
+    );
+    assert!(
+        all.contains("open (") || all.contains("closed ("),
+        "breaker column:\n{all}"
+    );
+
+    let out = run(&[&args[..], &["--allow-open-breaker"]].concat());
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert!(all.contains("(allowed by --allow-open-breaker)"), "{all}");
 }

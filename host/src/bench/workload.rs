@@ -339,6 +339,8 @@ pub fn render(r: &WorkloadReport) -> String {
         "promotions",
         "no space",
         "errors",
+        "corrupt",
+        "breaker (trips, open s, skipped)",
     ]
     .map(String::from)
     .to_vec()];
@@ -364,6 +366,13 @@ pub fn render(r: &WorkloadReport) -> String {
             t.promotions.to_string(),
             t.no_space.to_string(),
             t.errors.to_string(),
+            t.corrupt.to_string(),
+            t.breaker.as_ref().map_or("-".to_string(), |b| {
+                format!(
+                    "{} ({}, {:.1} s, {})",
+                    b.state, b.trips, b.open_secs, b.skipped
+                )
+            }),
         ]);
     }
     out += &crate::cli::table::render(&rows);

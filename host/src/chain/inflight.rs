@@ -1,5 +1,10 @@
-//! Puts in flight to the plugin tiers (LMCache's `exists_in_put_tasks`): which keys are being stored,
-//! with a handle to their bytes so a get can be served from them meanwhile.
+//! Puts in flight (LMCache's `exists_in_put_tasks`): keys the chain accepted and has not yet stored in
+//! every plugin tier, with a handle to their bytes so a get can be served from them meanwhile.
+//!
+//! Vocabulary used across the host: a put is *in flight* from the chain accepting it until every tier
+//! has stored it; a plugin operation is *pending* from the plugin answering `KVH_PENDING` until its
+//! completion arrives (`PluginBackend::pending_ops`); a tier's put batches pending in the plugin are
+//! bounded by `max_pending_batches`.
 
 use crate::cache::ChunkHandle;
 use crate::key::ChunkKey;
@@ -7,13 +12,14 @@ use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
 use std::time::Instant;
 
+/// Keys in flight, each with a handle to its bytes and the number of tiers still storing it.
 #[derive(Default)]
-pub(crate) struct Inflight {
+pub(crate) struct PutsInFlight {
     map: Mutex<HashMap<ChunkKey, (ChunkHandle, u32)>>,
     drained: Condvar,
 }
 
-impl Inflight {
+impl PutsInFlight {
     /// Record `key` as being stored into `tiers` tiers; false if it already is (the put is a duplicate).
     pub(crate) fn begin(&self, key: &ChunkKey, handle: &ChunkHandle, tiers: u32) -> bool {
         let mut map = self.map.lock();

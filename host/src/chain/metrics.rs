@@ -79,6 +79,8 @@ pub struct TierMetrics {
     pub no_space: AtomicU64,
     /// Item or call errors.
     pub errors: AtomicU64,
+    /// Get items the plugin reported `CORRUPT` (its integrity check failed; the bytes were not used).
+    pub corrupt: AtomicU64,
     /// Chunks promoted from this tier into the hot cache.
     pub promotions: AtomicU64,
     /// Chunks demoted into this tier by write-back eviction.
@@ -131,6 +133,10 @@ pub struct TierStats {
     pub no_space: u64,
     /// Errors.
     pub errors: u64,
+    /// Get items reported `CORRUPT` by the plugin (not used).
+    pub corrupt: u64,
+    /// The tier's circuit breaker (plugin tiers only).
+    pub breaker: Option<super::breaker::BreakerStats>,
     /// Evictions: the hot cache's own, or what a plugin tier reports through `stats` (0 without it).
     pub evictions: u64,
     /// Promotions out of this tier.
@@ -166,6 +172,8 @@ impl TierMetrics {
             put_dropped: get(&self.put_dropped),
             no_space: get(&self.no_space),
             errors: get(&self.errors),
+            corrupt: get(&self.corrupt),
+            breaker: None,
             evictions: 0,
             promotions: get(&self.promotions),
             demotions: get(&self.demotions),

@@ -87,6 +87,9 @@ pub struct BenchArgs {
     /// Micro, serve and lmcache suites: small sizes, to check every row runs.
     #[arg(long)]
     pub quick: bool,
+    /// Workload suite: exit 0 even when a tier's circuit breaker was open for most of the run.
+    #[arg(long)]
+    pub allow_open_breaker: bool,
     /// Serve and lmcache suites: a Python with LMCache installed. Default: $KVHOST_LMCACHE_PYTHON, else
     /// ~/.cache/kvhost/lmcache-venv/bin/python.
     #[arg(long)]

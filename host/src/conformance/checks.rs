@@ -214,8 +214,11 @@ pub(super) fn exactly_once(c: &Ctx<'_>) -> Result<String, String> {
             2 * n
         ));
     }
-    if c.plugin.in_flight() != 0 {
-        return Err(format!("{} operations still pending", c.plugin.in_flight()));
+    if c.plugin.pending_ops() != 0 {
+        return Err(format!(
+            "{} operations still pending",
+            c.plugin.pending_ops()
+        ));
     }
     Ok(format!("{} operations, {total} completions", 2 * n))
 }

@@ -105,7 +105,7 @@ pub(crate) fn host_api(
         Box::leak(Box::new(HostCtx {
             name: instance.to_string(),
             instance: id,
-            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            pending_ops: std::sync::atomic::AtomicUsize::new(0),
             ops: crate::plugin::OpTable::new(),
         }))
     })

@@ -11,6 +11,10 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+// The breaker families live in their own file, a child module that may use `Out`.
+#[path = "breaker_metrics.rs"]
+mod breaker_metrics;
+
 struct Out {
     text: String,
     labels: String,
@@ -229,6 +233,7 @@ pub fn render(chain: &Chain, server: &ServerStats, model_name: &str, worker_id: 
             o.sample(name, &format!("tier=\"{}\"", escape(&t.name)), f(t) as f64);
         }
     }
+    breaker_metrics::families(&mut o, &stats.tiers);
     o.family(
         "kvhost_tier_bytes_total",
         "counter",
