@@ -12,6 +12,7 @@ pub mod config;
 pub mod conformance;
 pub mod key;
 pub mod loader;
+pub mod log_limit;
 pub mod plugin;
 pub mod serve;
 
