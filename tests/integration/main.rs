@@ -17,6 +17,7 @@ mod rados;
 mod redis;
 mod sanitizers;
 mod serve;
+mod serve_hostile;
 mod stress;
 mod util;
 mod vtable;

@@ -160,7 +160,7 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         .map(|t| format!(", {:.2} s after the signal", t.elapsed().as_secs_f64()))
         .unwrap_or_default();
     eprintln!(
-        "kvhost: stopped ({} connections, {} requests, {} puts stored{took})",
+        "kvhost: stopped ({} connections, {} requests); {} puts stored{took}",
         stats.connections_total.load(Ordering::Relaxed),
         stats.requests_total(),
         stats.puts_stored.load(Ordering::Relaxed),

@@ -61,11 +61,9 @@ impl BodyBudget {
                 used.checked_add(want).filter(|&total| total <= self.limit)
             })
             .ok()?;
-        let mut buf = self.take_spare(len).unwrap_or_default();
-        if buf.len() < len {
-            // Only the growth is zeroed; a reused buffer's bytes are overwritten by the body.
-            buf.resize(len, 0);
-        }
+        // A fresh buffer comes from calloc: its pages are mapped as the body's bytes land in them, so
+        // a PUT header that declares a large body and sends nothing costs (almost) no memory.
+        let buf = self.take_spare(len).unwrap_or_else(|| vec![0; len]);
         Some(StagedBody {
             buf,
             len,
@@ -73,7 +71,7 @@ impl BodyBudget {
         })
     }
 
-    /// The smallest spare buffer that holds `len` bytes, else the largest one (grown by the caller).
+    /// The smallest spare buffer that holds `len` bytes.
     fn take_spare(&self, len: usize) -> Option<Vec<u8>> {
         let mut spare = self.spare.lock();
         let i = spare
@@ -81,7 +79,6 @@ impl BodyBudget {
             .enumerate()
             .filter(|(_, b)| b.len() >= len)
             .min_by_key(|(_, b)| b.len())
-            .or_else(|| spare.iter().enumerate().max_by_key(|(_, b)| b.len()))
             .map(|(i, _)| i)?;
         Some(spare.swap_remove(i))
     }
