@@ -32,6 +32,8 @@ pub(super) struct Shared {
     pub(super) config: ServeConfig,
     pub(super) stats: Arc<ServerStats>,
     pub(super) budget: Arc<BodyBudget>,
+    /// The chain has no plugin tiers: reads never leave memory, so they run on the reactor.
+    pub(super) hot_only: bool,
 }
 
 /// Counts the connection as open for as long as it lives (also if its task is aborted).
@@ -122,6 +124,14 @@ fn is_retry(e: &io::Error) -> bool {
 }
 
 impl Conn<'_> {
+    /// Whether a read of `key` is answered from memory, so it may run on the reactor: always on a
+    /// chain without plugin tiers, else when the hot cache holds the key (a hit never reaches the
+    /// tiers; only an eviction in the instant between the check and the read could send it there).
+    /// Anything else goes to the blocking pool: a thread hop costs more than the read itself.
+    fn reads_from_memory(&self, key: &crate::ChunkKey) -> bool {
+        self.s.hot_only || self.s.chain.hot().contains(key)
+    }
+
     fn stopping(&self) -> bool {
         *self.stop.borrow()
     }
@@ -237,12 +247,18 @@ impl Conn<'_> {
             Command::Put => self.put(req, &mut clock).await?,
             Command::Get => self.get(req, &mut clock).await?,
             Command::Exist => {
-                let chain = self.s.chain.clone();
                 let key = req.key.expect("decoded with a key");
-                let found = blocking(move || {
-                    chain.lookup(std::slice::from_ref(&key), None).hit_chunks == 1
-                })
-                .await?;
+                let found = if self.reads_from_memory(&key) {
+                    self.s
+                        .chain
+                        .lookup(std::slice::from_ref(&key), None)
+                        .hit_chunks
+                        == 1
+                } else {
+                    let chain = self.s.chain.clone();
+                    blocking(move || chain.lookup(std::slice::from_ref(&key), None).hit_chunks == 1)
+                        .await?
+                };
                 let code = if found {
                     protocol::SUCCESS
                 } else {
@@ -337,9 +353,13 @@ impl Conn<'_> {
     }
 
     async fn get(&mut self, req: Request, clock: &mut Clock) -> Result<(), CloseReason> {
-        let chain = self.s.chain.clone();
         let key = req.key.expect("decoded with a key");
-        let found = blocking(move || chain.get(std::slice::from_ref(&key)).pop().flatten()).await?;
+        let found = if self.reads_from_memory(&key) {
+            self.s.chain.get(std::slice::from_ref(&key)).pop().flatten()
+        } else {
+            let chain = self.s.chain.clone();
+            blocking(move || chain.get(std::slice::from_ref(&key)).pop().flatten()).await?
+        };
         match found {
             Some(h) => {
                 self.s.stats.get_hits.fetch_add(1, Ordering::Relaxed);

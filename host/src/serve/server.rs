@@ -122,6 +122,7 @@ impl Server {
             config.put_body_budget.min(256 << 20),
         );
         let shared = Arc::new(Shared {
+            hot_only: chain.plugins().is_empty(),
             chain,
             config,
             stats: stats.clone(),
