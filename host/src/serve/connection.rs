@@ -319,10 +319,15 @@ impl Conn<'_> {
         let chain = self.s.chain.clone();
         let key = req.key.clone().expect("decoded with a key");
         let meta = protocol::meta_from(&req);
-        let outcome = blocking(move || {
-            chain.put_with(&key, len, meta, |dst| dst.copy_from_slice(staged.bytes()))
-        })
-        .await?;
+        let commit =
+            move || chain.put_with(&key, len, meta, |dst| dst.copy_from_slice(staged.bytes()));
+        let outcome = if self.s.hot_only {
+            // No plugin can hang this call: run it on this thread (the runtime moves the other
+            // tasks away meanwhile), which saves the two thread hops of the blocking pool.
+            tokio::task::block_in_place(commit)
+        } else {
+            blocking(commit).await?
+        };
         match outcome {
             PutOutcome::Stored => {
                 stats.puts_stored.fetch_add(1, Ordering::Relaxed);

@@ -65,13 +65,19 @@ impl Default for ServeConfig {
 /// plugin cannot make the server spawn a thread per request.
 const MAX_BLOCKING_THREADS: usize = 64;
 
+/// Pending connections the kernel queues before `accept` (capped by `net.core.somaxconn`). The
+/// default of std's `bind`, 128, overflows when thousands of clients connect at once, and a dropped
+/// SYN costs the client a 1 s retransmit.
+const LISTEN_BACKLOG: u32 = 4096;
+
 /// Backoff after a failed `accept` (EMFILE and the like), so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Extra time, past `shutdown_grace`, before connections still open at a stop are aborted.
 const ABORT_MARGIN: Duration = Duration::from_secs(1);
 
-/// A running server. Drop does not stop it: call [`Server::shutdown`] and [`Server::wait`].
+/// A running server. Call [`Server::shutdown`] (or [`Stopper::stop`]) and then [`Server::wait`];
+/// dropping it also stops it, as `shutdown` does, without waiting.
 pub struct Server {
     addr: SocketAddr,
     stats: Arc<ServerStats>,
@@ -102,9 +108,6 @@ impl Server {
                 ),
             ));
         }
-        let listener = std::net::TcpListener::bind(addr)?;
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
         let workers = match config.worker_threads {
             0 => std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
             n => n,
@@ -128,11 +131,12 @@ impl Server {
             stats: stats.clone(),
             budget,
         });
-        // Register the listener with the reactor here, so a bad socket fails `start`, not later.
+        // Bind here, so a bad address fails `start`, not later.
         let listener = {
             let _entered = runtime.enter();
-            tokio::net::TcpListener::from_std(listener)?
+            bind(addr)?
         };
+        let addr = listener.local_addr()?;
         let runner = std::thread::Builder::new()
             .name("kvhost-serve-main".into())
             .spawn(move || {
@@ -176,6 +180,17 @@ impl Server {
             let _ = h.join();
         }
     }
+}
+
+/// A listening socket on `addr` with [`LISTEN_BACKLOG`] (must run inside the runtime).
+fn bind(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 async fn accept_loop(
