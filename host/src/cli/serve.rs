@@ -99,6 +99,30 @@ fn serve_config(keys: &ServeKeys, args: &Args) -> Result<(ServeConfig, Duration)
     Ok((config, drain))
 }
 
+/// Descriptors the server needs besides one per connection (plugins, arena, runtimes, metrics).
+const FD_HEADROOM: u64 = 256;
+
+/// Say so at start when the soft limit on open files cannot hold `max_connections`: past it, accepts
+/// fail with EMFILE (the server backs off and survives, but new clients wait).
+fn warn_if_fd_limit_low(max_connections: usize) {
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3))
+                .and_then(|v| v.parse::<u64>().ok())
+        });
+    if let Some(soft) = soft {
+        if soft < max_connections as u64 + FD_HEADROOM {
+            eprintln!(
+                "kvhost: warning: the open-file limit ({soft}) cannot hold max_connections ({max_connections}) \
+                 plus {FD_HEADROOM}; raise it (ulimit -n, or LimitNOFILE= under systemd) or lower max_connections"
+            );
+        }
+    }
+}
+
 /// Run the server until a signal, then stop cleanly.
 pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     // Catch SIGINT/SIGTERM from the start: building the chain (prefaulting the arena, loading
@@ -106,6 +130,7 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
     let config = super::load_config(args.config.as_deref())?;
     let (serve_config, drain_timeout) = serve_config(&config.serve, &args)?;
+    warn_if_fd_limit_low(serve_config.max_connections);
     let chain = Chain::from_config(&config)?;
     let server = Server::start(chain.clone(), args.listen, serve_config)
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
