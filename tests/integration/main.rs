@@ -20,6 +20,7 @@ mod redis;
 mod sanitizers;
 mod sdk_kit;
 mod serve;
+mod serve_hostile;
 mod sick_tier;
 mod stress;
 mod util;

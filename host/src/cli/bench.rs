@@ -217,5 +217,9 @@ pub fn run_serve(args: &BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error
         std::fs::write(path, serde_json::to_string_pretty(&rows)?)?;
         println!("wrote {}", path.display());
     }
+    // A missed target is a failed run (report-only and skipped rows do not count).
+    if rows.iter().any(|r| r.met == Some(false)) {
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(ExitCode::SUCCESS)
 }

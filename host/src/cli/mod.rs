@@ -137,26 +137,7 @@ pub enum Command {
     /// micro benchmarks (`--suite micro`).
     Bench(BenchArgs),
     /// Serve LMCache's `lm://` protocol on top of the chain (point LMCache's `remote_url` at it).
-    Serve {
-        /// Config file. Default: $LMCACHE_CONFIG_FILE, else the embedded quickstart.
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:65432")]
-        listen: std::net::SocketAddr,
-        /// Serve Prometheus metrics (GET /metrics) on this address.
-        #[arg(long)]
-        metrics: Option<std::net::SocketAddr>,
-        /// Largest chunk a PUT may carry, bytes.
-        #[arg(long, default_value_t = 1 << 30)]
-        max_chunk_bytes: u64,
-        /// Seconds a client may stall inside a request before its connection is closed.
-        #[arg(long, default_value_t = 10.0)]
-        stall_timeout: f64,
-        /// Seconds to drain puts in flight at shutdown.
-        #[arg(long, default_value_t = 30.0)]
-        drain_timeout: f64,
-    },
+    Serve(serve::Args),
     /// Run the conformance suite against one plugin class.
     ///
     /// The suite keeps at most one instance alive at a time: the checks share one instance, and the
@@ -254,21 +235,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             dir,
             sdk,
         } => new_plugin::run(lang, &name, &dir, sdk),
-        Command::Serve {
-            config,
-            listen,
-            metrics,
-            max_chunk_bytes,
-            stall_timeout,
-            drain_timeout,
-        } => serve::run(serve::Args {
-            config,
-            listen,
-            metrics,
-            max_chunk_bytes,
-            stall_timeout,
-            drain_timeout,
-        }),
+        Command::Serve(args) => serve::run(args),
         Command::Bench(args) => match args.suite {
             Suite::Micro => bench::run_micro(args.json.as_deref(), args.quick),
             Suite::Workload => bench::run_workload(&args),

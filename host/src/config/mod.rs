@@ -11,8 +11,10 @@
 
 pub mod machine;
 mod raw;
+mod serve;
 
 use raw::{RawConfig, StringList};
+pub use serve::ServeKeys;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -222,6 +224,8 @@ pub struct Config {
     pub on_plugin_error: OnPluginError,
     /// The model.
     pub model: ModelSpec,
+    /// The `serve:` section (`kvhost serve` limits).
+    pub serve: ServeKeys,
     /// `extra_config` entries that are not plugin keys.
     pub extra_config: BTreeMap<String, String>,
     /// Warnings found while loading (unknown keys, deprecated forms); also logged.
@@ -561,6 +565,9 @@ impl Config {
             other => other,
         };
 
+        let serve = raw.serve.unwrap_or_default();
+        serve.check().map_err(invalid)?;
+
         let mut model = ModelSpec::default();
         if let Some(m) = raw.model {
             m.apply(&mut model);
@@ -600,6 +607,7 @@ impl Config {
             plugin_dirs,
             on_plugin_error,
             model,
+            serve,
             extra_config,
             warnings,
         })

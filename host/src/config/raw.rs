@@ -99,6 +99,7 @@ raw_config! {
     on_plugin_error: String,
     write_policy: String,
     model: RawModel,
+    serve: super::ServeKeys,
     pin_check_interval_sec: f64,
     local_cpu_prefault: bool,
     put_queue_depth: usize,
