@@ -47,6 +47,19 @@ impl Chain {
         out
     }
 
+    /// Read one chunk only if memory holds it (the hot cache or a put in flight). Never calls a plugin,
+    /// so an async reactor may call it; `None` means "not in memory", not "absent": fall back to
+    /// [`Chain::get`] on a thread that may block.
+    pub fn get_in_memory(&self, key: &ChunkKey) -> Option<ChunkHandle> {
+        let inner = &self.inner;
+        let started = Instant::now();
+        let h = inner.hot.get(key).or_else(|| inner.inflight.get(key))?;
+        inc(&inner.hot_metrics.hits);
+        add(&inner.hot_metrics.bytes_out, h.len() as u64);
+        inner.hot_metrics.get_latency.record(started.elapsed());
+        Some(h)
+    }
+
     /// Read `keys` from one tier into new arena blocks; returns `(index in keys, promoted handle)`.
     fn read_tier(&self, tier: &Tier, keys: &[ChunkKey]) -> Vec<(usize, ChunkHandle)> {
         let inner = &self.inner;

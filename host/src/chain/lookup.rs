@@ -170,6 +170,18 @@ impl Chain {
         result
     }
 
+    /// Whether memory holds `key` (the hot cache or a put in flight), counted as a one-key lookup
+    /// when it does. Never calls a plugin, so an async reactor may call it; `false` means "not in
+    /// memory": fall back to [`Chain::lookup`] on a thread that may block.
+    pub fn contains_in_memory(&self, key: &ChunkKey) -> bool {
+        let inner = &self.inner;
+        let found = inner.hot.contains(key) || inner.inflight.contains(key);
+        if found {
+            inner.pins.lookups.fetch_add(1, Ordering::Relaxed);
+        }
+        found
+    }
+
     /// Leading keys in the hot cache (or being stored); with `pin`, their handles go into `held`.
     fn hot_prefix(&self, keys: &[ChunkKey], pin: bool, held: &mut Vec<ChunkHandle>) -> usize {
         let inner = &self.inner;

@@ -8,7 +8,8 @@
 //! - Once the server is stopping, a request in progress has `shutdown_grace` left at most; no new
 //!   request is started.
 //!
-//! Plugin calls and large copies run on the blocking pool, never on the reactor.
+//! Plugin calls and large copies run on the blocking pool, never on the reactor: a read the hot cache
+//! answers stays on the reactor through the chain's in-memory calls, which never reach a plugin.
 
 use super::body_budget::BodyBudget;
 use super::protocol::{self, Command, ProtocolError, Request, Response, REQUEST_HEADER_LEN};
@@ -124,14 +125,6 @@ fn is_retry(e: &io::Error) -> bool {
 }
 
 impl Conn<'_> {
-    /// Whether a read of `key` is answered from memory, so it may run on the reactor: always on a
-    /// chain without plugin tiers, else when the hot cache holds the key (a hit never reaches the
-    /// tiers; only an eviction in the instant between the check and the read could send it there).
-    /// Anything else goes to the blocking pool: a thread hop costs more than the read itself.
-    fn reads_from_memory(&self, key: &crate::ChunkKey) -> bool {
-        self.s.hot_only || self.s.chain.hot().contains(key)
-    }
-
     fn stopping(&self) -> bool {
         *self.stop.borrow()
     }
@@ -248,12 +241,14 @@ impl Conn<'_> {
             Command::Get => self.get(req, &mut clock).await?,
             Command::Exist => {
                 let key = req.key.expect("decoded with a key");
-                let found = if self.reads_from_memory(&key) {
+                let found = if self.s.hot_only {
                     self.s
                         .chain
                         .lookup(std::slice::from_ref(&key), None)
                         .hit_chunks
                         == 1
+                } else if self.s.chain.contains_in_memory(&key) {
+                    true
                 } else {
                     let chain = self.s.chain.clone();
                     blocking(move || chain.lookup(std::slice::from_ref(&key), None).hit_chunks == 1)
@@ -359,8 +354,10 @@ impl Conn<'_> {
 
     async fn get(&mut self, req: Request, clock: &mut Clock) -> Result<(), CloseReason> {
         let key = req.key.expect("decoded with a key");
-        let found = if self.reads_from_memory(&key) {
+        let found = if self.s.hot_only {
             self.s.chain.get(std::slice::from_ref(&key)).pop().flatten()
+        } else if let Some(h) = self.s.chain.get_in_memory(&key) {
+            Some(h)
         } else {
             let chain = self.s.chain.clone();
             blocking(move || chain.get(std::slice::from_ref(&key)).pop().flatten()).await?
