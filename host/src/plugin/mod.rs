@@ -10,8 +10,9 @@ mod completions;
 mod marshal;
 mod ops;
 
+pub(crate) use completions::new_instance;
 pub use completions::unknown_completions;
-pub(crate) use completions::{register_instance, OpTable};
+use completions::OpTable;
 pub(crate) use marshal::{c_string as ffi_c_string, host_log, host_log_enabled};
 pub use ops::{
     ContainsDone, DstBuf, GetDone, GetItem, GetRequest, KeyOpDone, PrefetchDone, PutDone,
