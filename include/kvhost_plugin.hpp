@@ -94,32 +94,8 @@ class Backend;
 /* ================================================================================================ */
 
 /** The name of a status code ("OK", "NOT_FOUND", ...), or "UNKNOWN" for codes this header does not
- *  know. Static string; any thread. */
-inline const char *status_name(Status status) noexcept {
-    switch (status) {
-    case KVH_OK: return "OK";
-    case KVH_PENDING: return "PENDING";
-    case KVH_ERR_INVALID_ARG: return "INVALID_ARG";
-    case KVH_ERR_NULL_PARAM: return "NULL_PARAM";
-    case KVH_ERR_NOT_FOUND: return "NOT_FOUND";
-    case KVH_ERR_BUFFER_TOO_SMALL: return "BUFFER_TOO_SMALL";
-    case KVH_ERR_UNSUPPORTED: return "UNSUPPORTED";
-    case KVH_ERR_BUSY: return "BUSY";
-    case KVH_ERR_IO: return "IO";
-    case KVH_ERR_TIMEOUT: return "TIMEOUT";
-    case KVH_ERR_CANCELED: return "CANCELED";
-    case KVH_ERR_NO_SPACE: return "NO_SPACE";
-    case KVH_ERR_INVALID_CONFIG: return "INVALID_CONFIG";
-    case KVH_ERR_INTERNAL: return "INTERNAL";
-    case KVH_ERR_PANIC: return "PANIC";
-    case KVH_ERR_POISONED: return "POISONED";
-    case KVH_ERR_ABI_MISMATCH: return "ABI_MISMATCH";
-    case KVH_ERR_UNAVAILABLE: return "UNAVAILABLE";
-    case KVH_ERR_CORRUPT: return "CORRUPT";
-    case KVH_ERR_NO_RESULT: return "NO_RESULT";
-    default: return "UNKNOWN";
-    }
-}
+ *  know: ::kvh_status_name, the table generated into kvhost_plugin.h. Static string; any thread. */
+inline const char *status_name(Status status) noexcept { return ::kvh_status_name(status); }
 
 /** A borrowed kvh_str as a string_view (no copy; same lifetime as the kvh_str). NULL with length 0 is
  *  an empty view. */

@@ -37,6 +37,8 @@
 //! Plugins must be built with `panic = "unwind"` (the default): the SDK turns panics into
 //! `KVH_ERR_PANIC` and poisons the backend; with `panic = "abort"` a panic would end the host process.
 
+#![warn(missing_docs)]
+
 pub mod abi;
 mod backend;
 #[cfg(feature = "build")]

@@ -162,10 +162,11 @@ fn log_colours_only_on_a_terminal_and_never_with_no_color() {
         !warning_line(&t).contains('\x1b'),
         "colour codes on a pipe: {t:?}"
     );
-    if Command::new("script").arg("--version").output().is_err() {
-        eprintln!("\n** terminal half of log_colours_only_on_a_terminal_and_never_with_no_color NOT RUN: no `script` (util-linux) **\n");
-        return;
-    }
+    // `script` (bsdutils, an essential package) gives the pseudo-terminal; without it this fails.
+    assert!(
+        Command::new("script").arg("--version").output().is_ok(),
+        "no `script` for a pseudo-terminal (apt-get install bsdutils)"
+    );
     let on_tty = |no_color: Option<&str>| {
         let line = format!("{} {}", binary().display(), args.join(" "));
         let mut c = Command::new("script");

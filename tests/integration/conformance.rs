@@ -191,6 +191,10 @@ fn readme_conformance_line_for_logstore_passes() {
 }
 
 #[test]
+#[cfg_attr(
+    not(has_redis),
+    ignore = "needs redis-server (apt-get install redis-server)"
+)]
 fn readme_conformance_line_for_redis_passes() {
     if !crate::redis::have_redis("readme_conformance_line_for_redis_passes") {
         return;
@@ -201,6 +205,10 @@ fn readme_conformance_line_for_redis_passes() {
 }
 
 #[test]
+#[cfg_attr(
+    not(has_ceph),
+    ignore = "needs Ceph and librados-dev (apt-get install ceph-mon ceph-osd ceph-common uuid-runtime librados-dev)"
+)]
 fn readme_conformance_line_for_rados_passes() {
     if !crate::rados::ceph_available("readme_conformance_line_for_rados_passes") {
         return;

@@ -117,7 +117,7 @@ fn lying_statuses_are_mapped_not_trusted() {
     );
     let e = p.contains(&[key(3)], false).unwrap_err();
     assert_eq!(e.status, Status(12345));
-    assert!(e.to_string().contains("unknown status 12345"), "{e}");
+    assert!(e.to_string().contains("UNKNOWN (12345)"), "{e}");
     let g = p
         .get_wait(
             GetRequest {

@@ -13,6 +13,7 @@
 //!   the operations on caller-lent buffers.
 //! - No lock is held while a plugin runs; a failing plugin costs its own keys, never the call.
 
+mod arena_bufs;
 pub mod breaker;
 mod breaker_probe;
 mod close;

@@ -143,9 +143,9 @@ impl PrefetchPool {
 }
 
 impl Chain {
-    /// Load the cached prefix of `keys` into the hot cache in the background, on the chain's
-    /// [`PREFETCH_WORKERS`] prefetch threads. Waits only while [`PREFETCH_QUEUE`] prefetches are
-    /// already queued.
+    /// Load the cached prefix of `keys` into the hot cache in the background, on the chain's 4
+    /// prefetch threads (`PREFETCH_WORKERS`). Waits only while 4096 prefetches (`PREFETCH_QUEUE`)
+    /// are already queued.
     pub fn prefetch(&self, keys: Vec<ChunkKey>) -> PrefetchHandle {
         let handle = PrefetchHandle {
             shared: Arc::new((Mutex::new(None), Condvar::new())),

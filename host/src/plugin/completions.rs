@@ -75,7 +75,7 @@ pub(crate) struct OpTable {
 }
 
 impl OpTable {
-    pub(crate) fn new() -> Self {
+    fn new() -> Self {
         OpTable {
             shards: std::array::from_fn(|_| Mutex::new(slab::Slab::new())),
             next_shard: AtomicUsize::new(0),
@@ -91,16 +91,20 @@ static INSTANCES: LazyLock<RwLock<Vec<&'static HostCtx>>> =
 /// Completions whose token names no instance at all (garbage `user_data`).
 static UNKNOWN_COMPLETIONS: AtomicU64 = AtomicU64::new(0);
 
-/// Create and register a host context with the next instance id; `None` when the process has made
-/// too many instances.
-pub(crate) fn register_instance(
-    make: impl FnOnce(u16) -> &'static HostCtx,
-) -> Option<&'static HostCtx> {
+/// The host context of a new plugin instance named `name`, registered under the next instance id
+/// (completion tokens name the instance, never a pointer); `None` when the process has made too many
+/// instances. Leaked: it lives until process exit, as the ABI promises `host_ctx` does.
+pub(crate) fn new_instance(name: &str) -> Option<&'static HostCtx> {
     let mut all = INSTANCES.write();
     if all.len() >= MAX_INSTANCES {
         return None;
     }
-    let ctx = make(all.len() as u16);
+    let ctx: &'static HostCtx = Box::leak(Box::new(HostCtx {
+        name: name.to_string(),
+        instance: all.len() as u16,
+        pending_ops: AtomicUsize::new(0),
+        ops: OpTable::new(),
+    }));
     all.push(ctx);
     Some(ctx)
 }

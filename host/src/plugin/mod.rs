@@ -11,8 +11,9 @@ mod marshal;
 mod ops;
 mod stats;
 
+pub(crate) use completions::new_instance;
 pub use completions::unknown_completions;
-pub(crate) use completions::{register_instance, OpTable};
+use completions::OpTable;
 pub(crate) use marshal::{c_string as ffi_c_string, host_log, host_log_enabled};
 pub use ops::{
     ContainsDone, DstBuf, GetDone, GetItem, GetRequest, KeyOpDone, PrefetchDone, PutDone,
