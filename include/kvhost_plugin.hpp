@@ -94,32 +94,8 @@ class Backend;
 /* ================================================================================================ */
 
 /** The name of a status code ("OK", "NOT_FOUND", ...), or "UNKNOWN" for codes this header does not
- *  know. Static string; any thread. */
-inline const char *status_name(Status status) noexcept {
-    switch (status) {
-    case KVH_OK: return "OK";
-    case KVH_PENDING: return "PENDING";
-    case KVH_ERR_INVALID_ARG: return "INVALID_ARG";
-    case KVH_ERR_NULL_PARAM: return "NULL_PARAM";
-    case KVH_ERR_NOT_FOUND: return "NOT_FOUND";
-    case KVH_ERR_BUFFER_TOO_SMALL: return "BUFFER_TOO_SMALL";
-    case KVH_ERR_UNSUPPORTED: return "UNSUPPORTED";
-    case KVH_ERR_BUSY: return "BUSY";
-    case KVH_ERR_IO: return "IO";
-    case KVH_ERR_TIMEOUT: return "TIMEOUT";
-    case KVH_ERR_CANCELED: return "CANCELED";
-    case KVH_ERR_NO_SPACE: return "NO_SPACE";
-    case KVH_ERR_INVALID_CONFIG: return "INVALID_CONFIG";
-    case KVH_ERR_INTERNAL: return "INTERNAL";
-    case KVH_ERR_PANIC: return "PANIC";
-    case KVH_ERR_POISONED: return "POISONED";
-    case KVH_ERR_ABI_MISMATCH: return "ABI_MISMATCH";
-    case KVH_ERR_UNAVAILABLE: return "UNAVAILABLE";
-    case KVH_ERR_CORRUPT: return "CORRUPT";
-    case KVH_ERR_NO_RESULT: return "NO_RESULT";
-    default: return "UNKNOWN";
-    }
-}
+ *  know: ::kvh_status_name, the table generated into kvhost_plugin.h. Static string; any thread. */
+inline const char *status_name(Status status) noexcept { return ::kvh_status_name(status); }
 
 /** A borrowed kvh_str as a string_view (no copy; same lifetime as the kvh_str). NULL with length 0 is
  *  an empty view. */
@@ -699,6 +675,38 @@ class CreateArgs {
 /* ================================================================================================ */
 
 /**
+ * What Backend::stats() fills (ABI 1.3): the host's array of named counters and gauges. Entries past
+ * the array are counted, not written, so the host can offer a larger one. Names are 1-47 bytes of
+ * [a-z0-9_]; see kvh_stat for the well-known ones (evictions, bytes_used, capacity_bytes, entries,
+ * no_space).
+ */
+class Stats {
+public:
+    explicit Stats(kvh_stats_buf *out) noexcept : out_(out) { out_->len = 0; }
+    /** A count that only grows while the backend lives. */
+    Stats &counter(std::string_view name, uint64_t value) noexcept { return add(name, KVH_STAT_COUNTER, value); }
+    /** A level that may go up and down. */
+    Stats &gauge(std::string_view name, uint64_t value) noexcept { return add(name, KVH_STAT_GAUGE, value); }
+    /** KVH_OK, or KVH_ERR_BUFFER_TOO_SMALL when more entries were added than the host offered. */
+    kvh_status status() const noexcept { return out_->len <= out_->cap ? KVH_OK : KVH_ERR_BUFFER_TOO_SMALL; }
+
+private:
+    Stats &add(std::string_view name, uint32_t kind, uint64_t value) noexcept {
+        if (out_->items != nullptr && out_->len < out_->cap) {
+            kvh_stat &stat = out_->items[out_->len];
+            std::memset(stat.name, 0, sizeof stat.name);
+            std::memcpy(stat.name, name.data(), name.size() < KVH_STAT_NAME_CAP - 1 ? name.size() : KVH_STAT_NAME_CAP - 1);
+            stat.value = value;
+            stat.kind = kind;
+            stat.reserved = 0;
+        }
+        out_->len++;
+        return *this;
+    }
+    kvh_stats_buf *out_;
+};
+
+/**
  * Base class of a C++ backend. Subclass it, override the four required operations, override the
  * optional ones you support and declare their bits in `static constexpr uint64_t capabilities`, then
  * export the class with KVH_EXPORT_BACKEND.
@@ -763,6 +771,9 @@ class Backend {
     /** [any-thread] KVH_CAP_ASYNC_REMOVE (ABI 1.2). remove() with a completion; once it completes the
      *  keys are no longer served. remove() stays required. */
     virtual Status remove_async(Request<KeyBatch> &, bool /*force*/) { return KVH_ERR_UNSUPPORTED; }
+    /** [any-thread] KVH_CAP_STATS (ABI 1.3). Report counters and gauges (out.counter("evictions", n),
+     *  out.gauge("bytes_used", n), ...). Quick, no I/O: the host calls it for every metrics scrape. */
+    virtual Status stats(Stats &) { return KVH_ERR_UNSUPPORTED; }
 
     /** [control] Called by destroy right before the object is deleted: finish or cancel every pending
      *  operation (their completions must have fired when it returns) and join your threads here, while
@@ -854,7 +865,7 @@ struct Exporter {
     static constexpr uint64_t caps = T::capabilities;
     static constexpr uint64_t known_caps = KVH_CAP_PIN | KVH_CAP_PREFETCH | KVH_CAP_FLUSH | KVH_CAP_HEALTH | KVH_CAP_PERSISTENT |
                                            KVH_CAP_SHARED | KVH_CAP_DISCARDS | KVH_CAP_CLEAR | KVH_CAP_ASYNC_CONTAINS |
-                                           KVH_CAP_ASYNC_REMOVE;
+                                           KVH_CAP_ASYNC_REMOVE | KVH_CAP_STATS;
     static_assert((caps & ~known_caps) == 0, "capabilities has a bit this header does not know");
     static_assert(((caps & KVH_CAP_PIN) != 0) == KVH_DETAIL_OVERRIDES(T, pin, Status(KeyBatch)),
                   "KVH_CAP_PIN must be set exactly when pin() is overridden");
@@ -873,6 +884,8 @@ struct Exporter {
                   "KVH_CAP_ASYNC_CONTAINS must be set exactly when contains_async() is overridden");
     static_assert(((caps & KVH_CAP_ASYNC_REMOVE) != 0) == KVH_DETAIL_OVERRIDES(T, remove_async, Status(Request<KeyBatch> &, bool)),
                   "KVH_CAP_ASYNC_REMOVE must be set exactly when remove_async() is overridden");
+    static_assert(((caps & KVH_CAP_STATS) != 0) == KVH_DETAIL_OVERRIDES(T, stats, Status(Stats &)),
+                  "KVH_CAP_STATS must be set exactly when stats() is overridden");
 
     static T *self(kvh_backend *b) noexcept { return reinterpret_cast<T *>(b); }
     /** The identity last_error is keyed by: the Backend subobject (what Backend::fail uses as `this`). */
@@ -1202,6 +1215,17 @@ struct Exporter {
         return KVH_ERR_PANIC;
     }
 
+    static kvh_status tr_stats(kvh_backend *b, kvh_stats_buf *out) noexcept {
+        if (out == nullptr) {
+            return KVH_ERR_NULL_PARAM;
+        }
+        return run_plain(b, "stats", [out](Backend *be) {
+            Stats stats(out);
+            Status s = be->stats(stats);
+            return s == KVH_OK ? Status(stats.status()) : s;
+        });
+    }
+
     static size_t tr_last_error(kvh_backend *b, char *buf, size_t cap) noexcept {
         const LastError &slot = last_error_slot();
         if (b == nullptr || slot.backend != id(self(b)) || slot.text.empty()) {
@@ -1245,6 +1269,9 @@ struct Exporter {
         }
         if (caps & KVH_CAP_ASYNC_REMOVE) {
             vt.remove_async = tr_remove_async;
+        }
+        if (caps & KVH_CAP_STATS) {
+            vt.stats = tr_stats;
         }
         return vt;
     }

@@ -12,12 +12,23 @@
  * - kvh_util_status_name: the name of a `kvh_status`, for log lines;
  * - kvh_util_log_enabled, kvh_util_log: format a message and hand it to the host's logger under the
  *   plugin's target, skipping the formatting when the host would drop it;
+ * - kvh_util_stats_begin, kvh_util_stat, kvh_util_stats_end: fill the `stats` entry's array (ABI 1.3),
+ *   counting what does not fit so the host can offer a larger one;
  * - kvh_util_set_last_error, kvh_util_last_error, kvh_util_null_param: the per-thread "last error"
  *   the ABI's `last_error` entry reports. The slot remembers which backend set it, so one backend never
  *   reports another's error when a thread uses several.
  *
- * Threads: every function may be called from any thread. The last-error slot is per thread and per
- * plugin (each plugin that includes this header has its own).
+ * Threads: every function may be called from any thread.
+ *
+ * Linkage: every function is `static` (internal linkage), so any number of translation units of one
+ * plugin may include this header and link together. The last-error slot is per thread and, by
+ * default, per translation unit: errors set in one .c file are seen by `kvh_util_last_error` called
+ * in the same file. A plugin of several files that sets errors in one and answers `last_error` in
+ * another defines KVH_UTIL_SHARED_LAST_ERROR before including this header in every file, and
+ * KVH_UTIL_DEFINE_LAST_ERROR as well in exactly one of them: the slot is then one hidden-visibility
+ * variable shared by the whole plugin and never exported from it.
+ *
+ * Languages: C11 and C++17 (the slot is `_Thread_local` in C and `thread_local` in C++).
  */
 #ifndef KVHOST_PLUGIN_UTIL_H
 #define KVHOST_PLUGIN_UTIL_H
@@ -95,31 +106,10 @@ static KVH_UTIL_UNUSED int kvh_util_str_equals(kvh_str s, const char *literal) {
     return s.len == len && (len == 0 || (s.ptr != NULL && memcmp(s.ptr, literal, len) == 0));
 }
 
-/* The name of a status code ("ERROR" for codes this header does not know). */
+/* The name of a status code ("UNKNOWN" for codes this header does not know): kvh_status_name, the
+ * table generated into kvhost_plugin.h. */
 static KVH_UTIL_UNUSED const char *kvh_util_status_name(kvh_status status) {
-    switch (status) {
-    case KVH_OK: return "OK";
-    case KVH_PENDING: return "PENDING";
-    case KVH_ERR_INVALID_ARG: return "INVALID_ARG";
-    case KVH_ERR_NULL_PARAM: return "NULL_PARAM";
-    case KVH_ERR_NOT_FOUND: return "NOT_FOUND";
-    case KVH_ERR_BUFFER_TOO_SMALL: return "BUFFER_TOO_SMALL";
-    case KVH_ERR_UNSUPPORTED: return "UNSUPPORTED";
-    case KVH_ERR_BUSY: return "BUSY";
-    case KVH_ERR_IO: return "IO";
-    case KVH_ERR_TIMEOUT: return "TIMEOUT";
-    case KVH_ERR_CANCELED: return "CANCELED";
-    case KVH_ERR_NO_SPACE: return "NO_SPACE";
-    case KVH_ERR_INVALID_CONFIG: return "INVALID_CONFIG";
-    case KVH_ERR_INTERNAL: return "INTERNAL";
-    case KVH_ERR_PANIC: return "PANIC";
-    case KVH_ERR_POISONED: return "POISONED";
-    case KVH_ERR_ABI_MISMATCH: return "ABI_MISMATCH";
-    case KVH_ERR_UNAVAILABLE: return "UNAVAILABLE";
-    case KVH_ERR_CORRUPT: return "CORRUPT";
-    case KVH_ERR_NO_RESULT: return "NO_RESULT";
-    default: return "ERROR";
-    }
+    return kvh_status_name(status);
 }
 
 /* Whether a message at `level` would be recorded: lets callers skip formatting and per-key loops. */
@@ -152,7 +142,7 @@ static KVH_UTIL_UNUSED void kvh_util_log(const kvh_host_api *host, const char *t
     if (written >= 0 && (size_t)written < sizeof stack_text) {
         len = (size_t)written;
     } else if (written >= 0) {
-        heap_text = malloc((size_t)written + 1);
+        heap_text = (char *)malloc((size_t)written + 1);
         if (heap_text != NULL && vsnprintf(heap_text, (size_t)written + 1, fmt, args_again) == written) {
             text = heap_text;
             len = (size_t)written;
@@ -162,9 +152,37 @@ static KVH_UTIL_UNUSED void kvh_util_log(const kvh_host_api *host, const char *t
     }
     va_end(args_again);
     if (written >= 0) {
-        host->log(host->host_ctx, level, (kvh_str){ target, strlen(target) }, (kvh_str){ text, len });
+        kvh_str target_str = { target, strlen(target) };
+        kvh_str text_str = { text, len };
+        host->log(host->host_ctx, level, target_str, text_str);
     }
     free(heap_text);
+}
+
+/* `stats` (ABI 1.3): start an answer (nothing written yet). */
+static KVH_UTIL_UNUSED void kvh_util_stats_begin(kvh_stats_buf *out) {
+    out->len = 0;
+}
+
+/* `stats`: add one entry. `name` is 1-47 bytes of [a-z0-9_] (longer names are cut at 47); `kind` is
+ * KVH_STAT_COUNTER or KVH_STAT_GAUGE. An entry past the host's array is counted, not written. */
+static KVH_UTIL_UNUSED void kvh_util_stat(kvh_stats_buf *out, const char *name, uint32_t kind, uint64_t value) {
+    if (out->items != NULL && out->len < out->cap) {
+        kvh_stat *stat = &out->items[out->len];
+        size_t len = strlen(name);
+        len = len < KVH_STAT_NAME_CAP - 1 ? len : KVH_STAT_NAME_CAP - 1;
+        memset(stat->name, 0, sizeof stat->name);
+        memcpy(stat->name, name, len);
+        stat->value = value;
+        stat->kind = kind;
+        stat->reserved = 0;
+    }
+    out->len++;
+}
+
+/* `stats`: the status to return: KVH_OK, or KVH_ERR_BUFFER_TOO_SMALL with `len` the entries needed. */
+static KVH_UTIL_UNUSED kvh_status kvh_util_stats_end(const kvh_stats_buf *out) {
+    return out->len <= out->cap ? KVH_OK : KVH_ERR_BUFFER_TOO_SMALL;
 }
 
 /* Bytes of a last-error message kept (longer ones are truncated on a character boundary). Define it
@@ -173,12 +191,37 @@ static KVH_UTIL_UNUSED void kvh_util_log(const kvh_host_api *host, const char *t
 #define KVH_UTIL_LAST_ERROR_CAP 512
 #endif
 
+#ifdef __cplusplus
+#define KVH_UTIL_THREAD_LOCAL thread_local
+#else
+#define KVH_UTIL_THREAD_LOCAL _Thread_local
+#endif
+
 /* This thread's last error, and the backend that set it. */
-static _Thread_local struct {
+struct kvh_util_last_error_slot {
     const kvh_backend *backend;
     size_t len;
     char text[KVH_UTIL_LAST_ERROR_CAP];
-} kvh_util_tls_last_error;
+};
+
+#if defined(KVH_UTIL_SHARED_LAST_ERROR)
+#if !defined(__GNUC__) && !defined(__clang__)
+#error "KVH_UTIL_SHARED_LAST_ERROR needs __attribute__((visibility)) (GCC or Clang) to keep the slot inside the plugin"
+#endif
+#ifdef __cplusplus
+extern "C" {
+#endif
+/* One slot for the whole plugin: hidden, so the dynamic linker never exports or interposes it. */
+extern __attribute__((visibility("hidden"))) KVH_UTIL_THREAD_LOCAL struct kvh_util_last_error_slot kvh_util_tls_last_error;
+#ifdef KVH_UTIL_DEFINE_LAST_ERROR
+__attribute__((visibility("hidden"))) KVH_UTIL_THREAD_LOCAL struct kvh_util_last_error_slot kvh_util_tls_last_error;
+#endif
+#ifdef __cplusplus
+}
+#endif
+#else
+static KVH_UTIL_THREAD_LOCAL struct kvh_util_last_error_slot kvh_util_tls_last_error;
+#endif
 
 /* Record this thread's last error for `backend` (what its `last_error` entry then reports). */
 static KVH_UTIL_UNUSED void kvh_util_set_last_error(const kvh_backend *backend, const char *fmt, ...) KVH_UTIL_PRINTF(2, 3);

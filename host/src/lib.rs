@@ -4,6 +4,8 @@
 //! [`config`] → [`loader`] → [`plugin`] (the safe binding of one loaded backend) → [`cache`] (the CPU
 //! hot cache) → [`chain`] (the storage manager) → front ends ([`cli`], [`bench`], [`serve`]).
 
+#![warn(missing_docs)]
+
 pub mod bench;
 pub mod cache;
 pub mod chain;
@@ -12,6 +14,7 @@ pub mod config;
 pub mod conformance;
 pub mod key;
 pub mod loader;
+pub mod log_limit;
 pub mod plugin;
 pub mod serve;
 

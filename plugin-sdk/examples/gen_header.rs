@@ -27,7 +27,18 @@ fn main() -> ExitCode {
     };
     let mut raw = Vec::new();
     bindings.write(&mut raw);
-    let generated = parenthesize_negative_defines(&String::from_utf8_lossy(&raw)).into_bytes();
+    let abi_source = match std::fs::read_to_string(crate_dir.join("src/abi.rs")) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("gen_header: reading src/abi.rs: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let generated = with_status_names(
+        &parenthesize_negative_defines(&String::from_utf8_lossy(&raw)),
+        &abi_source,
+    )
+    .into_bytes();
     if std::env::args().any(|a| a == "--check") {
         let committed = std::fs::read(&header).unwrap_or_default();
         if committed != generated {
@@ -47,6 +58,39 @@ fn main() -> ExitCode {
         println!("gen_header: wrote {}", header.display());
     }
     ExitCode::SUCCESS
+}
+
+/// The status constants of `abi.rs` (`pub const KVH_...: kvh_status`), in declaration order.
+fn status_constants(abi_source: &str) -> Vec<&str> {
+    abi_source
+        .lines()
+        .filter_map(|l| l.strip_prefix("pub const "))
+        .filter_map(|l| l.split_once(": kvh_status ="))
+        .map(|(name, _)| name.trim())
+        .collect()
+}
+
+/// Adds `kvh_status_name`, generated from the status constants, inside the include guard: the one
+/// table of status names that the C util header, the C++ wrapper and the SDK (by a test) share.
+fn with_status_names(header: &str, abi_source: &str) -> String {
+    let mut f = String::from(
+        "/**\n * The name of a status code (\"OK\", \"NOT_FOUND\", ...), or \"UNKNOWN\" for a code this header\n \
+         * does not define. Generated from the status constants of plugin-sdk/src/abi.rs. Static string;\n \
+         * any thread.\n */\nstatic inline const char *kvh_status_name(kvh_status status) {\n    switch (status) {\n",
+    );
+    for name in status_constants(abi_source) {
+        let short = name
+            .strip_prefix("KVH_ERR_")
+            .or_else(|| name.strip_prefix("KVH_"))
+            .unwrap_or(name);
+        f.push_str(&format!("    case {name}: return \"{short}\";\n"));
+    }
+    f.push_str("    default: return \"UNKNOWN\";\n    }\n}\n\n");
+    let guard_end = "#endif  /* KVHOST_PLUGIN_H */";
+    match header.find(guard_end) {
+        Some(at) => format!("{}{f}{}", &header[..at], &header[at..]),
+        None => format!("{header}\n{f}"),
+    }
 }
 
 /// `#define X -1` becomes `#define X (-1)`, so `a-X` cannot turn into `a--1`.

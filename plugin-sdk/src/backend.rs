@@ -214,4 +214,11 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn health(&self) -> Result<String, Error> {
         Ok("ok".to_string())
     }
+
+    /// `KVH_CAP_STATS` (ABI 1.3): report counters and gauges (`out.counter("evictions", n)`,
+    /// `out.gauge("bytes_used", n)`, …). Quick and without I/O: the host calls it for every metrics
+    /// scrape. An invalid or repeated name makes the call fail with a message naming it.
+    fn stats(&self, _out: &mut crate::Stats) -> Result<(), Error> {
+        Ok(())
+    }
 }

@@ -126,6 +126,11 @@ pub const fn vtable<B: Backend>() -> abi::kvh_backend_vtable {
         } else {
             None
         },
+        stats: if caps & abi::KVH_CAP_STATS != 0 {
+            Some(stats::<B>)
+        } else {
+            None
+        },
     }
 }
 
@@ -598,6 +603,53 @@ pub unsafe extern "C" fn health<B: Backend>(
         // SAFETY: the host's buffer, valid for this call.
         unsafe { ffi::write_message(message, &text) };
         status
+    })
+}
+
+/// `stats` trampoline (ABI 1.3).
+///
+/// # Safety
+/// Called by the host per the ABI.
+pub unsafe extern "C" fn stats<B: Backend>(
+    be: *mut abi::kvh_backend,
+    out: *mut abi::kvh_stats_buf,
+) -> abi::kvh_status {
+    // SAFETY: host contract.
+    let Some(inst) = (unsafe { instance::<B>(be) }) else {
+        return abi::KVH_ERR_NULL_PARAM;
+    };
+    // SAFETY: the host's buffer descriptor, valid and exclusively ours for this call.
+    let Some(out) = (unsafe { out.as_mut() }) else {
+        set_last_error("stats: out is NULL");
+        return abi::KVH_ERR_NULL_PARAM;
+    };
+    guarded(inst, "stats", |b| {
+        let mut collected = crate::Stats::default();
+        if let Err(e) = b.stats(&mut collected) {
+            set_last_error(&e.message);
+            return e.status.0;
+        }
+        let items = match collected.finish() {
+            Ok(items) => items,
+            Err(msg) => {
+                set_last_error(&msg);
+                return abi::KVH_ERR_INTERNAL;
+            }
+        };
+        out.len = items.len();
+        if items.len() > out.cap {
+            return abi::KVH_ERR_BUFFER_TOO_SMALL;
+        }
+        if !items.is_empty() {
+            if out.items.is_null() {
+                set_last_error("stats: items is NULL");
+                return abi::KVH_ERR_NULL_PARAM;
+            }
+            // SAFETY: the host's array of `cap >= items.len()` entries, valid for this call and not
+            // overlapping `items` (ours, on the heap).
+            unsafe { std::ptr::copy_nonoverlapping(items.as_ptr(), out.items, items.len()) };
+        }
+        abi::KVH_OK
     })
 }
 

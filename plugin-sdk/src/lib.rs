@@ -37,6 +37,8 @@
 //! Plugins must be built with `panic = "unwind"` (the default): the SDK turns panics into
 //! `KVH_ERR_PANIC` and poisons the backend; with `panic = "abort"` a panic would end the host process.
 
+#![warn(missing_docs)]
+
 pub mod abi;
 mod backend;
 #[cfg(feature = "build")]
@@ -47,6 +49,7 @@ mod ffi;
 mod key;
 mod logging;
 mod request;
+mod stats;
 mod status;
 
 pub use backend::{Backend, CreateContext, ModelMetadata, OptionSpec};
@@ -56,6 +59,7 @@ pub use request::{
     Batch, Contains, ContainsBatch, DstPart, Get, KeyBatch, Op, Pending, Prefetch, Put, Remove,
     Request, SharedGet, SharedPut, Submit,
 };
+pub use stats::{valid_stat_name, Stats};
 pub use status::{Error, Status};
 
 /// The `log` crate the SDK forwards to the host; use its macros in a plugin.

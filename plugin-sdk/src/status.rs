@@ -49,7 +49,9 @@ impl Status {
     /// `KVH_ERR_NO_RESULT`.
     pub const NO_RESULT: Status = Status(abi::KVH_ERR_NO_RESULT);
 
-    /// The stable symbolic name of a known code, or `None` for a value this ABI minor does not define.
+    /// The stable symbolic name of a known code, or `None` for a value this ABI minor does not define
+    /// (displayed as `UNKNOWN`, the C headers' spelling). The same names as `kvh_status_name`, the
+    /// table generated into `include/kvhost_plugin.h` (a test compares the two).
     pub fn name(self) -> Option<&'static str> {
         Some(match self.0 {
             abi::KVH_OK => "OK",
@@ -92,7 +94,7 @@ impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.name() {
             Some(name) => write!(f, "{name} ({})", self.0),
-            None => write!(f, "unknown status {}", self.0),
+            None => write!(f, "UNKNOWN ({})", self.0),
         }
     }
 }
@@ -143,3 +145,47 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+#[cfg(test)]
+mod name_table_tests {
+    use super::Status;
+
+    /// `(code constant, name)` from `kvh_status_name` in the generated header.
+    fn header_names() -> Vec<(String, String)> {
+        let header = include_str!("../../include/kvhost_plugin.h");
+        let start = header
+            .find("kvh_status_name(kvh_status status)")
+            .expect("the generated header has kvh_status_name");
+        header[start..]
+            .lines()
+            .take_while(|l| !l.contains("default:"))
+            .filter_map(|l| l.trim().strip_prefix("case "))
+            .filter_map(|l| l.split_once(": return \""))
+            .map(|(c, n)| (c.to_string(), n.trim_end_matches("\";").to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_sdk_and_the_generated_header_spell_every_status_alike() {
+        let abi = include_str!("abi.rs");
+        let names = header_names();
+        assert_eq!(names.len(), 20, "{names:?}");
+        for (constant, name) in &names {
+            let line = abi
+                .lines()
+                .find(|l| l.starts_with(&format!("pub const {constant}: kvh_status = ")))
+                .unwrap_or_else(|| panic!("{constant} is not a status constant of abi.rs"));
+            let code: i32 = line
+                .rsplit("= ")
+                .next()
+                .and_then(|v| v.trim_end_matches(';').parse().ok())
+                .unwrap_or_else(|| panic!("value of {line}"));
+            assert_eq!(Status(code).name(), Some(name.as_str()), "{constant}");
+        }
+        assert_eq!(Status(12345).name(), None);
+        assert_eq!(Status(12345).to_string(), "UNKNOWN (12345)");
+        assert!(
+            include_str!("../../include/kvhost_plugin.h").contains("default: return \"UNKNOWN\";")
+        );
+    }
+}

@@ -390,7 +390,7 @@ constexpr size_t kSuperCrcAt = 48;
 
 class LogStore final : public kvh::Backend {
   public:
-    static constexpr uint64_t capabilities = KVH_CAP_PERSISTENT | KVH_CAP_FLUSH | KVH_CAP_HEALTH | KVH_CAP_CLEAR;
+    static constexpr uint64_t capabilities = KVH_CAP_PERSISTENT | KVH_CAP_FLUSH | KVH_CAP_HEALTH | KVH_CAP_CLEAR | KVH_CAP_STATS;
     static constexpr kvh_option_spec options[] = {
         kvh::option("path", nullptr, "The store's file (created and preallocated if missing; one instance per file)",
                     KVH_OPTION_REQUIRED),
@@ -409,6 +409,7 @@ class LogStore final : public kvh::Backend {
     kvh::Status remove(kvh::KeyBatch batch, bool force) override;
     kvh::Status flush() override;
     kvh::Status health(std::string &detail) override;
+    kvh::Status stats(kvh::Stats &out) override;
     kvh::Status clear() override;
     bool shutdown() noexcept override;
 
@@ -935,6 +936,33 @@ kvh::Status LogStore::flush() {
         note_io_error("fdatasync: " + errno_text(err));
         return failf(KVH_ERR_IO, "logstore: fdatasync %s: %s", path_.c_str(), errno_text(err).c_str());
     }
+    return KVH_OK;
+}
+
+// The ring's area is the capacity: a full ring overwrites (evicts) its oldest records.
+kvh::Status LogStore::stats(kvh::Stats &out) {
+    uint64_t chunks, live, head, tail, evictions;
+    {
+        std::shared_lock<std::shared_mutex> lk(index_mu_);
+        chunks = chunks_;
+        live = live_bytes_;
+        head = head_;
+        tail = ring_.empty() ? head_ : ring_.front().offset;
+        evictions = evictions_;
+    }
+    uint64_t queued;
+    {
+        std::lock_guard<std::mutex> lk(q_mu_);
+        queued = queue_.size();
+    }
+    out.counter("evictions", evictions)
+        .gauge("bytes_used", live)
+        .gauge("capacity_bytes", file_bytes_ - data_start_)
+        .gauge("entries", chunks)
+        .gauge("ring_used_bytes", ring_used(tail, head))
+        .gauge("queued", queued)
+        .counter("corrupt", corrupt_.load())
+        .counter("io_errors", io_errors_.load());
     return KVH_OK;
 }
 

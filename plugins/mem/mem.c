@@ -1373,6 +1373,26 @@ static kvh_status mem_health(kvh_backend *backend, kvh_message_buf message) {
     return KVH_OK;
 }
 
+static kvh_status mem_stats(kvh_backend *backend, kvh_stats_buf *out) {
+    if (backend == NULL || out == NULL) {
+        return KVH_ERR_NULL_PARAM;
+    }
+    pthread_mutex_lock(&backend->store_lock);
+    const struct mem_store store = backend->store; /* a consistent snapshot, copied under the lock */
+    pthread_mutex_unlock(&backend->store_lock);
+    kvh_util_stats_begin(out);
+    kvh_util_stat(out, "evictions", KVH_STAT_COUNTER, store.evictions);
+    kvh_util_stat(out, "bytes_used", KVH_STAT_GAUGE, store.used_bytes);
+    kvh_util_stat(out, "capacity_bytes", KVH_STAT_GAUGE, store.capacity_bytes);
+    kvh_util_stat(out, "entries", KVH_STAT_GAUGE, store.entry_count);
+    kvh_util_stat(out, "pinned_bytes", KVH_STAT_GAUGE, store.pinned_bytes);
+    kvh_util_stat(out, "pool_bytes", KVH_STAT_GAUGE, store.pool_bytes);
+    kvh_util_stat(out, "buffers_held_bytes", KVH_STAT_GAUGE, store.held_bytes);
+    kvh_util_stat(out, "pool_reused", KVH_STAT_COUNTER, store.pool_reused);
+    kvh_util_stat(out, "pool_misses", KVH_STAT_COUNTER, store.pool_misses);
+    return kvh_util_stats_end(out);
+}
+
 static size_t mem_last_error(kvh_backend *backend, char *buf, size_t cap) {
     return kvh_util_last_error(backend, buf, cap);
 }
@@ -1397,6 +1417,7 @@ static const kvh_backend_vtable MEM_VTABLE = {
     .flush = mem_flush,
     .health = mem_health,
     .clear = mem_clear,
+    .stats = mem_stats,
 };
 
 static const kvh_plugin_descriptor MEM_DESCRIPTOR = {
@@ -1406,7 +1427,7 @@ static const kvh_plugin_descriptor MEM_DESCRIPTOR = {
     .class_name = "mem",
     .plugin_version = "0.1.0",
     .description = "Bounded in-memory store with FIFO eviction, pins and an async worker thread",
-    .capabilities = KVH_CAP_PIN | KVH_CAP_PREFETCH | KVH_CAP_FLUSH | KVH_CAP_HEALTH | KVH_CAP_CLEAR,
+    .capabilities = KVH_CAP_PIN | KVH_CAP_PREFETCH | KVH_CAP_FLUSH | KVH_CAP_HEALTH | KVH_CAP_CLEAR | KVH_CAP_STATS,
     .options = MEM_OPTIONS,
     .options_len = OPT_COUNT,
     .vtable = &MEM_VTABLE,

@@ -2078,6 +2078,32 @@ static void probes_reap(kvh_backend *b, int wait) {
     pthread_mutex_unlock(&b->lock);
 }
 
+/* ABI 1.3 stats: the counters health prints, as numbers; no I/O. A shared pool has no capacity or
+ * entry count of this instance's own, so neither is reported. */
+static kvh_status kr_stats(kvh_backend *b, kvh_stats_buf *out) {
+    if (b == NULL || out == NULL) {
+        return KVH_ERR_NULL_PARAM;
+    }
+    pthread_mutex_lock(&b->lock);
+    uint64_t in_flight = b->in_flight;
+    uint64_t queued = b->queued;
+    pthread_mutex_unlock(&b->lock);
+    kvh_util_stats_begin(out);
+    kvh_util_stat(out, "puts_ok", KVH_STAT_COUNTER, atomic_load(&b->puts_ok));
+    kvh_util_stat(out, "put_errors", KVH_STAT_COUNTER, atomic_load(&b->put_errors));
+    kvh_util_stat(out, "gets_hit", KVH_STAT_COUNTER, atomic_load(&b->gets_hit));
+    kvh_util_stat(out, "gets_miss", KVH_STAT_COUNTER, atomic_load(&b->gets_miss));
+    kvh_util_stat(out, "get_errors", KVH_STAT_COUNTER, atomic_load(&b->get_errors));
+    kvh_util_stat(out, "corrupt", KVH_STAT_COUNTER, atomic_load(&b->corrupt));
+    kvh_util_stat(out, "timeouts", KVH_STAT_COUNTER, atomic_load(&b->timeouts));
+    kvh_util_stat(out, "bytes_in", KVH_STAT_COUNTER, atomic_load(&b->bytes_in));
+    kvh_util_stat(out, "bytes_out", KVH_STAT_COUNTER, atomic_load(&b->bytes_out));
+    kvh_util_stat(out, "gc_objects", KVH_STAT_COUNTER, atomic_load(&b->gc_objects));
+    kvh_util_stat(out, "in_flight", KVH_STAT_GAUGE, in_flight);
+    kvh_util_stat(out, "queued", KVH_STAT_GAUGE, queued);
+    return kvh_util_stats_end(out);
+}
+
 static kvh_status kr_health(kvh_backend *b, kvh_message_buf message) {
     if (b == NULL) {
         kvh_util_write_message(message, "rados: backend is NULL");
@@ -2666,6 +2692,7 @@ static const kvh_backend_vtable RADOS_VTABLE = {
     .prefetch = NULL,
     .flush = NULL,
     .health = kr_health,
+    .stats = kr_stats,
     .clear = kr_clear,
 };
 
@@ -2676,7 +2703,7 @@ static const kvh_plugin_descriptor RADOS_DESCRIPTOR = {
     .class_name = "rados",
     .plugin_version = RADOS_VERSION,
     .description = "Ceph RADOS pool through librados: striped objects, atomic head-last writes, async I/O",
-    .capabilities = KVH_CAP_HEALTH | KVH_CAP_PERSISTENT | KVH_CAP_SHARED | KVH_CAP_CLEAR,
+    .capabilities = KVH_CAP_HEALTH | KVH_CAP_PERSISTENT | KVH_CAP_SHARED | KVH_CAP_CLEAR | KVH_CAP_STATS,
     .options = RADOS_OPTIONS,
     .options_len = OPT_COUNT,
     .vtable = &RADOS_VTABLE,

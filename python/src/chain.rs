@@ -551,7 +551,7 @@ impl PyChain {
         self.chain
             .plugins()
             .iter()
-            .map(|p| (p.name().to_string(), p.in_flight()))
+            .map(|p| (p.name().to_string(), p.pending_ops()))
             .collect()
     }
 

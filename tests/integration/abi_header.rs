@@ -53,6 +53,8 @@ fn header_constants_match_rust() {
         ("KVH_VTABLE_V1_0_SIZE", KVH_VTABLE_V1_0_SIZE as i64),
         ("KVH_VTABLE_V1_1_SIZE", KVH_VTABLE_V1_1_SIZE as i64),
         ("KVH_VTABLE_V1_2_SIZE", KVH_VTABLE_V1_2_SIZE as i64),
+        ("KVH_VTABLE_V1_3_SIZE", KVH_VTABLE_V1_3_SIZE as i64),
+        ("KVH_STATS_BUF_V1_3_SIZE", KVH_STATS_BUF_V1_3_SIZE as i64),
     ] {
         let line = header
             .lines()

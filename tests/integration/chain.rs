@@ -94,6 +94,38 @@ fn write_through_then_promotion_from_mem() {
     );
 }
 
+/// The in-memory reads (what `serve` calls on its reactor) answer from the hot cache and never reach a
+/// plugin: a key only the plugin tier holds is "not in memory", and the tier's counters do not move.
+#[test]
+fn in_memory_reads_never_reach_a_plugin_tier() {
+    let chain = chain_with("mem", 64, "");
+    let k = key(700);
+    let data = bytes(7, 200_000);
+    assert_eq!(put1(&chain, &k, &data), PutOutcome::Stored);
+    wait_drained(&chain);
+    let h = chain.get_in_memory(&k).expect("the hot cache holds it");
+    assert_eq!(h.bytes(), &data[..]);
+    assert!(chain.contains_in_memory(&k));
+    drop(h);
+    assert!(chain.hot().remove(&k));
+    let mem_before = chain.stats().tiers[1].clone();
+    assert!(chain.get_in_memory(&k).is_none(), "only mem holds it now");
+    assert!(!chain.contains_in_memory(&k));
+    let mem_after = chain.stats().tiers[1].clone();
+    assert_eq!(
+        (mem_before.hits, mem_before.misses),
+        (mem_after.hits, mem_after.misses),
+        "no plugin call"
+    );
+    // The blocking path still finds it in the tier.
+    let h = chain
+        .get(std::slice::from_ref(&k))
+        .remove(0)
+        .expect("mem has it");
+    assert_eq!(h.bytes(), &data[..]);
+    chain.close(Duration::from_secs(5));
+}
+
 #[test]
 fn batched_get_mixes_tiers_and_misses() {
     let chain = chain_with("mem", 64, "");

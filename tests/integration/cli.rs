@@ -9,7 +9,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// Build the `kvhost` binary once (`cargo test` builds only libraries for this package).
-fn binary() -> &'static PathBuf {
+pub fn binary() -> &'static PathBuf {
     static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BIN.get_or_init(|| {
         let profile = profile_dir();
@@ -72,6 +72,8 @@ fn check_prints_the_chain_and_exits_zero() {
         "mem",
         "log",
         "capacity_bytes=4294967296",
+        // mem's ABI 1.3 stats column.
+        "evictions=0 bytes_used=0 capacity_bytes=4294967296 entries=0",
         "check: ok (2 plugin(s) loaded)",
     ] {
         assert!(t.contains(part), "`{part}` missing:\n{t}");
@@ -113,9 +115,11 @@ fn plugins_lists_classes_and_names_non_plugins() {
         dir.to_str().unwrap(),
     ]);
     let t = text(&o);
-    assert!(o.status.success(), "{t}");
+    // The fixtures directory holds defective classes: the listing names each and exits 1.
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(t.contains(": refused: "), "{t}");
     assert!(
-        t.contains("class mem v0.1.0 (ABI 1.2)") && t.contains("option capacity_bytes"),
+        t.contains("class mem v0.1.0 (ABI 1.3)") && t.contains("option capacity_bytes"),
         "{t}"
     );
     assert!(
@@ -126,6 +130,66 @@ fn plugins_lists_classes_and_names_non_plugins() {
         t.contains("built for another ABI major: abi_v2 (ABI 2)"),
         "{t}"
     );
+}
+
+#[test]
+fn plugins_exits_zero_when_every_class_loads() {
+    let o = run(&["plugins", plugins_dir().to_str().unwrap()]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains(", 0 refused") && !t.contains("refused:"), "{t}");
+}
+
+/// Log lines carry no colour codes when stderr is not a terminal; on a terminal (a pseudo-terminal
+/// from `script`) they do, unless NO_COLOR is set. `bench` logs the config warning through the log
+/// (`check` prints its warnings itself); only the warning's own line is judged, since the progress bar
+/// draws with escape codes on a terminal by design.
+#[test]
+fn log_colours_only_on_a_terminal_and_never_with_no_color() {
+    // An unknown config key is a warning: one log line on stderr.
+    let cfg = small_config("colour", &format!("{SMALL}no_such_key: 1\n"));
+    let args = [
+        "bench",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--requests",
+        "1",
+    ];
+    let warning_line = |t: &str| -> String {
+        t.lines()
+            .find(|l| l.contains("no_such_key"))
+            .unwrap_or_else(|| panic!("no warning line in {t:?}"))
+            .to_string()
+    };
+    let o = run(&args);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        !warning_line(&t).contains('\x1b'),
+        "colour codes on a pipe: {t:?}"
+    );
+    // `script` (bsdutils, an essential package) gives the pseudo-terminal; without it this fails.
+    assert!(
+        Command::new("script").arg("--version").output().is_ok(),
+        "no `script` for a pseudo-terminal (apt-get install bsdutils)"
+    );
+    let on_tty = |no_color: Option<&str>| {
+        let line = format!("{} {}", binary().display(), args.join(" "));
+        let mut c = Command::new("script");
+        c.args(["-qec", &line, "/dev/null"])
+            .env_remove("RUST_LOG")
+            .env_remove("LMCACHE_CONFIG_FILE")
+            .env_remove("NO_COLOR")
+            .stdin(Stdio::null());
+        if let Some(v) = no_color {
+            c.env("NO_COLOR", v);
+        }
+        text(&c.output().expect("run script"))
+    };
+    let coloured = warning_line(&on_tty(None));
+    assert!(coloured.contains('\x1b'), "{coloured:?}");
+    let plain = warning_line(&on_tty(Some("1")));
+    assert!(!plain.contains('\x1b'), "{plain:?}");
 }
 
 #[test]
@@ -332,4 +396,98 @@ fn json_logs_carry_the_plugin_name() {
             .contains("health")),
         "{stderr}"
     );
+}
+
+#[test]
+fn check_prints_each_config_warning_once() {
+    let cfg = small_config("warn-once", &format!("{SMALL}bogus_key: 1\n"));
+    let out = run(&["check", "-c", cfg.to_str().unwrap()]);
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert_eq!(
+        all.matches("unknown config key `bogus_key`").count(),
+        1,
+        "stdout and stderr together:\n{all}"
+    );
+}
+
+#[test]
+fn check_refuses_a_hot_cache_larger_than_the_machine() {
+    let cfg = small_config(
+        "huge-arena",
+        &SMALL.replace("max_local_cpu_size: 0.05", "max_local_cpu_size: 1e12"),
+    );
+    let out = run(&["check", "-c", cfg.to_str().unwrap()]);
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(
+        all.contains("max_local_cpu_size 1000000000000 GiB") && all.contains("machine's memory ("),
+        "{all}"
+    );
+}
+
+/// SMALL with a `faulty` tier named `sick` that hangs every call for its first `hang_ms`.
+fn sick_config(name: &str, hang_ms: u64) -> PathBuf {
+    let body = SMALL
+        .replace("storage_plugins: [mem]", "storage_plugins: [sick]")
+        .replace(
+            "storage_plugin.mem.module_path: kvhost_mem\n  storage_plugin.mem.class_name: mem\n",
+            &format!(
+                "storage_plugin.sick.module_path: {}\n  storage_plugin.sick.class_name: faulty\n  \
+             storage_plugin.sick.hang_rate: 1\n  storage_plugin.sick.faults_for_ms: {hang_ms}\n",
+                crate::sick_tier::faulty_so().display()
+            ),
+        );
+    small_config(
+        name,
+        &format!("{body}tier_put_deadline_secs: 0.2\ntier_breaker_probe_secs: 0.1\n"),
+    )
+}
+
+#[test]
+fn check_shows_the_breaker_of_a_sick_tier() {
+    let cfg = sick_config("check-sick", 60_000);
+    let out = run(&["check", "-c", cfg.to_str().unwrap()]);
+    let all = text(&out);
+    assert!(
+        !out.status.success(),
+        "an unhealthy tier fails check:\n{all}"
+    );
+    assert!(all.contains("open (health failing)"), "{all}");
+    assert!(
+        all.contains("circuit breaker per tier: opens after 5 consecutive failures"),
+        "{all}"
+    );
+}
+
+#[test]
+fn bench_fails_when_a_tier_was_open_most_of_the_run_unless_allowed() {
+    let cfg = sick_config("bench-sick", 3_000);
+    let args = [
+        "bench",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--duration",
+        "2",
+    ];
+    let out = run(&args);
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(
+        all.contains("circuit breaker OPEN"),
+        "the trip is logged as it happens:\n{all}"
+    );
+    assert!(
+        all.contains("breaker: open for most of the run: sick"),
+        "{all}"
+    );
+    assert!(
+        all.contains("open (") || all.contains("closed ("),
+        "breaker column:\n{all}"
+    );
+
+    let out = run(&[&args[..], &["--allow-open-breaker"]].concat());
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert!(all.contains("(allowed by --allow-open-breaker)"), "{all}");
 }

@@ -117,7 +117,7 @@ fn lying_statuses_are_mapped_not_trusted() {
     );
     let e = p.contains(&[key(3)], false).unwrap_err();
     assert_eq!(e.status, Status(12345));
-    assert!(e.to_string().contains("unknown status 12345"), "{e}");
+    assert!(e.to_string().contains("UNKNOWN (12345)"), "{e}");
     let g = p
         .get_wait(
             GetRequest {
@@ -253,7 +253,7 @@ fn hung_operations_time_out_and_destroy_cancels_them() {
         "{e}"
     );
     assert_eq!(
-        p.in_flight(),
+        p.pending_ops(),
         1,
         "the buffer stays with the pending operation"
     );
@@ -279,8 +279,16 @@ fn hung_async_lookups_and_removes_time_out_and_late_pins_are_released() {
     let p = must_load("hang", fixture("fx_hang").to_str().unwrap(), "hang", &[]);
     let health = |p: &kvhost::plugin::PluginBackend| p.health().unwrap().unwrap();
     let started = Instant::now();
+    let (late_tx, late_rx) = crossbeam_channel::bounded(1);
     let e = p
-        .contains_wait(&[key(1), key(2)], true, Duration::from_millis(200))
+        .contains_wait_or_late(
+            &[key(1), key(2)],
+            true,
+            Duration::from_millis(200),
+            move |d| {
+                let _ = late_tx.send(d);
+            },
+        )
         .unwrap_err();
     assert_eq!(e.status, Status::TIMEOUT);
     assert!(
@@ -297,17 +305,28 @@ fn hung_async_lookups_and_removes_time_out_and_late_pins_are_released() {
         "the calling thread was held {:?}",
         started.elapsed()
     );
-    assert_eq!(p.in_flight(), 2, "both stay pending with their arrays");
-    // The lookup completes after the host gave up, pinning both keys: the host owes two unpins.
+    assert_eq!(p.pending_ops(), 2, "both stay pending with their arrays");
+    // The lookup completes after the host gave up, pinning both keys: the late completion reaches
+    // the caller's handler, which owes two unpins (the chain's lookup module pays them; see below).
     p.flush().unwrap();
     assert_eq!(health(&p), "pins=2");
-    assert_eq!(p.in_flight(), 1);
-    // The next lookup releases them first (then hangs itself).
+    assert_eq!(p.pending_ops(), 1);
+    let late = late_rx
+        .recv_timeout(WAIT)
+        .expect("the late lookup was handed over");
+    assert_eq!(late.keys, [key(1), key(2)]);
+    assert!(late.error.is_none());
+    assert!(
+        late.items.iter().all(|i| matches!(i, Presence::Present(_))),
+        "{late:?}"
+    );
+    p.unpin(&late.keys).unwrap();
+    assert_eq!(health(&p), "pins=0", "the late pins were released");
+    // A plain contains_wait drops a late completion.
     let e = p
         .contains_wait(&[key(4)], false, Duration::from_millis(50))
         .unwrap_err();
     assert_eq!(e.status, Status::TIMEOUT);
-    assert_eq!(health(&p), "pins=0", "the late pins were released");
     // An unpinned late lookup leaves nothing to release.
     p.flush().unwrap();
     assert_eq!(health(&p), "pins=0");
@@ -380,7 +399,7 @@ fn a_hung_tier_never_holds_a_lookup_or_remove_past_the_read_timeout() {
     );
     let after = mem.contains(std::slice::from_ref(&k), false).unwrap();
     assert_eq!(after, [Presence::Absent], "the healthy tier removed it");
-    assert_eq!(hung.in_flight(), 3, "lookup x2 and remove");
+    assert_eq!(hung.pending_ops(), 3, "lookup x2 and remove");
 }
 
 #[test]

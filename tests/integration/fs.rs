@@ -195,9 +195,11 @@ fn run_conformance(tag: &str, options: &[(&str, &str)]) {
         .collect();
     // The index answers lookups from memory and unlink is cheap, so fs keeps the synchronous
     // contains/remove instead of the ABI 1.2 asynchronous entries.
+    // `capacity` skips itself: the default 16 GiB is more than it fills (the README's conformance
+    // line and readme_conformance_line_for_fs_passes run it at 64 MiB).
     assert_eq!(
         skipped,
-        ["prefetch", "contains_async", "remove_async"],
+        ["prefetch", "contains_async", "remove_async", "capacity"],
         "only prefetch and the asynchronous lookup/remove are not advertised"
     );
 }
@@ -533,6 +535,15 @@ fn direct_round_trip(dir: &TempDir) -> String {
         put_ok(&p, &keys, &data, 3);
         expect_hits(&p, &keys, &data, 3);
     }
+    // Where this filesystem takes O_DIRECT, the plugin must have used it; elsewhere it must say why not.
+    match direct_supported(&dir.0) {
+        Ok(()) => assert_eq!(state, "on", "{} takes O_DIRECT", dir.path()),
+        Err(why) => assert!(
+            state.starts_with("fallback"),
+            "{} refuses O_DIRECT ({why}) but the plugin says `{state}`",
+            dir.path()
+        ),
+    }
     if state == "on" {
         // Files written with O_DIRECT are padded to whole blocks; the header keeps the true length.
         for (k, d) in keys.iter().zip(&data) {
@@ -551,6 +562,40 @@ fn direct_round_trip(dir: &TempDir) -> String {
     expect_hits(&p, &keys[..2], &data[3..5], 4);
     expect_hits(&p, &keys[2..], &data[2..], 3);
     state
+}
+
+/// Whether the filesystem of `dir` takes O_DIRECT: open a file there with it and write one aligned
+/// 4 KiB block from an aligned buffer (what the plugin's files need), independently of the plugin.
+fn direct_supported(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let path = dir.join(".test-odirect-probe");
+    let result = (|| {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+            .map_err(|e| format!("open(O_DIRECT): {e}"))?;
+        let layout = std::alloc::Layout::from_size_align(4096, 4096).unwrap();
+        // SAFETY: a non-zero-sized layout; freed below with the same layout.
+        let buf = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!buf.is_null(), "allocating 4 KiB");
+        // SAFETY: `buf` holds 4096 initialised bytes; `f` is an open file.
+        let n = unsafe { libc::pwrite(f.as_raw_fd(), buf.cast(), 4096, 0) };
+        let err = std::io::Error::last_os_error();
+        // SAFETY: allocated above with `layout`.
+        unsafe { std::alloc::dealloc(buf, layout) };
+        if n == 4096 {
+            Ok(())
+        } else {
+            Err(format!("aligned O_DIRECT write: {err}"))
+        }
+    })();
+    let _ = std::fs::remove_file(&path);
+    result
 }
 
 #[test]
@@ -589,6 +634,151 @@ fn o_direct_through_the_chain_reads_into_aligned_arena_blocks() {
         assert_eq!(h.bytes(), &data[i][..]);
     }
     chain.close(Duration::from_secs(10));
+}
+
+const DURABLE_CHILD: &str = "KVHOST_FS_DURABLE_CHILD";
+/// What the writer prints once the put completed (libtest may have started the line).
+const DURABLE_MARK: &str = "kvhost-fs-writer: durable";
+const DURABLE_TEST: &str = "fs::chunks_reported_durable_survive_a_kill_9_of_their_writer";
+
+fn durable_keys() -> (Vec<ChunkKey>, Vec<Vec<u8>>) {
+    let keys = (0..8).map(|i| fkey(7500 + i)).collect();
+    let data = (0..8)
+        .map(|i| bytes(300 + i, 10_000 + 70_001 * i as usize))
+        .collect();
+    (keys, data)
+}
+
+/// The writer: stores the chunks with `fsync: chunk`, says so once the plugin completed the put (the
+/// point where it promises they are durable), then keeps the store open until it is killed: no
+/// destroy, no flush, no clean exit.
+fn durable_writer(dir: &str) -> ! {
+    let p = load(
+        "fs",
+        fs_so().to_str().unwrap(),
+        "fs",
+        &[("path", dir), ("fsync", "chunk"), ("shards", "2")],
+    )
+    .expect("load fs in the writer");
+    let (keys, data) = durable_keys();
+    put_ok(&p, &keys, &data, 9);
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "\n{DURABLE_MARK} {}", keys.len()).unwrap();
+    out.flush().unwrap();
+    loop {
+        std::thread::sleep(Duration::from_secs(60));
+    }
+}
+
+/// A chunk the plugin reported stored with `fsync: chunk` is read back by another process after its
+/// writer was killed with SIGKILL (nothing ran after the report: no destroy, no flush). A kill keeps
+/// the page cache, so the kill alone proves the files are complete and indexed at the report; where
+/// `strace` is installed (`.ci/test-all` installs it) the writer runs under it, and the test also
+/// checks that one `fdatasync` per chunk ran before the report.
+#[test]
+fn chunks_reported_durable_survive_a_kill_9_of_their_writer() {
+    if let Ok(dir) = std::env::var(DURABLE_CHILD) {
+        durable_writer(&dir);
+    }
+    use std::io::BufRead;
+    let dir = TempDir::new("kill9");
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let trace = dir.0.with_extension("strace");
+    let exe = std::env::current_exe().unwrap();
+    let test_args = [DURABLE_TEST, "--exact", "--nocapture", "--test-threads=1"];
+    let traced = on_path("strace");
+    let mut cmd = if traced {
+        let mut c = std::process::Command::new("strace");
+        c.args(["-f", "-qq", "-e", "trace=fdatasync,fsync", "-o"])
+            .arg(&trace)
+            .arg(&exe)
+            .args(test_args);
+        c
+    } else {
+        eprintln!("strace is not installed: checking the kill -9 only, not the fdatasync calls");
+        let mut c = std::process::Command::new(&exe);
+        c.args(test_args);
+        c
+    };
+    let mut child = cmd
+        .env(DURABLE_CHILD, dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the writer");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let said = loop {
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(l) if l.contains(DURABLE_MARK) => break l,
+            Ok(_) => continue,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the writer never reported its put durable ({e})");
+            }
+        }
+    };
+    let fdatasyncs_before_report = traced.then(|| {
+        let text = std::fs::read_to_string(&trace).unwrap_or_default();
+        text.lines().filter(|l| l.contains("fdatasync(")).count()
+    });
+    // The writer under strace is strace's child; kill the whole group of processes we started.
+    let victims: Vec<u32> = if traced {
+        descendants(child.id())
+    } else {
+        vec![child.id()]
+    };
+    for pid in victims {
+        // SAFETY: signalling a process this test started (the writer, or strace and the writer).
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    }
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&trace);
+    if let Some(n) = fdatasyncs_before_report {
+        assert!(
+            n >= 8,
+            "{said}: only {n} fdatasync call(s) before the put was reported, for 8 chunks"
+        );
+    }
+    let (keys, data) = durable_keys();
+    let p = must_load_fs(&dir, &[("fsync", "chunk"), ("shards", "2")]);
+    expect_hits(&p, &keys, &data, 9);
+}
+
+/// `pid` and every process below it (from /proc), children last.
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut all = vec![pid];
+    let mut i = 0;
+    while i < all.len() {
+        let parent = all[i];
+        let children = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
+            .unwrap_or_default();
+        all.extend(
+            children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok()),
+        );
+        i += 1;
+    }
+    all.reverse();
+    all
+}
+
+/// Whether `tool` is an executable file on PATH.
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
 }
 
 #[test]

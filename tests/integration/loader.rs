@@ -270,3 +270,40 @@ fn a_plugin_built_against_abi_1_0_loads_and_lacks_clear() {
     let report = kvhost::conformance::run(&factory);
     assert!(report.passed(), "{report}");
 }
+
+/// The header's rule: an optional option without a default that the config does not give is absent
+/// from what `create` receives (not present with an empty value); defaults and given values are there.
+#[test]
+fn an_optional_option_without_a_default_is_absent_when_not_given() {
+    use kvhost::plugin::OptionInfo;
+    let spec = |key: &str, default: Option<&str>, required: bool| OptionInfo {
+        key: key.to_string(),
+        default: default.map(str::to_string),
+        doc: String::new(),
+        required,
+        secret: false,
+    };
+    let schema = [
+        spec("path", None, true),
+        spec("label", None, false),
+        spec("size", Some("4"), false),
+    ];
+    let given = [("path".to_string(), "/x".to_string())];
+    let got = loader::validate_options(&given, &schema).unwrap();
+    assert_eq!(
+        got,
+        [
+            ("path".to_string(), "/x".to_string()),
+            ("size".to_string(), "4".to_string())
+        ]
+    );
+    let given = [
+        ("path".to_string(), "/x".to_string()),
+        ("label".to_string(), String::new()),
+    ];
+    let got = loader::validate_options(&given, &schema).unwrap();
+    assert!(
+        got.contains(&("label".to_string(), String::new())),
+        "{got:?}"
+    );
+}

@@ -7,8 +7,8 @@
 //! process die without unwinding.
 //!
 //! Without Ceph (ceph-mon, ceph-osd, ceph-common, uuid-runtime) or without the plugin (librados-dev
-//! missing at build time) every test here prints a loud NOT RUN and passes, unless
-//! `KVHOST_REQUIRE_CEPH=1` (which `.ci/run` sets when the packages are installed): then they fail.
+//! missing at build time) every test here is reported *ignored* with the reason (the `has_ceph` cfg
+//! from tests/build.rs), unless `KVHOST_REQUIRE_CEPH=1` (set by `.ci/test-all`): then they run and fail.
 
 use crate::util::*;
 use kvhost::chain::{Chain, PutOutcome};
@@ -79,21 +79,17 @@ fn missing_prerequisite() -> Option<String> {
     None
 }
 
-/// Whether a Ceph test can run. When it cannot, says so loudly (and fails under KVHOST_REQUIRE_CEPH=1).
+/// Whether a Ceph test can run. Tests without Ceph are ignored at build time (`has_ceph`, see
+/// tests/build.rs); a test that runs anyway (`KVHOST_REQUIRE_CEPH=1`, or Ceph removed since the build)
+/// fails here with the reason.
 pub fn ceph_available(test: &str) -> bool {
-    let Some(why) = missing_prerequisite() else {
-        return true;
-    };
-    eprintln!(
-        "\n**********************************************************************\n\
-         ** {test}: NOT RUN: {why}\n\
-         **********************************************************************\n"
-    );
-    assert!(
-        std::env::var("KVHOST_REQUIRE_CEPH").as_deref() != Ok("1"),
-        "KVHOST_REQUIRE_CEPH=1 but the Ceph tests cannot run: {why}"
-    );
-    false
+    if let Some(why) = missing_prerequisite() {
+        panic!(
+            "{test}: Ceph is not usable: {why}; without KVHOST_REQUIRE_CEPH=1 a rebuild marks this \
+             test ignored"
+        );
+    }
+    true
 }
 
 /// A cluster started by the script; stopped (only the pids the script started) when dropped.
@@ -441,17 +437,25 @@ fn conformance(test: &str, extra: &[(&str, &str)]) {
     // Every check but pin/prefetch/flush (capabilities a shared store does not offer) ran and passed.
     assert!(passed >= 11, "{report}");
     assert!(
-        made.load(Ordering::Relaxed) >= 3,
-        "the suite made its extra instances"
+        made.load(Ordering::Relaxed) >= 2,
+        "the suite made a fresh instance after destroying one"
     );
 }
 
 #[test]
+#[cfg_attr(
+    not(has_ceph),
+    ignore = "needs Ceph and librados-dev (apt-get install ceph-mon ceph-osd ceph-common uuid-runtime librados-dev)"
+)]
 fn rados_conforms() {
     conformance("conformance", &[]);
 }
 
 #[test]
+#[cfg_attr(
+    not(has_ceph),
+    ignore = "needs Ceph and librados-dev (apt-get install ceph-mon ceph-osd ceph-common uuid-runtime librados-dev)"
+)]
 fn rados_conforms_when_striping_and_queueing() {
     // 4 KiB objects: the suite's 256 KiB chunk takes 64 objects, with 3 operations in flight at most;
     // with the data CRC (off by default, which rados_conforms covers).
@@ -470,6 +474,10 @@ fn rados_conforms_when_striping_and_queueing() {
 /* ---------------------------------------------------------------------------------------------- */
 
 #[test]
+#[cfg_attr(
+    not(has_ceph),
+    ignore = "needs Ceph and librados-dev (apt-get install ceph-mon ceph-osd ceph-common uuid-runtime librados-dev)"
+)]
 fn striped_chunks_round_trip_with_their_metadata_and_documented_object_names() {
     if !ceph_available("striped_chunks") {
         return;
@@ -572,6 +580,10 @@ fn striped_chunks_round_trip_with_their_metadata_and_documented_object_names() {
 }
 
 #[test]
+#[cfg_attr(
+    not(has_ceph),
+    ignore = "needs Ceph and librados-dev (apt-get install ceph-mon ceph-osd ceph-common uuid-runtime librados-dev)"
+)]
 fn readers_with_another_stripe_unit_read_the_writers_layout() {
     if !ceph_available("other_stripe_unit") {
         return;
@@ -598,6 +610,10 @@ fn readers_with_another_stripe_unit_read_the_writers_layout() {
 }
 
 #[test]
+#[cfg_attr(
+    not(has_ceph),
+    ignore = "needs Ceph and librados-dev (apt-get install ceph-mon ceph-osd ceph-common uuid-runtime librados-dev)"
+)]
 fn object_names_escape_keys_as_documented() {
     if !ceph_available("object_names") {
         return;
@@ -657,6 +673,10 @@ fn object_names_escape_keys_as_documented() {
 }
 
 #[test]
+#[cfg_attr(
+    not(has_ceph),
+    ignore = "needs Ceph and librados-dev (apt-get install ceph-mon ceph-osd ceph-common uuid-runtime librados-dev)"
+)]
 fn overwrites_never_mix_generations_and_collect_the_old_stripes() {
     if !ceph_available("overwrites") {
         return;
@@ -734,23 +754,16 @@ fn overwrites_never_mix_generations_and_collect_the_old_stripes() {
     );
 }
 
-/// CRC32C (Castagnoli, reflected), bit by bit: independent of the plugin's hardware and combined CRCs.
+/// CRC32C (Castagnoli) from the maintained `crc32c` crate: independent of the plugin's own code.
 fn crc32c(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0x82F6_3B78
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
+    crc32c::crc32c(data)
 }
 
 #[test]
+#[cfg_attr(
+    not(has_ceph),
+    ignore = "needs Ceph and librados-dev (apt-get install ceph-mon ceph-osd ceph-common uuid-runtime librados-dev)"
+)]
 fn the_header_holds_the_crc32c_of_the_whole_chunk_also_when_striped() {
     if !ceph_available("header_crc") {
         return;
@@ -846,6 +859,10 @@ impl Cluster {
 }
 
 #[test]
+#[cfg_attr(
+    not(has_ceph),
+    ignore = "needs Ceph and librados-dev (apt-get install ceph-mon ceph-osd ceph-common uuid-runtime librados-dev)"
+)]
 fn a_new_key_takes_one_write_and_replacing_a_chunk_without_stripes_reads_nothing_first() {
     if !ceph_available("round_trips") {
         return;
@@ -923,6 +940,10 @@ fn a_new_key_takes_one_write_and_replacing_a_chunk_without_stripes_reads_nothing
 }
 
 #[test]
+#[cfg_attr(
+    not(has_ceph),
+    ignore = "needs Ceph and librados-dev (apt-get install ceph-mon ceph-osd ceph-common uuid-runtime librados-dev)"
+)]
 fn concurrent_writers_of_one_key_never_mix_generations_and_leave_only_the_last_ones_objects() {
     if !ceph_available("concurrent_writers") {
         return;
@@ -1034,6 +1055,10 @@ fn concurrent_writers_of_one_key_never_mix_generations_and_leave_only_the_last_o
 /* ---------------------------------------------------------------------------------------------- */
 
 #[test]
+#[cfg_attr(
+    not(has_ceph),
+    ignore = "needs Ceph and librados-dev (apt-get install ceph-mon ceph-osd ceph-common uuid-runtime librados-dev)"
+)]
 fn missing_short_or_damaged_objects_are_misses_or_corrupt_never_wrong_data() {
     if !ceph_available("damaged_objects") {
         return;
@@ -1157,6 +1182,10 @@ fn missing_short_or_damaged_objects_are_misses_or_corrupt_never_wrong_data() {
 /* ---------------------------------------------------------------------------------------------- */
 
 #[test]
+#[cfg_attr(
+    not(has_ceph),
+    ignore = "needs Ceph and librados-dev (apt-get install ceph-mon ceph-osd ceph-common uuid-runtime librados-dev)"
+)]
 fn clear_removes_every_object_with_its_prefix_and_nothing_else() {
     if !ceph_available("clear") {
         return;
@@ -1195,6 +1224,10 @@ fn clear_removes_every_object_with_its_prefix_and_nothing_else() {
 }
 
 #[test]
+#[cfg_attr(
+    not(has_ceph),
+    ignore = "needs Ceph and librados-dev (apt-get install ceph-mon ceph-osd ceph-common uuid-runtime librados-dev)"
+)]
 fn bad_options_and_missing_pools_fail_create_with_the_reason() {
     if !ceph_available("bad_options") {
         return;
@@ -1247,6 +1280,10 @@ fn bad_options_and_missing_pools_fail_create_with_the_reason() {
 }
 
 #[test]
+#[cfg_attr(
+    not(has_ceph),
+    ignore = "needs Ceph and librados-dev (apt-get install ceph-mon ceph-osd ceph-common uuid-runtime librados-dev)"
+)]
 fn an_unreachable_cluster_fails_create_in_time_naming_the_monitor() {
     if !ceph_available("unreachable") {
         return;
@@ -1293,6 +1330,10 @@ fn an_unreachable_cluster_fails_create_in_time_naming_the_monitor() {
 }
 
 #[test]
+#[cfg_attr(
+    not(has_ceph),
+    ignore = "needs Ceph and librados-dev (apt-get install ceph-mon ceph-osd ceph-common uuid-runtime librados-dev)"
+)]
 fn a_cephx_user_with_pool_caps_works_and_is_refused_elsewhere() {
     if !ceph_available("cephx") {
         return;
@@ -1451,6 +1492,10 @@ fn tier_stats(chain: &Chain) -> kvhost::chain::TierStats {
 }
 
 #[test]
+#[cfg_attr(
+    not(has_ceph),
+    ignore = "needs Ceph and librados-dev (apt-get install ceph-mon ceph-osd ceph-common uuid-runtime librados-dev)"
+)]
 fn chain_writes_through_to_rados_and_promotes_its_hits_also_striped() {
     if !ceph_available("chain") {
         return;
@@ -1551,6 +1596,10 @@ fn is_outage(status: Status) -> bool {
 }
 
 #[test]
+#[cfg_attr(
+    not(has_ceph),
+    ignore = "needs Ceph and librados-dev (apt-get install ceph-mon ceph-osd ceph-common uuid-runtime librados-dev)"
+)]
 fn an_osd_outage_fails_calls_in_time_the_chain_keeps_serving_and_the_plugin_recovers() {
     if !ceph_available("osd_outage") {
         return;
@@ -1780,6 +1829,10 @@ fn an_osd_outage_fails_calls_in_time_the_chain_keeps_serving_and_the_plugin_reco
 }
 
 #[test]
+#[cfg_attr(
+    not(has_ceph),
+    ignore = "needs Ceph and librados-dev (apt-get install ceph-mon ceph-osd ceph-common uuid-runtime librados-dev)"
+)]
 fn a_full_store_answers_no_space_or_timeout_never_hangs() {
     if !ceph_available("full_store") {
         return;

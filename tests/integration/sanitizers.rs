@@ -12,7 +12,7 @@
 //! `detect_leaks=0`; leaks are valgrind's job.
 //!
 //! The C `rados` plugin is driven the same way against a real one-node Ceph cluster (see `rados.rs`),
-//! once with one object per chunk and once striped over 4 KiB objects; those two tests say NOT RUN
+//! once with one object per chunk and once striped over 4 KiB objects; those two tests are ignored
 //! without Ceph, like the other Ceph tests.
 
 use std::fs::{self, File};
@@ -365,6 +365,10 @@ fn rados_runs(conf: &str, ns: &str, op_timeout_s: &str) -> Vec<Vec<String>> {
 }
 
 #[test]
+#[cfg_attr(
+    not(has_ceph),
+    ignore = "needs Ceph and librados-dev (apt-get install ceph-mon ceph-osd ceph-common uuid-runtime librados-dev)"
+)]
 fn rados_plugin_is_clean_under_asan_and_ubsan_against_a_real_cluster() {
     if !crate::rados::ceph_available("rados under ASan+UBSan") {
         return;
@@ -401,6 +405,10 @@ fn rados_plugin_is_clean_under_asan_and_ubsan_against_a_real_cluster() {
 }
 
 #[test]
+#[cfg_attr(
+    not(has_ceph),
+    ignore = "needs Ceph and librados-dev (apt-get install ceph-mon ceph-osd ceph-common uuid-runtime librados-dev)"
+)]
 fn rados_plugin_is_clean_under_valgrind_against_a_real_cluster() {
     if !crate::rados::ceph_available("rados under valgrind") {
         return;

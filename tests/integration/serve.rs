@@ -261,3 +261,89 @@ fn metrics_endpoint_speaks_prometheus() {
     srv.shutdown();
     srv.wait();
 }
+
+/// The budget for PUT bodies in progress is shared by all connections: while one client holds most of
+/// it with an unfinished body, another client's PUT that does not fit is refused (its body read and
+/// dropped, so its connection stays in step), counted, and not stored; once the first body completes,
+/// PUTs are accepted again.
+#[test]
+fn put_bodies_past_the_shared_budget_are_refused_and_counted() {
+    let config = ServeConfig {
+        stall_timeout: Duration::from_secs(5),
+        max_chunk_bytes: 1 << 20,
+        put_body_budget: 1 << 20,
+        ..ServeConfig::default()
+    };
+    let srv = Server::start(
+        chain_with("", 64, ""),
+        "127.0.0.1:0".parse().unwrap(),
+        config,
+    )
+    .unwrap();
+    let stats = srv.stats().clone();
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    // Client A: a 768 KiB body, of which only the first half arrives for now.
+    let a_body = data(1, 768 << 10);
+    let mut a = TcpStream::connect(srv.local_addr()).unwrap();
+    a.write_all(&header(Command::Put, a_body.len() as u32, &key(1)))
+        .unwrap();
+    a.write_all(&a_body[..a_body.len() / 2]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while load(&stats.put_body_bytes_staged) == 0 {
+        assert!(Instant::now() < deadline, "A's body was never staged");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Client B: 512 KiB more than the 1 MiB budget can hold now.
+    let mut b = LmClient::connect(srv.local_addr()).unwrap();
+    b.put(&key(2), &data(2, 512 << 10), &meta()).unwrap();
+    assert!(!b.exists(&key(2)).unwrap(), "the refused PUT is not stored");
+    assert_eq!(load(&stats.puts_over_budget), 1);
+    assert!(b.health().unwrap(), "B's connection is still in step");
+    // A finishes; its PUT is stored and the budget is free again.
+    a.write_all(&a_body[a_body.len() / 2..]).unwrap();
+    let mut a = LmClient::from_stream(a);
+    assert_eq!(a.get(&key(1)).unwrap().expect("A stored").1, a_body);
+    assert_eq!(load(&stats.put_body_bytes_staged), 0);
+    b.put(&key(3), &data(3, 512 << 10), &meta()).unwrap();
+    assert!(b.exists(&key(3)).unwrap());
+    assert_eq!(load(&stats.puts_over_budget), 1);
+    srv.shutdown();
+    srv.wait();
+}
+
+/// Connections past `max_connections` are closed at once and counted; the ones open keep working.
+#[test]
+fn connections_past_max_connections_are_refused() {
+    let config = ServeConfig {
+        max_connections: 2,
+        ..ServeConfig::default()
+    };
+    let srv = Server::start(
+        chain_with("", 16, ""),
+        "127.0.0.1:0".parse().unwrap(),
+        config,
+    )
+    .unwrap();
+    let mut first = LmClient::connect(srv.local_addr()).unwrap();
+    let mut second = LmClient::connect(srv.local_addr()).unwrap();
+    assert!(first.health().unwrap() && second.health().unwrap());
+    let mut third = TcpStream::connect(srv.local_addr()).unwrap();
+    assert_closed(&mut third);
+    wait_counter(&srv, CloseReason::TooManyConnections, 1);
+    assert!(first.health().unwrap());
+    drop(second);
+    // A slot is free again once a connection leaves.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let ok = LmClient::connect(srv.local_addr())
+            .and_then(|mut c| c.health())
+            .unwrap_or(false);
+        if ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no slot after a connection left");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    srv.shutdown();
+    srv.wait();
+}

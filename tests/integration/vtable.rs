@@ -127,7 +127,7 @@ fn mem_plugin_every_entry() {
     p.flush().unwrap();
     let h = p.health().expect("has health").unwrap();
     assert!(h.contains("mem"), "{h}");
-    assert_eq!(p.in_flight(), 0);
+    assert_eq!(p.pending_ops(), 0);
 }
 
 #[test]

@@ -1,8 +1,12 @@
 //! `kvhost bench --suite serve`: `lm://` PUT and GET throughput of `kvhost serve` against LMCache's own
 //! Python server (`python -m lmcache.v1.server`), side by side in one run, with the same client.
 //!
+//! A last row times a fresh client while `kvhost serve` holds 10,000 idle connections (`idle`).
+//!
 //! The client is kvhost's Rust `lm://` client on one connection, as an LMCache worker uses one: it
 //! sends what LMCache's connector sends and costs little, so the numbers measure the servers.
+
+mod idle;
 
 use super::micro::Row;
 use crate::cache::CacheConfig;
@@ -227,5 +231,6 @@ pub fn run(
     server.shutdown();
     server.wait();
     chain.close(Duration::from_secs(5));
+    rows.extend(idle::rows(&mut progress));
     Ok(rows)
 }

@@ -287,7 +287,7 @@ pub fn run(
             ("get".into(), q(&get_h).0, q(&get_h).1),
             ("put".into(), q(&put_h).0, q(&put_h).1),
         ],
-        tiers: chain.stats().tiers,
+        tiers: chain.stats_with_plugins(),
     }
 }
 
@@ -339,6 +339,8 @@ pub fn render(r: &WorkloadReport) -> String {
         "promotions",
         "no space",
         "errors",
+        "corrupt",
+        "breaker (trips, open s, skipped)",
     ]
     .map(String::from)
     .to_vec()];
@@ -364,8 +366,24 @@ pub fn render(r: &WorkloadReport) -> String {
             t.promotions.to_string(),
             t.no_space.to_string(),
             t.errors.to_string(),
+            t.corrupt.to_string(),
+            t.breaker.as_ref().map_or("-".to_string(), |b| {
+                format!(
+                    "{} ({}, {:.1} s, {})",
+                    b.state, b.trips, b.open_secs, b.skipped
+                )
+            }),
         ]);
     }
     out += &crate::cli::table::render(&rows);
+    let reported: Vec<_> = r.tiers.iter().filter(|t| !t.plugin.is_empty()).collect();
+    if !reported.is_empty() {
+        out.push_str("\nplugin stats (ABI 1.3, as each plugin reports them):\n");
+        let mut rows = vec![vec!["tier".to_string(), "stats".to_string()]];
+        for t in reported {
+            rows.push(vec![t.name.clone(), crate::plugin::stats_line(&t.plugin)]);
+        }
+        out += &crate::cli::table::render(&rows);
+    }
     out
 }

@@ -719,12 +719,6 @@ impl Drop for StagedBlock {
     }
 }
 
-impl crate::plugin::DstBuf for StagedBlock {
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        self.as_mut_slice()
-    }
-}
-
 impl ChunkHandle {
     /// The chunk's bytes.
     pub fn bytes(&self) -> &[u8] {
@@ -783,12 +777,6 @@ impl std::fmt::Debug for ChunkHandle {
             .field("block", &self.block)
             .field("len", &self.len)
             .finish()
-    }
-}
-
-impl crate::plugin::SrcBuf for ChunkHandle {
-    fn bytes(&self) -> &[u8] {
-        ChunkHandle::bytes(self)
     }
 }
 

@@ -156,10 +156,16 @@ impl Chain {
         let tiers: Vec<(Arc<Tier>, _)> = inner
             .tiers
             .iter()
+            .filter(|t| t.breaker.allow())
             .filter_map(|t| t.plugin().map(|p| (t.clone(), p)))
             .collect();
         if tiers.is_empty() {
-            return on_done(vec![Err("the chain is closed".into()); n]);
+            let why = if inner.closed.load(std::sync::atomic::Ordering::Acquire) {
+                "the chain is closed"
+            } else {
+                "every tier is skipped: its circuit breaker is open"
+            };
+            return on_done(vec![Err(why.into()); n]);
         }
         inner.lent_puts.begin(&keys);
         let join = Arc::new(PutJoin {
@@ -176,10 +182,13 @@ impl Chain {
             };
             let started = Instant::now();
             add(&tier.metrics.puts_in_flight, n as u64);
+            // Timed by the tier's breaker, like the chain's own puts.
+            let batch_id = tier.breaker.batch_started();
             plugin.put(request, move |done| {
                 let m = &tier.metrics;
                 m.put_latency.record(started.elapsed());
                 m.puts_in_flight.fetch_sub(n as u64, Ordering::Relaxed);
+                tier.breaker.batch_done(batch_id);
                 let mut failed = Vec::new();
                 for (i, status) in done.items.iter().enumerate() {
                     match *status {
@@ -193,6 +202,9 @@ impl Chain {
                             } else {
                                 inc(&m.errors);
                             }
+                            if other == Status::NO_RESULT {
+                                tier.unreported.log("put", &done.request.keys[i]);
+                            }
                             let why = done.error.as_ref().map(|e| format!(": {e}"));
                             failed.push((
                                 i,
@@ -200,6 +212,12 @@ impl Chain {
                             ));
                         }
                     }
+                }
+                if failed.len() < n {
+                    tier.breaker.success();
+                } else if !failed.is_empty() {
+                    tier.breaker
+                        .failure(&format!("lent put of {n} chunk(s): all failed"));
                 }
                 // The buffers go back before the join can report them free.
                 drop(done);
@@ -377,7 +395,7 @@ fn readable_tier(chain: &Chain, t: usize) -> Option<(usize, Arc<Tier>, Arc<Plugi
     let tiers = &chain.inner.tiers;
     (t..tiers.len()).find_map(|t| {
         let tier = &tiers[t];
-        if tier.has(abi::KVH_CAP_DISCARDS) {
+        if tier.has(abi::KVH_CAP_DISCARDS) || !tier.breaker.allow() {
             return None;
         }
         tier.plugin().map(|p| (t, tier.clone(), p))
@@ -417,7 +435,25 @@ impl<B: DstBuf, F: FnOnce(LentGetDone<B>) + Send + 'static> GetOp<B, F> {
         plugin.get(request, move |done| {
             let m = &tier.metrics;
             m.get_latency.record(started.elapsed());
-            for ((&i, item), buf) in missing.iter().zip(done.items).zip(done.request.bufs) {
+            let answered = done.items.iter().any(|i| {
+                matches!(
+                    i,
+                    GetItem::Hit { .. } | GetItem::Miss | GetItem::TooSmall { .. }
+                )
+            });
+            if answered {
+                tier.breaker.success();
+            } else {
+                tier.breaker
+                    .failure("lent get: no item of the batch answered");
+            }
+            let keys = done.request.keys;
+            for (((&i, item), buf), key) in missing
+                .iter()
+                .zip(done.items)
+                .zip(done.request.bufs)
+                .zip(&keys)
+            {
                 self.bufs[i] = Some(buf);
                 match item {
                     GetItem::Hit { len, .. } => {
@@ -429,6 +465,11 @@ impl<B: DstBuf, F: FnOnce(LentGetDone<B>) + Send + 'static> GetOp<B, F> {
                     GetItem::TooSmall { .. } => self.items[i] = Some(item),
                     GetItem::Failed(status, why) => {
                         inc(&m.errors);
+                        if status == Status::CORRUPT {
+                            inc(&m.corrupt);
+                        } else if status == Status::NO_RESULT {
+                            tier.unreported.log("get", key);
+                        }
                         let why = match (&done.error, why.is_empty()) {
                             (Some(e), true) => e.to_string(),
                             _ => format!("tier `{}`: {why}", tier.name),

@@ -79,6 +79,8 @@ pub struct TierMetrics {
     pub no_space: AtomicU64,
     /// Item or call errors.
     pub errors: AtomicU64,
+    /// Get items the plugin reported `CORRUPT` (its integrity check failed; the bytes were not used).
+    pub corrupt: AtomicU64,
     /// Chunks promoted from this tier into the hot cache.
     pub promotions: AtomicU64,
     /// Chunks demoted into this tier by write-back eviction.
@@ -131,7 +133,11 @@ pub struct TierStats {
     pub no_space: u64,
     /// Errors.
     pub errors: u64,
-    /// Evictions (hot cache only).
+    /// Get items reported `CORRUPT` by the plugin (not used).
+    pub corrupt: u64,
+    /// The tier's circuit breaker (plugin tiers only).
+    pub breaker: Option<super::breaker::BreakerStats>,
+    /// Evictions: the hot cache's own, or what a plugin tier reports through `stats` (0 without it).
     pub evictions: u64,
     /// Promotions out of this tier.
     pub promotions: u64,
@@ -147,6 +153,9 @@ pub struct TierStats {
     pub get_latency: LatencySummary,
     /// Lookup latency.
     pub lookup_latency: LatencySummary,
+    /// The plugin's own counters and gauges (ABI 1.3 `stats`), when asked for; empty otherwise.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub plugin: Vec<crate::plugin::PluginStat>,
 }
 
 impl TierMetrics {
@@ -163,6 +172,8 @@ impl TierMetrics {
             put_dropped: get(&self.put_dropped),
             no_space: get(&self.no_space),
             errors: get(&self.errors),
+            corrupt: get(&self.corrupt),
+            breaker: None,
             evictions: 0,
             promotions: get(&self.promotions),
             demotions: get(&self.demotions),
@@ -171,6 +182,7 @@ impl TierMetrics {
             put_latency: self.put_latency.summary(),
             get_latency: self.get_latency.summary(),
             lookup_latency: self.lookup_latency.summary(),
+            plugin: Vec::new(),
         }
     }
 }

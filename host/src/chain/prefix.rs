@@ -2,8 +2,9 @@
 //! path ("how many leading chunks can I load?"), answered without building the per-tier breakdown of
 //! [`Chain::lookup`].
 
-use super::{inc_u, Chain};
+use super::Chain;
 use crate::key::ChunkKey;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 impl Chain {
@@ -21,7 +22,7 @@ impl Chain {
         }
         inner.hot_metrics.lookup_latency.record(started.elapsed());
         if pos == keys.len() || inner.tiers.is_empty() {
-            inc_u(&inner.lookups);
+            inner.pins.lookups.fetch_add(1, Ordering::Relaxed);
             return pos;
         }
         pos + self.lookup(&keys[pos..], None).hit_chunks

@@ -1,12 +1,16 @@
 //! One plugin tier of the chain: a bounded queue of puts and a worker that batches them into the
-//! plugin. Completions run on the plugin's threads and touch only shared counters, never the plugin.
+//! plugin. Completions run on the plugin's threads: they update the tier's counters, mark the keys
+//! done in the puts in flight (taking its lock), drop the batch's arena handles (which may take the hot
+//! cache's lock) and free a batch slot. They never call into the plugin.
 
-use super::inflight::Inflight;
+use super::breaker::{Breaker, BreakerSettings, BreakerState};
+use super::inflight::PutsInFlight;
 use super::metrics::{add, inc, TierMetrics};
+use super::unreported::UnreportedLog;
 use crate::cache::ChunkHandle;
 use crate::key::ChunkKey;
 use crate::plugin::{PluginBackend, Presence, PutRequest, Status};
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TrySendError};
 use kvhost_plugin_sdk::{abi, ChunkMeta};
 use parking_lot::{Condvar, Mutex};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,15 +46,15 @@ pub struct TierSettings {
     pub max_batch: usize,
     /// Bytes per plugin call (a batch closes at whichever limit comes first).
     pub max_batch_bytes: u64,
-    /// Plugin put calls outstanding at once.
-    pub max_inflight_batches: usize,
+    /// Put batches pending in the plugin at once (config `tier_max_inflight_batches`).
+    pub max_pending_batches: usize,
     /// Ask the plugin which keys it already holds before storing (skip those).
     pub skip_existing: bool,
     /// How long the skip-existing lookup may take before the batch is stored anyway.
     pub lookup_timeout: Duration,
 }
 
-/// Counts outstanding put batches; waiting is bounded so a hung plugin cannot wedge close.
+/// Counts put batches pending in the plugin; waiting is bounded so a hung plugin cannot wedge close.
 #[derive(Default)]
 struct Slots {
     used: Mutex<usize>,
@@ -87,13 +91,18 @@ pub(crate) struct Tier {
     settings: TierSettings,
     workers: Mutex<Vec<JoinHandle<()>>>,
     abandon: Arc<AtomicBool>,
+    /// Skips the tier while it is sick; bounds the arena bytes its puts hold.
+    pub(crate) breaker: Arc<Breaker>,
+    /// Where items the plugin leaves unreported are logged.
+    pub(crate) unreported: Arc<UnreportedLog>,
 }
 
 impl Tier {
     pub(crate) fn start(
         plugin: PluginBackend,
         settings: TierSettings,
-        inflight: Arc<Inflight>,
+        breaker: BreakerSettings,
+        inflight: Arc<PutsInFlight>,
     ) -> Arc<Tier> {
         let (tx, rx) = crossbeam_channel::bounded(settings.queue_depth.max(1));
         let plugin = Arc::new(plugin);
@@ -107,6 +116,8 @@ impl Tier {
             settings,
             workers: Mutex::new(Vec::new()),
             abandon: Arc::new(AtomicBool::new(false)),
+            breaker: Arc::new(Breaker::new(plugin.name(), breaker)),
+            unreported: Arc::new(UnreportedLog::new(plugin.name())),
         });
         let worker = Worker {
             plugin,
@@ -116,6 +127,8 @@ impl Tier {
             inflight,
             slots: Arc::new(Slots::default()),
             abandon: tier.abandon.clone(),
+            breaker: tier.breaker.clone(),
+            unreported: tier.unreported.clone(),
         };
         let name = format!("kvhost-tier-{}", tier.name);
         let handle = std::thread::Builder::new()
@@ -151,9 +164,30 @@ impl Tier {
     pub(crate) fn submit(&self, job: PutJob, blocking: bool) -> bool {
         let tx = self.tx.lock().clone();
         let Some(tx) = tx else { return false };
+        let bytes = job.handle.len() as u64;
+        let block = blocking && self.settings.backpressure == Backpressure::Block;
+        if !self.breaker.reserve(bytes, block) {
+            if self.breaker.state() == BreakerState::Closed {
+                inc(&self.metrics.put_dropped);
+            }
+            return false;
+        }
         inc(&self.metrics.puts_in_flight);
         let sent = match (blocking, self.settings.backpressure) {
-            (true, Backpressure::Block) => tx.send(job).is_ok(),
+            // Bounded: a queue that stays full past the put deadline means the tier is stuck.
+            (true, Backpressure::Block) => {
+                match tx.send_timeout(job, self.breaker.put_deadline()) {
+                    Ok(()) => true,
+                    Err(SendTimeoutError::Timeout(_)) => {
+                        self.breaker.trip(&format!(
+                            "its put queue stayed full for the put deadline ({:.1} s)",
+                            self.breaker.put_deadline().as_secs_f64()
+                        ));
+                        false
+                    }
+                    Err(SendTimeoutError::Disconnected(_)) => false,
+                }
+            }
             _ => match tx.try_send(job) {
                 Ok(()) => true,
                 Err(TrySendError::Full(_)) => {
@@ -165,6 +199,7 @@ impl Tier {
         };
         if !sent {
             self.metrics.puts_in_flight.fetch_sub(1, Ordering::Relaxed);
+            self.breaker.release(bytes);
         }
         sent
     }
@@ -200,9 +235,11 @@ struct Worker {
     metrics: Arc<TierMetrics>,
     settings: TierSettings,
     rx: Receiver<PutJob>,
-    inflight: Arc<Inflight>,
+    inflight: Arc<PutsInFlight>,
     slots: Arc<Slots>,
     abandon: Arc<AtomicBool>,
+    breaker: Arc<Breaker>,
+    unreported: Arc<UnreportedLog>,
 }
 
 impl Worker {
@@ -228,9 +265,10 @@ impl Worker {
         }
     }
 
-    fn finish(&self, key: &ChunkKey) {
+    fn finish(&self, job: &PutJob) {
         self.metrics.puts_in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.inflight.done(key);
+        self.inflight.done(&job.key);
+        self.breaker.release(job.handle.len() as u64);
     }
 
     fn store(&self, mut batch: Vec<PutJob>) {
@@ -247,7 +285,7 @@ impl Worker {
                     i += 1;
                     if present {
                         inc(&self.metrics.put_skipped);
-                        self.finish(&job.key);
+                        self.finish(job);
                     }
                     !present
                 });
@@ -258,14 +296,15 @@ impl Worker {
         }
         if !self
             .slots
-            .acquire(self.settings.max_inflight_batches.max(1), &self.abandon)
+            .acquire(self.settings.max_pending_batches.max(1), &self.abandon)
         {
             for job in &batch {
-                self.finish(&job.key);
+                self.finish(job);
             }
             return;
         }
         let n = batch.len();
+        let held: u64 = batch.iter().map(|j| j.handle.len() as u64).sum();
         let mut keys = Vec::with_capacity(n);
         let mut bufs = Vec::with_capacity(n);
         let mut metas = Vec::with_capacity(n);
@@ -280,19 +319,29 @@ impl Worker {
         let tier = self.plugin.name().to_string();
         let inflight = self.inflight.clone();
         let slots = self.slots.clone();
+        let breaker = self.breaker.clone();
+        let unreported = self.unreported.clone();
+        let batch_id = breaker.batch_started();
         let started = Instant::now();
         self.plugin
             .put(PutRequest { keys, bufs, metas }, move |done| {
                 metrics.put_latency.record(started.elapsed());
                 add(&metrics.demotions, demotions);
+                let (mut stored, mut failed, mut last_failure) = (0, 0, Status::OK);
                 for (i, status) in done.items.iter().enumerate() {
                     match *status {
                         Status::OK => {
+                            stored += 1;
                             inc(&metrics.puts);
                             add(&metrics.bytes_in, done.request.bufs[i].len() as u64);
                         }
                         Status::NO_SPACE => inc(&metrics.no_space),
                         other => {
+                            failed += 1;
+                            last_failure = other;
+                            if other == Status::NO_RESULT {
+                                unreported.log("put", &done.request.keys[i]);
+                            }
                             let n = metrics.errors.fetch_add(1, Ordering::Relaxed) + 1;
                             if n.is_power_of_two() {
                                 let why = done
@@ -316,8 +365,17 @@ impl Worker {
                 for key in &done.request.keys {
                     inflight.done(key);
                 }
+                if stored > 0 {
+                    breaker.success();
+                } else if failed > 0 {
+                    breaker.failure(&format!(
+                        "put of {n} chunk(s): {failed} failed ({last_failure})"
+                    ));
+                }
+                breaker.batch_done(batch_id);
                 // Release the arena blocks before the slot, so a waiting closer sees them freed.
                 drop(done);
+                breaker.release(held);
                 slots.release();
             });
     }

@@ -131,6 +131,25 @@ pub fn run_workload(args: &BenchArgs) -> Result<ExitCode, Box<dyn std::error::Er
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
         println!("wrote {}", path.display());
     }
+    // A tier whose breaker was open most of the run served nothing: the figures are not its.
+    let mostly_open: Vec<String> = report
+        .tiers
+        .iter()
+        .filter_map(|t| t.breaker.as_ref().map(|b| (t, b)))
+        .filter(|(_, b)| b.open_secs > report.seconds / 2.0)
+        .map(|(t, b)| format!("{} ({:.1} of {:.1} s)", t.name, b.open_secs, report.seconds))
+        .collect();
+    if !mostly_open.is_empty() {
+        let list = mostly_open.join(", ");
+        if args.allow_open_breaker {
+            println!("breaker: open for most of the run: {list} (allowed by --allow-open-breaker)");
+        } else {
+            println!(
+                "breaker: open for most of the run: {list}; failing (pass --allow-open-breaker to accept)"
+            );
+            return Ok(ExitCode::from(1));
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -223,6 +242,10 @@ pub fn run_serve(args: &BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&rows)?)?;
         println!("wrote {}", path.display());
+    }
+    // A missed target is a failed run (report-only and skipped rows do not count).
+    if rows.iter().any(|r| r.met == Some(false)) {
+        return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,13 +1,21 @@
 //! `kvhost check`: is this config and its plugins sound?
 
 use super::table;
+use crate::config::{machine, Config};
 use crate::loader;
 use crate::plugin::capability_names;
 use std::path::Path;
 use std::process::ExitCode;
 
 pub fn run(config_path: Option<&Path>) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    let config = super::load_config(config_path)?;
+    // Loaded without logging: the warnings are printed below, each once.
+    let config = match config_path
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("LMCACHE_CONFIG_FILE").map(Into::into))
+    {
+        Some(p) => Config::from_file_unlogged(&p)?,
+        None => Config::embedded_default_unlogged()?,
+    };
     let origin = config
         .source
         .as_ref()
@@ -38,6 +46,8 @@ pub fn run(config_path: Option<&Path>) -> Result<ExitCode, Box<dyn std::error::E
         "abi",
         "capabilities",
         "health",
+        "stats",
+        "breaker",
         "options",
     ]
     .map(String::from)
@@ -51,17 +61,35 @@ pub fn run(config_path: Option<&Path>) -> Result<ExitCode, Box<dyn std::error::E
         "-".into(),
         "pin,prefetch".into(),
         "ok".into(),
+        "-".into(),
+        "-".into(),
         format!(
-            "local_cpu={} max_local_cpu_size={}GiB cache_policy={} write_policy={}",
-            config.local_cpu, config.max_local_cpu_size, config.cache_policy, config.write_policy
+            "local_cpu={} max_local_cpu_size={}GiB ({}) cache_policy={} write_policy={}",
+            config.local_cpu,
+            config.max_local_cpu_size,
+            machine::physical_memory_bytes().map_or("machine memory unknown".to_string(), |m| {
+                format!("of {} machine memory", machine::gib_text(m))
+            }),
+            config.cache_policy,
+            config.write_policy
         ),
     ]);
     let mut unhealthy = 0;
     for (i, p) in plugins.iter().enumerate() {
         let info = p.info();
+        let mut unhealthy_now = false;
         let health = match p.health() {
             None => "-".to_string(),
             Some(Ok(text)) => format!("ok: {text}"),
+            Some(Err(e)) => {
+                unhealthy += 1;
+                unhealthy_now = true;
+                format!("FAILED: {} {}", e.status, e.message)
+            }
+        };
+        let stats = match p.stats() {
+            None => "-".to_string(),
+            Some(Ok(stats)) => crate::plugin::stats_line(&stats),
             Some(Err(e)) => {
                 unhealthy += 1;
                 format!("FAILED: {} {}", e.status, e.message)
@@ -85,10 +113,29 @@ pub fn run(config_path: Option<&Path>) -> Result<ExitCode, Box<dyn std::error::E
             format!("{}.{}", info.abi.0, info.abi.1),
             capability_names(info.capabilities).join(","),
             health,
+            stats,
+            // What the chain's probe would conclude now: a failing health keeps the breaker open.
+            if unhealthy_now {
+                "open (health failing)"
+            } else {
+                "closed"
+            }
+            .to_string(),
             options,
         ]);
     }
     print!("{}", table::render(&rows));
+    if !plugins.is_empty() {
+        let b = crate::chain::ChainSettings::from_config(&config).breaker;
+        println!(
+            "circuit breaker per tier: opens after {} consecutive failures, a put outstanding {:.1} s, \
+             or {} arena bytes in flight (tier_max_inflight_bytes); probes health every {:.1} s",
+            b.failures,
+            b.put_deadline.as_secs_f64(),
+            b.max_inflight_bytes,
+            b.probe_interval.as_secs_f64()
+        );
+    }
     for s in &skipped {
         println!("skipped: {}", s.error);
     }

@@ -3,7 +3,9 @@
 mod bench;
 mod check;
 mod conformance;
+mod new_plugin;
 mod plugins;
+mod sdk;
 mod serve;
 pub(crate) mod table;
 
@@ -95,6 +97,9 @@ pub struct BenchArgs {
     /// and print kvhost/LMCache ratios (needs the LMCache virtualenv; exit code 3 without it).
     #[arg(long)]
     pub vs_lmcache: bool,
+    /// Workload suite: exit 0 even when a tier's circuit breaker was open for most of the run.
+    #[arg(long)]
+    pub allow_open_breaker: bool,
     /// Serve and lmcache suites: a Python with LMCache installed. Default: $KVHOST_LMCACHE_PYTHON, else
     /// ~/.cache/kvhost/lmcache-venv/bin/python.
     #[arg(long)]
@@ -142,41 +147,51 @@ pub enum Command {
     /// micro benchmarks (`--suite micro`).
     Bench(BenchArgs),
     /// Serve LMCache's `lm://` protocol on top of the chain (point LMCache's `remote_url` at it).
-    Serve {
-        /// Config file. Default: $LMCACHE_CONFIG_FILE, else the embedded quickstart.
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:65432")]
-        listen: std::net::SocketAddr,
-        /// Serve Prometheus metrics (GET /metrics) on this address.
-        #[arg(long)]
-        metrics: Option<std::net::SocketAddr>,
-        /// Largest chunk a PUT may carry, bytes.
-        #[arg(long, default_value_t = 1 << 30)]
-        max_chunk_bytes: u64,
-        /// Seconds a client may stall inside a request before its connection is closed.
-        #[arg(long, default_value_t = 10.0)]
-        stall_timeout: f64,
-        /// Seconds to drain puts in flight at shutdown.
-        #[arg(long, default_value_t = 30.0)]
-        drain_timeout: f64,
-    },
+    Serve(serve::Args),
     /// Run the conformance suite against one plugin class.
-    Conformance {
-        /// Path to the .so, or a name searched in the plugin directories.
+    ///
+    /// The suite keeps at most one instance alive at a time: the checks share one instance, and the
+    /// check that destroys it is followed by a fresh one made with the same options, so a store that
+    /// locks its directory or file passes with one `-o path=…`. Option values may also contain
+    /// `{instance}`, replaced by a number that is fresh for each instance the suite makes
+    /// (1, 2, …), for stores that want a separate place per instance. Exit codes: 0 every check
+    /// passed or was skipped, 1 a check failed or the plugin did not load, 2 usage error.
+    Conformance(conformance::Args),
+    /// The plugin author's kit: install the headers and pkg-config file.
+    #[command(subcommand)]
+    Sdk(SdkCommand),
+    /// Write a buildable plugin skeleton (a bounded in-memory store with every required entry, its
+    /// build file and a README with the conformance command) into DIR.
+    NewPlugin {
+        /// Language of the skeleton.
+        #[arg(long, value_enum)]
+        lang: new_plugin::Lang,
+        /// Class name (entry point kvh_plugin_<NAME>_v1): a lowercase letter, then [a-z0-9_].
+        name: String,
+        /// Directory to write into (created; existing files are never overwritten).
+        dir: PathBuf,
+        /// Rust only: the kvhost plugin-sdk directory Cargo.toml points at. Default: this binary's
+        /// checkout, when it was built from one.
         #[arg(long)]
-        plugin: String,
-        /// Backend class (the entry point is kvh_plugin_<class>_v1).
-        #[arg(long)]
-        class: String,
-        /// Plugin option, repeatable.
-        #[arg(long = "option", short = 'o', value_name = "KEY=VALUE", value_parser = parse_kv)]
-        options: Vec<(String, String)>,
+        sdk: Option<PathBuf>,
     },
 }
 
-fn parse_kv(s: &str) -> Result<(String, String), String> {
+/// `kvhost sdk` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum SdkCommand {
+    /// Write include/kvhost/{kvhost_plugin.h, kvhost_plugin.hpp, kvhost_plugin_util.h},
+    /// lib/pkgconfig/kvhost-plugin.pc and share/kvhost/lsan.supp under PREFIX (the copies compiled
+    /// into this binary, so they match the ABI it speaks). Then:
+    /// `PKG_CONFIG_PATH=PREFIX/lib/pkgconfig cc $(pkg-config --cflags kvhost-plugin) -shared -fPIC …`.
+    Install {
+        /// Where to install (e.g. /usr/local or ~/.local).
+        #[arg(long)]
+        prefix: PathBuf,
+    },
+}
+
+pub(crate) fn parse_kv(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.trim().to_string(), v.to_string()))
         .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
@@ -186,13 +201,24 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 pub fn init_logging(cli: &Cli) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let colour = colour_wanted(
+        std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     let _ = match cli.log_format {
         LogFormat::Human => builder.with_target(false).try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// Colour codes on stderr only for a terminal, and never when `NO_COLOR` is set to anything non-empty
+/// (<https://no-color.org>).
+fn colour_wanted(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 /// Load `path`, or `$LMCACHE_CONFIG_FILE`, or the embedded default.
@@ -211,31 +237,34 @@ pub fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     match cli.command {
         Command::Check { config } => check::run(config.as_deref()),
         Command::Plugins { paths } => plugins::run(&paths),
-        Command::Conformance {
-            plugin,
-            class,
-            options,
-        } => conformance::run(&plugin, &class, options),
-        Command::Serve {
-            config,
-            listen,
-            metrics,
-            max_chunk_bytes,
-            stall_timeout,
-            drain_timeout,
-        } => serve::run(serve::Args {
-            config,
-            listen,
-            metrics,
-            max_chunk_bytes,
-            stall_timeout,
-            drain_timeout,
-        }),
+        Command::Conformance(args) => conformance::run(args),
+        Command::Sdk(SdkCommand::Install { prefix }) => sdk::install(&prefix),
+        Command::NewPlugin {
+            lang,
+            name,
+            dir,
+            sdk,
+        } => new_plugin::run(lang, &name, &dir, sdk),
+        Command::Serve(args) => serve::run(args),
         Command::Bench(args) => match args.suite {
             Suite::Micro => bench::run_micro(&args),
             Suite::Workload => bench::run_workload(&args),
             Suite::Serve => bench::run_serve(&args),
             Suite::Lmcache => bench::run_lmcache(&args),
         },
+    }
+}
+
+#[cfg(test)]
+mod colour_tests {
+    use super::colour_wanted;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(colour_wanted(true, None));
+        assert!(colour_wanted(true, Some(OsStr::new(""))));
+        assert!(!colour_wanted(true, Some(OsStr::new("1"))));
+        assert!(!colour_wanted(false, None));
     }
 }

@@ -45,19 +45,27 @@ pub fn run(paths: &[PathBuf]) -> Result<ExitCode, Box<dyn std::error::Error>> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let mut classes = 0;
+    let (mut classes, mut refused) = (0, 0);
     for lib in &libs {
-        classes += describe(lib);
+        let (ok, bad) = describe(lib);
+        classes += ok;
+        refused += bad;
     }
     println!(
-        "{} librar{} scanned, {classes} backend class(es)",
+        "{} librar{} scanned, {classes} backend class(es), {refused} refused",
         libs.len(),
         if libs.len() == 1 { "y" } else { "ies" }
     );
-    Ok(ExitCode::SUCCESS)
+    // A refused class is a plugin the host would not load: a failure, not a listing detail.
+    Ok(if refused == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
-fn describe(lib: &Path) -> usize {
+/// Print what `lib` offers; returns (classes loaded, classes refused).
+fn describe(lib: &Path) -> (usize, usize) {
     let symbols = loader::exported_entry_points(lib);
     let ours: Vec<&(String, u32)> = symbols
         .iter()
@@ -78,10 +86,11 @@ fn describe(lib: &Path) -> usize {
             )
         };
         println!("{}\n  {why}\n", lib.display());
-        return 0;
+        // A library that is no plugin at all is only named; classes of another major are refused.
+        return (0, symbols.len());
     }
     println!("{}", lib.display());
-    let mut ok = 0;
+    let (mut ok, mut refused) = (0, 0);
     for (class, _) in ours {
         match loader::describe(lib, class) {
             Ok(info) => {
@@ -114,9 +123,12 @@ fn describe(lib: &Path) -> usize {
                     println!("    option {:<16} {:<22} {}", o.key, default, o.doc);
                 }
             }
-            Err(e) => println!("  class {class}: refused: {e}"),
+            Err(e) => {
+                refused += 1;
+                println!("  class {class}: refused: {e}");
+            }
         }
     }
     println!();
-    ok
+    (ok, refused)
 }

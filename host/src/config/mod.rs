@@ -9,9 +9,12 @@
 //! plugin. The legacy `external_backends` / `external_backend.<name>.*` form still works, with a
 //! deprecation warning.
 
+pub mod machine;
 mod raw;
+mod serve;
 
 use raw::{RawConfig, StringList};
+pub use serve::ServeKeys;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -207,6 +210,15 @@ pub struct Config {
     /// Threads that share a hot-cache copy of 1 MiB or more, the caller's included (0 or 1: the
     /// caller's thread only); `None`: one per core.
     pub copy_threads: Option<usize>,
+    /// Arena bytes one tier's puts may hold (queued or being stored) before its circuit breaker
+    /// trips; `None`: half the hot cache (1 GiB without one).
+    pub tier_max_inflight_bytes: Option<u64>,
+    /// A tier put outstanding this long trips the tier's breaker; default `blocking_timeout_secs`.
+    pub tier_put_deadline_secs: f64,
+    /// Consecutive failed operations that trip a tier's breaker (0: never on failures).
+    pub tier_breaker_failures: u32,
+    /// How often an open breaker probes its tier (`health`), seconds.
+    pub tier_breaker_probe_secs: f64,
     /// The storage plugins in lookup order (priority, then list position).
     pub plugins: Vec<PluginSpec>,
     /// Extra plugin directories from the config (`plugin_dir`), searched first.
@@ -215,6 +227,8 @@ pub struct Config {
     pub on_plugin_error: OnPluginError,
     /// The model.
     pub model: ModelSpec,
+    /// The `serve:` section (`kvhost serve` limits).
+    pub serve: ServeKeys,
     /// `extra_config` entries that are not plugin keys.
     pub extra_config: BTreeMap<String, String>,
     /// Warnings found while loading (unknown keys, deprecated forms); also logged.
@@ -234,6 +248,32 @@ impl Config {
         Self::from_yaml_with_env(&text, Some(path), std::env::vars())
     }
 
+    /// Like [`Config::from_file`], but the warnings are left in [`Config::warnings`] and not logged:
+    /// for callers that show them themselves (`kvhost check`), so each is printed once.
+    pub fn from_file_unlogged(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::load(
+            &text,
+            Some(path),
+            std::env::vars(),
+            machine::physical_memory_bytes(),
+        )
+    }
+
+    /// Like [`Config::embedded_default`], but the warnings are not logged (see
+    /// [`Config::from_file_unlogged`]).
+    pub fn embedded_default_unlogged() -> Result<Config, ConfigError> {
+        Self::load(
+            DEFAULT_CONFIG_YAML,
+            None,
+            std::env::vars(),
+            machine::physical_memory_bytes(),
+        )
+    }
+
     /// The embedded default config, with the process environment applied.
     pub fn embedded_default() -> Result<Config, ConfigError> {
         Self::from_yaml_with_env(DEFAULT_CONFIG_YAML, None, std::env::vars())
@@ -244,11 +284,31 @@ impl Config {
         Self::from_yaml_with_env(text, path, std::iter::empty())
     }
 
-    /// Parse YAML text and apply `LMCACHE_*` variables from `env`.
+    /// Parse YAML text and apply `LMCACHE_*` variables from `env`; log the warnings.
     pub fn from_yaml_with_env(
         text: &str,
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let config = Self::load(text, path, env, machine::physical_memory_bytes())?;
+        config.log_warnings();
+        Ok(config)
+    }
+
+    /// Log each of [`Config::warnings`] once at WARN.
+    pub fn log_warnings(&self) {
+        for w in &self.warnings {
+            tracing::warn!(target: "kvhost::config", "{w}");
+        }
+    }
+
+    /// Parse, apply the environment and resolve, checking the hot cache against `machine_memory`
+    /// bytes (not checked when unknown). Logs nothing.
+    fn load(
+        text: &str,
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        machine_memory: Option<u64>,
     ) -> Result<Config, ConfigError> {
         let origin = path.map_or_else(
             || "<embedded default>".to_string(),
@@ -259,11 +319,7 @@ impl Config {
         for (var, value) in env {
             raw.apply_env(&var, &value, &mut warnings)?;
         }
-        let config = Self::resolve(raw, path, &origin, warnings)?;
-        for w in &config.warnings {
-            tracing::warn!(target: "kvhost::config", "{w}");
-        }
-        Ok(config)
+        Self::resolve(raw, path, &origin, warnings, machine_memory)
     }
 
     fn resolve(
@@ -271,6 +327,7 @@ impl Config {
         path: Option<&Path>,
         origin: &str,
         mut warnings: Vec<String>,
+        machine_memory: Option<u64>,
     ) -> Result<Config, ConfigError> {
         let invalid = |message: String| ConfigError::Invalid {
             origin: origin.to_string(),
@@ -283,34 +340,54 @@ impl Config {
             .map(|(k, v)| (k, raw::value_text(&v)))
             .collect();
 
-        let mut names: Vec<(String, &'static str)> = Vec::new();
-        for n in raw
+        // (name, key prefix, position in its own list)
+        let mut names: Vec<(String, &'static str, usize)> = Vec::new();
+        for (i, n) in raw
             .storage_plugins
-            .map(StringList::into_vec)
+            .map(StringList::into_names)
             .unwrap_or_default()
+            .into_iter()
+            .enumerate()
         {
-            names.push((n, "storage_plugin"));
+            names.push((n, "storage_plugin", i));
         }
         if let Some(legacy) = raw.external_backends {
             warnings.push("`external_backends` is deprecated: use `storage_plugins` and `storage_plugin.<name>.*`".into());
-            for n in legacy.into_vec() {
-                names.push((n, "external_backend"));
+            for (i, n) in legacy.into_names().into_iter().enumerate() {
+                names.push((n, "external_backend", i));
             }
         }
 
         let mut plugins: Vec<PluginSpec> = Vec::new();
         let mut claimed: Vec<String> = Vec::new();
-        for (position, (name, prefix_root)) in names.iter().enumerate() {
-            if name.is_empty() || name.contains(char::is_whitespace) {
+        for (position, (name, prefix_root, index)) in names.iter().enumerate() {
+            let list = format!("{prefix_root}s");
+            if name.is_empty() {
                 return Err(invalid(format!(
-                    "plugin name `{name}` in {prefix_root}s is empty or has spaces"
+                    "{list}[{index}]: the plugin name is empty"
                 )));
             }
-            if let Some(first) = plugins.iter().find(|p| &p.name == name) {
+            if name.contains(char::is_whitespace) {
                 return Err(invalid(format!(
-                    "duplicate plugin name `{name}` in storage_plugins (positions {} and {position}); names must be unique",
-                    first.position
+                    "{list}[{index}]: plugin name `{}` has whitespace",
+                    name.escape_debug()
                 )));
+            }
+            if let Some((_, first_root, first_index)) =
+                names[..position].iter().find(|(n, ..)| n == name)
+            {
+                let first_list = format!("{first_root}s");
+                return Err(invalid(if first_list == list {
+                    format!(
+                        "duplicate plugin name `{name}` in {list} (positions {first_index} and {index}); names must be unique"
+                    )
+                } else {
+                    format!(
+                        "plugin `{name}` is named by both `{first_list}` (position {first_index}) and `{list}` \
+                         (position {index}); name it once, in `storage_plugins` (`external_backends` is the \
+                         deprecated form)"
+                    )
+                }));
             }
             if RESERVED_NAMES.contains(&name.as_str()) || name.starts_with("RemoteBackend") {
                 return Err(invalid(format!(
@@ -436,6 +513,63 @@ impl Config {
                 "max_local_cpu_size {max_local_cpu_size} GiB must be a non-negative number"
             )));
         }
+        let arena_bytes = machine::gib_to_bytes(max_local_cpu_size);
+        if let Some(memory) = machine_memory {
+            if arena_bytes > memory {
+                return Err(invalid(format!(
+                    "max_local_cpu_size {max_local_cpu_size} GiB ({arena_bytes} bytes) is more than this \
+                     machine's memory ({memory} bytes, {}): the hot-cache arena could not be mapped",
+                    machine::gib_text(memory)
+                )));
+            }
+        }
+
+        // Durations are checked here, not where they become `Duration`s (which panics on a
+        // negative, NaN or huge value): under 1e9 s (31 years), finite, positive or not negative.
+        let seconds = |key: &str, v: f64, zero_ok: bool| {
+            if v.is_finite() && (v > 0.0 || (zero_ok && v == 0.0)) && v < 1e9 {
+                Ok(v)
+            } else {
+                let what = if zero_ok { "non-negative" } else { "positive" };
+                Err(invalid(format!(
+                    "{key} {v}: expected a {what} number of seconds below 1e9"
+                )))
+            }
+        };
+        let positive = |key: &str, v: f64| seconds(key, v, false);
+        let blocking_timeout_secs = positive(
+            "blocking_timeout_secs",
+            raw.blocking_timeout_secs.unwrap_or(10.0),
+        )?;
+        let pin_timeout_sec = seconds(
+            "pin_timeout_sec",
+            raw.pin_timeout_sec.unwrap_or(300.0),
+            true,
+        )?;
+        let pin_check_interval_sec = seconds(
+            "pin_check_interval_sec",
+            raw.pin_check_interval_sec.unwrap_or(30.0),
+            true,
+        )?;
+        let tier_put_deadline_secs = positive(
+            "tier_put_deadline_secs",
+            raw.tier_put_deadline_secs.unwrap_or(blocking_timeout_secs),
+        )?;
+        let tier_breaker_probe_secs = positive(
+            "tier_breaker_probe_secs",
+            raw.tier_breaker_probe_secs.unwrap_or(1.0),
+        )?;
+        let tier_max_inflight_bytes = match raw.tier_max_inflight_bytes {
+            Some(0) => {
+                return Err(invalid(
+                    "tier_max_inflight_bytes must be positive".to_string(),
+                ))
+            }
+            other => other,
+        };
+
+        let serve = raw.serve.unwrap_or_default();
+        serve.check().map_err(invalid)?;
 
         let mut model = ModelSpec::default();
         if let Some(m) = raw.model {
@@ -456,10 +590,10 @@ impl Config {
             local_cpu_use_hugepages: raw.local_cpu_use_hugepages.unwrap_or(false),
             cache_policy,
             save_unfull_chunk: raw.save_unfull_chunk.unwrap_or(false),
-            blocking_timeout_secs: raw.blocking_timeout_secs.unwrap_or(10.0),
-            pin_timeout_sec: raw.pin_timeout_sec.unwrap_or(300.0),
+            blocking_timeout_secs,
+            pin_timeout_sec,
             write_policy,
-            pin_check_interval_sec: raw.pin_check_interval_sec.unwrap_or(30.0),
+            pin_check_interval_sec,
             local_cpu_prefault: raw.local_cpu_prefault.unwrap_or(true),
             put_queue_depth: raw.put_queue_depth.unwrap_or(1024).max(1),
             put_backpressure,
@@ -469,10 +603,15 @@ impl Config {
             skip_existing_in_tiers: raw.skip_existing_in_tiers.unwrap_or(true),
             promotion_wait_ms: raw.promotion_wait_ms.unwrap_or(100),
             copy_threads: raw.copy_threads,
+            tier_max_inflight_bytes,
+            tier_put_deadline_secs,
+            tier_breaker_failures: raw.tier_breaker_failures.unwrap_or(5),
+            tier_breaker_probe_secs,
             plugins,
             plugin_dirs,
             on_plugin_error,
             model,
+            serve,
             extra_config,
             warnings,
         })

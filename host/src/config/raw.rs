@@ -14,6 +14,16 @@ pub(super) enum StringList {
 }
 
 impl StringList {
+    /// Plugin names: a YAML list keeps its empty entries (so they are reported with their
+    /// position); a comma string drops them, as LMCache's `_to_str_list` does.
+    pub(super) fn into_names(self) -> Vec<String> {
+        match self {
+            StringList::List(v) => v.into_iter().map(|s| s.trim().to_string()).collect(),
+            comma @ StringList::Comma(_) => comma.into_vec(),
+        }
+    }
+
+    /// The entries, trimmed, empty ones dropped.
     pub(super) fn into_vec(self) -> Vec<String> {
         match self {
             StringList::List(v) => v
@@ -89,6 +99,7 @@ raw_config! {
     on_plugin_error: String,
     write_policy: String,
     model: RawModel,
+    serve: super::ServeKeys,
     pin_check_interval_sec: f64,
     local_cpu_prefault: bool,
     put_queue_depth: usize,
@@ -99,6 +110,10 @@ raw_config! {
     skip_existing_in_tiers: bool,
     promotion_wait_ms: u64,
     copy_threads: usize,
+    tier_max_inflight_bytes: u64,
+    tier_put_deadline_secs: f64,
+    tier_breaker_failures: u32,
+    tier_breaker_probe_secs: f64,
 }
 
 /// LMCache config keys that kvhost accepts without using (so an LMCache config loads cleanly).
@@ -171,16 +186,66 @@ pub(super) fn value_text(v: &Value) -> String {
     }
 }
 
-fn parse_error(origin: &str, err: &serde_yaml_ng::Error) -> ConfigError {
-    let location = err
-        .location()
-        .map(|l| format!(":{}:{}", l.line(), l.column()))
-        .unwrap_or_default();
+fn parse_error(origin: &str, text: &str, err: &serde_yaml_ng::Error) -> ConfigError {
+    let mut message = err.to_string();
+    let mut location = err.location().map(|l| (l.line(), l.column()));
+    // The parser places a duplicate key at the start of its mapping; find the repeated line.
+    if let Some(found) = duplicate_key_name(&message).and_then(|key| second_occurrence(text, &key))
+    {
+        if let Some((line, column)) = location {
+            let wrong = format!(" at line {line} column {column}");
+            if let Some(head) = message.strip_suffix(&wrong) {
+                message = format!("{head} at line {} column {}", found.0, found.1);
+            }
+        }
+        location = Some(found);
+    }
     ConfigError::Parse {
         origin: origin.to_string(),
-        location,
-        message: err.to_string(),
+        location: location
+            .map(|(line, column)| format!(":{line}:{column}"))
+            .unwrap_or_default(),
+        message,
     }
+}
+
+/// The key named by a duplicate-key error of serde (`duplicate field `k``) or of a YAML mapping
+/// (`duplicate entry with key "k"`).
+fn duplicate_key_name(message: &str) -> Option<String> {
+    if let Some((_, rest)) = message.split_once("duplicate field `") {
+        return rest.split('`').next().map(str::to_string);
+    }
+    let (_, rest) = message.split_once("duplicate entry with key \"")?;
+    rest.split('"').next().map(str::to_string)
+}
+
+/// Line and column (1-based) of the second block-mapping line `key:` at one indentation.
+fn second_occurrence(text: &str, key: &str) -> Option<(usize, usize)> {
+    let mut seen_at_indent: Vec<usize> = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let body = line.trim_start_matches(' ');
+        if body.is_empty() || body.starts_with('#') {
+            continue;
+        }
+        let indent = line.len() - body.len();
+        // A shallower line closes the mappings nested deeper than it.
+        seen_at_indent.retain(|&i| i <= indent);
+        let body = body.strip_prefix("- ").unwrap_or(body);
+        let named = [key.to_string(), format!("\"{key}\""), format!("'{key}'")]
+            .iter()
+            .any(|k| {
+                body.strip_prefix(k.as_str())
+                    .is_some_and(|r| r.trim_start().starts_with(':'))
+            });
+        if !named {
+            continue;
+        }
+        if seen_at_indent.contains(&indent) {
+            return Some((n + 1, indent + 1));
+        }
+        seen_at_indent.push(indent);
+    }
+    None
 }
 
 impl RawConfig {
@@ -190,13 +255,15 @@ impl RawConfig {
         origin: &str,
         warnings: &mut Vec<String>,
     ) -> Result<RawConfig, ConfigError> {
+        // Editors on Windows write a byte-order mark; YAML allows it at the start of a stream.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         if text.trim().is_empty() {
             return Ok(RawConfig::default());
         }
         let de = serde_yaml_ng::Deserializer::from_str(text);
         let mut unknown = Vec::new();
         let raw: RawConfig = serde_ignored::deserialize(de, |path| unknown.push(path.to_string()))
-            .map_err(|e| parse_error(origin, &e))?;
+            .map_err(|e| parse_error(origin, text, &e))?;
         for key in unknown {
             if !is_lmcache_key(&key) {
                 warnings.push(format!("{origin}: unknown config key `{key}` (ignored)"));

@@ -101,15 +101,8 @@ pub(crate) fn exported_plugin_symbols(path: &Path) -> Vec<String> {
 pub(crate) fn host_api(
     instance: &str,
 ) -> Result<(&'static abi::kvh_host_api, &'static HostCtx), String> {
-    let ctx = crate::plugin::register_instance(|id| {
-        Box::leak(Box::new(HostCtx {
-            name: instance.to_string(),
-            instance: id,
-            in_flight: std::sync::atomic::AtomicUsize::new(0),
-            ops: crate::plugin::OpTable::new(),
-        }))
-    })
-    .ok_or("this process has created 65536 plugin instances; restart it")?;
+    let ctx = crate::plugin::new_instance(instance)
+        .ok_or("this process has created 65536 plugin instances; restart it")?;
     let name: &'static str = Box::leak(format!("{instance}\0").into_boxed_str());
     let api = Box::leak(Box::new(abi::kvh_host_api {
         struct_size: std::mem::size_of::<abi::kvh_host_api>() as u32,

@@ -354,7 +354,8 @@ const KNOWN_CAPS: u64 = abi::KVH_CAP_PIN
     | abi::KVH_CAP_DISCARDS
     | abi::KVH_CAP_CLEAR
     | abi::KVH_CAP_ASYNC_CONTAINS
-    | abi::KVH_CAP_ASYNC_REMOVE;
+    | abi::KVH_CAP_ASYNC_REMOVE
+    | abi::KVH_CAP_STATS;
 
 /// The type of an entry point.
 pub type EntryFn =
@@ -473,6 +474,7 @@ fn inspect_entry(
         (abi::KVH_CAP_CLEAR, 1, abi::KVH_VTABLE_V1_1_SIZE),
         (abi::KVH_CAP_ASYNC_CONTAINS, 2, abi::KVH_VTABLE_V1_2_SIZE),
         (abi::KVH_CAP_ASYNC_REMOVE, 2, abi::KVH_VTABLE_V1_2_SIZE),
+        (abi::KVH_CAP_STATS, 3, abi::KVH_VTABLE_V1_3_SIZE),
     ] {
         if desc.capabilities & bit != 0 && vt_size < size {
             let cap = crate::plugin::capability_names(bit).join("");
@@ -501,7 +503,7 @@ fn inspect_entry(
     }
     // 6. Capabilities against functions.
     let caps = desc.capabilities;
-    let cap_fns: [(u64, &str, bool); 7] = [
+    let cap_fns: [(u64, &str, bool); 8] = [
         (
             abi::KVH_CAP_PIN,
             "pin/unpin",
@@ -521,6 +523,7 @@ fn inspect_entry(
             "remove_async",
             vt.remove_async.is_some(),
         ),
+        (abi::KVH_CAP_STATS, "stats", vt.stats.is_some()),
     ];
     let mut vt = vt;
     for (bit, name, present) in cap_fns {
@@ -539,6 +542,7 @@ fn inspect_entry(
                 abi::KVH_CAP_CLEAR => vt.clear = None,
                 abi::KVH_CAP_ASYNC_CONTAINS => vt.contains_async = None,
                 abi::KVH_CAP_ASYNC_REMOVE => vt.remove_async = None,
+                abi::KVH_CAP_STATS => vt.stats = None,
                 _ => vt.health = None,
             }
         }

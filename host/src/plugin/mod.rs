@@ -6,17 +6,20 @@
 //! touch a buffer the plugin may still be using. Every status and length the plugin reports is
 //! validated before it is believed.
 
-mod ffi;
+mod completions;
+mod marshal;
 mod ops;
+mod stats;
 
-pub use ffi::unknown_completions;
-pub(crate) use ffi::{
-    c_string as ffi_c_string, host_log, host_log_enabled, register_instance, OpTable,
-};
+pub(crate) use completions::new_instance;
+pub use completions::unknown_completions;
+use completions::OpTable;
+pub(crate) use marshal::{c_string as ffi_c_string, host_log, host_log_enabled};
 pub use ops::{
     ContainsDone, DstBuf, GetDone, GetItem, GetRequest, KeyOpDone, PrefetchDone, PutDone,
     PutRequest, RemoveDone, SrcBuf,
 };
+pub use stats::{stats_line, PluginStat, StatKind};
 
 use kvhost_plugin_sdk::abi;
 pub use kvhost_plugin_sdk::{ChunkMeta, Status};
@@ -45,7 +48,7 @@ pub struct PluginError {
 pub(crate) struct HostCtx {
     pub(crate) name: String,
     pub(crate) instance: u16,
-    pub(crate) in_flight: AtomicUsize,
+    pub(crate) pending_ops: AtomicUsize,
     pub(crate) ops: OpTable,
 }
 
@@ -100,6 +103,7 @@ pub fn capability_names(caps: u64) -> Vec<&'static str> {
         (abi::KVH_CAP_CLEAR, "clear"),
         (abi::KVH_CAP_ASYNC_CONTAINS, "async_contains"),
         (abi::KVH_CAP_ASYNC_REMOVE, "async_remove"),
+        (abi::KVH_CAP_STATS, "stats"),
     ]
     .iter()
     .filter(|(bit, _)| caps & bit != 0)
@@ -125,9 +129,6 @@ pub struct PluginBackend {
     vt: abi::kvh_backend_vtable,
     backend: *mut abi::kvh_backend,
     ctx: &'static HostCtx,
-    /// Keys pinned by lookups that completed after their caller stopped waiting; unpinned on the next
-    /// lookup (never from the plugin's completion thread).
-    orphan_pins: Arc<parking_lot::Mutex<Vec<crate::ChunkKey>>>,
 }
 
 // SAFETY: the ABI makes every data-path function `[any-thread]` and concurrent-safe; `destroy` runs
@@ -158,7 +159,6 @@ impl PluginBackend {
             vt,
             backend,
             ctx,
-            orphan_pins: Arc::default(),
         }
     }
 
@@ -183,9 +183,10 @@ impl PluginBackend {
         self.ctx.ops.stale.load(Ordering::Relaxed)
     }
 
-    /// Operations submitted with PENDING whose completion has not arrived yet.
-    pub fn in_flight(&self) -> usize {
-        self.ctx.in_flight.load(Ordering::Acquire)
+    /// Operations the plugin answered with `KVH_PENDING` whose completion has not arrived yet. (The
+    /// chain calls a put *in flight* until every tier stored it; *pending* is this.)
+    pub fn pending_ops(&self) -> usize {
+        self.ctx.pending_ops.load(Ordering::Acquire)
     }
 
     fn error(&self, op: &'static str, status: Status, message: impl Into<String>) -> PluginError {
@@ -202,7 +203,7 @@ impl PluginBackend {
         let Some(f) = self.vt.last_error else {
             return String::new();
         };
-        let mut buf = ffi::MessageBuf::new();
+        let mut buf = marshal::MessageBuf::new();
         let raw = buf.raw();
         // SAFETY: a checked vtable function with the live backend and a host buffer of `cap` bytes.
         unsafe { f(self.backend, raw.ptr, raw.cap) };
@@ -229,7 +230,7 @@ impl PluginBackend {
         pin: bool,
     ) -> Result<Vec<Presence>, PluginError> {
         let n = keys.len();
-        let ffi_keys = ffi::FfiKeys::new(keys);
+        let ffi_keys = marshal::FfiKeys::new(keys);
         let mut meta = vec![ChunkMeta::default(); n];
         let mut status = vec![abi::KVH_ERR_NO_RESULT; n];
         let batch = abi::kvh_contains_batch {
@@ -256,7 +257,7 @@ impl PluginBackend {
         call: impl FnOnce(*const abi::kvh_key_batch) -> abi::kvh_status,
     ) -> Result<Vec<Status>, PluginError> {
         let n = keys.len();
-        let ffi_keys = ffi::FfiKeys::new(keys);
+        let ffi_keys = marshal::FfiKeys::new(keys);
         let mut status = vec![abi::KVH_ERR_NO_RESULT; n];
         let batch = abi::kvh_key_batch {
             keys: ffi_keys.keys.as_ptr(),
@@ -341,7 +342,7 @@ impl PluginBackend {
     /// The plugin's health (`KVH_CAP_HEALTH`); `None` when it has no health operation.
     pub fn health(&self) -> Option<Result<String, PluginError>> {
         let f = self.vt.health?;
-        let mut buf = ffi::MessageBuf::new();
+        let mut buf = marshal::MessageBuf::new();
         // SAFETY: checked vtable function; the buffer outlives the call.
         let rc = unsafe { f(self.backend, buf.raw()) };
         Some(if rc == abi::KVH_OK {
@@ -357,7 +358,7 @@ impl Drop for PluginBackend {
         let f = self.vt.destroy.expect("checked by the loader");
         // SAFETY: `destroy` of the live backend, once, with exclusive access (we are in `drop`).
         unsafe { f(self.backend) };
-        let left = self.in_flight();
+        let left = self.pending_ops();
         if left > 0 {
             tracing::error!(
                 target: "kvhost::plugin",

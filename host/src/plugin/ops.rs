@@ -1,12 +1,14 @@
 //! Asynchronous operations: `put`, `get`, `prefetch`, and `contains`/`remove` through their ABI 1.2
 //! asynchronous entries.
 //!
-//! Each call moves its keys, buffers and per-item arrays into one boxed operation state whose address
-//! never changes, registers it in the completion table, and only then derives the raw pointers the
-//! plugin gets. The state (with the caller's buffers) comes back through the `on_done` closure, exactly
+//! Each call moves its keys, buffers and per-item arrays into one boxed operation state, turns the box
+//! into a raw owner ([`PendingState`], `Box::into_raw`), and derives the batch pointer the plugin gets
+//! from that raw allocation, so no pointer is taken before a move that could invalidate it. The state
+//! is registered in the completion table before the plugin is called. The state (with the caller's buffers) comes back through the `on_done` closure, exactly
 //! once: from the completion callback for PENDING, or right away for any other status.
 
-use super::ffi::{self, FfiKeys, PendingOp};
+use super::completions::{self, PendingOp, PendingState};
+use super::marshal::FfiKeys;
 use super::{PluginBackend, PluginError, Presence};
 use crate::key::ChunkKey;
 use kvhost_plugin_sdk::abi;
@@ -365,15 +367,16 @@ fn length_mismatch(plugin: &str, op: &'static str, what: &str) -> PluginError {
 }
 
 impl PluginBackend {
-    /// Submit an operation whose state is already boxed: register it, call the plugin, and resolve a
-    /// synchronous return. `batch` points into `state`'s heap allocation.
+    /// Submit an operation whose state is already owned by a [`PendingState`]: register it, call the
+    /// plugin, and resolve a synchronous return. `call`'s batch pointer was derived from the state's
+    /// raw allocation.
     fn submit(
         &self,
-        state: Box<dyn PendingOp>,
+        state: PendingState,
         call: impl FnOnce(abi::kvh_completion) -> abi::kvh_status,
         op: &'static str,
     ) {
-        let token = match ffi::register(state, self.ctx) {
+        let token = match completions::register(state, self.ctx) {
             Ok(token) => token,
             Err(state) => {
                 return state.finish(
@@ -382,17 +385,17 @@ impl PluginBackend {
                 )
             }
         };
-        self.ctx.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.ctx.pending_ops.fetch_add(1, Ordering::AcqRel);
         let rc = call(abi::kvh_completion {
-            complete: Some(ffi::on_complete),
+            complete: Some(completions::on_complete),
             user_data: token,
         });
         if rc == abi::KVH_PENDING {
             return;
         }
-        match ffi::take(token) {
+        match completions::take(token) {
             Ok((state, _)) => {
-                self.ctx.in_flight.fetch_sub(1, Ordering::AcqRel);
+                self.ctx.pending_ops.fetch_sub(1, Ordering::AcqRel);
                 let message = if rc == abi::KVH_OK {
                     String::new()
                 } else {
@@ -461,10 +464,13 @@ impl PluginBackend {
         state.batch.src = state.src.as_ptr();
         state.batch.meta = state.request.metas.as_ptr();
         state.batch.item_status = state.status.as_mut_ptr();
-        let batch: *const abi::kvh_put_batch = &state.batch;
+        let (state, raw) = PendingState::new(state);
+        // SAFETY: `raw` is the live allocation `state` owns; the place is only addressed, not read.
+        let batch: *const abi::kvh_put_batch = unsafe { &raw const (*raw).batch };
         let f = self.vt.put.expect("checked by the loader");
-        // SAFETY: `batch` and every array it points to live in the boxed state, which stays in the
-        // completion table (unmoved, untouched by the host) until the plugin completes or returns.
+        // SAFETY: `batch` and every array it points to live in the state's allocation, which the
+        // completion table owns (by raw pointer, untouched by the host) until the plugin completes or
+        // returns.
         self.submit(state, |done| unsafe { f(self.backend, batch, done) }, "put");
     }
 
@@ -523,7 +529,9 @@ impl PluginBackend {
         state.batch.out_len = state.out_len.as_mut_ptr();
         state.batch.out_meta = state.out_meta.as_mut_ptr();
         state.batch.item_status = state.status.as_mut_ptr();
-        let batch: *const abi::kvh_get_batch = &state.batch;
+        let (state, raw) = PendingState::new(state);
+        // SAFETY: `raw` is the live allocation `state` owns; the place is only addressed, not read.
+        let batch: *const abi::kvh_get_batch = unsafe { &raw const (*raw).batch };
         let f = self.vt.get.expect("checked by the loader");
         // SAFETY: as in `put`; the destination buffers are owned by the state and not touched by the
         // host until completion.
@@ -577,7 +585,9 @@ impl PluginBackend {
         });
         state.batch.keys = state.ffi_keys.keys.as_ptr();
         state.batch.item_status = state.status.as_mut_ptr();
-        let batch: *const abi::kvh_key_batch = &state.batch;
+        let (state, raw) = PendingState::new(state);
+        // SAFETY: `raw` is the live allocation `state` owns; the place is only addressed, not read.
+        let batch: *const abi::kvh_key_batch = unsafe { &raw const (*raw).batch };
         self.submit(state, |done| call(batch, done), op);
     }
 
@@ -621,7 +631,9 @@ impl PluginBackend {
         state.batch.keys = state.ffi_keys.keys.as_ptr();
         state.batch.out_meta = state.meta.as_mut_ptr();
         state.batch.item_status = state.status.as_mut_ptr();
-        let batch: *const abi::kvh_contains_batch = &state.batch;
+        let (state, raw) = PendingState::new(state);
+        // SAFETY: `raw` is the live allocation `state` owns; the place is only addressed, not read.
+        let batch: *const abi::kvh_contains_batch = unsafe { &raw const (*raw).batch };
         // SAFETY: as in `put`.
         self.submit(
             state,
@@ -652,33 +664,35 @@ impl PluginBackend {
     }
 
     /// [`contains_async`](Self::contains_async) and wait up to `timeout`; without `contains_async`, the
-    /// synchronous [`contains`](Self::contains) (no copy of the keys, no channel). Keys the plugin pinned
-    /// for a lookup that completes after the timeout are unpinned on a host thread: by the next lookup,
-    /// or by the chain's pin monitor.
+    /// synchronous [`contains`](Self::contains) (no copy of the keys, no channel). A lookup that
+    /// completes after the timeout is dropped: if it pinned keys, they stay pinned (use
+    /// [`contains_wait_or_late`](Self::contains_wait_or_late) to be handed them).
     pub fn contains_wait(
         &self,
         keys: &[ChunkKey],
         pin: bool,
         timeout: Duration,
     ) -> Result<Vec<Presence>, PluginError> {
+        self.contains_wait_or_late(keys, pin, timeout, drop)
+    }
+
+    /// [`contains_wait`](Self::contains_wait), handing a completion that arrives after the timeout to
+    /// `on_late` (on the plugin's completion thread: it must not call back into the plugin). A
+    /// pinning caller records the late pins there and unpins them later from its own thread.
+    pub fn contains_wait_or_late(
+        &self,
+        keys: &[ChunkKey],
+        pin: bool,
+        timeout: Duration,
+        on_late: impl FnOnce(ContainsDone) + Send + 'static,
+    ) -> Result<Vec<Presence>, PluginError> {
         if self.vt.contains_async.is_none() {
             return self.contains(keys, pin);
         }
-        self.release_orphan_pins();
-        let orphans = self.orphan_pins.clone();
-        let pinned = pin && self.has(abi::KVH_CAP_PIN);
         let d = self.wait_for("contains", timeout, |tx| {
             self.contains_async(keys.to_vec(), pin, move |d: ContainsDone| {
                 if let Err(late) = tx.send(d) {
-                    let d = late.into_inner();
-                    if pinned && d.error.is_none() {
-                        let mut o = orphans.lock();
-                        for (k, p) in d.keys.into_iter().zip(&d.items) {
-                            if matches!(p, Presence::Present(_)) {
-                                o.push(k);
-                            }
-                        }
-                    }
+                    on_late(late.into_inner());
                 }
             })
         })?;
@@ -702,16 +716,6 @@ impl PluginBackend {
             })
         })?;
         d.error.map_or(Ok(d.items), Err)
-    }
-
-    /// Unpin keys whose pinning lookup completed after the host stopped waiting.
-    pub(crate) fn release_orphan_pins(&self) {
-        let keys = std::mem::take(&mut *self.orphan_pins.lock());
-        if !keys.is_empty() {
-            if let Err(e) = self.unpin(&keys) {
-                tracing::warn!(target: "kvhost::plugin", plugin = %self.info.name, "releasing pins of a late lookup: {e}");
-            }
-        }
     }
 
     /// [`put`](Self::put) and wait up to `timeout`. On timeout the operation stays pending: its buffers

@@ -24,6 +24,11 @@ impl LmClient {
         Ok(LmClient { stream })
     }
 
+    /// A client on a socket already connected (say, after writing part of a request by hand).
+    pub fn from_stream(stream: TcpStream) -> LmClient {
+        LmClient { stream }
+    }
+
     /// The underlying socket (for tests that misbehave on purpose).
     pub fn stream(&mut self) -> &mut TcpStream {
         &mut self.stream

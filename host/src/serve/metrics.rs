@@ -4,12 +4,16 @@
 //! own per-plugin and server metrics (`kvhost_*`) for what LMCache does not measure, such as storage
 //! plugins, which get no metrics in LMCache at all.
 
-use super::server::{CloseReason, ServerStats};
+use super::stats::{CloseReason, ServerStats};
 use crate::chain::{Chain, LatencySummary};
 use std::fmt::Write;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+
+pub use super::metrics_http::start;
+
+// The breaker families live in their own file, a child module that may use `Out`.
+#[path = "breaker_metrics.rs"]
+mod breaker_metrics;
 
 struct Out {
     text: String,
@@ -229,6 +233,7 @@ pub fn render(chain: &Chain, server: &ServerStats, model_name: &str, worker_id: 
             o.sample(name, &format!("tier=\"{}\"", escape(&t.name)), f(t) as f64);
         }
     }
+    breaker_metrics::families(&mut o, &stats.tiers);
     o.family(
         "kvhost_tier_bytes_total",
         "counter",
@@ -263,6 +268,31 @@ pub fn render(chain: &Chain, server: &ServerStats, model_name: &str, worker_id: 
                 "kvhost_tier_latency_seconds",
                 &format!("tier=\"{tier}\",op=\"{op}\""),
                 s,
+            );
+        }
+    }
+
+    // What each plugin reports about itself (ABI 1.3 `stats`): one untyped family, `kind` saying
+    // which samples are counters and which gauges.
+    o.family(
+        "kvhost_plugin_stat",
+        "untyped",
+        "Counters and gauges a plugin tier reports through its stats entry.",
+    );
+    for p in chain.plugin_stats() {
+        for s in p.stats.unwrap_or_default() {
+            let kind = match s.kind {
+                crate::plugin::StatKind::Counter => "counter",
+                crate::plugin::StatKind::Gauge => "gauge",
+            };
+            o.sample(
+                "kvhost_plugin_stat",
+                &format!(
+                    "tier=\"{}\",name=\"{}\",kind=\"{kind}\"",
+                    escape(&p.tier),
+                    s.name
+                ),
+                s.value as f64,
             );
         }
     }
@@ -323,6 +353,23 @@ pub fn render(chain: &Chain, server: &ServerStats, model_name: &str, worker_id: 
         "result=\"no_space\"",
         load(&server.puts_no_space),
     );
+    o.sample(
+        "kvhost_serve_put_total",
+        "result=\"over_budget\"",
+        load(&server.puts_over_budget),
+    );
+    o.one(
+        "kvhost_serve_put_body_bytes_staged",
+        "gauge",
+        "Bytes of PUT bodies being received (staged outside the hot cache until complete).",
+        load(&server.put_body_bytes_staged),
+    );
+    o.one(
+        "kvhost_serve_accept_errors_total",
+        "counter",
+        "Failed accepts (EMFILE and the like); the server backs off and keeps serving.",
+        load(&server.accept_errors),
+    );
     o.one(
         "kvhost_serve_connections_open",
         "gauge",
@@ -338,7 +385,7 @@ pub fn render(chain: &Chain, server: &ServerStats, model_name: &str, worker_id: 
     o.family(
         "kvhost_serve_connections_closed_total",
         "counter",
-        "Connections closed by the server for bad input, by reason.",
+        "Connections closed by the server, by reason.",
     );
     for r in CloseReason::ALL {
         o.sample(
@@ -348,40 +395,4 @@ pub fn render(chain: &Chain, server: &ServerStats, model_name: &str, worker_id: 
         );
     }
     o.text
-}
-
-/// Serve `GET /metrics` on `addr` from a background thread. Returns the bound address.
-pub fn start(
-    addr: SocketAddr,
-    chain: Chain,
-    server: Arc<ServerStats>,
-    model_name: String,
-    worker_id: u32,
-) -> std::io::Result<SocketAddr> {
-    let http = tiny_http::Server::http(addr).map_err(|e| std::io::Error::other(e.to_string()))?;
-    let bound = http.server_addr().to_ip().unwrap_or(addr);
-    std::thread::Builder::new()
-        .name("kvhost-metrics".into())
-        .spawn(move || {
-            for request in http.incoming_requests() {
-                let response =
-                    if request.url() == "/metrics" && *request.method() == tiny_http::Method::Get {
-                        let body = render(&chain, &server, &model_name, worker_id);
-                        let header = tiny_http::Header::from_bytes(
-                            &b"Content-Type"[..],
-                            &b"text/plain; version=0.0.4"[..],
-                        )
-                        .expect("static header");
-                        tiny_http::Response::from_string(body)
-                            .with_header(header)
-                            .boxed()
-                    } else {
-                        tiny_http::Response::from_string("try GET /metrics\n")
-                            .with_status_code(404)
-                            .boxed()
-                    };
-                let _ = request.respond(response);
-            }
-        })?;
-    Ok(bound)
 }

@@ -287,7 +287,8 @@ impl Backend for FsBackend {
         | abi::KVH_CAP_PERSISTENT
         | abi::KVH_CAP_FLUSH
         | abi::KVH_CAP_HEALTH
-        | abi::KVH_CAP_CLEAR;
+        | abi::KVH_CAP_CLEAR
+        | abi::KVH_CAP_STATS;
     const OPTIONS: &'static [OptionSpec] = &[
         OptionSpec::required(
             c"path",
@@ -396,6 +397,11 @@ impl Backend for FsBackend {
 
     fn health(&self) -> Result<String, Error> {
         self.store.health()
+    }
+
+    fn stats(&self, out: &mut kvhost_plugin_sdk::Stats) -> Result<(), Error> {
+        self.store.stats(out);
+        Ok(())
     }
 }
 

@@ -1179,6 +1179,32 @@ impl Store {
     }
 
     /// Check the directory is writable and the filesystem has room; describe the state.
+    /// Counters and gauges for the ABI 1.3 `stats` entry: no I/O, one index lock.
+    pub fn stats(&self, out: &mut kvhost_plugin_sdk::Stats) {
+        let (chunks, used, reserved, pinned, evictions) = {
+            let ix = self.index.lock();
+            (
+                ix.len(),
+                ix.used(),
+                ix.reserved(),
+                ix.pinned(),
+                ix.evictions(),
+            )
+        };
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        out.counter("evictions", evictions)
+            .gauge("bytes_used", used)
+            .gauge("capacity_bytes", self.settings.capacity)
+            .gauge("entries", chunks as u64)
+            .gauge("pinned_bytes", pinned)
+            .gauge("reserved_bytes", reserved)
+            .counter("no_space", load(&self.stats.no_space))
+            .counter("corrupt_on_read", load(&self.stats.corrupt_on_read))
+            .counter("missing_on_read", load(&self.stats.missing_on_read))
+            .counter("io_errors", load(&self.stats.io_errors))
+            .counter("split_reads", load(&self.stats.split_reads));
+    }
+
     pub fn health(&self) -> Result<String, Error> {
         let root = &self.settings.root;
         let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);

@@ -45,6 +45,26 @@ pub struct RedisBackend {
     engine: Arc<Engine>,
     queue: RwLock<Option<Sender<Job>>>,
     workers: Mutex<Vec<JoinHandle<()>>>,
+    counters: Arc<Counters>,
+}
+
+/// What the ABI 1.3 `stats` entry reports: keys handled per kind of request, whole requests that
+/// failed, and requests refused because the queue was full. A shared store has no capacity or
+/// entry count of this instance's own, so neither is reported.
+#[derive(Debug, Default)]
+struct Counters {
+    put_keys: std::sync::atomic::AtomicU64,
+    get_keys: std::sync::atomic::AtomicU64,
+    lookup_keys: std::sync::atomic::AtomicU64,
+    remove_keys: std::sync::atomic::AtomicU64,
+    failed_requests: std::sync::atomic::AtomicU64,
+    busy_requests: std::sync::atomic::AtomicU64,
+}
+
+impl Counters {
+    fn add(c: &std::sync::atomic::AtomicU64, n: usize) {
+        c.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -192,6 +212,7 @@ impl RedisBackend {
         match tx.try_send(job(pending)) {
             Ok(()) => {}
             Err(TrySendError::Full(job)) => {
+                Counters::add(&self.counters.busy_requests, 1);
                 let e = Error::new(
                     Status::BUSY,
                     format!(
@@ -226,25 +247,36 @@ impl RedisBackend {
     }
 }
 
-fn worker(engine: &Engine, rx: &Receiver<Job>) {
+fn worker(engine: &Engine, rx: &Receiver<Job>, counters: &Counters) {
     for job in rx.iter() {
-        match job {
+        let err = match job {
             Job::Put(p) => {
+                Counters::add(&counters.put_keys, p.len());
                 let err = engine.put(&p);
-                finish(p, err);
+                finish(p, err.clone());
+                err
             }
             Job::Get(mut p) => {
+                Counters::add(&counters.get_keys, p.len());
                 let err = engine.get(&mut p);
-                finish(p, err);
+                finish(p, err.clone());
+                err
             }
             Job::Contains(p) => {
+                Counters::add(&counters.lookup_keys, p.len());
                 let err = lookup(engine, &p);
-                finish(p, err);
+                finish(p, err.clone());
+                err
             }
             Job::Remove(p) => {
+                Counters::add(&counters.remove_keys, p.len());
                 let err = unlink(engine, &p);
-                finish(p, err);
+                finish(p, err.clone());
+                err
             }
+        };
+        if err.is_some() {
+            Counters::add(&counters.failed_requests, 1);
         }
     }
 }
@@ -297,6 +329,7 @@ impl Backend for RedisBackend {
         | abi::KVH_CAP_SHARED
         | abi::KVH_CAP_HEALTH
         | abi::KVH_CAP_CLEAR
+        | abi::KVH_CAP_STATS
         | abi::KVH_CAP_ASYNC_CONTAINS
         | abi::KVH_CAP_ASYNC_REMOVE;
     const OPTIONS: &'static [OptionSpec] = &[
@@ -367,9 +400,12 @@ impl Backend for RedisBackend {
         let engine = Arc::new(Engine::new(topo, settings));
         let (tx, rx) = crossbeam_channel::bounded::<Job>(pool * QUEUE_PER_WORKER);
         let mut workers = Vec::with_capacity(pool);
+        let counters = Arc::new(Counters::default());
         for i in 0..pool {
-            let (engine, rx) = (engine.clone(), rx.clone());
-            match ctx.spawn(&format!("kvhost-redis-{i}"), move || worker(&engine, &rx)) {
+            let (engine, rx, counters) = (engine.clone(), rx.clone(), counters.clone());
+            match ctx.spawn(&format!("kvhost-redis-{i}"), move || {
+                worker(&engine, &rx, &counters)
+            }) {
                 Ok(h) => workers.push(h),
                 Err(e) => {
                     drop(tx);
@@ -393,6 +429,7 @@ impl Backend for RedisBackend {
             engine,
             queue: RwLock::new(Some(tx)),
             workers: Mutex::new(workers),
+            counters,
         })
     }
 
@@ -455,6 +492,20 @@ impl Backend for RedisBackend {
 
     fn health(&self) -> Result<String, Error> {
         self.engine.health()
+    }
+
+    fn stats(&self, out: &mut kvhost_plugin_sdk::Stats) -> Result<(), Error> {
+        let c = &self.counters;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        let queued = self.queue.read().as_ref().map_or(0, |tx| tx.len());
+        out.counter("put_keys", load(&c.put_keys))
+            .counter("get_keys", load(&c.get_keys))
+            .counter("lookup_keys", load(&c.lookup_keys))
+            .counter("remove_keys", load(&c.remove_keys))
+            .counter("failed_requests", load(&c.failed_requests))
+            .counter("busy_requests", load(&c.busy_requests))
+            .gauge("queued", queued as u64);
+        Ok(())
     }
 }
 

@@ -133,7 +133,7 @@ pub(crate) fn hot_only_chain(capacity: usize, prefault: bool) -> Chain {
             backpressure: crate::chain::Backpressure::Block,
             max_batch: 32,
             max_batch_bytes: 64 << 20,
-            max_inflight_batches: 4,
+            max_pending_batches: 4,
             skip_existing: false,
             lookup_timeout: Duration::from_secs(10),
         },
@@ -141,6 +141,7 @@ pub(crate) fn hot_only_chain(capacity: usize, prefault: bool) -> Chain {
         promotion_wait: Duration::from_millis(100),
         pin_timeout: Duration::from_secs(300),
         pin_check_interval: Duration::from_secs(30),
+        breaker: Default::default(),
     };
     Chain::new(settings, Vec::new()).expect("hot cache")
 }

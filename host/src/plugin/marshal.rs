@@ -1,19 +1,11 @@
-//! The unsafe half of the binding: building ABI batches from Rust values, calling the plugin's vtable,
-//! and routing completion callbacks back to their operations.
-//!
-//! Completions are found through a table of pending operations keyed by a token
-//! `(shard, slot, generation)`, never by a pointer the plugin hands back. A plugin that completes an
-//! operation twice, completes one it finished synchronously, or passes garbage therefore hits a stale or
-//! unknown token: the host logs it, counts it, and touches no memory.
+//! Values across the ABI: keys and strings lent to the plugin, strings and messages read back from it,
+//! and the host API's log callbacks.
 
 use super::HostCtx;
 use crate::key::ChunkKey;
 use kvhost_plugin_sdk::abi;
-use parking_lot::{Mutex, RwLock};
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::LazyLock;
 
 /// A `kvh_str` borrowing `s` (the caller keeps `s` alive for as long as the plugin may read it).
 pub(crate) fn kvh_str(s: &str) -> abi::kvh_str {
@@ -73,161 +65,6 @@ impl FfiKeys {
         }
         debug_assert!(src.iter().all(|k| k.as_str_with_nul().ends_with('\0')));
         FfiKeys { keys, _tags: tags }
-    }
-}
-
-/// A pending operation as the completion table holds it.
-pub(crate) trait PendingOp: Send {
-    /// Finish the operation with the plugin's aggregate status and message.
-    fn finish(self: Box<Self>, status: abi::kvh_status, message: &str);
-}
-
-struct Slot {
-    generation: u32,
-    op: Box<dyn PendingOp>,
-}
-
-const SHARDS: usize = 16;
-const SLOT_BITS: u32 = 20;
-const GEN_BITS: u32 = 24;
-const MAX_INSTANCES: usize = 1 << 16;
-
-/// The pending operations of one plugin instance.
-pub(crate) struct OpTable {
-    shards: [Mutex<slab::Slab<Slot>>; SHARDS],
-    next_shard: AtomicUsize,
-    generation: AtomicU32,
-    /// Completions that matched no pending operation of this instance.
-    pub(crate) stale: AtomicU64,
-}
-
-impl OpTable {
-    pub(crate) fn new() -> Self {
-        OpTable {
-            shards: std::array::from_fn(|_| Mutex::new(slab::Slab::new())),
-            next_shard: AtomicUsize::new(0),
-            generation: AtomicU32::new(1),
-            stale: AtomicU64::new(0),
-        }
-    }
-}
-
-/// Every host context ever created, by instance id (the token names the instance, never a pointer).
-static INSTANCES: LazyLock<RwLock<Vec<&'static HostCtx>>> =
-    LazyLock::new(|| RwLock::new(Vec::new()));
-/// Completions whose token names no instance at all (garbage `user_data`).
-static UNKNOWN_COMPLETIONS: AtomicU64 = AtomicU64::new(0);
-
-/// Create and register a host context with the next instance id; `None` when the process has made
-/// too many instances.
-pub(crate) fn register_instance(
-    make: impl FnOnce(u16) -> &'static HostCtx,
-) -> Option<&'static HostCtx> {
-    let mut all = INSTANCES.write();
-    if all.len() >= MAX_INSTANCES {
-        return None;
-    }
-    let ctx = make(all.len() as u16);
-    all.push(ctx);
-    Some(ctx)
-}
-
-/// Completion callbacks whose `user_data` named no plugin instance, process-wide.
-pub fn unknown_completions() -> u64 {
-    UNKNOWN_COMPLETIONS.load(Ordering::Relaxed)
-}
-
-// Token layout (64 bits): generation(24) | instance(16) | slot(20) | shard(4).
-fn encode(instance: u16, shard: usize, slot: usize, generation: u32) -> *mut c_void {
-    let token = (u64::from(generation & ((1 << GEN_BITS) - 1)) << 40)
-        | (u64::from(instance) << 24)
-        | ((slot as u64) << 4)
-        | shard as u64;
-    token as usize as *mut c_void
-}
-
-fn decode(user_data: *mut c_void) -> (u16, usize, usize, u32) {
-    let t = user_data as usize as u64;
-    (
-        (t >> 24) as u16,
-        (t & 0xf) as usize,
-        ((t >> 4) & ((1 << SLOT_BITS) - 1)) as usize,
-        (t >> 40) as u32,
-    )
-}
-
-/// Register `op` for instance `ctx`; returns the `user_data` token for its completion, or gives the
-/// operation back when the instance has too many operations pending.
-pub(crate) fn register(
-    op: Box<dyn PendingOp>,
-    ctx: &'static HostCtx,
-) -> Result<*mut c_void, Box<dyn PendingOp>> {
-    let table = &ctx.ops;
-    let shard = table.next_shard.fetch_add(1, Ordering::Relaxed) % SHARDS;
-    let generation = table.generation.fetch_add(1, Ordering::Relaxed) & ((1 << GEN_BITS) - 1);
-    let mut slots = table.shards[shard].lock();
-    if slots.vacant_key() >= (1 << SLOT_BITS) {
-        return Err(op);
-    }
-    let slot = slots.insert(Slot { generation, op });
-    Ok(encode(ctx.instance, shard, slot, generation))
-}
-
-/// Take the operation for `token` out of its instance's table, if it is still pending.
-pub(crate) fn take(
-    user_data: *mut c_void,
-) -> Result<(Box<dyn PendingOp>, &'static HostCtx), Option<&'static HostCtx>> {
-    let (instance, shard, slot, generation) = decode(user_data);
-    let Some(ctx) = INSTANCES.read().get(instance as usize).copied() else {
-        return Err(None);
-    };
-    let mut slots = ctx.ops.shards[shard].lock();
-    match slots.get(slot) {
-        Some(s) if s.generation == generation => Ok((slots.remove(slot).op, ctx)),
-        _ => Err(Some(ctx)),
-    }
-}
-
-/// The `kvh_complete_fn` the host gives every PENDING operation.
-///
-/// # Safety
-/// Called by plugins per the ABI; `message` must describe readable bytes or be empty. Every other
-/// argument is validated here.
-pub(crate) unsafe extern "C" fn on_complete(
-    user_data: *mut c_void,
-    status: abi::kvh_status,
-    message: abi::kvh_str,
-) {
-    let outcome = catch_unwind(AssertUnwindSafe(|| {
-        // SAFETY: the plugin passes a borrowed message valid for this call (ABI).
-        let message = unsafe { str_lossy(message) };
-        match take(user_data) {
-            Ok((op, owner)) => {
-                owner.in_flight.fetch_sub(1, Ordering::AcqRel);
-                op.finish(status, &message);
-            }
-            Err(Some(owner)) => {
-                owner.ops.stale.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(
-                    target: "kvhost::plugin",
-                    plugin = %owner.name,
-                    "completion callback for an operation that is not pending (status {status}): the plugin \
-                     completed an operation twice, or one it had already finished synchronously; ignored"
-                );
-            }
-            Err(None) => {
-                UNKNOWN_COMPLETIONS.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(
-                    target: "kvhost::plugin",
-                    "completion callback with a user_data ({user_data:p}) that names no plugin instance; ignored"
-                );
-            }
-        }
-    }));
-    if outcome.is_err() {
-        // Unwinding into plugin frames is undefined behaviour; this is a host bug, so stop here.
-        eprintln!("kvhost: panic inside the completion callback; aborting");
-        std::process::abort();
     }
 }
 

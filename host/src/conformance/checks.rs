@@ -1,271 +1,14 @@
-//! The plugin conformance suite: checks that any loaded plugin keeps the ABI's promises.
-//!
-//! Each check gets fresh keys (and, where it destroys its backend, a fresh instance from the factory).
-//! A plugin advertising `KVH_CAP_DISCARDS` is checked for consistent misses instead of round trips.
+//! The data-path checks: round trips, batch edges, completions, capabilities and destroy.
 
-use crate::key::ChunkKey;
-use crate::loader::LoadError;
-use crate::plugin::{GetItem, GetRequest, PluginBackend, Presence, PutRequest};
+use super::{meta_for, pattern, Ctx};
+use crate::plugin::{GetItem, GetRequest, Presence, PutRequest};
 use kvhost_plugin_sdk::abi;
-use kvhost_plugin_sdk::{ChunkMeta, Status};
+use kvhost_plugin_sdk::Status;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The outcome of one check.
-#[derive(Clone, Debug)]
-pub struct CheckResult {
-    /// Check name.
-    pub name: &'static str,
-    /// Passed, failed, or skipped (not applicable to this plugin's capabilities).
-    pub outcome: Outcome,
-    /// What was seen.
-    pub detail: String,
-}
-
-/// Pass, fail or skip.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// The plugin kept its promise.
-    Pass,
-    /// It did not.
-    Fail,
-    /// The check does not apply (capability not advertised).
-    Skip,
-}
-
-/// All checks of one run.
-#[derive(Clone, Debug, Default)]
-pub struct Report {
-    /// In order.
-    pub checks: Vec<CheckResult>,
-}
-
-impl Report {
-    /// No check failed.
-    pub fn passed(&self) -> bool {
-        self.checks.iter().all(|c| c.outcome != Outcome::Fail)
-    }
-
-    /// The failed checks, one line each.
-    pub fn failures(&self) -> Vec<String> {
-        self.checks
-            .iter()
-            .filter(|c| c.outcome == Outcome::Fail)
-            .map(|c| format!("{}: {}", c.name, c.detail))
-            .collect()
-    }
-}
-
-impl std::fmt::Display for Report {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for c in &self.checks {
-            let tag = match c.outcome {
-                Outcome::Pass => "PASS",
-                Outcome::Fail => "FAIL",
-                Outcome::Skip => "SKIP",
-            };
-            writeln!(f, "{tag}  {:<22} {}", c.name, c.detail)?;
-        }
-        let (p, fl, s) = self
-            .checks
-            .iter()
-            .fold((0, 0, 0), |(p, f, s), c| match c.outcome {
-                Outcome::Pass => (p + 1, f, s),
-                Outcome::Fail => (p, f + 1, s),
-                Outcome::Skip => (p, f, s + 1),
-            });
-        write!(f, "{p} passed, {fl} failed, {s} skipped")
-    }
-}
-
-/// Makes a fresh instance of the plugin under test.
-pub type Factory<'a> = dyn Fn() -> Result<PluginBackend, LoadError> + Sync + 'a;
-
-/// How long to wait for any single completion before calling it a hang.
-const WAIT: Duration = Duration::from_secs(20);
-
-struct Ctx<'a> {
-    factory: &'a Factory<'a>,
-    plugin: PluginBackend,
-    discards: bool,
-    run_id: u64,
-    next: AtomicUsize,
-}
-
-type CheckFn = fn(&Ctx<'_>) -> Result<String, String>;
-
-/// Run every check.
-pub fn run(factory: &Factory<'_>) -> Report {
-    let mut report = Report::default();
-    let plugin = match factory() {
-        Ok(p) => p,
-        Err(e) => {
-            report.checks.push(CheckResult {
-                name: "create",
-                outcome: Outcome::Fail,
-                detail: e.to_string(),
-            });
-            return report;
-        }
-    };
-    let info = plugin.info().clone();
-    report.checks.push(CheckResult {
-        name: "create",
-        outcome: Outcome::Pass,
-        detail: format!(
-            "class {} v{} ABI {}.{}",
-            info.class_name, info.version, info.abi.0, info.abi.1
-        ),
-    });
-    let ctx = Ctx {
-        factory,
-        discards: plugin.has(abi::KVH_CAP_DISCARDS),
-        plugin,
-        run_id: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64),
-        next: AtomicUsize::new(0),
-    };
-    let checks: &[(&'static str, Option<u64>, CheckFn)] = &[
-        ("round_trip", None, round_trip),
-        ("empty_batches", None, empty_batches),
-        ("duplicate_keys", None, duplicate_keys),
-        ("mixed_hits_and_misses", None, mixed_hits),
-        ("buffer_too_small", None, buffer_too_small),
-        ("exactly_once", None, exactly_once),
-        ("concurrency", None, concurrency),
-        ("pin_unpin", Some(abi::KVH_CAP_PIN), pin_unpin),
-        ("prefetch", Some(abi::KVH_CAP_PREFETCH), prefetch),
-        ("flush", Some(abi::KVH_CAP_FLUSH), flush),
-        ("health", Some(abi::KVH_CAP_HEALTH), health),
-        ("clear", Some(abi::KVH_CAP_CLEAR), clear),
-        (
-            "contains_async",
-            Some(abi::KVH_CAP_ASYNC_CONTAINS),
-            contains_async,
-        ),
-        (
-            "remove_async",
-            Some(abi::KVH_CAP_ASYNC_REMOVE),
-            remove_async,
-        ),
-        ("destroy_in_flight", None, destroy_in_flight),
-    ];
-    for &(name, cap, check) in checks {
-        if let Some(bit) = cap {
-            if !ctx.plugin.has(bit) {
-                report.checks.push(CheckResult {
-                    name,
-                    outcome: Outcome::Skip,
-                    detail: "capability not advertised".into(),
-                });
-                continue;
-            }
-        }
-        let stale_before = ctx.plugin.stale_completions();
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&ctx)))
-            .unwrap_or_else(|_| Err("the check panicked (see stderr)".to_string()));
-        let stale = ctx.plugin.stale_completions() - stale_before;
-        let result = match result {
-            Ok(_) if stale > 0 => Err(format!(
-                "{stale} completion(s) for operations that were not pending"
-            )),
-            r => r,
-        };
-        let (outcome, detail) = match result {
-            Ok(d) => (Outcome::Pass, d),
-            Err(d) => (Outcome::Fail, d),
-        };
-        report.checks.push(CheckResult {
-            name,
-            outcome,
-            detail,
-        });
-    }
-    report
-}
-
-impl Ctx<'_> {
-    fn key(&self) -> ChunkKey {
-        let n = self.next.fetch_add(1, Ordering::Relaxed) as i128;
-        let hash =
-            ((self.run_id as i128) << 20) ^ (n * 0x9e37_79b9) ^ if n % 2 == 0 { 0 } else { -1 };
-        ChunkKey::build(
-            "conformance/model",
-            2,
-            1,
-            hash,
-            "bfloat16",
-            None,
-            &[("suite", "conformance")],
-        )
-        .expect("valid key")
-    }
-
-    fn put(&self, keys: Vec<ChunkKey>, bufs: Vec<Vec<u8>>) -> Result<Vec<Status>, String> {
-        let metas = bufs.iter().map(|b| meta_for(b.len())).collect();
-        let done = self
-            .plugin
-            .put_wait(PutRequest { keys, bufs, metas }, WAIT)
-            .map_err(|e| e.to_string())?;
-        if let Some(e) = done.error {
-            return Err(e.to_string());
-        }
-        Ok(done.items)
-    }
-
-    fn get(
-        &self,
-        keys: Vec<ChunkKey>,
-        caps: Vec<usize>,
-    ) -> Result<(Vec<GetItem>, Vec<Vec<u8>>), String> {
-        let bufs = caps.into_iter().map(|c| vec![0xA5u8; c]).collect();
-        let done = self
-            .plugin
-            .get_wait(GetRequest { keys, bufs }, WAIT)
-            .map_err(|e| e.to_string())?;
-        if let Some(e) = done.error {
-            return Err(e.to_string());
-        }
-        Ok((done.items, done.request.bufs))
-    }
-
-    fn expect_put_ok(&self, keys: Vec<ChunkKey>, bufs: Vec<Vec<u8>>) -> Result<(), String> {
-        let items = self.put(keys, bufs)?;
-        match items.iter().position(|s| *s != Status::OK) {
-            Some(i) => Err(format!("put item {i}: {}", items[i])),
-            None => Ok(()),
-        }
-    }
-}
-
-/// Deterministic, key-specific bytes.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-/// Non-trivial metadata, so a plugin that drops fields is caught.
-fn meta_for(len: usize) -> ChunkMeta {
-    ChunkMeta {
-        length: len as u64,
-        fmt: abi::KVH_FMT_KV_2LTD,
-        dtype: abi::KVH_DTYPE_BFLOAT16,
-        ndim: 4,
-        shape: [2, 3, (len % 1000) as i32 + 1, 7],
-        reserved: 0,
-    }
-}
-
-fn round_trip(c: &Ctx<'_>) -> Result<String, String> {
+pub(super) fn round_trip(c: &Ctx<'_>) -> Result<String, String> {
     let sizes = [1usize, 4096 + 3, 256 * 1024];
     let keys: Vec<_> = sizes.iter().map(|_| c.key()).collect();
     let bufs: Vec<_> = sizes
@@ -332,7 +75,7 @@ fn round_trip(c: &Ctx<'_>) -> Result<String, String> {
     ))
 }
 
-fn empty_batches(c: &Ctx<'_>) -> Result<String, String> {
+pub(super) fn empty_batches(c: &Ctx<'_>) -> Result<String, String> {
     c.plugin
         .contains(&[], true)
         .map_err(|e| format!("contains: {e}"))?;
@@ -351,7 +94,7 @@ fn empty_batches(c: &Ctx<'_>) -> Result<String, String> {
     if c.plugin.has(abi::KVH_CAP_PREFETCH) {
         let d = c
             .plugin
-            .prefetch_wait(Vec::new(), WAIT)
+            .prefetch_wait(Vec::new(), c.wait)
             .map_err(|e| e.to_string())?;
         if let Some(e) = d.error {
             return Err(format!("prefetch: {e}"));
@@ -360,7 +103,7 @@ fn empty_batches(c: &Ctx<'_>) -> Result<String, String> {
     Ok("every operation accepts an empty batch".to_string())
 }
 
-fn duplicate_keys(c: &Ctx<'_>) -> Result<String, String> {
+pub(super) fn duplicate_keys(c: &Ctx<'_>) -> Result<String, String> {
     let k = c.key();
     let (a, b) = (pattern(1, 1000), pattern(2, 1000));
     c.expect_put_ok(vec![k.clone(), k.clone()], vec![a.clone(), b.clone()])?;
@@ -383,7 +126,7 @@ fn duplicate_keys(c: &Ctx<'_>) -> Result<String, String> {
     Ok("a key twice in one put and one get is handled".to_string())
 }
 
-fn mixed_hits(c: &Ctx<'_>) -> Result<String, String> {
+pub(super) fn mixed_hits(c: &Ctx<'_>) -> Result<String, String> {
     let keys: Vec<_> = (0..4).map(|_| c.key()).collect();
     c.expect_put_ok(
         vec![keys[0].clone(), keys[2].clone()],
@@ -407,7 +150,7 @@ fn mixed_hits(c: &Ctx<'_>) -> Result<String, String> {
     Ok("hits and misses in one batch are reported per item".to_string())
 }
 
-fn buffer_too_small(c: &Ctx<'_>) -> Result<String, String> {
+pub(super) fn buffer_too_small(c: &Ctx<'_>) -> Result<String, String> {
     if c.discards {
         return Ok("not applicable to a discarding plugin (nothing is ever read)".to_string());
     }
@@ -428,7 +171,7 @@ fn buffer_too_small(c: &Ctx<'_>) -> Result<String, String> {
     Ok("BUFFER_TOO_SMALL reports the exact size needed".to_string())
 }
 
-fn exactly_once(c: &Ctx<'_>) -> Result<String, String> {
+pub(super) fn exactly_once(c: &Ctx<'_>) -> Result<String, String> {
     let n = 64;
     let fired = Arc::new(AtomicUsize::new(0));
     let keys: Vec<_> = (0..n).map(|_| c.key()).collect();
@@ -457,7 +200,7 @@ fn exactly_once(c: &Ctx<'_>) -> Result<String, String> {
             },
         );
     }
-    let deadline = Instant::now() + WAIT;
+    let deadline = Instant::now() + c.wait;
     while fired.load(Ordering::Acquire) < 2 * n && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -471,13 +214,16 @@ fn exactly_once(c: &Ctx<'_>) -> Result<String, String> {
             2 * n
         ));
     }
-    if c.plugin.in_flight() != 0 {
-        return Err(format!("{} operations still pending", c.plugin.in_flight()));
+    if c.plugin.pending_ops() != 0 {
+        return Err(format!(
+            "{} operations still pending",
+            c.plugin.pending_ops()
+        ));
     }
     Ok(format!("{} operations, {total} completions", 2 * n))
 }
 
-fn concurrency(c: &Ctx<'_>) -> Result<String, String> {
+pub(super) fn concurrency(c: &Ctx<'_>) -> Result<String, String> {
     let threads = 4;
     let rounds = 50;
     let errors = std::thread::scope(|s| {
@@ -519,7 +265,7 @@ fn concurrency(c: &Ctx<'_>) -> Result<String, String> {
     }
 }
 
-fn pin_unpin(c: &Ctx<'_>) -> Result<String, String> {
+pub(super) fn pin_unpin(c: &Ctx<'_>) -> Result<String, String> {
     let (k, absent) = (c.key(), c.key());
     c.expect_put_ok(vec![k.clone()], vec![pattern(5, 100)])?;
     let pinned = c
@@ -555,12 +301,12 @@ fn pin_unpin(c: &Ctx<'_>) -> Result<String, String> {
     Ok("pin, unpin and contains(pin) behave".to_string())
 }
 
-fn prefetch(c: &Ctx<'_>) -> Result<String, String> {
+pub(super) fn prefetch(c: &Ctx<'_>) -> Result<String, String> {
     let (k, absent) = (c.key(), c.key());
     c.expect_put_ok(vec![k.clone()], vec![pattern(6, 100)])?;
     let d = c
         .plugin
-        .prefetch_wait(vec![k.clone(), absent], WAIT)
+        .prefetch_wait(vec![k.clone(), absent], c.wait)
         .map_err(|e| e.to_string())?;
     c.plugin.remove(&[k], true).map_err(|e| e.to_string())?;
     if let Some(e) = d.error {
@@ -577,14 +323,14 @@ fn prefetch(c: &Ctx<'_>) -> Result<String, String> {
     Ok("prefetch reports stored and absent keys".to_string())
 }
 
-fn flush(c: &Ctx<'_>) -> Result<String, String> {
+pub(super) fn flush(c: &Ctx<'_>) -> Result<String, String> {
     c.expect_put_ok(vec![c.key()], vec![pattern(7, 10)])?;
     c.plugin.flush().map_err(|e| e.to_string())?;
     Ok("flush succeeds".to_string())
 }
 
-fn clear(c: &Ctx<'_>) -> Result<String, String> {
-    let plugin = (c.factory)().map_err(|e| format!("fresh instance: {e}"))?;
+pub(super) fn clear(c: &Ctx<'_>) -> Result<String, String> {
+    let plugin = &c.plugin;
     let keys: Vec<_> = (0..3).map(|_| c.key()).collect();
     let metas = keys.iter().map(|_| meta_for(64)).collect();
     let done = plugin
@@ -594,7 +340,7 @@ fn clear(c: &Ctx<'_>) -> Result<String, String> {
                 bufs: vec![pattern(1, 64); 3],
                 metas,
             },
-            WAIT,
+            c.wait,
         )
         .map_err(|e| e.to_string())?;
     if let Some(e) = done.error {
@@ -609,7 +355,7 @@ fn clear(c: &Ctx<'_>) -> Result<String, String> {
 }
 
 /// `contains_async` answers exactly what `contains` answers, for many lookups in flight at once.
-fn contains_async(c: &Ctx<'_>) -> Result<String, String> {
+pub(super) fn contains_async(c: &Ctx<'_>) -> Result<String, String> {
     let sizes = [1usize, 4096 + 3, 256 * 1024];
     let stored: Vec<_> = sizes.iter().map(|_| c.key()).collect();
     let bufs = sizes
@@ -635,8 +381,8 @@ fn contains_async(c: &Ctx<'_>) -> Result<String, String> {
     }
     for _ in 0..lookups {
         let (i, d) = rx
-            .recv_timeout(WAIT)
-            .map_err(|_| format!("a lookup did not complete within {WAIT:?}"))?;
+            .recv_timeout(c.wait)
+            .map_err(|_| format!("a lookup did not complete within {:?}", c.wait))?;
         if let Some(e) = d.error {
             return Err(format!("lookup {i}: {e}"));
         }
@@ -662,7 +408,7 @@ fn contains_async(c: &Ctx<'_>) -> Result<String, String> {
     }
     let empty = c
         .plugin
-        .contains_wait(&[], false, WAIT)
+        .contains_wait(&[], false, c.wait)
         .map_err(|e| format!("empty batch: {e}"))?;
     if !empty.is_empty() {
         return Err("an empty lookup returned items".to_string());
@@ -670,7 +416,7 @@ fn contains_async(c: &Ctx<'_>) -> Result<String, String> {
     if c.plugin.has(abi::KVH_CAP_PIN) && !c.discards {
         let pinned = c
             .plugin
-            .contains_wait(&stored, true, WAIT)
+            .contains_wait(&stored, true, c.wait)
             .map_err(|e| format!("pinning lookup: {e}"))?;
         if pinned.iter().any(|p| !matches!(p, Presence::Present(_))) {
             return Err(format!("pinning lookup: {pinned:?}"));
@@ -688,12 +434,12 @@ fn contains_async(c: &Ctx<'_>) -> Result<String, String> {
 }
 
 /// `remove_async` removes: afterwards both lookups and gets miss, and a second remove finds nothing.
-fn remove_async(c: &Ctx<'_>) -> Result<String, String> {
+pub(super) fn remove_async(c: &Ctx<'_>) -> Result<String, String> {
     let keys: Vec<_> = (0..3).map(|_| c.key()).collect();
     c.expect_put_ok(keys.clone(), vec![pattern(5, 4096 + 1); 3])?;
     let removed = c
         .plugin
-        .remove_wait(&keys, false, WAIT)
+        .remove_wait(&keys, false, c.wait)
         .map_err(|e| e.to_string())?;
     // A discarding plugin may answer either; any other must have removed every key.
     let fine = |s: &Status| *s == Status::OK || (c.discards && *s == Status::NOT_FOUND);
@@ -710,7 +456,7 @@ fn remove_async(c: &Ctx<'_>) -> Result<String, String> {
     }
     let again = c
         .plugin
-        .remove_wait(&keys[..1], true, WAIT)
+        .remove_wait(&keys[..1], true, c.wait)
         .map_err(|e| e.to_string())?;
     if again[0] != Status::NOT_FOUND {
         return Err(format!(
@@ -719,12 +465,12 @@ fn remove_async(c: &Ctx<'_>) -> Result<String, String> {
         ));
     }
     c.plugin
-        .remove_wait(&[], true, WAIT)
+        .remove_wait(&[], true, c.wait)
         .map_err(|e| format!("empty batch: {e}"))?;
     Ok("removed keys are gone from contains and get; a second remove finds nothing".to_string())
 }
 
-fn health(c: &Ctx<'_>) -> Result<String, String> {
+pub(super) fn health(c: &Ctx<'_>) -> Result<String, String> {
     match c.plugin.health() {
         Some(Ok(text)) => Ok(format!("healthy: {text}")),
         Some(Err(e)) => Err(e.to_string()),
@@ -732,12 +478,13 @@ fn health(c: &Ctx<'_>) -> Result<String, String> {
     }
 }
 
-fn destroy_in_flight(c: &Ctx<'_>) -> Result<String, String> {
-    let plugin = (c.factory)().map_err(|e| format!("second instance: {e}"))?;
+/// Consumes the suite's instance: destroying it is the check.
+pub(super) fn destroy_in_flight(c: Ctx<'_>) -> Result<String, String> {
+    let plugin = c.plugin;
     let n = 32;
     let fired = Arc::new(AtomicUsize::new(0));
     for i in 0..n {
-        let k = c.key();
+        let k = c.keys.next();
         let f = fired.clone();
         let data = pattern(i, 4096);
         let metas = vec![meta_for(4096)];
@@ -767,14 +514,14 @@ fn destroy_in_flight(c: &Ctx<'_>) -> Result<String, String> {
     for _ in 0..n {
         if plugin.has(abi::KVH_CAP_ASYNC_CONTAINS) {
             let f = fired.clone();
-            plugin.contains_async(vec![c.key()], false, move |_| {
+            plugin.contains_async(vec![c.keys.next()], false, move |_| {
                 f.fetch_add(1, Ordering::AcqRel);
             });
             submitted += 1;
         }
         if plugin.has(abi::KVH_CAP_ASYNC_REMOVE) {
             let f = fired.clone();
-            plugin.remove_async(vec![c.key()], true, move |_| {
+            plugin.remove_async(vec![c.keys.next()], true, move |_| {
                 f.fetch_add(1, Ordering::AcqRel);
             });
             submitted += 1;
@@ -790,4 +537,20 @@ fn destroy_in_flight(c: &Ctx<'_>) -> Result<String, String> {
     Ok(format!(
         "destroy with {submitted} operations submitted completed all of them before returning"
     ))
+}
+
+/// Runs on the instance made after `destroy_in_flight` destroyed the previous one.
+pub(super) fn create_after_destroy(c: &Ctx<'_>) -> Result<String, String> {
+    let k = c.key();
+    let data = pattern(31, 2048);
+    c.expect_put_ok(vec![k.clone()], vec![data.clone()])?;
+    let (items, got) = c.get(vec![k.clone()], vec![data.len()])?;
+    c.plugin.remove(&[k], true).map_err(|e| e.to_string())?;
+    if c.discards {
+        return Ok("a fresh instance came up after destroy".to_string());
+    }
+    if !matches!(items[0], GetItem::Hit { len: 2048, .. }) || got[0] != data {
+        return Err(format!("round trip on the fresh instance: {:?}", items[0]));
+    }
+    Ok("a fresh instance came up after destroy and served a round trip".to_string())
 }
