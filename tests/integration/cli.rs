@@ -298,7 +298,10 @@ fn micro_vs_lmcache_without_lmcache_says_so_with_its_own_exit_code() {
 }
 
 #[test]
-#[ignore = "needs the LMCache 0.5.6 virtualenv (~/.cache/kvhost/lmcache-venv): run with --ignored"]
+#[cfg_attr(
+    not(has_lmcache),
+    ignore = "needs the LMCache virtualenv (~/.cache/kvhost/lmcache-venv or $KVHOST_LMCACHE_PYTHON; .ci/test-all creates it)"
+)]
 fn micro_vs_lmcache_prints_every_ratio_and_exits_by_its_targets() {
     let o = run(&["bench", "--suite", "micro", "--vs-lmcache", "--quick"]);
     let t = text(&o);

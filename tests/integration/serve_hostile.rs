@@ -125,6 +125,19 @@ impl Served {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        // The metrics listener starts beside the lm:// one, not before it: wait for it too (under a
+        // loaded test run its first answer can take a while).
+        while s.scrape().is_none() {
+            if let Some(status) = s.child.try_wait().unwrap() {
+                panic!("kvhost serve exited with {status}: {}", s.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/metrics did not answer: {}",
+                s.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         s
     }
 
@@ -407,7 +420,11 @@ fn metrics_still_answer_after_running_out_of_file_descriptors() {
     let config =
         format!("chunk_size: 16\nmax_local_cpu_size: 0.05\nlocal_cpu_prefault: false\n{MODEL}");
     let srv = Served::start("emfile", &config, Some(64));
-    assert!(srv.scrape().is_some(), "/metrics answers at first");
+    assert!(
+        srv.scrape().is_some(),
+        "/metrics answers at first: {}",
+        srv.log_text()
+    );
     // Far more connections than the server has descriptors: accepts fail with EMFILE.
     let hogs: Vec<TcpStream> = (0..150)
         .filter_map(|_| TcpStream::connect_timeout(&srv.metrics, Duration::from_secs(1)).ok())
