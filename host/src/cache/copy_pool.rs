@@ -205,7 +205,9 @@ impl CopyPool {
         // oversubscribed pays for a retry only rarely; a split copy that went well resets it.
         // A helper that was awake (spinning) yet took no piece is not getting a core either.
         let starved = !parked && mine == pieces;
-        if starved || started.elapsed() > own + own / 4 {
+        // What the caller alone would have taken, from its own pace on the pieces it copied.
+        let alone = own.mul_f64(pieces as f64 / mine.max(1) as f64);
+        if starved || started.elapsed() > alone {
             let stretch = s
                 .backoff_stretch
                 .load(Ordering::Relaxed)
