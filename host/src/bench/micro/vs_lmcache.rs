@@ -257,14 +257,8 @@ pub fn run(
                 Ok((num(&v, "put_gbps")?, num(&v, "get_gbps")?))
             },
         )?;
-        let (kp, kg) = (
-            median(kv.iter().map(|x| x.0).collect()),
-            median(kv.iter().map(|x| x.1).collect()),
-        );
-        let (lp, lg) = (
-            median(lmc.iter().map(|x| x.0).collect()),
-            median(lmc.iter().map(|x| x.1).collect()),
-        );
+        let (kp, kg) = medians(&kv);
+        let (lp, lg) = medians(&lmc);
         let label = human(size);
         rows.push(speedup(
             format!("vs. put-with-copy {label} ({n} chunks)"),
@@ -294,14 +288,8 @@ pub fn run(
             Ok((num(&v, "put_ns")?, num(&v, "get_ns")?))
         },
     )?;
-    let (kp, kg) = (
-        median(kv.iter().map(|x| x.0).collect()),
-        median(kv.iter().map(|x| x.1).collect()),
-    );
-    let (lp, lg) = (
-        median(lmc.iter().map(|x| x.0).collect()),
-        median(lmc.iter().map(|x| x.1).collect()),
-    );
+    let (kp, kg) = medians(&kv);
+    let (lp, lg) = medians(&lmc);
     rows.push(speedup(
         format!("vs. put without the copy ({book_n} x 256 KiB), ns/op"),
         "ns",
@@ -331,14 +319,8 @@ pub fn run(
             Ok((num(&v, "contains_mps")?, num(&v, "walk_us")?))
         },
     )?;
-    let (kc, kw) = (
-        median(kv.iter().map(|x| x.0).collect()),
-        median(kv.iter().map(|x| x.1).collect()),
-    );
-    let (lc, lw) = (
-        median(lmc.iter().map(|x| x.0).collect()),
-        median(lmc.iter().map(|x| x.1).collect()),
-    );
+    let (kc, kw) = medians(&kv);
+    let (lc, lw) = medians(&lmc);
     rows.push(speedup(
         format!("vs. contains over {index_n} keys, M keys/s"),
         "M/s",
@@ -356,4 +338,12 @@ pub fn run(
         Some(10.0),
     ));
     Ok(rows)
+}
+
+/// The medians of both members of the pairs one measurement gives per rep (put and get, say).
+fn medians(reps: &[(f64, f64)]) -> (f64, f64) {
+    (
+        median(reps.iter().map(|x| x.0).collect()),
+        median(reps.iter().map(|x| x.1).collect()),
+    )
 }
