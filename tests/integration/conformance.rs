@@ -342,11 +342,12 @@ fn instance_placeholders_give_each_instance_its_own_directory() {
     let dir = std::env::temp_dir().join(format!("kvhost-instance-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let path = format!("path={}/fs-{{instance}}", dir.display());
+    let so = crate::util::rust_plugin("kvhost_fs");
     let out = std::process::Command::new(crate::cli::binary())
         .args([
             "conformance",
             "--plugin",
-            "kvhost_fs",
+            so.to_str().unwrap(),
             "--class",
             "fs",
             "-o",

@@ -17,12 +17,7 @@ const WAIT: Duration = Duration::from_secs(30);
 
 /// The fs plugin's cdylib, built by the workspace (a dependency of this package).
 fn fs_so() -> PathBuf {
-    let deps = profile_dir().join("deps").join("libkvhost_fs.so");
-    if deps.is_file() {
-        deps
-    } else {
-        profile_dir().join("libkvhost_fs.so")
-    }
+    crate::util::rust_plugin("kvhost_fs")
 }
 
 /// A fresh directory under the system temp dir, removed on drop.

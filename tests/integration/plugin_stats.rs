@@ -74,9 +74,10 @@ fn fs_counts_its_evictions() {
     let dir = std::env::temp_dir().join(format!("kvhost-stats-fs-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     // 4 MiB; fs charges each chunk its file size (header included), so capacity is what it reports.
+    let so = crate::util::rust_plugin("kvhost_fs");
     let p = must_load(
         "fs",
-        "kvhost_fs",
+        so.to_str().unwrap(),
         "fs",
         &[
             ("path", dir.to_str().unwrap()),

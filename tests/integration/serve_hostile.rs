@@ -309,13 +309,7 @@ fn a_one_byte_trickle_is_cut_at_the_request_deadline() {
 }
 
 fn fs_so() -> PathBuf {
-    let dir = crate::util::profile_dir();
-    let deps = dir.join("deps").join("libkvhost_fs.so");
-    if deps.is_file() {
-        deps
-    } else {
-        dir.join("libkvhost_fs.so")
-    }
+    crate::util::rust_plugin("kvhost_fs")
 }
 
 /// Defect 2: SIGTERM did not stop connections that never paused (17 s and 97,511 more PUTs), and a

@@ -13,12 +13,7 @@ const KIB: usize = 1024;
 
 /// The faulty plugin's cdylib, built by the workspace (a dependency of this package).
 pub(crate) fn faulty_so() -> PathBuf {
-    let deps = profile_dir().join("deps").join("libkvhost_faulty.so");
-    if deps.is_file() {
-        deps
-    } else {
-        profile_dir().join("libkvhost_faulty.so")
-    }
+    crate::util::rust_plugin("kvhost_faulty")
 }
 
 /// A chain of the hot cache (`cache_mib`) and one `faulty` tier with `options`, plus top-level YAML.

@@ -28,14 +28,22 @@ pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("KVHOST_TEST_PLUGINS_DIR")).join(format!("lib{name}.so"))
 }
 
-/// The SDK-built Rust fixture library.
-pub fn rust_fixture() -> PathBuf {
-    let deps = profile_dir().join("deps").join("libkvhost_fixture_rust.so");
+/// The cdylib of a workspace Rust plugin or fixture, `lib<lib_name>.so`. `cargo test` builds it
+/// into `<profile>/deps`; only `cargo build` also copies it to `<profile>`, so a test never relies
+/// on the loader's `module_path` search finding it (a fresh clone has no `<profile>/lib*.so`).
+pub fn rust_plugin(lib_name: &str) -> PathBuf {
+    let file = format!("lib{lib_name}.so");
+    let deps = profile_dir().join("deps").join(&file);
     if deps.is_file() {
         deps
     } else {
-        profile_dir().join("libkvhost_fixture_rust.so")
+        profile_dir().join(file)
     }
+}
+
+/// The SDK-built Rust fixture library.
+pub fn rust_fixture() -> PathBuf {
+    rust_plugin("kvhost_fixture_rust")
 }
 
 /// A config with one plugin `name` loaded from `module_path` (`class`) with `options`, and a small model.
