@@ -16,7 +16,7 @@
 use super::alloc::{Allocator, Block};
 use super::arena::{Arena, ArenaOptions};
 use super::copy_pool::CopyPool;
-use super::index::IndexShard;
+use super::index::{self, IndexShard};
 use super::policy::{Policy, PolicyKind};
 use crate::key::ChunkKey;
 use kvhost_plugin_sdk::ChunkMeta;
@@ -139,7 +139,7 @@ type Shard = IndexShard;
 const WAIT_SLICE: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// How many keys ahead a prefix walk prefetches (enough loads in flight to cover DRAM latency).
-const PREFETCH_AHEAD: usize = 8;
+const PREFETCH_AHEAD: usize = 16;
 
 #[derive(Debug)]
 struct Entry {
@@ -239,6 +239,12 @@ pub struct StagedBlock {
     block: Block,
 }
 
+/// Whether two keys share an index slot: equal keys, or (with odds near 2^-100) a fingerprint
+/// collision. See `index`.
+fn same_fingerprint(a: &ChunkKey, b: &ChunkKey) -> bool {
+    a.key_hash() == b.key_hash() && a.key_check() == b.key_check()
+}
+
 impl HotCache {
     /// Map the arena and build an empty cache.
     pub fn new(config: CacheConfig) -> Result<HotCache, CacheError> {
@@ -252,6 +258,10 @@ impl HotCache {
             })?;
         // At most one entry per allocation unit can exist at once.
         let max_entries = (alloc.capacity() / unit) as usize;
+        assert!(
+            max_entries <= index::MAX_ID as usize + 1,
+            "{max_entries} entries exceed the index's id range"
+        );
         let shards = config.shards.max(1).next_power_of_two();
         let mut entries = Vec::with_capacity(max_entries);
         entries.resize_with(max_entries, || Entry::VACANT);
@@ -265,12 +275,14 @@ impl HotCache {
             demoting: 0,
         };
         let per_shard = max_entries / shards + 1;
+        let index = IndexShard::new_set(shards, per_shard).map_err(|e| CacheError::Map {
+            bytes: capacity,
+            reason: format!("index: {e}"),
+        })?;
         Ok(HotCache {
             inner: Arc::new(Inner {
                 arena,
-                shards: (0..shards)
-                    .map(|_| IndexShard::new(per_shard / 2))
-                    .collect(),
+                shards: index,
                 shard_mask: shards as u64 - 1,
                 state: Mutex::new(state),
                 space: Condvar::new(),
@@ -345,7 +357,7 @@ impl HotCache {
 
     /// Whether `key` is cached (no LRU touch, like LMCache's `contains`).
     pub fn contains(&self, key: &ChunkKey) -> bool {
-        self.shard(key).lock().contains_key(key)
+        self.shard(key).contains(key)
     }
 
     /// The number of leading keys of `keys` that are cached. Memory latency bound on a large index,
@@ -368,7 +380,7 @@ impl HotCache {
 
     /// A handle to `key`'s chunk, touching it for the eviction policy.
     pub fn get(&self, key: &ChunkKey) -> Option<ChunkHandle> {
-        let Some(id) = self.shard(key).lock().get(key) else {
+        let Some(id) = self.shard(key).get(key) else {
             self.inner.counters.misses.fetch_add(1, Ordering::Relaxed);
             return None;
         };
@@ -507,12 +519,7 @@ impl HotCache {
         let len = e.len;
         s.used_bytes -= len;
         s.indexed -= 1;
-        {
-            let mut shard = self.shard(&key).lock();
-            if shard.get(&key) == Some(id) {
-                shard.remove(&key);
-            }
-        }
+        self.shard(&key).remove_if(&key, id);
         self.inner
             .counters
             .evictions
@@ -573,13 +580,23 @@ impl HotCache {
         if !self.inner.config.retain {
             return handle;
         }
-        let replaced = self.shard(key).insert(key.clone(), id);
+        let replaced = match self.shard(key).insert(key, id) {
+            Ok(replaced) => replaced,
+            Err(index::IndexFull) => {
+                crate::warn_limited!(
+                    "index_full",
+                    "hot cache index shard full (could not map memory to grow it): {} not cached",
+                    crate::log_limit::escape(key.as_str().as_bytes())
+                );
+                return handle;
+            }
+        };
         let mut s = self.inner.state.lock();
         if let Some(old) = replaced {
             let e = &s.entries[old as usize];
             // The old entry may have been evicted (and its id reused) since: only retire it if it is
-            // still this key's indexed entry.
-            if e.live && e.indexed && e.key.as_ref() == Some(key) {
+            // still the indexed entry of this slot (this key, or one with its fingerprint).
+            if e.live && e.indexed && e.key.as_ref().is_some_and(|k| same_fingerprint(k, key)) {
                 self.retire(&mut s, old);
             }
             self.inner
@@ -617,36 +634,35 @@ impl HotCache {
 
     /// Remove `key`. Handles already given out stay valid; the block is freed when the last drops.
     pub fn remove(&self, key: &ChunkKey) -> bool {
-        let Some(id) = self.shard(key).lock().remove(key) else {
+        let Some(id) = self.shard(key).remove(key) else {
             return false;
         };
         let mut s = self.inner.state.lock();
         let e = &s.entries[id as usize];
-        if e.live && e.indexed && e.key.as_ref() == Some(key) {
-            self.retire(&mut s, id);
-            self.inner.counters.removals.fetch_add(1, Ordering::Relaxed);
-            true
-        } else {
-            false
+        if !(e.live && e.indexed && e.key.as_ref().is_some_and(|k| same_fingerprint(k, key))) {
+            return false;
         }
-    }
-
-    /// Remove every entry; returns how many were removed. Referenced blocks are freed when released.
-    pub fn clear(&self) -> usize {
-        let mut removed = 0;
-        for shard in self.inner.shards.iter() {
-            let keys: Vec<ChunkKey> = shard.lock().keys().cloned().collect();
-            removed += keys.iter().filter(|k| self.remove(k)).count();
+        // The slot was this entry's: it is out of the index now, whichever key it holds.
+        let removed = e.key.as_ref() == Some(key);
+        self.retire(&mut s, id);
+        if removed {
+            self.inner.counters.removals.fetch_add(1, Ordering::Relaxed);
         }
         removed
     }
 
+    /// Remove every entry; returns how many were removed. Referenced blocks are freed when released.
+    pub fn clear(&self) -> usize {
+        self.keys().iter().filter(|k| self.remove(k)).count()
+    }
+
     /// The cached keys (for `LIST`), in no particular order.
     pub fn keys(&self) -> Vec<ChunkKey> {
-        self.inner
-            .shards
+        let s = self.inner.state.lock();
+        s.entries
             .iter()
-            .flat_map(|s| s.lock().keys().cloned().collect::<Vec<_>>())
+            .filter(|e| e.live && e.indexed)
+            .filter_map(|e| e.key.clone())
             .collect()
     }
 }

@@ -66,7 +66,11 @@ pub struct ChunkKey {
     layer_id: Option<u32>,
     chunk_hash: i128,
     key_hash: u64,
+    key_check: u64,
 }
+
+/// The seed of [`ChunkKey::key_check`], so that it is independent of `key_hash` (unseeded XXH3).
+const CHECK_SEED: u64 = 0x6b76_686f_7374_2d32;
 
 fn check_field(field: &'static str, value: &str) -> Result<(), KeyError> {
     if value.is_empty() || value.contains('@') || value.contains('\0') {
@@ -234,6 +238,7 @@ impl ChunkKey {
         text.push('\0');
         Ok(ChunkKey {
             key_hash: xxhash_rust::xxh3::xxh3_64(s.as_bytes()),
+            key_check: xxhash_rust::xxh3::xxh3_64_with_seed(s.as_bytes(), CHECK_SEED),
             text: Arc::from(text),
             model: ranges[0].start as u32..ranges[0].end as u32,
             dtype: ranges[4].start as u32..ranges[4].end as u32,
@@ -286,6 +291,11 @@ impl ChunkKey {
     /// XXH3-64 of the canonical string: stable, computed once.
     pub fn key_hash(&self) -> u64 {
         self.key_hash
+    }
+    /// A second 64-bit hash of the canonical string, independent of [`ChunkKey::key_hash`] (seeded
+    /// XXH3): with it, the hot cache's index tells keys apart without reading their text.
+    pub fn key_check(&self) -> u64 {
+        self.key_check
     }
     /// The tags in key order.
     pub fn tags(&self) -> impl Iterator<Item = (&str, &str)> {
