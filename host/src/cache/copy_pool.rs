@@ -2,7 +2,10 @@
 //!
 //! One thread cannot saturate memory bandwidth: on the reference 2-vCPU VM a single `memcpy` moves
 //! ~12 GB/s where two threads move ~16. So copies of at least [`SPLIT_MIN`] bytes are cut into pieces
-//! that the caller and the pool's helper threads claim from a shared counter.
+//! that the caller and the pool's helper threads claim from a shared counter. Copies from
+//! [`SPLIT_AWAKE_MIN`] up to `SPLIT_MIN` are split (one piece per thread) only while a helper is
+//! awake; when every helper is parked, the caller copies alone and wakes one for the copies that
+//! follow, without waiting for it.
 //!
 //! - **The caller copies too.** It publishes the job and then claims pieces like any helper, so a copy
 //!   never waits for a sleeping thread to wake (60-120 µs on that VM, as long as a 1 MiB copy takes):
@@ -10,7 +13,11 @@
 //! - **Cheap waking.** A helper that just copied spins for [`SPIN`] before parking, so back-to-back
 //!   copies (a batch of chunks) find it awake; a parked helper is woken with one futex call.
 //! - **No locks across a copy.** The job list's mutex is held only to publish, find or withdraw a job.
-//! - **Small copies stay on the caller's thread**, and a pool of one thread starts no helper.
+//! - **Small copies stay on the caller's thread** (below `SPLIT_AWAKE_MIN`), and a pool of one
+//!   thread starts no helper.
+//! - **Back-off.** A split copy that ended later than the caller alone would have (a helper
+//!   descheduled while holding a piece) counts as a strike; after [`STRIKES`] in a row, or one
+//!   more than twice as slow, the pool copies on the caller's thread for a while.
 
 use parking_lot::{Condvar, Mutex};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -18,12 +25,19 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Copies shorter than this stay on the caller's thread (a hand-off costs more than it saves).
+/// Copies of at least this many bytes are split over the pool, waking a parked helper if need be.
 pub const SPLIT_MIN: usize = 1 << 20;
+/// Copies from this size up to [`SPLIT_MIN`] are split only while a helper is awake (spinning after
+/// a copy), when the hand-off costs about a microsecond; otherwise the caller copies alone and wakes
+/// a helper for the copies that follow (a burst of chunks), without waiting for it.
+pub const SPLIT_AWAKE_MIN: usize = 256 << 10;
 /// Bytes per claimed piece: small enough that two threads finish together, large enough that the
 /// per-piece atomic is noise.
 const PIECE: usize = 256 << 10;
-/// Copies made without the pool after helpers were late once (see `CopyPool::copy`).
+/// Split copies in a row that must be late before the pool backs off (see `CopyPool::copy`): one
+/// late copy is a hiccup (an interrupt, a neighbour on the host), not a busy machine.
+const STRIKES: u32 = 3;
+/// Copies made without the pool after helpers were late [`STRIKES`] times in a row.
 const BACKOFF_COPIES: u32 = 64;
 /// The longest back-off, after helpers were late many times in a row.
 const BACKOFF_MAX: u32 = 4096;
@@ -51,6 +65,8 @@ struct Shared {
     open: AtomicUsize,
     /// Helpers parked (or about to park) on `wake`.
     sleepers: AtomicUsize,
+    /// A caller woke a helper ahead of the next copies; cleared when a helper wakes.
+    nudge: AtomicBool,
     sleep: Mutex<()>,
     wake: Condvar,
     stop: AtomicBool,
@@ -58,6 +74,8 @@ struct Shared {
     backoff: AtomicU32,
     /// The length of the last back-off (doubled while helpers keep being late).
     backoff_stretch: AtomicU32,
+    /// Split copies in a row that were late.
+    strikes: AtomicU32,
     /// Pieces copied by helpers (how much of the work the pool took).
     helper_pieces: AtomicU64,
 }
@@ -113,12 +131,14 @@ impl CopyPool {
             jobs: Mutex::new(Vec::new()),
             open: AtomicUsize::new(0),
             sleepers: AtomicUsize::new(0),
+            nudge: AtomicBool::new(false),
             sleep: Mutex::new(()),
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
             helper_pieces: AtomicU64::new(0),
             backoff: AtomicU32::new(0),
             backoff_stretch: AtomicU32::new(BACKOFF_COPIES / 2),
+            strikes: AtomicU32::new(0),
         });
         let helpers = (1..threads.max(1))
             .filter_map(|i| {
@@ -158,17 +178,34 @@ impl CopyPool {
         );
         let len = src.len();
         let s = &*self.shared;
-        if len < SPLIT_MIN || self.helpers.is_empty() || s.backoff_left() {
+        if len < SPLIT_AWAKE_MIN || self.helpers.is_empty() || s.backoff_left() {
+            dst.copy_from_slice(src);
+            return;
+        }
+        if len < SPLIT_MIN && s.sleepers.load(Ordering::Relaxed) == self.helpers.len() {
+            // Every helper is parked: wake one for the next copies, and copy this one alone.
+            if s.nudge.swap(true, Ordering::Relaxed) {
+                // A wake-up is already on its way.
+            } else {
+                let _g = s.sleep.lock();
+                s.wake.notify_one();
+            }
             dst.copy_from_slice(src);
             return;
         }
         let started = Instant::now();
-        let pieces = len.div_ceil(PIECE);
+        // Below SPLIT_MIN, one piece per thread.
+        let piece = if len < SPLIT_MIN {
+            len.div_ceil(self.threads()).next_multiple_of(4096)
+        } else {
+            PIECE
+        };
+        let pieces = len.div_ceil(piece);
         let job = Arc::new(Job {
             dst: dst.as_mut_ptr(),
             src: src.as_ptr(),
             len,
-            piece: PIECE,
+            piece,
             pieces,
             next: AtomicUsize::new(0),
             done: AtomicUsize::new(0),
@@ -200,14 +237,22 @@ impl CopyPool {
         }
         // A helper that sat on a piece (descheduled: more runnable threads than cores) made this copy
         // slower than the caller alone, and a spinning helper that gets no core only steals the
-        // caller's: copy alone for a while before trying the pool again.
-        // Each late copy in a row doubles the stretch (up to BACKOFF_MAX), so a machine that stays
-        // oversubscribed pays for a retry only rarely; a split copy that went well resets it.
+        // caller's: after STRIKES such copies in a row, or one that took more than twice as long
+        // as the caller alone would have (a helper descheduled for a time slice), copy alone for a
+        // while before trying the pool again. Each back-off that follows another without a good split copy between them
+        // doubles the stretch (up to BACKOFF_MAX), so a machine that stays oversubscribed pays for a
+        // retry only rarely; a split copy that went well resets both.
         // A helper that was awake (spinning) yet took no piece is not getting a core either.
         let starved = !parked && mine == pieces;
         // What the caller alone would have taken, from its own pace on the pieces it copied.
         let alone = own.mul_f64(pieces as f64 / mine.max(1) as f64);
-        if starved || started.elapsed() > alone {
+        let elapsed = started.elapsed();
+        if !(starved || elapsed > alone) {
+            s.strikes.store(0, Ordering::Relaxed);
+            s.backoff_stretch
+                .store(BACKOFF_COPIES / 2, Ordering::Relaxed);
+        } else if elapsed > alone * 2 || s.strikes.fetch_add(1, Ordering::Relaxed) + 1 >= STRIKES {
+            s.strikes.store(0, Ordering::Relaxed);
             let stretch = s
                 .backoff_stretch
                 .load(Ordering::Relaxed)
@@ -215,9 +260,6 @@ impl CopyPool {
                 * 2;
             s.backoff_stretch.store(stretch, Ordering::Relaxed);
             s.backoff.store(stretch, Ordering::Relaxed);
-        } else {
-            s.backoff_stretch
-                .store(BACKOFF_COPIES / 2, Ordering::Relaxed);
         }
     }
 }
@@ -264,9 +306,13 @@ fn helper(s: &Shared) {
         }
         let mut g = s.sleep.lock();
         s.sleepers.fetch_add(1, Ordering::SeqCst);
-        if s.open.load(Ordering::SeqCst) == 0 && !s.stop.load(Ordering::SeqCst) {
+        if s.open.load(Ordering::SeqCst) == 0
+            && !s.stop.load(Ordering::SeqCst)
+            && !s.nudge.load(Ordering::SeqCst)
+        {
             s.wake.wait(&mut g);
         }
+        s.nudge.store(false, Ordering::SeqCst);
         s.sleepers.fetch_sub(1, Ordering::SeqCst);
         drop(g);
         idle_since = Instant::now();
@@ -362,6 +408,46 @@ mod tests {
             helper_pieces(&pool) > before,
             "no helper ever copied a piece"
         );
+    }
+
+    #[test]
+    fn mid_size_copies_wake_a_parked_helper_and_then_split() {
+        // 512 KiB is below SPLIT_MIN: with the helper parked the caller copies alone and only wakes
+        // it; once it is awake (spinning), a stream of such copies is split.
+        let pool = CopyPool::new(2);
+        let src = pattern(512 << 10, 5);
+        let mut dst = vec![0; src.len()];
+        // Let the helper park (it spins SPIN after start, then waits).
+        let parked_by = Instant::now() + Duration::from_secs(10);
+        while pool.shared.sleepers.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < parked_by, "the helper never parked");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        pool.copy(&mut dst, &src);
+        assert_eq!(dst, src);
+        assert_eq!(helper_pieces(&pool), 0, "a parked helper took a piece");
+        let before = helper_pieces(&pool);
+        for i in 0..2000u32 {
+            dst.fill(0);
+            pool.copy(&mut dst, &src);
+            assert_eq!(dst, src, "copy {i}");
+        }
+        assert!(
+            helper_pieces(&pool) > before,
+            "no mid-size copy was split after the nudge"
+        );
+    }
+
+    #[test]
+    fn copies_below_the_awake_threshold_never_split() {
+        let pool = CopyPool::new(2);
+        let src = pattern(SPLIT_AWAKE_MIN - 1, 9);
+        let mut dst = vec![0; src.len()];
+        for _ in 0..500 {
+            pool.copy(&mut dst, &src);
+        }
+        assert_eq!(dst, src);
+        assert_eq!(helper_pieces(&pool), 0);
     }
 
     fn helper_pieces(pool: &CopyPool) -> u64 {

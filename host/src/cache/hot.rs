@@ -40,8 +40,9 @@ pub struct CacheConfig {
     pub shards: usize,
     /// How many eviction candidates to examine before giving up (pinned entries are skipped).
     pub max_eviction_scan: usize,
-    /// Threads that share a copy of 1 MiB or more, the caller's included (`copy_threads`; 0 or 1:
-    /// the caller's thread only). Defaults to the number of cores.
+    /// Threads that share a copy of 1 MiB or more (from 256 KiB while a helper is awake), the
+    /// caller's included (`copy_threads`; 0 or 1: the caller's thread only). Defaults to the
+    /// number of cores.
     pub copy_threads: usize,
 }
 
@@ -301,7 +302,7 @@ impl HotCache {
         *self.inner.evict_hook.lock() = hook.map(Arc::new);
     }
 
-    /// Copy `src` into `dst` (same length), splitting copies of 1 MiB or more over the copy pool.
+    /// Copy `src` into `dst` (same length), splitting large copies over the copy pool.
     /// Every copy into or out of the arena goes through here.
     pub fn copy(&self, dst: &mut [u8], src: &[u8]) {
         self.inner.copier.copy(dst, src);

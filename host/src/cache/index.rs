@@ -28,7 +28,7 @@
 //! Linear probing with backward-shift deletion (no tombstones), load at most 1/2.
 
 use crate::key::ChunkKey;
-use memmap2::{MmapMut, MmapOptions};
+use memmap2::MmapMut;
 use parking_lot::Mutex;
 use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -77,11 +77,8 @@ const SLOT_BYTES: usize = std::mem::size_of::<Slot>();
 
 /// Zeroed memory for slots: an anonymous mapping, with transparent huge pages asked for.
 fn map_slots(count: usize) -> std::io::Result<Arc<MmapMut>> {
-    let map = MmapOptions::new()
-        .len((count * SLOT_BYTES).max(1))
-        .map_anon()?;
-    // Only a hint: without THP the index still works, on 4 KiB pages.
-    let _ = map.advise(memmap2::Advice::HugePage);
+    // Huge pages are only a hint: without them the index still works, on 4 KiB pages.
+    let (map, _) = super::arena::map_anonymous(count * SLOT_BYTES, false)?;
     Ok(Arc::new(map))
 }
 

@@ -207,8 +207,8 @@ pub struct Config {
     pub skip_existing_in_tiers: bool,
     /// How long a promotion into the hot cache waits for room when nothing is evictable.
     pub promotion_wait_ms: u64,
-    /// Threads that share a hot-cache copy of 1 MiB or more, the caller's included (0 or 1: the
-    /// caller's thread only); `None`: one per core.
+    /// Threads that share a hot-cache copy of 1 MiB or more (from 256 KiB while a helper is
+    /// awake), the caller's included (0 or 1: the caller's thread only); `None`: one per core.
     pub copy_threads: Option<usize>,
     /// Arena bytes one tier's puts may hold (queued or being stored) before its circuit breaker
     /// trips; `None`: half the hot cache (1 GiB without one).

@@ -90,12 +90,7 @@ impl MicroOptions {
 }
 
 pub(crate) fn mapped(len: usize, fill: u8) -> MmapMut {
-    let mut m = memmap2::MmapOptions::new()
-        .len(len)
-        .populate()
-        .map_anon()
-        .expect("map benchmark region");
-    let _ = m.advise(memmap2::Advice::HugePage);
+    let (mut m, _) = crate::cache::arena::map_anonymous(len, false).expect("map benchmark region");
     m.iter_mut().step_by(4096).for_each(|b| *b = fill);
     m
 }
