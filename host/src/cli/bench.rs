@@ -231,6 +231,7 @@ pub fn run_serve(args: &BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error
     let mut opts = crate::bench::serve::ServeBenchOptions::default();
     if args.quick {
         opts.bytes_per_size = 16 << 20;
+        opts.reps = 1;
     }
     let bar = indicatif::ProgressBar::new_spinner();
     bar.enable_steady_tick(std::time::Duration::from_millis(120));

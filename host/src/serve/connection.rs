@@ -314,8 +314,9 @@ impl Conn<'_> {
         let chain = self.s.chain.clone();
         let key = req.key.clone().expect("decoded with a key");
         let meta = protocol::meta_from(&req);
+        // Through the hot cache's copy pool: a large body's copy is split over the cores.
         let commit =
-            move || chain.put_with(&key, len, meta, |dst| dst.copy_from_slice(staged.bytes()));
+            move || chain.put_with(&key, len, meta, |dst| chain.hot().copy(dst, staged.bytes()));
         let outcome = if self.s.hot_only {
             // No plugin can hang this call: run it on this thread (the runtime moves the other
             // tasks away meanwhile), which saves the two thread hops of the blocking pool.
