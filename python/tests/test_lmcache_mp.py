@@ -132,6 +132,33 @@ def test_native_client_contract_directly(fs_dir):
     client.close()
 
 
+def test_finished_operations_leave_the_deadline_queue(fs_dir):
+    """Finished operations do not wait out the timeout in the deadline queue: after 2,000 answered
+    lookups the queue holds only what is still unanswered (at most the newest one)."""
+    client = kvhost.lmcache.NativeL2Client(**fs_spec(fs_dir)["adapter_params"])
+    fd = client.event_fd()
+    import select
+
+    keys = [f"m@00000000@0@{i:032x}" for i in range(4)]
+    answered = 0
+    for _ in range(2000):
+        client.submit_batch_exists(keys)
+        p = select.poll()
+        p.register(fd, select.POLLIN)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if p.poll(200):
+                got = client.drain_completions()
+                answered += len(got)
+                if got:
+                    break
+    assert answered == 2000
+    # The last lookup's entry leaves when the next operation arms its own.
+    client.submit_batch_exists(keys)
+    assert client.pending_deadlines() <= 2, client.pending_deadlines()
+    client.close()
+
+
 def test_bad_construction_raises_host_message(fs_dir, fixtures):
     with pytest.raises(kvhost.ConfigError, match="nope.yaml"):
         kvhost.lmcache.NativeL2Client(config="/nope.yaml")
