@@ -3,7 +3,7 @@
 //! heap allocations per chunk run at about a fifth of it), so every chunk lives in this arena.
 
 use super::alloc::Block;
-use memmap2::{MmapMut, MmapOptions};
+use memmap2::{MmapMut, MmapOptions, MmapRaw};
 
 /// How to map the arena.
 #[derive(Clone, Copy, Debug, Default)]
@@ -17,7 +17,9 @@ pub struct ArenaOptions {
 
 /// The mapped region.
 pub struct Arena {
-    map: MmapMut,
+    /// Raw: blocks are written through pointers from `&self`, which must not come from
+    /// `MmapMut`'s read-only `Deref`.
+    map: MmapRaw,
     huge_pages: &'static str,
 }
 
@@ -45,9 +47,20 @@ pub(crate) fn map_anonymous(
         Ok(()) => "transparent (MADV_HUGEPAGE)",
         Err(_) => "none",
     };
-    if prefault && map.advise(memmap2::Advice::PopulateWrite).is_err() {
-        // Kernels before 5.14 have no MADV_POPULATE_WRITE: touch every page instead.
-        map.iter_mut().step_by(4096).for_each(|b| *b = 0);
+    if prefault {
+        match map.advise(memmap2::Advice::PopulateWrite) {
+            Ok(()) => {}
+            // Kernels before 5.14 have no MADV_POPULATE_WRITE: touch every page instead.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                map.iter_mut().step_by(4096).for_each(|b| *b = 0);
+            }
+            // Out of memory (a cgroup limit, say): touching every page would only get the process
+            // killed. Leave the pages to be faulted in on first use, as without `prefault`.
+            Err(e) => tracing::warn!(
+                target: "kvhost::cache",
+                "could not prefault {len} bytes ({e}); pages will be faulted in on first use"
+            ),
+        }
     }
     Ok((map, huge_pages))
 }
@@ -58,20 +71,24 @@ impl Arena {
         let len = len.max(4096);
         if opts.explicit_huge_pages {
             let mut huge = MmapOptions::new();
-            huge.len(len).huge(Some(21));
+            // A whole number of huge pages, or `munmap` at drop fails and leaks them.
+            huge.len(len.next_multiple_of(2 << 20)).huge(Some(21));
             if opts.prefault {
                 huge.populate();
             }
             if let Ok(map) = huge.map_anon() {
                 return Ok(Arena {
-                    map,
+                    map: MmapRaw::from(map),
                     huge_pages: "explicit 2 MiB (MAP_HUGETLB)",
                 });
             }
             tracing::info!(target: "kvhost::cache", "no explicit huge pages available; using transparent huge pages");
         }
         let (map, huge_pages) = map_anonymous(len, opts.prefault)?;
-        Ok(Arena { map, huge_pages })
+        Ok(Arena {
+            map: MmapRaw::from(map),
+            huge_pages,
+        })
     }
 
     /// Size in bytes.
@@ -81,7 +98,7 @@ impl Arena {
 
     /// Never true: an arena has at least one page.
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.map.len() == 0
     }
 
     /// Which huge pages the arena got.
@@ -91,7 +108,7 @@ impl Arena {
 
     /// The start of the mapping.
     pub(crate) fn base(&self) -> *mut u8 {
-        self.map.as_ptr() as *mut u8
+        self.map.as_mut_ptr()
     }
 
     /// The bytes of `block`, first `len` of them.

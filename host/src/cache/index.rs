@@ -28,7 +28,7 @@
 //! Linear probing with backward-shift deletion (no tombstones), load at most 1/2.
 
 use crate::key::ChunkKey;
-use memmap2::MmapMut;
+use memmap2::MmapRaw;
 use parking_lot::Mutex;
 use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -57,6 +57,12 @@ fn check_bits(key: &ChunkKey) -> u64 {
     key.key_check() & !ID_MASK
 }
 
+/// Whether two keys share an index slot: equal keys, or (odds near 2^-100) keys whose fingerprints,
+/// as the slots hold them, collide.
+pub(crate) fn same_fingerprint(a: &ChunkKey, b: &ChunkKey) -> bool {
+    a.key_hash() == b.key_hash() && check_bits(a) == check_bits(b)
+}
+
 /// A key's fingerprint as the slots hold it.
 #[derive(Clone, Copy)]
 struct Fingerprint {
@@ -76,15 +82,17 @@ impl Fingerprint {
 const SLOT_BYTES: usize = std::mem::size_of::<Slot>();
 
 /// Zeroed memory for slots: an anonymous mapping, with transparent huge pages asked for.
-fn map_slots(count: usize) -> std::io::Result<Arc<MmapMut>> {
+fn map_slots(count: usize) -> std::io::Result<Arc<MmapRaw>> {
     // Huge pages are only a hint: without them the index still works, on 4 KiB pages.
     let (map, _) = super::arena::map_anonymous(count * SLOT_BYTES, false)?;
-    Ok(Arc::new(map))
+    // A raw mapping: slots are written through shared references (atomics), so their pointer must
+    // not come from `MmapMut`'s read-only `Deref`.
+    Ok(Arc::new(MmapRaw::from(map)))
 }
 
 /// One generation's slots: `mask + 1` of them at slot `first` of a mapping.
 struct Table {
-    map: Arc<MmapMut>,
+    map: Arc<MmapRaw>,
     first: usize,
     mask: usize,
 }
@@ -111,7 +119,7 @@ fn prefetch_line<T>(p: *const T) {
 
 impl Table {
     /// `n` (a power of two) slots at slot `first` of `map`, which nothing else uses.
-    fn in_map(map: Arc<MmapMut>, first: usize, n: usize) -> Table {
+    fn in_map(map: Arc<MmapRaw>, first: usize, n: usize) -> Table {
         assert!(n.is_power_of_two() && (first + n) * SLOT_BYTES <= map.len());
         Table {
             map,
@@ -128,12 +136,13 @@ impl Table {
     fn slots(&self) -> &[Slot] {
         // SAFETY: `in_map` checked that the range lies inside the mapping, which is page aligned
         // (so 16-byte aligned for `Slot`), zero-filled by the kernel (all-zero `AtomicU64`s are
-        // valid), and kept alive by `self.map` for the borrow. `Slot` is two atomics, so shared
-        // references may read and write it from any thread; only this table hands out the range.
+        // valid), and kept alive by `self.map` for the borrow. The pointer is the raw mapping's
+        // (writable, no reference in between), and `Slot` is two atomics, so shared references may
+        // read and write it from any thread; only this table hands out the range.
         unsafe {
             std::slice::from_raw_parts(
                 self.map
-                    .as_ptr()
+                    .as_mut_ptr()
                     .add(self.first * SLOT_BYTES)
                     .cast::<Slot>(),
                 self.mask + 1,
