@@ -437,7 +437,11 @@ mod tests {
         }
         pool.copy(&mut dst, &src);
         assert_eq!(dst, src);
-        assert_eq!(pool.split_copies(), 0, "a copy was split while the helper was parked");
+        assert_eq!(
+            pool.split_copies(),
+            0,
+            "a copy was split while the helper was parked"
+        );
         // Whether the woken helper also gets a core in time depends on the machine's load (a busy
         // test run may starve it, and the back-off then pauses splitting), so keep copying until a
         // copy is split, for at most 20 s.
