@@ -5,8 +5,9 @@
 //! The tests find that folder through `env!("KVHOST_TEST_PLUGINS_DIR")`.
 //!
 //! It also probes for the services some tests need (redis, Ceph, the LMCache and SGLang
-//! virtualenvs) and sets `has_redis`, `has_ceph`, `has_lmcache`, `has_sglang`: a test whose service is
-//! missing is then *ignored* with its reason (`cargo test` lists it), never passed without running.
+//! virtualenvs, strace) and sets `has_redis`, `has_ceph`, `has_lmcache`, `has_sglang`, `has_strace`:
+//! a test whose service is missing is then *ignored* with its reason (`cargo test` lists it), never
+//! passed without running.
 //! With `KVHOST_REQUIRE_<NAME>=1` the cfg is set anyway, so the test runs and fails on what is
 //! missing. Installing a service later re-runs this probe: it watches the `PATH` directories, the
 //! librados header's folder and the virtualenv folders.
@@ -108,6 +109,11 @@ fn probe_services() {
             cfg: "has_sglang",
             require: "KVHOST_REQUIRE_SGLANG",
             found: sglang.is_file(),
+        },
+        Service {
+            cfg: "has_strace",
+            require: "KVHOST_REQUIRE_STRACE",
+            found: on_path("strace"),
         },
     ];
     for s in services {

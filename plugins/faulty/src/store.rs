@@ -14,6 +14,28 @@ struct Stored {
     checksum: u64,
 }
 
+/// The fault an item of a put or get gets, if any.
+enum ItemFault {
+    None,
+    /// Left without a status.
+    Unreported,
+    /// Failed with IO.
+    Failed,
+}
+
+/// Roll the item-level faults of `plan` (none unless `faulty`), counting what is injected.
+fn item_fault(plan: &FaultPlan, dice: &Dice, injected: &Injected, faulty: bool) -> ItemFault {
+    if faulty && dice.roll(plan.unreported_rate) {
+        Injected::bump(&injected.unreported);
+        ItemFault::Unreported
+    } else if faulty && dice.roll(plan.error_rate) {
+        Injected::bump(&injected.errors);
+        ItemFault::Failed
+    } else {
+        ItemFault::None
+    }
+}
+
 /// Counts of the faults injected (reported by `health`).
 #[derive(Default)]
 pub struct Injected {
@@ -86,14 +108,13 @@ impl Store {
         faulty: bool,
     ) {
         for i in 0..batch.len() {
-            if faulty && dice.roll(plan.unreported_rate) {
-                Injected::bump(&injected.unreported);
-                continue;
-            }
-            if faulty && dice.roll(plan.error_rate) {
-                Injected::bump(&injected.errors);
-                batch.set_status(i, Status::IO);
-                continue;
+            match item_fault(plan, dice, injected, faulty) {
+                ItemFault::None => {}
+                ItemFault::Unreported => continue,
+                ItemFault::Failed => {
+                    batch.set_status(i, Status::IO);
+                    continue;
+                }
             }
             let data = batch.data(i);
             let key = batch.key(i).canonical().to_string();
@@ -128,14 +149,13 @@ impl Store {
         faulty: bool,
     ) {
         for i in 0..batch.len() {
-            if faulty && dice.roll(plan.unreported_rate) {
-                Injected::bump(&injected.unreported);
-                continue;
-            }
-            if faulty && dice.roll(plan.error_rate) {
-                Injected::bump(&injected.errors);
-                batch.set_status(i, Status::IO);
-                continue;
+            match item_fault(plan, dice, injected, faulty) {
+                ItemFault::None => {}
+                ItemFault::Unreported => continue,
+                ItemFault::Failed => {
+                    batch.set_status(i, Status::IO);
+                    continue;
+                }
             }
             let found = {
                 let g = self.chunks.lock();
